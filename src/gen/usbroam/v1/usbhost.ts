@@ -456,9 +456,9 @@ export interface UrbSubmit {
   endpoint: number;
   type: TransferType;
   /** Control transfers: the 8-byte setup packet. */
-  setup: Buffer;
+  setup: Uint8Array;
   /** OUT data. */
-  data: Buffer;
+  data: Uint8Array;
   /** IN transfers: how many bytes to read. */
   length: number;
   /** Bulk streams (SuperSpeed): the stream id, 0 for none. */
@@ -479,7 +479,7 @@ export interface UrbComplete {
   urbId: number;
   status: UrbStatus;
   /** IN data (length = actual_length). */
-  data: Buffer;
+  data: Uint8Array;
   /** Bytes transferred (IN or OUT). */
   actualLength: number;
   isoPackets: IsoPacket[];
@@ -570,7 +570,7 @@ export interface ReceivedData {
   /** Counts per receiving stream from 0. */
   index: number;
   status: UrbStatus;
-  data: Buffer;
+  data: Uint8Array;
   isoPackets: IsoPacket[];
 }
 
@@ -3123,8 +3123,8 @@ function createBaseUrbSubmit(): UrbSubmit {
     urbId: 0,
     endpoint: 0,
     type: 0,
-    setup: Buffer.alloc(0),
-    data: Buffer.alloc(0),
+    setup: new Uint8Array(0),
+    data: new Uint8Array(0),
     length: 0,
     streamId: 0,
     flags: 0,
@@ -3210,7 +3210,7 @@ export const UrbSubmit: MessageFns<UrbSubmit> = {
               break;
             }
 
-            message.setup = Buffer.from(reader.bytes());
+            message.setup = reader.bytes();
             continue;
           }
           case 5: {
@@ -3218,7 +3218,7 @@ export const UrbSubmit: MessageFns<UrbSubmit> = {
               break;
             }
 
-            message.data = Buffer.from(reader.bytes());
+            message.data = reader.bytes();
             continue;
           }
           case 6: {
@@ -3282,8 +3282,8 @@ export const UrbSubmit: MessageFns<UrbSubmit> = {
         : 0,
       endpoint: isSet(object.endpoint) ? globalThis.Number(object.endpoint) : 0,
       type: isSet(object.type) ? transferTypeFromJSON(object.type) : 0,
-      setup: isSet(object.setup) ? Buffer.from(bytesFromBase64(object.setup)) : Buffer.alloc(0),
-      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+      setup: isSet(object.setup) ? bytesFromBase64(object.setup) : new Uint8Array(0),
+      data: isSet(object.data) ? bytesFromBase64(object.data) : new Uint8Array(0),
       length: isSet(object.length) ? globalThis.Number(object.length) : 0,
       streamId: isSet(object.streamId)
         ? globalThis.Number(object.streamId)
@@ -3347,8 +3347,8 @@ export const UrbSubmit: MessageFns<UrbSubmit> = {
     message.urbId = object.urbId ?? 0;
     message.endpoint = object.endpoint ?? 0;
     message.type = object.type ?? 0;
-    message.setup = object.setup ?? Buffer.alloc(0);
-    message.data = object.data ?? Buffer.alloc(0);
+    message.setup = object.setup ?? new Uint8Array(0);
+    message.data = object.data ?? new Uint8Array(0);
     message.length = object.length ?? 0;
     message.streamId = object.streamId ?? 0;
     message.flags = object.flags ?? 0;
@@ -3432,7 +3432,7 @@ export const UrbCancel: MessageFns<UrbCancel> = {
 };
 
 function createBaseUrbComplete(): UrbComplete {
-  return { urbId: 0, status: 0, data: Buffer.alloc(0), actualLength: 0, isoPackets: [] };
+  return { urbId: 0, status: 0, data: new Uint8Array(0), actualLength: 0, isoPackets: [] };
 }
 
 export const UrbComplete: MessageFns<UrbComplete> = {
@@ -3489,7 +3489,7 @@ export const UrbComplete: MessageFns<UrbComplete> = {
               break;
             }
 
-            message.data = Buffer.from(reader.bytes());
+            message.data = reader.bytes();
             continue;
           }
           case 4: {
@@ -3528,7 +3528,7 @@ export const UrbComplete: MessageFns<UrbComplete> = {
         ? globalThis.Number(object.urb_id)
         : 0,
       status: isSet(object.status) ? urbStatusFromJSON(object.status) : 0,
-      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+      data: isSet(object.data) ? bytesFromBase64(object.data) : new Uint8Array(0),
       actualLength: isSet(object.actualLength)
         ? globalThis.Number(object.actualLength)
         : isSet(object.actual_length)
@@ -3569,7 +3569,7 @@ export const UrbComplete: MessageFns<UrbComplete> = {
     const message = createBaseUrbComplete();
     message.urbId = object.urbId ?? 0;
     message.status = object.status ?? 0;
-    message.data = object.data ?? Buffer.alloc(0);
+    message.data = object.data ?? new Uint8Array(0);
     message.actualLength = object.actualLength ?? 0;
     message.isoPackets = object.isoPackets?.map((e) => IsoPacket.fromPartial(e)) || [];
     return message;
@@ -4843,7 +4843,7 @@ export const OpResult: MessageFns<OpResult> = {
 };
 
 function createBaseReceivedData(): ReceivedData {
-  return { endpoint: 0, index: 0, status: 0, data: Buffer.alloc(0), isoPackets: [] };
+  return { endpoint: 0, index: 0, status: 0, data: new Uint8Array(0), isoPackets: [] };
 }
 
 export const ReceivedData: MessageFns<ReceivedData> = {
@@ -4908,7 +4908,7 @@ export const ReceivedData: MessageFns<ReceivedData> = {
               break;
             }
 
-            message.data = Buffer.from(reader.bytes());
+            message.data = reader.bytes();
             continue;
           }
           case 5: {
@@ -4936,7 +4936,7 @@ export const ReceivedData: MessageFns<ReceivedData> = {
       endpoint: isSet(object.endpoint) ? globalThis.Number(object.endpoint) : 0,
       index: isSet(object.index) ? globalThis.Number(object.index) : 0,
       status: isSet(object.status) ? urbStatusFromJSON(object.status) : 0,
-      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+      data: isSet(object.data) ? bytesFromBase64(object.data) : new Uint8Array(0),
       isoPackets: globalThis.Array.isArray(object?.isoPackets)
         ? object.isoPackets.map((e: any) => IsoPacket.fromJSON(e))
         : globalThis.Array.isArray(object?.iso_packets)
@@ -4973,7 +4973,7 @@ export const ReceivedData: MessageFns<ReceivedData> = {
     message.endpoint = object.endpoint ?? 0;
     message.index = object.index ?? 0;
     message.status = object.status ?? 0;
-    message.data = object.data ?? Buffer.alloc(0);
+    message.data = object.data ?? new Uint8Array(0);
     message.isoPackets = object.isoPackets?.map((e) => IsoPacket.fromPartial(e)) || [];
     return message;
   },
@@ -5872,15 +5872,18 @@ export const UsbHostDefinition = {
      * The URB channel. The first client frame is `open`; the first server frame
      * is `opened` (or `error`, followed by the end of the stream).
      *
-     * Every frame carries a sequence number (seq), counted per direction from 1.
-     * Each side keeps every frame the other has not acknowledged and drops it
-     * when an ack covering it arrives. Ack frames are the one exception: they
-     * carry the sender's highest seq so far but do not consume one and are never
+     * Every frame carries a sequence number (seq). Data frames (submit, cancel,
+     * op, close; complete, op_result, received, device_gone, closed) are
+     * numbered per direction from 1 without gaps. Each side keeps every data
+     * frame the other has not acknowledged and drops it when an ack covering it
+     * arrives. Channel-control frames (open, opened, ack, error) do not consume
+     * a number: they carry the sender's highest data seq so far and are never
      * replayed. After a lost stream the client opens with `resume` (session id
-     * and the last server seq it received); the server answers `opened` with the
-     * last client seq it received, replays what came after the client's
-     * position, and the client replays its own unacknowledged frames. Both sides
-     * drop frames whose seq they have already seen.
+     * and the last server seq it received); the server answers `opened` with
+     * the last client seq it received and replays what came after the client's
+     * position, and the client replays its own unacknowledged frames. Both
+     * sides drop frames whose seq they have already seen, so every URB executes
+     * exactly once and every completion is delivered exactly once.
      */
     connect: {
       name: "Connect",
@@ -5926,15 +5929,18 @@ export interface UsbHostServiceImplementation<CallContextExt = {}> {
    * The URB channel. The first client frame is `open`; the first server frame
    * is `opened` (or `error`, followed by the end of the stream).
    *
-   * Every frame carries a sequence number (seq), counted per direction from 1.
-   * Each side keeps every frame the other has not acknowledged and drops it
-   * when an ack covering it arrives. Ack frames are the one exception: they
-   * carry the sender's highest seq so far but do not consume one and are never
+   * Every frame carries a sequence number (seq). Data frames (submit, cancel,
+   * op, close; complete, op_result, received, device_gone, closed) are
+   * numbered per direction from 1 without gaps. Each side keeps every data
+   * frame the other has not acknowledged and drops it when an ack covering it
+   * arrives. Channel-control frames (open, opened, ack, error) do not consume
+   * a number: they carry the sender's highest data seq so far and are never
    * replayed. After a lost stream the client opens with `resume` (session id
-   * and the last server seq it received); the server answers `opened` with the
-   * last client seq it received, replays what came after the client's
-   * position, and the client replays its own unacknowledged frames. Both sides
-   * drop frames whose seq they have already seen.
+   * and the last server seq it received); the server answers `opened` with
+   * the last client seq it received and replays what came after the client's
+   * position, and the client replays its own unacknowledged frames. Both
+   * sides drop frames whose seq they have already seen, so every URB executes
+   * exactly once and every completion is delivered exactly once.
    */
   connect(
     request: AsyncIterable<ClientMessage>,
@@ -5967,15 +5973,18 @@ export interface UsbHostClient<CallOptionsExt = {}> {
    * The URB channel. The first client frame is `open`; the first server frame
    * is `opened` (or `error`, followed by the end of the stream).
    *
-   * Every frame carries a sequence number (seq), counted per direction from 1.
-   * Each side keeps every frame the other has not acknowledged and drops it
-   * when an ack covering it arrives. Ack frames are the one exception: they
-   * carry the sender's highest seq so far but do not consume one and are never
+   * Every frame carries a sequence number (seq). Data frames (submit, cancel,
+   * op, close; complete, op_result, received, device_gone, closed) are
+   * numbered per direction from 1 without gaps. Each side keeps every data
+   * frame the other has not acknowledged and drops it when an ack covering it
+   * arrives. Channel-control frames (open, opened, ack, error) do not consume
+   * a number: they carry the sender's highest data seq so far and are never
    * replayed. After a lost stream the client opens with `resume` (session id
-   * and the last server seq it received); the server answers `opened` with the
-   * last client seq it received, replays what came after the client's
-   * position, and the client replays its own unacknowledged frames. Both sides
-   * drop frames whose seq they have already seen.
+   * and the last server seq it received); the server answers `opened` with
+   * the last client seq it received and replays what came after the client's
+   * position, and the client replays its own unacknowledged frames. Both
+   * sides drop frames whose seq they have already seen, so every URB executes
+   * exactly once and every completion is delivered exactly once.
    */
   connect(
     request: AsyncIterable<DeepPartial<ClientMessage>>,
@@ -5994,11 +6003,28 @@ export interface UsbHostClient<CallOptionsExt = {}> {
 }
 
 function bytesFromBase64(b64: string): Uint8Array {
-  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+  if ((globalThis as any).Buffer) {
+    return Uint8Array.from((globalThis as any).Buffer.from(b64, "base64"));
+  } else {
+    const bin = globalThis.atob(b64);
+    const arr = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; ++i) {
+      arr[i] = bin.charCodeAt(i);
+    }
+    return arr;
+  }
 }
 
 function base64FromBytes(arr: Uint8Array): string {
-  return globalThis.Buffer.from(arr).toString("base64");
+  if ((globalThis as any).Buffer) {
+    return (globalThis as any).Buffer.from(arr).toString("base64");
+  } else {
+    const bin: string[] = [];
+    arr.forEach((byte) => {
+      bin.push(globalThis.String.fromCharCode(byte));
+    });
+    return globalThis.btoa(bin.join(""));
+  }
 }
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;

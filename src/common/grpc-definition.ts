@@ -1,0 +1,36 @@
+// A grpc-js service definition from a ts-proto generic definition, so the
+// server (plain grpc-js, for health and reflection) and the nice-grpc client
+// share one source: protos/.
+import type * as grpc from '@grpc/grpc-js';
+
+interface MessageType<T> {
+  encode(message: T): { finish(): Uint8Array };
+  decode(input: Uint8Array): T;
+}
+
+interface GenericMethod {
+  name: string;
+  requestType: MessageType<any>;
+  responseType: MessageType<any>;
+  requestStream: boolean;
+  responseStream: boolean;
+}
+
+const toBuffer = (u: Uint8Array) => Buffer.from(u.buffer, u.byteOffset, u.byteLength);
+
+export function grpcJsServiceDefinition(def: { fullName: string; methods: Record<string, GenericMethod> }): grpc.ServiceDefinition {
+  const out: grpc.ServiceDefinition = {};
+  for (const m of Object.values(def.methods)) {
+    out[m.name] = {
+      path: `/${def.fullName}/${m.name}`,
+      requestStream: m.requestStream,
+      responseStream: m.responseStream,
+      requestSerialize: (v: unknown) => toBuffer(m.requestType.encode(v).finish()),
+      requestDeserialize: (b: Buffer) => m.requestType.decode(b),
+      responseSerialize: (v: unknown) => toBuffer(m.responseType.encode(v).finish()),
+      responseDeserialize: (b: Buffer) => m.responseType.decode(b),
+      originalName: m.name[0].toLowerCase() + m.name.slice(1),
+    };
+  }
+  return out;
+}

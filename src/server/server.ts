@@ -1,0 +1,152 @@
+// The USB host server: a grpc-js server with UsbHost, grpc.health.v1 and
+// server reflection (v1 and v1alpha), mutual TLS unless told otherwise.
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import { ReflectionService } from '@grpc/reflection';
+import { HealthImplementation } from 'grpc-health-check';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Logger } from '../common/log.js';
+import { grpcJsServiceDefinition } from '../common/grpc-definition.js';
+import { UsbHostDefinition } from '../gen/usbroam/v1/usbhost.js';
+import { Acl, type AclConfig } from './acl.js';
+import type { UsbBackend } from './backends/types.js';
+import { DeviceRegistry } from './devices/registry.js';
+import { createUsbHostHandlers } from './service.js';
+import { SessionManager } from './sessions/manager.js';
+import { defaultLimits, type SessionLimits } from './sessions/session.js';
+
+export const PROTO_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../protos');
+export const USBHOST_SERVICE = 'usbroam.v1.UsbHost';
+
+export interface TlsFiles {
+  ca: string;
+  cert: string;
+  key: string;
+}
+
+export interface ServerOptions {
+  /** host:port, or unix:/path. */
+  listen: string;
+  /** mTLS material; required unless `insecure`. */
+  tls?: TlsFiles;
+  /** Plaintext, loopback or unix socket only. */
+  insecure?: boolean;
+  /** Identity given to every client when insecure. */
+  insecureIdentity?: string;
+  backends: UsbBackend[];
+  acl: AclConfig;
+  admins?: string[];
+  limits?: Partial<SessionLimits>;
+  log: Logger;
+}
+
+/** Channel/server options shared by both ends of a URB channel. */
+export const GRPC_CHANNEL_OPTIONS: grpc.ChannelOptions = {
+  'grpc.max_receive_message_length': 64 * 1024 * 1024,
+  'grpc.max_send_message_length': 64 * 1024 * 1024,
+  'grpc-node.flow_control_window': 8 * 1024 * 1024,
+  'grpc.keepalive_time_ms': 10_000,
+  'grpc.keepalive_timeout_ms': 5_000,
+  'grpc.keepalive_permit_without_calls': 1,
+  'grpc.http2.min_ping_interval_without_data_ms': 5_000,
+};
+
+export function isLoopbackAddress(listen: string): boolean {
+  if (listen.startsWith('unix:')) return true;
+  const host = listen.replace(/:\d+$/, '').replace(/^\[|\]$/g, '');
+  return host === 'localhost' || host === '::1' || /^127\./.test(host);
+}
+
+export class UsbHostServer {
+  readonly registry: DeviceRegistry;
+  readonly sessions: SessionManager;
+  private readonly grpcServer: grpc.Server;
+  private readonly health = new HealthImplementation({ '': 'NOT_SERVING', [USBHOST_SERVICE]: 'NOT_SERVING' });
+  private accepting = true;
+  /** The bound address (with the real port when 0 was asked). */
+  address = '';
+
+  constructor(private readonly opts: ServerOptions) {
+    if (!opts.insecure && !opts.tls) throw new Error('mutual TLS needs --ca, --cert and --key (or --insecure on loopback)');
+    if (opts.insecure && !isLoopbackAddress(opts.listen)) {
+      throw new Error(`--insecure is allowed only on loopback or a unix socket, not on ${opts.listen}`);
+    }
+    const limits = { ...defaultLimits, ...opts.limits };
+    const acl = new Acl(opts.acl);
+    this.registry = new DeviceRegistry(opts.backends);
+    this.sessions = new SessionManager(this.registry, acl, limits, opts.log);
+    this.grpcServer = new grpc.Server({ ...GRPC_CHANNEL_OPTIONS, interceptors: [callLogInterceptor(opts.log)] });
+    this.grpcServer.addService(
+      grpcJsServiceDefinition(UsbHostDefinition),
+      createUsbHostHandlers({
+        registry: this.registry,
+        sessions: this.sessions,
+        acl,
+        admins: opts.admins ?? [],
+        insecureIdentity: opts.insecure ? (opts.insecureIdentity ?? 'anonymous') : undefined,
+        log: opts.log,
+        accepting: () => this.accepting,
+      }) as unknown as grpc.UntypedServiceImplementation,
+    );
+    this.health.addToServer(this.grpcServer);
+    const pkg = protoLoader.loadSync(path.join(PROTO_DIR, 'usbroam/v1/usbhost.proto'), { includeDirs: [PROTO_DIR] });
+    new ReflectionService(pkg).addToServer(this.grpcServer);
+  }
+
+  async start(): Promise<string> {
+    const { opts } = this;
+    let creds: grpc.ServerCredentials;
+    if (opts.insecure) {
+      opts.log.warn({ listen: opts.listen }, 'INSECURE: serving plaintext without client authentication; every client is "' + (opts.insecureIdentity ?? 'anonymous') + '"');
+      creds = grpc.ServerCredentials.createInsecure();
+    } else {
+      const t = opts.tls!;
+      creds = grpc.ServerCredentials.createSsl(readFileSync(t.ca), [{ cert_chain: readFileSync(t.cert), private_key: readFileSync(t.key) }], true);
+    }
+    const port = await new Promise<number>((resolve, reject) =>
+      this.grpcServer.bindAsync(opts.listen, creds, (err, p) => (err ? reject(err) : resolve(p))),
+    );
+    this.address = opts.listen.startsWith('unix:') ? opts.listen : opts.listen.replace(/:\d+$/, `:${port}`);
+    this.health.setStatus('', 'SERVING');
+    this.health.setStatus(USBHOST_SERVICE, 'SERVING');
+    opts.log.info({ address: this.address, tls: !opts.insecure, devices: this.registry.list().length }, 'USB host server listening');
+    return this.address;
+  }
+
+  /** Stop accepting, end sessions (cancel in flight, release claims), stop. */
+  async stop(why = 'shutdown'): Promise<void> {
+    this.accepting = false;
+    this.health.setStatus('', 'NOT_SERVING');
+    this.health.setStatus(USBHOST_SERVICE, 'NOT_SERVING');
+    await this.sessions.closeAll(why);
+    await new Promise<void>((resolve) => {
+      const t = setTimeout(() => {
+        this.grpcServer.forceShutdown();
+        resolve();
+      }, 3000);
+      this.grpcServer.tryShutdown(() => {
+        clearTimeout(t);
+        resolve();
+      });
+    });
+    await this.registry.close();
+    this.opts.log.info({ why }, 'USB host server stopped');
+  }
+}
+
+/** Middleware: one structured log line per call, with peer and outcome. */
+function callLogInterceptor(log: Logger): grpc.ServerInterceptor {
+  return (method, call) => {
+    const started = Date.now();
+    return new grpc.ServerInterceptingCall(call, {
+      sendStatus: (status, next) => {
+        const fields = { method: method.path, peer: call.getPeer(), code: grpc.status[status.code], ms: Date.now() - started };
+        if (status.code === grpc.status.OK) log.debug(fields, 'call ended');
+        else log.info({ ...fields, details: status.details }, 'call ended with an error');
+        next(status);
+      },
+    });
+  };
+}

@@ -1,0 +1,199 @@
+// The UsbHost gRPC service: thin handlers that authenticate, then hand over
+// to the registry (devices) and the session manager (URB channels).
+import * as grpc from '@grpc/grpc-js';
+import type { Logger } from '../common/log.js';
+import {
+  DeviceEvent_Kind,
+  type ClientMessage,
+  type CloseSessionRequest,
+  type CloseSessionResponse,
+  type DeviceEvent,
+  type ListDevicesRequest,
+  type ListDevicesResponse,
+  type ListSessionsRequest,
+  type ListSessionsResponse,
+  type ServerMessage,
+  type Session as PbSession,
+  type WatchDevicesRequest,
+} from '../gen/usbroam/v1/usbhost.js';
+import type { Acl } from './acl.js';
+import { deviceToProto } from './convert.js';
+import type { DeviceRegistry, RegistryEvent } from './devices/registry.js';
+import { identityOf } from './identity.js';
+import type { SessionManager } from './sessions/manager.js';
+import { ChannelProtocolError, type Session, type SessionStream } from './sessions/session.js';
+
+const S = grpc.status;
+
+export interface ServiceDeps {
+  registry: DeviceRegistry;
+  sessions: SessionManager;
+  acl: Acl;
+  /** Identities that may list and close every session. */
+  admins: string[];
+  /** Identity used for every client when the server runs without TLS. */
+  insecureIdentity?: string;
+  log: Logger;
+  /** While false the server refuses new streams (shutting down). */
+  accepting: () => boolean;
+}
+
+function fail(code: grpc.status, details: string): grpc.ServiceError {
+  return Object.assign(new Error(details), { code, details, metadata: new grpc.Metadata() });
+}
+
+export function createUsbHostHandlers(deps: ServiceDeps) {
+  const { registry, sessions, acl, log } = deps;
+  const who = (call: Parameters<typeof identityOf>[0]) => identityOf(call, deps.insecureIdentity);
+  const visible = (identity: string) => registry.list().filter((d) => acl.allows(identity, d));
+  const withClaim = (id: string) => registry.claimOf(id);
+
+  const listDevices: grpc.handleUnaryCall<ListDevicesRequest, ListDevicesResponse> = (call, cb) => {
+    const identity = who(call);
+    if (!identity) return cb(fail(S.UNAUTHENTICATED, 'no client identity: a client certificate is required'));
+    cb(null, { devices: visible(identity).map((d) => deviceToProto(d, withClaim(d.id))) });
+  };
+
+  const watchDevices: grpc.handleServerStreamingCall<WatchDevicesRequest, DeviceEvent> = (call) => {
+    const identity = who(call);
+    if (!identity) return call.emit('error', fail(S.UNAUTHENTICATED, 'no client identity: a client certificate is required'));
+    const kinds: Record<RegistryEvent['kind'], DeviceEvent_Kind> = {
+      added: DeviceEvent_Kind.KIND_ADDED,
+      removed: DeviceEvent_Kind.KIND_REMOVED,
+      claimed: DeviceEvent_Kind.KIND_CLAIMED,
+      released: DeviceEvent_Kind.KIND_RELEASED,
+    };
+    const onEvent = (ev: RegistryEvent) => {
+      if (!acl.allows(identity, ev.device)) return;
+      const claim = ev.kind === 'claimed' ? ev.claim : ev.kind === 'removed' || ev.kind === 'released' ? undefined : withClaim(ev.device.id);
+      call.write({ kind: kinds[ev.kind], device: deviceToProto(ev.device, claim) });
+    };
+    for (const d of visible(identity)) call.write({ kind: DeviceEvent_Kind.KIND_PRESENT, device: deviceToProto(d, withClaim(d.id)) });
+    call.write({ kind: DeviceEvent_Kind.KIND_SNAPSHOT_END, device: undefined });
+    registry.on('event', onEvent);
+    const stop = () => registry.off('event', onEvent);
+    call.on('cancelled', stop);
+    call.on('close', stop);
+    call.on('error', stop);
+  };
+
+  const connect: grpc.handleBidiStreamingCall<ClientMessage, ServerMessage> = (call) => {
+    void runChannel(call);
+  };
+
+  async function runChannel(call: grpc.ServerDuplexStream<ClientMessage, ServerMessage>): Promise<void> {
+    const peer = call.getPeer();
+    const identity = who(call);
+    let ended = false;
+    const stream: SessionStream = {
+      peer,
+      write: (m) => (ended ? true : call.write(m)),
+      onceDrain: (cb) => call.once('drain', cb),
+      end: (code, message) => {
+        if (ended) return;
+        ended = true;
+        if (code === S.OK) call.end();
+        else call.emit('error', fail(code, message));
+      },
+    };
+    if (!identity) return stream.end(S.UNAUTHENTICATED, 'no client identity: a client certificate is required');
+    if (!deps.accepting()) return stream.end(S.UNAVAILABLE, 'server is shutting down');
+    let session: Session | undefined;
+    try {
+      for await (const msg of call as AsyncIterable<ClientMessage>) {
+        let frames = msg.frames;
+        if (!session) {
+          const first = frames[0];
+          if (!first || first.kind?.$case !== 'open') {
+            throw new ChannelProtocolError(S.INVALID_ARGUMENT, 'the first frame of a URB channel must be open');
+          }
+          session = await openSession(identity, peer, first.kind.value, stream);
+          frames = frames.slice(1);
+        }
+        for (const f of frames) {
+          if (f.kind?.$case === 'submit') await session.waitForSlot();
+          if (ended) break;
+          await session.handleFrame(f);
+        }
+        if (ended || session.state === 'closed') break;
+      }
+      if (session && session.state !== 'closed') session.detach(stream, 'client ended its stream without close');
+    } catch (err) {
+      const e = err as Error & { code?: number };
+      if (err instanceof ChannelProtocolError) {
+        const l = session ? session.log : log.child({ identity, peer });
+        l.warn({ code: S[err.code], err: err.message }, 'URB channel refused');
+        session?.sendError(err.code, err.message, err.clientSeq);
+        stream.end(err.code, err.message);
+      } else if (e.code === S.CANCELLED || call.cancelled) {
+        // the client went away
+      } else {
+        log.error({ err: e.message, stack: e.stack, identity, peer }, 'URB channel failed');
+        stream.end(S.INTERNAL, `internal error: ${e.message}`);
+      }
+      if (session && session.state !== 'closed') session.detach(stream, e.message);
+    }
+  }
+
+  async function openSession(
+    identity: string,
+    peer: string,
+    open: NonNullable<ClientMessage['frames'][number]['kind'] & { $case: 'open' }>['value'],
+    stream: SessionStream,
+  ): Promise<Session> {
+    const t = open.target;
+    if (t?.$case === 'device') {
+      const s = await sessions.create(identity, peer, t.value);
+      s.attach(stream, 0, (seq) => ({ seq, kind: { $case: 'opened', value: { sessionId: s.id, device: deviceToProto(s.device, withClaim(s.device.id)), lastClientSeq: 0, resumed: false } } }));
+      return s;
+    }
+    if (t?.$case === 'resume') {
+      const s = sessions.resume(identity, t.value.sessionId);
+      s.attach(stream, t.value.lastServerSeq, (seq) => ({
+        seq,
+        kind: { $case: 'opened', value: { sessionId: s.id, device: deviceToProto(s.device, withClaim(s.device.id)), lastClientSeq: s.lastClientSeq, resumed: true } },
+      }));
+      s.log.info({ peer, lastServerSeq: t.value.lastServerSeq, lastClientSeq: s.lastClientSeq }, 'session resumed');
+      return s;
+    }
+    throw new ChannelProtocolError(S.INVALID_ARGUMENT, 'open names neither a device nor a session to resume');
+  }
+
+  const toPb = (s: Session): PbSession => ({
+    id: s.id,
+    deviceId: s.device.id,
+    identity: s.identity,
+    peer: s.peer,
+    state: s.state,
+    urbsSubmitted: s.stats.urbsSubmitted,
+    urbsCompleted: s.stats.urbsCompleted,
+    urbsInFlight: s.inFlightCount,
+    journalBytes: s.journalBytes,
+    createdUnixMs: s.createdAt,
+    detachedUnixMs: s.state === 'detached' ? s.detachedAt : 0,
+  });
+
+  const listSessions: grpc.handleUnaryCall<ListSessionsRequest, ListSessionsResponse> = (call, cb) => {
+    const identity = who(call);
+    if (!identity) return cb(fail(S.UNAUTHENTICATED, 'no client identity: a client certificate is required'));
+    const admin = deps.admins.includes(identity);
+    cb(null, { sessions: sessions.list().filter((s) => admin || s.identity === identity).map(toPb) });
+  };
+
+  const closeSession: grpc.handleUnaryCall<CloseSessionRequest, CloseSessionResponse> = (call, cb) => {
+    const identity = who(call);
+    if (!identity) return cb(fail(S.UNAUTHENTICATED, 'no client identity: a client certificate is required'));
+    const s = sessions.get(call.request.sessionId);
+    if (!s) return cb(fail(S.NOT_FOUND, `session ${call.request.sessionId} is unknown or has ended`));
+    if (s.identity !== identity && !deps.admins.includes(identity)) {
+      return cb(fail(S.PERMISSION_DENIED, `identity "${identity}" may not close session ${s.id} of "${s.identity}"`));
+    }
+    s.log.info({ by: identity }, 'session closed by admin request');
+    s.close(`closed by ${identity}`, { reset: true, code: S.ABORTED, message: `session ${s.id} closed by ${identity}` }).then(
+      () => cb(null, {}),
+      (err) => cb(fail(S.INTERNAL, (err as Error).message)),
+    );
+  };
+
+  return { ListDevices: listDevices, WatchDevices: watchDevices, Connect: connect, ListSessions: listSessions, CloseSession: closeSession };
+}

@@ -1,0 +1,83 @@
+// Creates, finds and ends sessions. Opening a session is where the device
+// selector, the ACL and the exclusive claim meet.
+import { randomUUID } from 'node:crypto';
+import { status as Status } from '@grpc/grpc-js';
+import type { Logger } from '../../common/log.js';
+import type { Acl } from '../acl.js';
+import { ClaimConflictError, type DeviceRegistry } from '../devices/registry.js';
+import { describeSelector, isEmptySelector, matchesSelector, validateSelector, type Selector } from '../devices/selector.js';
+import { ChannelProtocolError, Session, type SessionLimits } from './session.js';
+
+export class SessionManager {
+  private readonly sessions = new Map<string, Session>();
+
+  constructor(
+    private readonly registry: DeviceRegistry,
+    private readonly acl: Acl,
+    private readonly limits: SessionLimits,
+    private readonly log: Logger,
+  ) {}
+
+  /** Claim the one device matching `selector` for `identity` and start a session. */
+  async create(identity: string, peer: string, rawSelector: Selector): Promise<Session> {
+    let selector: Selector;
+    try {
+      selector = validateSelector(rawSelector);
+    } catch (err) {
+      throw new ChannelProtocolError(Status.INVALID_ARGUMENT, `bad device selector: ${(err as Error).message}`);
+    }
+    if (isEmptySelector(selector)) throw new ChannelProtocolError(Status.INVALID_ARGUMENT, 'open needs a device selector (id, vid:pid, serial or port path)');
+    const matching = this.registry.list().filter((d) => matchesSelector(selector, d));
+    if (matching.length === 0) throw new ChannelProtocolError(Status.NOT_FOUND, `no device matches ${describeSelector(selector)}`);
+    const allowed = matching.filter((d) => this.acl.allows(identity, d));
+    if (allowed.length === 0) {
+      throw new ChannelProtocolError(Status.PERMISSION_DENIED, `identity "${identity}" may not use device ${matching.map((d) => d.id).join(', ')}`);
+    }
+    if (allowed.length > 1) {
+      throw new ChannelProtocolError(
+        Status.FAILED_PRECONDITION,
+        `${allowed.length} devices match ${describeSelector(selector)} (${allowed.map((d) => d.id).join(', ')}): name one by id`,
+      );
+    }
+    const device = allowed[0];
+    const id = randomUUID();
+    let handle;
+    try {
+      handle = await this.registry.claim(device.id, { identity, sessionId: id });
+    } catch (err) {
+      if (err instanceof ClaimConflictError) throw new ChannelProtocolError(Status.FAILED_PRECONDITION, err.message);
+      throw new ChannelProtocolError(Status.UNAVAILABLE, `device ${device.id} could not be opened: ${(err as Error).message}`);
+    }
+    const log = this.log.child({ session: id, device: device.id, identity, peer });
+    const session = new Session(id, identity, handle, this.limits, log);
+    this.sessions.set(id, session);
+    session.once('closed', () => {
+      this.sessions.delete(id);
+      this.registry.release(device.id, id);
+    });
+    log.info({ product: device.product, serial: device.serial }, 'session opened; device claimed');
+    return session;
+  }
+
+  /** The session to resume; only its owner may. */
+  resume(identity: string, sessionId: string): Session {
+    const s = this.sessions.get(sessionId);
+    if (!s) throw new ChannelProtocolError(Status.NOT_FOUND, `session ${sessionId} is unknown or has expired`);
+    if (s.identity !== identity) {
+      throw new ChannelProtocolError(Status.PERMISSION_DENIED, `session ${sessionId} belongs to another identity than "${identity}"`);
+    }
+    return s;
+  }
+
+  get(id: string): Session | undefined {
+    return this.sessions.get(id);
+  }
+
+  list(): Session[] {
+    return [...this.sessions.values()];
+  }
+
+  async closeAll(why: string): Promise<void> {
+    await Promise.all(this.list().map((s) => s.close(why, { reset: true, code: Status.UNAVAILABLE, message: `server shutting down: ${why}` })));
+  }
+}

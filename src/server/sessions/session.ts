@@ -1,0 +1,529 @@
+// A URB-channel session: one client's exclusive claim on one device, and the
+// sequenced exchange of frames that outlives any single gRPC stream.
+//
+// Client data frames are executed exactly once (duplicates dropped by seq);
+// every server data frame is journaled until acknowledged and replayed after
+// a resume. While no stream is attached the session keeps executing what is
+// in flight and journals the completions, for a grace period.
+import { EventEmitter } from 'node:events';
+import { status as Status } from '@grpc/grpc-js';
+import type { Logger } from '../../common/log.js';
+import { InvalidAckError, JournalOverflowError, SeqJournal, SeqReceiver } from '../../common/seq-journal.js';
+import type {
+  ClientFrame,
+  DeviceOp,
+  OpResult,
+  ServerFrame,
+  ServerMessage,
+  UrbSubmit,
+} from '../../gen/usbroam/v1/usbhost.js';
+import {
+  TransferType,
+  UrbStatus,
+  UsbError,
+  type DeviceHandle,
+  type DeviceInfo,
+  type Urb,
+  type UrbResult,
+} from '../backends/types.js';
+import { endpointToProto, interfaceToProto, pbIsoPackets, pbStatus } from '../convert.js';
+import { ReceivingStream } from './receiving-stream.js';
+
+export interface SessionLimits {
+  /** Largest OUT payload or IN length of one URB. */
+  maxUrbBytes: number;
+  /** URBs executing at once; beyond it the session stops reading its stream (flow control). */
+  maxInFlight: number;
+  /** Unacknowledged server frames, in payload bytes. */
+  maxJournalBytes: number;
+  /** How long a session without a stream keeps its claim. */
+  graceMs: number;
+  /** Receiving streams pause (stop resubmitting) while the journal holds more than this. */
+  receivingPauseBytes: number;
+}
+
+export const defaultLimits: SessionLimits = {
+  maxUrbBytes: 8 * 1024 * 1024,
+  maxInFlight: 512,
+  maxJournalBytes: 256 * 1024 * 1024,
+  graceMs: 30_000,
+  receivingPauseBytes: 8 * 1024 * 1024,
+};
+
+/** Where a session writes: the attached gRPC stream, seen through a narrow interface. */
+export interface SessionStream {
+  readonly peer: string;
+  /** false: the transport buffer is full; wait for drain. */
+  write(msg: ServerMessage): boolean;
+  onceDrain(cb: () => void): void;
+  /** End the stream: OK, or an error status with a message. */
+  end(code: Status, message: string): void;
+}
+
+/** A violation of the channel protocol by the client: ends the stream (not the session). */
+export class ChannelProtocolError extends Error {
+  constructor(
+    readonly code: Status,
+    message: string,
+    readonly clientSeq = 0,
+  ) {
+    super(message);
+    this.name = 'ChannelProtocolError';
+  }
+}
+
+const MAX_FRAMES_PER_MESSAGE = 1024;
+const MAX_BYTES_PER_MESSAGE = 1024 * 1024;
+const FRAME_OVERHEAD = 32;
+
+export type SessionState = 'attached' | 'detached' | 'closed';
+
+interface InFlight {
+  backendId: number;
+  endpoint: number;
+}
+
+export class Session extends EventEmitter {
+  readonly createdAt = Date.now();
+  detachedAt = 0;
+  state: SessionState = 'detached';
+  private stream?: SessionStream;
+  private readonly journal: SeqJournal<ServerFrame>;
+  private readonly rx = new SeqReceiver();
+  private readonly inFlight = new Map<number, InFlight>();
+  private readonly receivers = new Map<number, ReceivingStream>();
+  private nextBackendId = 1;
+  private lastAckSent = 0;
+  private flushScheduled = false;
+  private waitingDrain = false;
+  private slotWaiters: (() => void)[] = [];
+  private graceTimer?: NodeJS.Timeout;
+  private closing?: Promise<void>;
+  readonly stats = { urbsSubmitted: 0, urbsCompleted: 0 };
+
+  constructor(
+    readonly id: string,
+    readonly identity: string,
+    private readonly handle: DeviceHandle,
+    readonly limits: SessionLimits,
+    readonly log: Logger,
+  ) {
+    super();
+    this.journal = new SeqJournal(limits.maxJournalBytes);
+    handle.on('gone', (reason: string) => this.onDeviceGone(reason));
+  }
+
+  get device(): DeviceInfo {
+    return this.handle.info;
+  }
+  get inFlightCount(): number {
+    return this.inFlight.size;
+  }
+  get journalBytes(): number {
+    return this.journal.bytes;
+  }
+  get lastClientSeq(): number {
+    return this.rx.lastSeq;
+  }
+  get highestServerSeq(): number {
+    return this.journal.highestSeq;
+  }
+  get peer(): string {
+    return this.stream?.peer ?? '';
+  }
+
+  // ------------------------------------------------------------ streams
+
+  /**
+   * Attach a (new) stream. The client has everything up to `lastServerSeq`;
+   * the rest of the journal is replayed. A stream already attached is
+   * superseded: the newest connection wins.
+   */
+  attach(stream: SessionStream, lastServerSeq: number, openedFrame: (seq: number) => ServerFrame): void {
+    if (this.state === 'closed') throw new ChannelProtocolError(Status.NOT_FOUND, `session ${this.id} is closed`);
+    try {
+      this.journal.rewindTo(lastServerSeq);
+    } catch (err) {
+      throw new ChannelProtocolError(
+        Status.INVALID_ARGUMENT,
+        `resume of session ${this.id} from server seq ${lastServerSeq}: ${(err as Error).message}`,
+      );
+    }
+    if (lastServerSeq < this.journal.ackedSeq) {
+      // The client claims less than it acknowledged before: those frames are gone.
+      throw new ChannelProtocolError(
+        Status.FAILED_PRECONDITION,
+        `resume of session ${this.id} from server seq ${lastServerSeq}, but the client already acknowledged ${this.journal.ackedSeq}`,
+      );
+    }
+    if (this.stream) {
+      this.log.info({ oldPeer: this.stream.peer, peer: stream.peer }, 'stream superseded by a newer connection');
+      this.stream.end(Status.ABORTED, `session ${this.id} was resumed by another stream`);
+    }
+    clearTimeout(this.graceTimer);
+    this.stream = stream;
+    this.state = 'attached';
+    this.waitingDrain = false;
+    this.lastAckSent = 0;
+    stream.write({ frames: [openedFrame(this.journal.highestSeq)] });
+    this.scheduleFlush();
+    this.emit('attached');
+  }
+
+  /** The stream ended without a close: keep the session for the grace period. */
+  detach(stream: SessionStream, why: string): void {
+    if (this.stream !== stream || this.state === 'closed') return;
+    this.stream = undefined;
+    this.state = 'detached';
+    this.detachedAt = Date.now();
+    this.log.warn({ why, graceMs: this.limits.graceMs, inFlight: this.inFlight.size }, 'stream lost; session kept for its grace period');
+    this.graceTimer = setTimeout(() => {
+      this.log.warn({ graceMs: this.limits.graceMs }, 'grace period expired; cancelling, resetting and releasing the device');
+      void this.close('grace period expired', { reset: true });
+    }, this.limits.graceMs);
+    this.graceTimer.unref?.();
+    this.emit('detached');
+  }
+
+  /** For flow control: resolves when another URB may be submitted. */
+  async waitForSlot(): Promise<void> {
+    while (this.inFlight.size >= this.limits.maxInFlight && this.state !== 'closed') {
+      await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
+    }
+  }
+
+  // ------------------------------------------------------------ inbound
+
+  /** Process one client frame from `stream`. Throws ChannelProtocolError for protocol violations. */
+  async handleFrame(frame: ClientFrame): Promise<void> {
+    const kind = frame.kind;
+    if (!kind) {
+      throw new ChannelProtocolError(Status.INVALID_ARGUMENT, `client frame seq ${frame.seq} has no known kind`, frame.seq);
+    }
+    if (kind.$case === 'ack') {
+      try {
+        this.journal.ack(kind.value.seq);
+      } catch (err) {
+        if (err instanceof InvalidAckError) throw new ChannelProtocolError(Status.INVALID_ARGUMENT, err.message, frame.seq);
+        throw err;
+      }
+      this.maybeResumeReceivers();
+      return;
+    }
+    if (kind.$case === 'open') {
+      throw new ChannelProtocolError(Status.INVALID_ARGUMENT, `open sent on session ${this.id}, which is already open`, frame.seq);
+    }
+    switch (this.rx.accept(frame.seq)) {
+      case 'duplicate':
+        return; // already executed before a reconnect
+      case 'gap':
+        throw new ChannelProtocolError(
+          Status.INVALID_ARGUMENT,
+          `client frame seq ${frame.seq} skips ahead: expected ${this.rx.lastSeq + 1}`,
+          frame.seq,
+        );
+    }
+    this.scheduleFlush(); // an ack is due
+    switch (kind.$case) {
+      case 'submit':
+        this.submit(kind.value, frame.seq);
+        return;
+      case 'cancel': {
+        const f = this.inFlight.get(kind.value.urbId);
+        if (f) this.handle.cancel(f.backendId);
+        return; // an unknown id already completed: nothing to do
+      }
+      case 'op':
+        await this.runOp(kind.value, frame.seq);
+        return;
+      case 'close':
+        await this.close('closed by client', { reset: false });
+        return;
+    }
+  }
+
+  private submit(s: UrbSubmit, seq: number): void {
+    const reject = (message: string) => {
+      this.log.warn({ urbId: s.urbId, endpoint: s.endpoint, seq }, message);
+      this.sendError(Status.INVALID_ARGUMENT, message, seq);
+      this.appendFrame({ $case: 'complete', value: { urbId: s.urbId, status: pbStatus(UrbStatus.Inval), data: new Uint8Array(0), actualLength: 0, isoPackets: [] } }, 0);
+    };
+    if (this.inFlight.has(s.urbId)) return reject(`URB id ${s.urbId} is already in flight`);
+    const isIn = (s.endpoint & 0x80) !== 0;
+    const epNum = s.endpoint & 0x0f;
+    if (s.endpoint & 0x70) return reject(`endpoint 0x${s.endpoint.toString(16)} is not a valid endpoint address`);
+    const type = s.type as number as TransferType;
+    if (epNum === 0) {
+      if (type !== TransferType.Control) return reject(`endpoint 0 takes control transfers only`);
+      if (!s.setup || s.setup.length !== 8) return reject(`control URB ${s.urbId} needs an 8-byte setup packet`);
+    } else {
+      const ep = this.handle.info.endpoints.find((e) => e.address === s.endpoint);
+      if (!ep) return reject(`device ${this.device.id} has no endpoint 0x${s.endpoint.toString(16)} in its active configuration`);
+      if (ep.type !== type) return reject(`endpoint 0x${s.endpoint.toString(16)} is ${TransferType[ep.type]}, not ${TransferType[type] ?? type}`);
+    }
+    const outLen = s.data?.length ?? 0;
+    if (outLen > this.limits.maxUrbBytes || s.length > this.limits.maxUrbBytes) {
+      return reject(`URB ${s.urbId} of ${Math.max(outLen, s.length)} bytes exceeds the limit of ${this.limits.maxUrbBytes}`);
+    }
+    if (type === TransferType.Isochronous && s.isoPackets.length === 0) return reject(`isochronous URB ${s.urbId} has no packets`);
+    const backendId = this.nextBackendId++;
+    const urb: Urb = {
+      id: backendId,
+      endpoint: s.endpoint,
+      type,
+      setup: s.setup,
+      data: isIn && epNum !== 0 ? undefined : s.data,
+      length: s.length,
+      streamId: s.streamId,
+      flags: s.flags,
+      isoPackets: s.isoPackets.length ? s.isoPackets.map((p) => ({ length: p.length, status: UrbStatus.Success, actualLength: 0 })) : undefined,
+      timeoutMs: s.timeoutMs,
+    };
+    this.inFlight.set(s.urbId, { backendId, endpoint: s.endpoint });
+    this.stats.urbsSubmitted++;
+    this.handle.submit(urb, (r) => this.completed(s.urbId, r));
+  }
+
+  private completed(urbId: number, r: UrbResult): void {
+    this.inFlight.delete(urbId);
+    this.stats.urbsCompleted++;
+    if (this.state === 'closed') return;
+    const data = r.data ?? EMPTY;
+    this.appendFrame(
+      {
+        $case: 'complete',
+        value: {
+          urbId,
+          status: pbStatus(r.status),
+          data,
+          actualLength: r.actualLength,
+          isoPackets: pbIsoPackets(r.isoPackets),
+        },
+      },
+      data.length,
+    );
+    const w = this.slotWaiters.shift();
+    if (w) w();
+  }
+
+  private async runOp(op: DeviceOp, seq: number): Promise<void> {
+    const result: OpResult = { opId: op.opId, status: pbStatus(UrbStatus.Success), value: 0, message: '', interfaces: [], endpoints: [] };
+    const withLayout = () => {
+      result.interfaces = this.handle.info.interfaces.map(interfaceToProto);
+      result.endpoints = this.handle.info.endpoints.map(endpointToProto);
+    };
+    const o = op.op;
+    try {
+      switch (o?.$case) {
+        case 'setConfiguration':
+          await this.stopAllReceivers();
+          await this.handle.setConfiguration(o.value.value);
+          withLayout();
+          break;
+        case 'getConfiguration':
+          result.value = await this.handle.getConfiguration();
+          break;
+        case 'setInterface':
+          await this.stopReceiversOfInterface(o.value.interfaceNumber);
+          await this.handle.setInterface(o.value.interfaceNumber, o.value.alternateSetting);
+          withLayout();
+          break;
+        case 'getInterface':
+          result.value = await this.handle.getInterface(o.value.interfaceNumber);
+          break;
+        case 'clearHalt':
+          await this.handle.clearHalt(o.value.endpoint);
+          break;
+        case 'reset':
+          await this.stopAllReceivers();
+          await this.handle.reset();
+          withLayout();
+          break;
+        case 'startReceiving':
+          this.startReceiving(o.value);
+          break;
+        case 'stopReceiving':
+          await this.receivers.get(o.value.endpoint)?.stop();
+          this.receivers.delete(o.value.endpoint);
+          break;
+        case 'allocBulkStreams':
+          result.value = await this.handle.allocBulkStreams(o.value.endpoints, o.value.numStreams);
+          break;
+        case 'freeBulkStreams':
+          await this.handle.freeBulkStreams(o.value.endpoints);
+          break;
+        default:
+          result.status = pbStatus(UrbStatus.Inval);
+          result.message = `device op ${op.opId} (seq ${seq}) has no known operation`;
+          this.sendError(Status.INVALID_ARGUMENT, result.message, seq);
+      }
+    } catch (err) {
+      result.status = pbStatus(err instanceof UsbError ? err.status : UrbStatus.IoError);
+      result.message = (err as Error).message;
+      this.log.warn({ op: o?.$case, err: result.message }, 'device op failed');
+    }
+    this.appendFrame({ $case: 'opResult', value: result }, 64);
+  }
+
+  private startReceiving(s: { endpoint: number; type: number; transferLength: number; transfers: number; isoPacketsPerTransfer: number }): void {
+    const ep = this.handle.info.endpoints.find((e) => e.address === s.endpoint);
+    if (!ep || (s.endpoint & 0x80) === 0) throw new UsbError(`device ${this.device.id} has no IN endpoint 0x${s.endpoint.toString(16)}`, UrbStatus.Inval);
+    if (ep.type === TransferType.Control) throw new UsbError(`endpoint 0x${s.endpoint.toString(16)} is a control endpoint`, UrbStatus.Inval);
+    if (this.receivers.has(s.endpoint)) throw new UsbError(`endpoint 0x${s.endpoint.toString(16)} is already receiving`, UrbStatus.Inval);
+    const length = s.transferLength || ep.maxPacketSize;
+    const iso = ep.type === TransferType.Isochronous ? Math.max(1, s.isoPacketsPerTransfer || 8) : 0;
+    if (length * Math.max(1, iso) > this.limits.maxUrbBytes) throw new UsbError(`receiving transfer size exceeds ${this.limits.maxUrbBytes}`, UrbStatus.Inval);
+    const transfers = Math.min(Math.max(1, s.transfers || 3), 32);
+    const r = new ReceivingStream(this.handle, ep.type, s.endpoint, length, transfers, iso, () => this.nextBackendId++, (rd) => {
+      this.appendFrame({ $case: 'received', value: rd }, rd.data.length);
+    }, () => this.journal.bytes > this.limits.receivingPauseBytes);
+    this.receivers.set(s.endpoint, r);
+    r.start();
+  }
+
+  private maybeResumeReceivers(): void {
+    if (this.journal.bytes > this.limits.receivingPauseBytes) return;
+    for (const r of this.receivers.values()) r.resumeIfPaused();
+  }
+
+  private async stopAllReceivers(): Promise<void> {
+    const all = [...this.receivers.values()];
+    this.receivers.clear();
+    await Promise.all(all.map((r) => r.stop()));
+  }
+
+  private async stopReceiversOfInterface(iface: number): Promise<void> {
+    for (const [addr, r] of this.receivers) {
+      const ep = this.handle.info.endpoints.find((e) => e.address === addr);
+      if (!ep || ep.interfaceNumber === iface) {
+        this.receivers.delete(addr);
+        await r.stop();
+      }
+    }
+  }
+
+  private onDeviceGone(reason: string): void {
+    if (this.state === 'closed') return;
+    this.log.warn({ reason }, 'device gone');
+    for (const r of this.receivers.values()) void r.stop();
+    this.receivers.clear();
+    this.appendFrame({ $case: 'deviceGone', value: { reason } }, 16);
+    this.emit('deviceGone', reason);
+  }
+
+  // ------------------------------------------------------------ outbound
+
+  private appendFrame(kind: NonNullable<ServerFrame['kind']>, bytes: number): void {
+    try {
+      this.journal.append((seq) => ({ seq, kind }), bytes + FRAME_OVERHEAD);
+    } catch (err) {
+      if (err instanceof JournalOverflowError) {
+        this.log.error({ journalBytes: err.bytes, limit: err.limit }, 'journal bound exceeded: the client does not acknowledge; closing the session');
+        this.sendError(Status.RESOURCE_EXHAUSTED, `session ${this.id}: ${err.message}; the client does not acknowledge`, 0);
+        void this.close('journal bound exceeded', { reset: true, code: Status.RESOURCE_EXHAUSTED, message: err.message });
+        return;
+      }
+      throw err;
+    }
+    this.scheduleFlush();
+  }
+
+  /** A channel-control error frame: informational, not journaled. */
+  sendError(code: Status, message: string, clientSeq: number): void {
+    this.stream?.write({ frames: [{ seq: this.journal.highestSeq, kind: { $case: 'error', value: { code, message, clientSeq } } }] });
+  }
+
+  private scheduleFlush(): void {
+    if (this.flushScheduled) return;
+    this.flushScheduled = true;
+    setImmediate(() => {
+      this.flushScheduled = false;
+      this.flush();
+    });
+  }
+
+  private flush(): void {
+    const stream = this.stream;
+    if (!stream || this.waitingDrain) return;
+    for (;;) {
+      const frames = this.journal.takeUnsent(MAX_FRAMES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE);
+      const ackDue = this.rx.lastSeq > this.lastAckSent;
+      if (frames.length === 0 && !ackDue) return;
+      if (ackDue) {
+        frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: this.rx.lastSeq } } });
+        this.lastAckSent = this.rx.lastSeq;
+      }
+      if (!stream.write({ frames })) {
+        this.waitingDrain = true;
+        stream.onceDrain(() => {
+          this.waitingDrain = false;
+          if (this.stream === stream) this.flush();
+        });
+        return;
+      }
+    }
+  }
+
+  // ------------------------------------------------------------ ending
+
+  /**
+   * End the session: cancel what is in flight, stop receiving streams,
+   * optionally reset the device, release the claim. Idempotent.
+   */
+  close(why: string, opts: { reset: boolean; code?: Status; message?: string }): Promise<void> {
+    if (this.closing) return this.closing;
+    this.closing = (async () => {
+      clearTimeout(this.graceTimer);
+      this.log.info({ why, inFlight: this.inFlight.size }, 'closing session');
+      await this.stopAllReceivers();
+      const pending = [...this.inFlight.values()];
+      if (pending.length) {
+        const settled = new Promise<void>((resolve) => {
+          const check = () => (this.inFlight.size === 0 ? resolve() : setTimeout(check, 5));
+          check();
+        });
+        for (const f of pending) this.handle.cancel(f.backendId);
+        await Promise.race([settled, new Promise((r) => setTimeout(r, 2000))]);
+      }
+      if (opts.code === undefined && this.stream) {
+        // A clean close: deliver the remaining completions and `closed`.
+        this.appendFrame({ $case: 'closed', value: {} }, 0);
+        this.flushNow();
+      }
+      this.state = 'closed';
+      for (const w of this.slotWaiters.splice(0)) w();
+      try {
+        if (opts.reset) await this.handle.reset();
+      } catch (err) {
+        this.log.warn({ err: (err as Error).message }, 'device reset failed while closing');
+      }
+      try {
+        await this.handle.close();
+      } catch (err) {
+        this.log.warn({ err: (err as Error).message }, 'device close failed');
+      }
+      const stream = this.stream;
+      this.stream = undefined;
+      stream?.end(opts.code ?? Status.OK, opts.message ?? why);
+      this.emit('closed', why);
+    })();
+    return this.closing;
+  }
+
+  private flushNow(): void {
+    this.waitingDrain = false;
+    const stream = this.stream;
+    if (!stream) return;
+    for (;;) {
+      const frames = this.journal.takeUnsent(MAX_FRAMES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE);
+      if (this.rx.lastSeq > this.lastAckSent) {
+        frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: this.rx.lastSeq } } });
+        this.lastAckSent = this.rx.lastSeq;
+      }
+      if (!frames.length) return;
+      stream.write({ frames });
+    }
+  }
+}
+
+const EMPTY = new Uint8Array(0);
