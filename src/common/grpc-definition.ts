@@ -19,7 +19,7 @@ interface GenericMethod {
 const toBuffer = (u: Uint8Array) => Buffer.from(u.buffer, u.byteOffset, u.byteLength);
 
 export function grpcJsServiceDefinition(def: { fullName: string; methods: Record<string, GenericMethod> }): grpc.ServiceDefinition {
-  const out: grpc.ServiceDefinition = {};
+  const out: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
   for (const m of Object.values(def.methods)) {
     out[m.name] = {
       path: `/${def.fullName}/${m.name}`,
