@@ -1,0 +1,412 @@
+// Transport ceilings: what raw mutual TLS and raw grpc-js (identity serializers, no protobuf) can
+// carry over loopback between two processes. Used by `npm run bench:channel` and bench/ceilings/main.ts.
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import tls from 'node:tls';
+import { fileURLToPath } from 'node:url';
+import * as grpc from '@grpc/grpc-js';
+import {
+  CEILINGS_GRPC_CHANNEL_OPTIONS,
+  CEILINGS_GRPC_SERVER_OPTIONS,
+  CeilingsService,
+  loadCerts,
+  repoRoot,
+  type CertFiles,
+} from './common.js';
+
+export { CEILINGS_GRPC_CHANNEL_OPTIONS, CEILINGS_GRPC_SERVER_OPTIONS };
+
+export interface CeilingsOptions {
+  /** Directory with ca.pem, server.pem/.key and `${clientName}.pem/.key`; created with scripts/make-certs.mjs if
+   * missing. Default: $USBROAM_CERTS_DIR or certs/out. */
+  certsDir?: string;
+  /** Client identity used for mTLS (default 'bridge'). */
+  clientName?: string;
+  /** Duration of each throughput phase (raw TLS up/down, gRPC up/down, small-message rate), default 2000 ms. */
+  durationMs?: number;
+  /** Bulk chunk / message size, default 65536. */
+  chunkSize?: number;
+  /** Small-message size for grpc_msgs_per_s, default 100. */
+  smallMsgSize?: number;
+  /** Max small messages in flight (sent, echo not yet received) for grpc_msgs_per_s, default 256. */
+  smallMsgWindow?: number;
+  /** Ping-pong message size, default 64. */
+  pingSize?: number;
+  /** Measured ping-pong round trips (after warm-up), default 5000. */
+  rttCount?: number;
+  /** Warm-up round trips, default 500. */
+  rttWarmup?: number;
+  /** Extra/overriding grpc-js channel options (merged over CEILINGS_GRPC_CHANNEL_OPTIONS). */
+  grpcChannelOptions?: grpc.ChannelOptions;
+  /** Extra/overriding grpc-js server options (merged over CEILINGS_GRPC_SERVER_OPTIONS). */
+  grpcServerOptions?: grpc.ChannelOptions;
+  /** Skip phases (e.g. for quick runs). */
+  skip?: { tls?: boolean; grpcBulk?: boolean; grpcMsgs?: boolean; grpcRtt?: boolean };
+  /** Progress sink; default writes to stderr. Pass () => {} to silence. */
+  log?: (line: string) => void;
+}
+
+export interface Ceilings {
+  /** min(raw_tls_up_MBps, raw_tls_down_MBps) */
+  raw_tls_MBps: number;
+  /** client->server, raw Node tls socket, chunkSize writes (MB = 1e6 bytes) */
+  raw_tls_up_MBps: number;
+  /** server->client */
+  raw_tls_down_MBps: number;
+  /** min(grpc_raw_up_MBps, grpc_raw_down_MBps) */
+  grpc_raw_MBps: number;
+  /** client->server, grpc-js bidi stream of chunkSize Buffers, server counting */
+  grpc_raw_up_MBps: number;
+  /** server->client streaming */
+  grpc_raw_down_MBps: number;
+  /** smallMsgSize-byte messages echoed over one bidi stream, pipelined (<= smallMsgWindow in flight): round trips/s */
+  grpc_msgs_per_s: number;
+  /** smallMsgSize-byte messages client->server one way over one bidi stream, server counting: messages/s */
+  grpc_oneway_msgs_per_s: number;
+  /** pingSize-byte ping-pong on one bidi stream, microseconds */
+  grpc_rtt_p50_us: number;
+  grpc_rtt_p99_us: number;
+}
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const MB = 1e6;
+const round = (x: number, digits = 1): number => {
+  const f = 10 ** digits;
+  return Math.round(x * f) / f;
+};
+const now = (): number => performance.now();
+
+/** Ensures the development certificates exist in `dir` (runs scripts/make-certs.mjs --quiet if not). */
+export function ensureCerts(dir: string, clientName = 'bridge'): void {
+  const need = ['ca.pem', 'server.pem', 'server.key', `${clientName}.pem`, `${clientName}.key`];
+  if (need.every((f) => existsSync(path.join(dir, f)))) return;
+  const args = [path.join(repoRoot, 'scripts/make-certs.mjs'), '--out', dir, '--quiet'];
+  if (!['bridge', 'viewer', 'intruder'].includes(clientName)) args.push('--client', clientName);
+  execFileSync(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'] });
+}
+
+interface ServerHandle {
+  child: ChildProcess;
+  tlsPort: number;
+  grpcPort: number;
+  stop(): Promise<void>;
+}
+
+async function startServer(certsDir: string, serverOptions: grpc.ChannelOptions): Promise<ServerHandle> {
+  const tsx = import.meta.resolve('tsx');
+  const child = spawn(
+    process.execPath,
+    ['--import', tsx, path.join(here, 'server.ts'), certsDir, JSON.stringify(serverOptions)],
+    { cwd: repoRoot, stdio: ['pipe', 'pipe', 'inherit'] },
+  );
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  const stop = async (): Promise<void> => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGTERM');
+      const t = setTimeout(() => child.kill('SIGKILL'), 2000);
+      await exited;
+      clearTimeout(t);
+    }
+  };
+  try {
+    const ports = await new Promise<{ tlsPort: number; grpcPort: number }>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('ceilings server did not start within 20 s')), 20000);
+      const rl = createInterface({ input: child.stdout! });
+      rl.once('line', (line) => {
+        clearTimeout(timer);
+        try {
+          resolve(JSON.parse(line) as { tlsPort: number; grpcPort: number });
+        } catch (e) {
+          reject(new Error(`bad ceilings server output: ${line}`));
+        }
+      });
+      child.once('exit', (code, sig) => {
+        clearTimeout(timer);
+        reject(new Error(`ceilings server exited early (code ${code}, signal ${sig})`));
+      });
+      child.once('error', reject);
+    });
+    return { child, ...ports, stop };
+  } catch (e) {
+    await stop();
+    throw e;
+  }
+}
+
+// ---------------------------------------------------------------- raw TLS
+
+function tlsConnect(port: number, certs: CertFiles): Promise<tls.TLSSocket> {
+  return new Promise((resolve, reject) => {
+    const sock = tls.connect({ host: '127.0.0.1', port, servername: 'localhost', ...certs }, () => {
+      sock.setNoDelay(true);
+      resolve(sock);
+    });
+    sock.once('error', reject);
+  });
+}
+
+function tlsHeader(mode: 'U' | 'D', size: number, durationMs: number): Buffer {
+  const h = Buffer.alloc(9);
+  h.write(mode, 0, 'latin1');
+  h.writeUInt32BE(size, 1);
+  h.writeUInt32BE(durationMs, 5);
+  return h;
+}
+
+async function tlsUp(port: number, certs: CertFiles, size: number, durationMs: number): Promise<number> {
+  const sock = await tlsConnect(port, certs);
+  const chunk = Buffer.alloc(size, 0x3c);
+  const reply: Buffer[] = [];
+  const done = new Promise<void>((resolve, reject) => {
+    sock.on('data', (d: Buffer) => reply.push(d));
+    sock.once('end', () => resolve());
+    sock.once('error', reject);
+  });
+  sock.write(tlsHeader('U', size, durationMs));
+  const t0 = now();
+  const deadline = t0 + durationMs;
+  while (now() < deadline) {
+    if (!sock.write(chunk)) await new Promise((r) => sock.once('drain', r));
+  }
+  sock.end();
+  await done;
+  const elapsed = (now() - t0) / 1000;
+  sock.destroy();
+  const bytes = Number(Buffer.concat(reply).readBigUInt64BE(0));
+  return bytes / elapsed / MB;
+}
+
+async function tlsDown(port: number, certs: CertFiles, size: number, durationMs: number): Promise<number> {
+  const sock = await tlsConnect(port, certs);
+  let bytes = 0;
+  let t0 = 0;
+  const done = new Promise<void>((resolve, reject) => {
+    sock.on('data', (d: Buffer) => {
+      bytes += d.length;
+    });
+    sock.once('end', () => resolve());
+    sock.once('error', reject);
+  });
+  t0 = now();
+  sock.write(tlsHeader('D', size, durationMs));
+  await done;
+  const elapsed = (now() - t0) / 1000;
+  sock.end();
+  sock.destroy();
+  return bytes / elapsed / MB;
+}
+
+// ---------------------------------------------------------------- gRPC
+
+type ClientDuplex = grpc.ClientDuplexStream<Buffer, Buffer>;
+type CeilingsClient = grpc.Client & Record<'Up' | 'Down' | 'Echo', (options?: grpc.CallOptions) => ClientDuplex>;
+const CeilingsClientCtor = grpc.makeGenericClientConstructor(CeilingsService, 'Ceilings') as unknown as new (
+  address: string,
+  creds: grpc.ChannelCredentials,
+  options?: grpc.ChannelOptions,
+) => CeilingsClient;
+
+function waitReady(client: grpc.Client): Promise<void> {
+  return new Promise((resolve, reject) =>
+    client.waitForReady(Date.now() + 10000, (err) => (err ? reject(err) : resolve())),
+  );
+}
+
+function callDone(call: ClientDuplex): Promise<void> {
+  return new Promise((resolve, reject) => {
+    call.once('error', reject);
+    call.once('status', (s: grpc.StatusObject) => (s.code === grpc.status.OK ? resolve() : reject(new Error(s.details))));
+  });
+}
+
+/** Client streams `size`-byte messages for durationMs; returns [MB/s, msgs/s] as counted by the server. */
+async function grpcUp(client: CeilingsClient, size: number, durationMs: number): Promise<[number, number]> {
+  const call = client.Up();
+  const replies: Buffer[] = [];
+  call.on('data', (b: Buffer) => replies.push(b));
+  const done = callDone(call);
+  const msg = Buffer.alloc(size, 0x7e);
+  const t0 = now();
+  const deadline = t0 + durationMs;
+  let n = 0;
+  while (true) {
+    // Check the clock every 64 writes: small-message loops would otherwise spend time in performance.now().
+    if ((n & 63) === 0 && now() >= deadline) break;
+    n++;
+    if (!call.write(msg)) await new Promise((r) => call.once('drain', r));
+  }
+  call.end();
+  await done;
+  const elapsed = (now() - t0) / 1000;
+  const r = Buffer.concat(replies);
+  const bytes = Number(r.readBigUInt64BE(0));
+  const msgs = Number(r.readBigUInt64BE(8));
+  return [bytes / elapsed / MB, msgs / elapsed];
+}
+
+async function grpcDown(client: CeilingsClient, size: number, durationMs: number): Promise<number> {
+  const call = client.Down();
+  let bytes = 0;
+  call.on('data', (b: Buffer) => {
+    bytes += b.length;
+  });
+  const done = callDone(call);
+  const ctl = Buffer.alloc(8);
+  ctl.writeUInt32BE(size, 0);
+  ctl.writeUInt32BE(durationMs, 4);
+  const t0 = now();
+  call.write(ctl);
+  call.end();
+  await done;
+  return bytes / ((now() - t0) / 1000) / MB;
+}
+
+/** Pipelined echo of small messages with at most `window` in flight; returns round trips/s. */
+async function grpcEchoRate(client: CeilingsClient, size: number, window: number, durationMs: number): Promise<number> {
+  const call = client.Echo();
+  const done = callDone(call);
+  const msg = Buffer.alloc(size, 0x11);
+  let sent = 0;
+  let received = 0;
+  let t0 = 0;
+  let stopping = false;
+  const finished = new Promise<void>((resolve) => {
+    let blocked = false;
+    const pump = (): void => {
+      blocked = false;
+      while (!stopping && sent - received < window) {
+        sent++;
+        if (!call.write(msg)) {
+          blocked = true;
+          call.once('drain', pump);
+          return;
+        }
+      }
+    };
+    call.on('data', () => {
+      received++;
+      if ((received & 255) === 0 && now() - t0 >= durationMs) stopping = true;
+      if (stopping) {
+        if (received === sent) resolve();
+      } else if (!blocked) {
+        pump();
+      }
+    });
+    t0 = now();
+    pump();
+  });
+  await finished;
+  const elapsed = (now() - t0) / 1000;
+  call.end();
+  await done;
+  return received / elapsed;
+}
+
+async function grpcPingPong(client: CeilingsClient, size: number, warmup: number, count: number): Promise<number[]> {
+  const call = client.Echo();
+  const done = callDone(call);
+  const msg = Buffer.alloc(size, 0x22);
+  const samples = new Float64Array(count);
+  let i = -warmup;
+  let t = 0;
+  await new Promise<void>((resolve) => {
+    call.on('data', () => {
+      const dt = now() - t;
+      if (i >= 0) samples[i] = dt;
+      i++;
+      if (i >= count) return resolve();
+      t = now();
+      call.write(msg);
+    });
+    t = now();
+    call.write(msg);
+  });
+  call.end();
+  await done;
+  const sorted = Array.from(samples).sort((a, b) => a - b);
+  const pct = (p: number): number => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]! * 1000;
+  return [pct(50), pct(99)];
+}
+
+// ---------------------------------------------------------------- driver
+
+export async function measureCeilings(opts: CeilingsOptions = {}): Promise<Ceilings> {
+  const log = opts.log ?? ((line: string) => process.stderr.write(`[ceilings] ${line}\n`));
+  const certsDir = path.resolve(opts.certsDir ?? process.env.USBROAM_CERTS_DIR ?? path.join(repoRoot, 'certs/out'));
+  const clientName = opts.clientName ?? 'bridge';
+  const durationMs = opts.durationMs ?? 2000;
+  const chunk = opts.chunkSize ?? 64 * 1024;
+  const small = opts.smallMsgSize ?? 100;
+  const window = opts.smallMsgWindow ?? 256;
+  const pingSize = opts.pingSize ?? 64;
+  const rttCount = opts.rttCount ?? 5000;
+  const rttWarmup = opts.rttWarmup ?? 500;
+  const skip = opts.skip ?? {};
+  const channelOptions = { ...CEILINGS_GRPC_CHANNEL_OPTIONS, ...opts.grpcChannelOptions };
+  const serverOptions = { ...CEILINGS_GRPC_SERVER_OPTIONS, ...opts.grpcServerOptions };
+
+  ensureCerts(certsDir, clientName);
+  const certs = loadCerts(certsDir, clientName);
+  const res: Ceilings = {
+    raw_tls_MBps: NaN,
+    raw_tls_up_MBps: NaN,
+    raw_tls_down_MBps: NaN,
+    grpc_raw_MBps: NaN,
+    grpc_raw_up_MBps: NaN,
+    grpc_raw_down_MBps: NaN,
+    grpc_msgs_per_s: NaN,
+    grpc_oneway_msgs_per_s: NaN,
+    grpc_rtt_p50_us: NaN,
+    grpc_rtt_p99_us: NaN,
+  };
+
+  log(`starting server (certs ${certsDir}, client identity ${clientName})`);
+  const server = await startServer(certsDir, serverOptions);
+  let client: CeilingsClient | undefined;
+  try {
+    if (!skip.tls) {
+      // Short warm-up so the first measured phase does not pay for JIT and TLS session setup.
+      await tlsUp(server.tlsPort, certs, chunk, 150);
+      res.raw_tls_up_MBps = round(await tlsUp(server.tlsPort, certs, chunk, durationMs));
+      log(`raw tls up   ${res.raw_tls_up_MBps} MB/s (${chunk} B writes, ${durationMs} ms)`);
+      res.raw_tls_down_MBps = round(await tlsDown(server.tlsPort, certs, chunk, durationMs));
+      log(`raw tls down ${res.raw_tls_down_MBps} MB/s`);
+      res.raw_tls_MBps = Math.min(res.raw_tls_up_MBps, res.raw_tls_down_MBps);
+    }
+
+    const creds = grpc.credentials.createSsl(certs.ca, certs.key, certs.cert);
+    client = new CeilingsClientCtor(`127.0.0.1:${server.grpcPort}`, creds, channelOptions);
+    await waitReady(client);
+    log(`grpc channel options ${JSON.stringify(channelOptions)}`);
+    log(`grpc server options  ${JSON.stringify(serverOptions)}`);
+
+    if (!skip.grpcBulk) {
+      await grpcUp(client, chunk, 150);
+      res.grpc_raw_up_MBps = round((await grpcUp(client, chunk, durationMs))[0]);
+      log(`grpc up      ${res.grpc_raw_up_MBps} MB/s (${chunk} B messages)`);
+      await grpcDown(client, chunk, 150);
+      res.grpc_raw_down_MBps = round(await grpcDown(client, chunk, durationMs));
+      log(`grpc down    ${res.grpc_raw_down_MBps} MB/s`);
+      res.grpc_raw_MBps = Math.min(res.grpc_raw_up_MBps, res.grpc_raw_down_MBps);
+    }
+    if (!skip.grpcMsgs) {
+      await grpcEchoRate(client, small, window, 150);
+      res.grpc_msgs_per_s = Math.round(await grpcEchoRate(client, small, window, durationMs));
+      log(`grpc echo    ${res.grpc_msgs_per_s} round trips/s (${small} B, <= ${window} in flight)`);
+      res.grpc_oneway_msgs_per_s = Math.round((await grpcUp(client, small, Math.min(durationMs, 1000)))[1]);
+      log(`grpc oneway  ${res.grpc_oneway_msgs_per_s} msgs/s (${small} B, client->server)`);
+    }
+    if (!skip.grpcRtt) {
+      const [p50, p99] = await grpcPingPong(client, pingSize, rttWarmup, rttCount);
+      res.grpc_rtt_p50_us = round(p50!);
+      res.grpc_rtt_p99_us = round(p99!);
+      log(`grpc rtt     p50 ${res.grpc_rtt_p50_us} us, p99 ${res.grpc_rtt_p99_us} us (${pingSize} B, ${rttCount} round trips)`);
+    }
+  } finally {
+    client?.close();
+    await server.stop();
+  }
+  return res;
+}

@@ -1,0 +1,72 @@
+// Shared definitions for the transport-ceiling benchmark (bench/ceilings/*).
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { ChannelOptions, ServiceDefinition } from '@grpc/grpc-js';
+
+export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+
+/** Identity (de)serializers: messages are raw Buffers, no protobuf cost. */
+const id = (b: Buffer): Buffer => b;
+const method = (name: string) => ({
+  path: `/usbroam.bench.Ceilings/${name}`,
+  requestStream: true,
+  responseStream: true,
+  requestSerialize: id,
+  requestDeserialize: id,
+  responseSerialize: id,
+  responseDeserialize: id,
+});
+
+/**
+ * All bidi streams of Buffers:
+ *  - Up:   client streams messages; server counts bytes; on client half-close the server replies
+ *          one 16-byte message (u64 bytes, u64 messages) and ends.
+ *  - Down: client sends one 8-byte control message (u32 message size, u32 duration ms); server
+ *          streams messages of that size for that long (respecting back-pressure), then ends.
+ *  - Echo: server writes back every message it receives.
+ */
+export const CeilingsService = {
+  Up: method('Up'),
+  Down: method('Down'),
+  Echo: method('Echo'),
+} satisfies ServiceDefinition;
+
+/**
+ * grpc-js options used for the ceilings (both sides). Findings (grpc-js 1.14, Node 20, loopback mTLS):
+ * - 'grpc-node.flow_control_window' (client only: connection + initial stream receive window the
+ *   client advertises) raises server->client throughput; the server's receive window is not
+ *   configurable in grpc-js (Node http2 default 65535).
+ * - 'grpc.enable_retries': 0 avoids the retry layer buffering/copying every outgoing message.
+ * - 'grpc.enable_channelz': 0 removes per-message channelz bookkeeping.
+ * - message size limits only need to exceed the largest message (64 KiB here; default 4 MiB).
+ */
+export const CEILINGS_GRPC_CHANNEL_OPTIONS: ChannelOptions = {
+  'grpc-node.flow_control_window': 16 * 1024 * 1024,
+  'grpc.enable_retries': 0,
+  'grpc.enable_channelz': 0,
+  'grpc.max_receive_message_length': 16 * 1024 * 1024,
+  'grpc.max_send_message_length': 16 * 1024 * 1024,
+  'grpc.ssl_target_name_override': 'localhost',
+};
+
+export const CEILINGS_GRPC_SERVER_OPTIONS: ChannelOptions = {
+  'grpc.enable_channelz': 0,
+  'grpc.max_receive_message_length': 16 * 1024 * 1024,
+  'grpc.max_send_message_length': 16 * 1024 * 1024,
+};
+
+export interface CertFiles {
+  ca: Buffer;
+  cert: Buffer;
+  key: Buffer;
+}
+
+/** Reads `${dir}/ca.pem` plus `${dir}/${name}.pem` / `${dir}/${name}.key`. */
+export function loadCerts(dir: string, name: string): CertFiles {
+  return {
+    ca: readFileSync(path.join(dir, 'ca.pem')),
+    cert: readFileSync(path.join(dir, `${name}.pem`)),
+    key: readFileSync(path.join(dir, `${name}.key`)),
+  };
+}

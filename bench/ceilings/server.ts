@@ -1,0 +1,136 @@
+// Child process for the transport-ceiling benchmark: a raw mutual-TLS server and a grpc-js server
+// on 127.0.0.1 ephemeral ports. Prints one JSON line {"tlsPort":..,"grpcPort":..,"pid":..} on stdout.
+//
+//   node --import tsx bench/ceilings/server.ts CERTS_DIR ['{"grpc server options json"}']
+//
+// Raw TLS protocol (first 9 bytes from the client): mode byte, u32 chunk size, u32 duration ms.
+//   'U': server sinks everything after the header; on client half-close it writes u64 byte count, ends.
+//   'D': server writes chunks of the given size for the given duration (with back-pressure), ends.
+import tls from 'node:tls';
+import * as grpc from '@grpc/grpc-js';
+import { CEILINGS_GRPC_SERVER_OPTIONS, CeilingsService, loadCerts } from './common.js';
+
+const certsDir = process.argv[2];
+if (!certsDir) {
+  process.stderr.write('usage: server.ts CERTS_DIR [GRPC_SERVER_OPTIONS_JSON]\n');
+  process.exit(2);
+}
+const extraOptions = process.argv[3] ? (JSON.parse(process.argv[3]) as grpc.ChannelOptions) : {};
+const { ca, cert, key } = loadCerts(certsDir, 'server');
+
+function startTls(): Promise<number> {
+  const server = tls.createServer({ ca, cert, key, requestCert: true, rejectUnauthorized: true }, (sock) => {
+    sock.setNoDelay(true);
+    let header = Buffer.alloc(0);
+    let mode = '';
+    let received = 0;
+    sock.on('error', () => sock.destroy());
+    sock.on('data', (d: Buffer) => {
+      if (mode === 'U') {
+        received += d.length;
+        return;
+      }
+      if (mode !== '') return;
+      header = Buffer.concat([header, d]);
+      if (header.length < 9) return;
+      mode = String.fromCharCode(header[0]!);
+      const size = header.readUInt32BE(1);
+      const durationMs = header.readUInt32BE(5);
+      if (mode === 'U') {
+        received += header.length - 9;
+      } else if (mode === 'D') {
+        const chunk = Buffer.alloc(size, 0xa5);
+        const deadline = performance.now() + durationMs;
+        const pump = (): void => {
+          while (performance.now() < deadline) {
+            if (!sock.write(chunk)) {
+              sock.once('drain', pump);
+              return;
+            }
+          }
+          sock.end();
+        };
+        pump();
+      } else {
+        sock.destroy();
+      }
+    });
+    sock.on('end', () => {
+      if (mode === 'U') {
+        const b = Buffer.alloc(8);
+        b.writeBigUInt64BE(BigInt(received));
+        sock.end(b);
+      }
+    });
+  });
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const addr = server.address();
+      resolve(typeof addr === 'object' && addr ? addr.port : 0);
+    });
+  });
+}
+
+type Duplex = grpc.ServerDuplexStream<Buffer, Buffer>;
+
+function writeWithBackpressure(call: Duplex, msg: Buffer): Promise<void> | undefined {
+  if (call.write(msg)) return undefined;
+  return new Promise((resolve) => call.once('drain', resolve));
+}
+
+function startGrpc(): Promise<number> {
+  const server = new grpc.Server({ ...CEILINGS_GRPC_SERVER_OPTIONS, ...extraOptions });
+  server.addService(CeilingsService, {
+    Up(call: Duplex) {
+      let bytes = 0;
+      let msgs = 0;
+      call.on('data', (m: Buffer) => {
+        bytes += m.length;
+        msgs++;
+      });
+      call.on('end', () => {
+        const b = Buffer.alloc(16);
+        b.writeBigUInt64BE(BigInt(bytes), 0);
+        b.writeBigUInt64BE(BigInt(msgs), 8);
+        call.write(b);
+        call.end();
+      });
+      call.on('error', () => {});
+    },
+    Down(call: Duplex) {
+      call.on('error', () => {});
+      call.once('data', async (ctl: Buffer) => {
+        const size = ctl.readUInt32BE(0);
+        const durationMs = ctl.readUInt32BE(4);
+        const msg = Buffer.alloc(size, 0x5a);
+        const deadline = performance.now() + durationMs;
+        while (performance.now() < deadline && !call.cancelled) {
+          const p = writeWithBackpressure(call, msg);
+          if (p) await p;
+        }
+        call.end();
+      });
+    },
+    Echo(call: Duplex) {
+      call.on('data', (m: Buffer) => call.write(m));
+      call.on('end', () => call.end());
+      call.on('error', () => {});
+    },
+  });
+  const creds = grpc.ServerCredentials.createSsl(ca, [{ cert_chain: cert, private_key: key }], true);
+  return new Promise((resolve, reject) => {
+    server.bindAsync('127.0.0.1:0', creds, (err, port) => (err ? reject(err) : resolve(port)));
+  });
+}
+
+const [tlsPort, grpcPort] = await Promise.all([startTls(), startGrpc()]);
+process.stdout.write(JSON.stringify({ tlsPort, grpcPort, pid: process.pid }) + '\n');
+process.on('SIGTERM', () => process.exit(0));
+process.on('SIGINT', () => process.exit(0));
+// Exit if the parent goes away (stdin is a pipe from the parent when spawned by client.ts).
+if (!process.stdin.isTTY) {
+  process.stdin.on('end', () => process.exit(0));
+  process.stdin.on('error', () => process.exit(0));
+  process.stdin.resume();
+}
