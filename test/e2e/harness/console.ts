@@ -1,0 +1,209 @@
+// The guest's serial console (ttyS0) as seen through a unix socket: a
+// transcript of everything the guest printed, regex waits, and run(), which
+// executes one shell command and returns its output and exit status.
+//
+// The guest's /init turns tty echo off and runs a prompt-less shell, but run()
+// does not rely on that: its markers are written split by quotes ('__UR''B_')
+// so the echoed command line can never match the printed marker.
+import type net from 'node:net';
+import fs from 'node:fs';
+
+export interface RunResult {
+  /** What the command printed (stdout and stderr, in order), \r removed. */
+  output: string;
+  exitCode: number;
+}
+
+export interface RunOptions {
+  /** Default 60 s. On timeout a Ctrl-C is sent and GuestCommandTimeoutError thrown. */
+  timeoutMs?: number;
+}
+
+export interface WaitForOptions {
+  /** Default 60 s. */
+  timeoutMs?: number;
+  /**
+   * Search the whole transcript instead of only the output after the last
+   * waitFor() match / run() result. Default false.
+   */
+  fromStart?: boolean;
+}
+
+export class GuestConsoleError extends Error {
+  override name = 'GuestConsoleError';
+}
+
+export class GuestCommandTimeoutError extends GuestConsoleError {
+  override name = 'GuestCommandTimeoutError';
+  constructor(
+    readonly command: string,
+    readonly partialOutput: string,
+    timeoutMs: number,
+  ) {
+    super(`guest command timed out after ${timeoutMs} ms: ${command}\n--- output so far ---\n${partialOutput.slice(-2000)}`);
+  }
+}
+
+let markerSeq = 0;
+
+export class GuestConsole {
+  private text = '';
+  /** waitFor() searches from here unless fromStart. */
+  private cursor = 0;
+  private socket: net.Socket | null = null;
+  private closedError: Error | null = null;
+  private listeners = new Set<() => void>();
+  private queue: Promise<unknown> = Promise.resolve();
+  private readonly logStream: fs.WriteStream | null;
+
+  constructor(logFile?: string) {
+    this.logStream = logFile ? fs.createWriteStream(logFile) : null;
+  }
+
+  /** Attach the connected chardev socket (QEMU's end of the serial port). */
+  attach(socket: net.Socket): void {
+    this.socket = socket;
+    this.closedError = null;
+    socket.setEncoding('utf8');
+    socket.on('data', (d: string) => {
+      this.logStream?.write(d);
+      this.text += d.replace(/\r/g, '');
+      this.notify();
+    });
+    socket.on('error', () => {});
+    socket.on('close', () => {
+      if (this.socket === socket) {
+        this.socket = null;
+        this.closedError = new GuestConsoleError('guest console disconnected (QEMU exited?)');
+        this.notify();
+      }
+    });
+  }
+
+  /** Everything the guest printed so far (\r removed). */
+  transcript(): string {
+    return this.text;
+  }
+
+  get connected(): boolean {
+    return this.socket !== null;
+  }
+
+  /** Raw write to the guest's serial input. */
+  write(data: string): void {
+    if (!this.socket) throw this.closedError ?? new GuestConsoleError('guest console not connected');
+    this.socket.write(data);
+  }
+
+  /**
+   * Wait until the console output matches `re`; resolves with the match.
+   * Advances the cursor past the match, so consecutive waits see new output.
+   */
+  waitFor(re: RegExp, options: WaitForOptions = {}): Promise<RegExpExecArray> {
+    const timeoutMs = options.timeoutMs ?? 60_000;
+    const from = options.fromStart ? 0 : this.cursor;
+    const rx = new RegExp(re.source, re.flags.replace('g', ''));
+    return new Promise((resolve, reject) => {
+      let timer: NodeJS.Timeout | undefined;
+      const check = () => {
+        const m = rx.exec(this.text.slice(from));
+        if (m) {
+          done();
+          this.cursor = Math.max(this.cursor, from + m.index + m[0].length);
+          resolve(m);
+          return true;
+        }
+        if (this.closedError) {
+          done();
+          reject(new GuestConsoleError(`${this.closedError.message} while waiting for ${re}; last output:\n${this.text.slice(-1500)}`));
+          return true;
+        }
+        return false;
+      };
+      const done = () => {
+        if (timer) clearTimeout(timer);
+        this.listeners.delete(check);
+      };
+      if (check()) return;
+      this.listeners.add(check);
+      timer = setTimeout(() => {
+        done();
+        reject(new GuestConsoleError(`timed out after ${timeoutMs} ms waiting for ${re} on the guest console; last output:\n${this.text.slice(-1500)}`));
+      }, timeoutMs);
+    });
+  }
+
+  /**
+   * Run one shell command in the guest (stdin is /dev/null, stderr merged
+   * into stdout). Commands are serialized: one at a time on the console.
+   */
+  run(command: string, options: RunOptions = {}): Promise<RunResult> {
+    const next = this.queue.then(() => this.runNow(command, options));
+    this.queue = next.catch(() => undefined);
+    return next;
+  }
+
+  private async runNow(command: string, options: RunOptions): Promise<RunResult> {
+    const timeoutMs = options.timeoutMs ?? 60_000;
+    const id = `${process.pid}x${++markerSeq}x${Math.random().toString(36).slice(2, 8)}`;
+    const begin = `__URB_${id}\n`;
+    const endRx = new RegExp(`__URE_${id}_(\\d+)\n`);
+    const startLen = this.text.length;
+    this.write(`echo '__UR''B_${id}'\n{ ${command}\n} </dev/null 2>&1\necho "__UR""E_${id}_$?"\n`);
+    const deadline = Date.now() + timeoutMs;
+    return new Promise<RunResult>((resolve, reject) => {
+      let timer: NodeJS.Timeout | undefined;
+      const check = () => {
+        const hay = this.text.slice(startLen);
+        const b = hay.indexOf(begin);
+        if (b >= 0) {
+          const after = hay.slice(b + begin.length);
+          const m = endRx.exec(after);
+          if (m) {
+            done();
+            this.cursor = Math.max(this.cursor, startLen + b + begin.length + m.index + m[0].length);
+            resolve({ output: after.slice(0, m.index), exitCode: Number(m[1]) });
+            return true;
+          }
+        }
+        if (this.closedError) {
+          done();
+          reject(new GuestConsoleError(`${this.closedError.message} while running: ${command}`));
+          return true;
+        }
+        return false;
+      };
+      const done = () => {
+        if (timer) clearTimeout(timer);
+        this.listeners.delete(check);
+      };
+      if (check()) return;
+      this.listeners.add(check);
+      timer = setTimeout(() => {
+        done();
+        const hay = this.text.slice(startLen);
+        const b = hay.indexOf(begin);
+        const partial = b >= 0 ? hay.slice(b + begin.length) : hay;
+        try {
+          this.socket?.write('\x03'); // Ctrl-C the stuck command
+        } catch {
+          /* ignore */
+        }
+        reject(new GuestCommandTimeoutError(command, partial, timeoutMs));
+      }, Math.max(1, deadline - Date.now()));
+    });
+  }
+
+  /** Detach and stop logging. */
+  close(): void {
+    this.socket?.destroy();
+    this.socket = null;
+    this.closedError = new GuestConsoleError('guest console closed');
+    this.notify();
+    this.logStream?.end();
+  }
+
+  private notify(): void {
+    for (const l of [...this.listeners]) l();
+  }
+}

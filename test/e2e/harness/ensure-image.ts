@@ -1,0 +1,6 @@
+// CLI: build/refresh the cached e2e guest image before running e2e tests.
+//   npx tsx test/e2e/harness/ensure-image.ts [--force]
+import { ensureGuestImage } from './image.js';
+
+const image = await ensureGuestImage({ force: process.argv.includes('--force') });
+process.stdout.write(`${image.dir}\n`);
