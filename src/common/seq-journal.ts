@@ -140,7 +140,8 @@ export class SeqJournal<F> {
  * whether a frame is new, a duplicate (already seen: drop it) or a gap.
  */
 export class SeqReceiver {
-  private last = 0;
+  /** `last`: the highest seq already received (when taking over a position). */
+  constructor(private last = 0) {}
 
   get lastSeq(): number {
     return this.last;

@@ -1,0 +1,20 @@
+// The usbroam CLI: one file per subcommand, like usbip's tools.
+import { Command } from 'commander';
+import { demoCommand } from './demo.js';
+import { devicesCommand } from './devices.js';
+import { serveCommand } from './serve.js';
+import { sessionsCommand } from './sessions.js';
+import { watchCommand } from './watch.js';
+
+const program = new Command('usbroam')
+  .description('remote USB for virtual machines: a device on a USB host, used by a VM elsewhere, kept across live migration')
+  .addCommand(serveCommand())
+  .addCommand(devicesCommand())
+  .addCommand(watchCommand())
+  .addCommand(sessionsCommand())
+  .addCommand(demoCommand());
+
+program.parseAsync(process.argv).catch((err: Error) => {
+  process.stderr.write(`usbroam: ${err.message}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,123 @@
+// usbroam serve: the USB host server daemon.
+import { Command, Option } from 'commander';
+import { existsSync, mkdirSync } from 'node:fs';
+import path from 'node:path';
+import { createLogger } from '../../common/log.js';
+import { createDefaultEmulatedBackend } from '../../server/backends/emulated/emulated-backend.js';
+import type { UsbBackend } from '../../server/backends/types.js';
+import { DEFAULT_LISTEN, loadConfigFile, type ServerConfig } from '../../server/config.js';
+import { UsbHostServer } from '../../server/server.js';
+
+export interface ServeFlags {
+  config?: string;
+  listen?: string;
+  ca?: string;
+  cert?: string;
+  key?: string;
+  insecure?: boolean;
+  allow?: string[];
+  admin?: string[];
+  graceMs?: string;
+  emulated?: boolean;
+  diskImage?: string;
+  diskSizeMib?: string;
+  logLevel?: string;
+}
+
+/** Merge the config file and flags into one configuration. */
+export function serveConfig(f: ServeFlags): ServerConfig {
+  const file = f.config ? loadConfigFile(f.config) : {};
+  const acl = { ...(file.acl ?? {}) };
+  for (const a of f.allow ?? []) {
+    const [identity, rule] = a.split('=');
+    if (!identity || !rule) throw new Error(`--allow "${a}" must be IDENTITY=* or IDENTITY=vvvv:pppp`);
+    acl[identity] = rule === '*' ? '*' : [...((acl[identity] as []) ?? []), { vidPid: rule }];
+  }
+  const tls = f.ca || f.cert || f.key ? { ca: f.ca!, cert: f.cert!, key: f.key! } : file.tls;
+  if (tls && (!tls.ca || !tls.cert || !tls.key)) throw new Error('mutual TLS needs all of --ca, --cert and --key');
+  const limits = { ...(file.limits ?? {}) };
+  if (f.graceMs) limits.graceMs = Number(f.graceMs);
+  const emulated = file.emulated ?? (f.emulated === false ? undefined : {});
+  if (emulated && f.diskImage) emulated.disk = { image: f.diskImage, sizeMiB: f.diskSizeMib ? Number(f.diskSizeMib) : undefined };
+  return {
+    listen: f.listen ?? file.listen ?? DEFAULT_LISTEN,
+    tls,
+    insecure: f.insecure ?? file.insecure,
+    acl,
+    admins: [...(file.admins ?? []), ...(f.admin ?? [])],
+    limits,
+    emulated,
+    logLevel: f.logLevel ?? file.logLevel,
+  };
+}
+
+export function emulatedBackends(cfg: ServerConfig, dataDir: string): UsbBackend[] {
+  if (!cfg.emulated) return [];
+  const disk = cfg.emulated.disk;
+  const image = disk ? disk.image : path.join(dataDir, 'disk.img');
+  mkdirSync(path.dirname(image), { recursive: true });
+  return [
+    createDefaultEmulatedBackend({
+      diskImage: disk === false ? undefined : image,
+      diskSizeBytes: (disk && disk.sizeMiB ? disk.sizeMiB : 64) * 1024 * 1024,
+      loopback: cfg.emulated.loopback !== false,
+      serial: cfg.emulated.serial !== false,
+    }),
+  ];
+}
+
+/** Start a server from a configuration; SIGTERM/SIGINT stop it cleanly (exit 0). */
+export async function runServer(cfg: ServerConfig, dataDir: string): Promise<UsbHostServer> {
+  const log = createLogger({ name: 'usbroam-server', level: cfg.logLevel });
+  const server = new UsbHostServer({
+    listen: cfg.listen,
+    tls: cfg.tls,
+    insecure: cfg.insecure,
+    backends: emulatedBackends(cfg, dataDir),
+    acl: cfg.acl,
+    admins: cfg.admins,
+    limits: cfg.limits,
+    log,
+  });
+  await server.start();
+  let stopping = false;
+  const stop = (sig: string) => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal: sig }, 'stopping: no new streams; ending sessions');
+    server.stop(sig).then(
+      () => process.exit(0),
+      (err) => {
+        log.error({ err: (err as Error).message }, 'stop failed');
+        process.exit(1);
+      },
+    );
+  };
+  process.once('SIGTERM', () => stop('SIGTERM'));
+  process.once('SIGINT', () => stop('SIGINT'));
+  return server;
+}
+
+export function serveCommand(): Command {
+  return new Command('serve')
+    .description('run the USB host server')
+    .option('-c, --config <file>', 'JSON config file (flags override it)')
+    .addOption(new Option('-l, --listen <address>', `host:port or unix:/path (default ${DEFAULT_LISTEN})`).env('USBROAM_LISTEN'))
+    .addOption(new Option('--ca <file>', 'CA that signs client certificates').env('USBROAM_CA'))
+    .addOption(new Option('--cert <file>', 'server certificate').env('USBROAM_CERT'))
+    .addOption(new Option('--key <file>', 'server private key').env('USBROAM_KEY'))
+    .option('--insecure', 'plaintext without client authentication (loopback or unix socket only)')
+    .option('--allow <identity=rule...>', 'ACL entry: IDENTITY=* or IDENTITY=vvvv:pppp (repeatable)')
+    .option('--admin <identity...>', 'identities that may list and close every session')
+    .option('--grace-ms <ms>', 'how long a session without a stream keeps its device (default 30000)')
+    .option('--no-emulated', 'do not export the emulated devices')
+    .option('--disk-image <file>', 'image file of the emulated disk (sparse; created if missing)')
+    .option('--disk-size-mib <n>', 'size of a new disk image (default 64)')
+    .option('--log-level <level>', 'pino level (default info)')
+    .action(async (f: ServeFlags) => {
+      const cfg = serveConfig(f);
+      const dataDir = path.resolve('.cache/server');
+      if (!existsSync(dataDir)) mkdirSync(dataDir, { recursive: true });
+      await runServer(cfg, dataDir);
+    });
+}

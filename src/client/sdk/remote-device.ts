@@ -1,0 +1,515 @@
+// A device on a USB host, used through a URB channel. Shaped after WebUSB
+// (controlTransferIn/Out, transferIn/Out, selectConfiguration, ...), plus the
+// low-level `submit` the bridge needs.
+//
+// It survives a lost stream by itself: it reconnects with backoff, resumes
+// the session by sequence number, replays the frames the server had not
+// acknowledged and drops completions it has already seen, so every URB
+// executes once and completes once.
+import { EventEmitter } from 'node:events';
+import { ClientError, Status } from 'nice-grpc';
+import { AsyncQueue } from '../../common/async-queue.js';
+import { silentLogger, type Logger } from '../../common/log.js';
+import { SeqJournal, SeqReceiver } from '../../common/seq-journal.js';
+import {
+  TransferType,
+  UrbStatus,
+  type ClientFrame,
+  type ClientMessage,
+  type Device,
+  type DeviceOp,
+  type IsoPacket,
+  type OpResult,
+  type ReceivedData,
+  type ServerFrame,
+  type ServerMessage,
+  type StartReceiving,
+  type UrbComplete,
+  type UrbSubmit,
+} from '../../gen/usbroam/v1/usbhost.js';
+
+export { TransferType, UrbStatus };
+
+/** Opens a Connect stream; given by UsbHostClient. */
+export type StreamOpener = (requests: AsyncIterable<ClientMessage>, signal: AbortSignal) => AsyncIterable<ServerMessage>;
+
+export interface RemoteDeviceOptions {
+  log?: Logger;
+  /** Give up reconnecting after this long (should not exceed the server's grace period). */
+  reconnectWindowMs?: number;
+  /** Most URBs in flight before submit waits. */
+  maxInFlight?: number;
+  maxJournalBytes?: number;
+}
+
+/** Status codes after which reconnecting cannot help. */
+const FINAL_CODES = new Set([
+  Status.NOT_FOUND,
+  Status.PERMISSION_DENIED,
+  Status.UNAUTHENTICATED,
+  Status.INVALID_ARGUMENT,
+  Status.FAILED_PRECONDITION,
+  Status.RESOURCE_EXHAUSTED,
+  Status.ABORTED,
+  Status.OUT_OF_RANGE,
+]);
+
+export class ChannelClosedError extends Error {
+  constructor(
+    message: string,
+    readonly code?: Status,
+  ) {
+    super(message);
+    this.name = 'ChannelClosedError';
+  }
+}
+
+export type UrbRequest = Omit<UrbSubmit, 'urbId' | 'data' | 'setup' | 'isoPackets' | 'streamId' | 'flags' | 'timeoutMs' | 'length'> &
+  Partial<Pick<UrbSubmit, 'data' | 'setup' | 'isoPackets' | 'streamId' | 'flags' | 'timeoutMs' | 'length'>>;
+
+export interface ControlSetup {
+  requestType: 'standard' | 'class' | 'vendor';
+  recipient: 'device' | 'interface' | 'endpoint' | 'other';
+  request: number;
+  value: number;
+  index: number;
+}
+
+export interface TransferResult {
+  status: UrbStatus;
+  data: Uint8Array;
+  actualLength: number;
+  isoPackets: IsoPacket[];
+}
+
+interface Pending<T> {
+  resolve: (v: T) => void;
+  reject: (e: Error) => void;
+}
+
+export function encodeSetup(s: ControlSetup, dirIn: boolean, length: number): Uint8Array {
+  const type = { standard: 0, class: 1, vendor: 2 }[s.requestType];
+  const rcpt = { device: 0, interface: 1, endpoint: 2, other: 3 }[s.recipient];
+  const b = new Uint8Array(8);
+  b[0] = (dirIn ? 0x80 : 0) | (type << 5) | rcpt;
+  b[1] = s.request;
+  b[2] = s.value & 0xff;
+  b[3] = s.value >> 8;
+  b[4] = s.index & 0xff;
+  b[5] = s.index >> 8;
+  b[6] = length & 0xff;
+  b[7] = length >> 8;
+  return b;
+}
+
+export class RemoteDevice extends EventEmitter {
+  /** The device as the server described it on open (updated by configuration changes). */
+  device!: Device;
+  sessionId = '';
+  private readonly log: Logger;
+  private readonly journal: SeqJournal<ClientFrame>;
+  private rx = new SeqReceiver();
+  private readonly urbs = new Map<number, Pending<UrbComplete>>();
+  private readonly ops = new Map<number, Pending<OpResult>>();
+  private nextUrbId = 1;
+  private nextOpId = 1;
+  private requests?: AsyncQueue<ClientMessage>;
+  private abort?: AbortController;
+  private lastAckSent = 0;
+  private flushScheduled = false;
+  private closed = false;
+  private closeError?: Error;
+  private slotWaiters: (() => void)[] = [];
+  private readonly maxInFlight: number;
+  private readonly reconnectWindowMs: number;
+  private opened?: Pending<void>;
+  /** Reconnections so far (for tests and metrics). */
+  reconnects = 0;
+
+  private constructor(
+    private readonly openStream: StreamOpener,
+    opts: RemoteDeviceOptions,
+  ) {
+    super();
+    this.log = opts.log ?? silentLogger;
+    this.journal = new SeqJournal(opts.maxJournalBytes ?? 512 * 1024 * 1024);
+    this.maxInFlight = opts.maxInFlight ?? 256;
+    this.reconnectWindowMs = opts.reconnectWindowMs ?? 25_000;
+  }
+
+  /** Open a session on the device matching `selector`. */
+  static async open(openStream: StreamOpener, selector: { id?: string; vidPid?: string; serial?: string; portPath?: string }, opts: RemoteDeviceOptions = {}): Promise<RemoteDevice> {
+    const d = new RemoteDevice(openStream, opts);
+    await d.connect({ $case: 'device', value: { id: selector.id ?? '', vidPid: selector.vidPid ?? '', serial: selector.serial ?? '', portPath: selector.portPath ?? '' } });
+    return d;
+  }
+
+  /** Resume an existing session (e.g. another process handing over). */
+  static async resume(openStream: StreamOpener, sessionId: string, lastServerSeq: number, opts: RemoteDeviceOptions = {}): Promise<RemoteDevice> {
+    const d = new RemoteDevice(openStream, opts);
+    d.sessionId = sessionId;
+    d.rx = new SeqReceiver(lastServerSeq);
+    await d.connect({ $case: 'resume', value: { sessionId, lastServerSeq } });
+    return d;
+  }
+
+  get inFlight(): number {
+    return this.urbs.size;
+  }
+  get lastServerSeq(): number {
+    return this.rx.lastSeq;
+  }
+
+  // ------------------------------------------------------------ stream lifecycle
+
+  private connect(target: NonNullable<ClientFrame['kind'] & { $case: 'open' }>['value']['target']): Promise<void> {
+    const requests = new AsyncQueue<ClientMessage>();
+    const abort = new AbortController();
+    this.requests = requests;
+    this.abort = abort;
+    this.lastAckSent = 0;
+    requests.push({ frames: [{ seq: this.journal.highestSeq, kind: { $case: 'open', value: { target } } }] });
+    const opened = new Promise<void>((resolve, reject) => (this.opened = { resolve, reject }));
+    void this.readLoop(requests, abort);
+    return opened;
+  }
+
+  private async readLoop(requests: AsyncQueue<ClientMessage>, abort: AbortController): Promise<void> {
+    let failure: unknown;
+    try {
+      for await (const msg of this.openStream(requests, abort.signal)) {
+        for (const f of msg.frames) this.onFrame(f);
+        this.scheduleFlush();
+      }
+    } catch (err) {
+      failure = err;
+    }
+    requests.end();
+    if (this.requests !== requests) return; // superseded
+    if (this.closed) return;
+    const code = failure instanceof ClientError ? failure.code : undefined;
+    const message = failure instanceof Error ? (failure as ClientError).details ?? failure.message : 'stream ended without close';
+    const final = code !== undefined && FINAL_CODES.has(code);
+    if (this.opened) {
+      // The open (or a resume attempt) failed; whoever called connect() decides.
+      const o = this.opened;
+      this.opened = undefined;
+      const err = new ChannelClosedError(message, code);
+      if (!this.sessionId || final) this.fail(err);
+      o.reject(err);
+      return;
+    }
+    if (final) {
+      this.fail(new ChannelClosedError(`session ${this.sessionId}: ${message}`, code));
+      return;
+    }
+    await this.reconnect(message);
+  }
+
+  private async reconnect(why: string): Promise<void> {
+    const deadline = Date.now() + this.reconnectWindowMs;
+    let delay = 50;
+    this.log.warn({ session: this.sessionId, why }, 'URB channel lost; resuming');
+    this.emit('reconnecting', why);
+    while (!this.closed) {
+      await new Promise((r) => setTimeout(r, delay));
+      if (this.closed) return;
+      try {
+        await this.connect({ $case: 'resume', value: { sessionId: this.sessionId, lastServerSeq: this.rx.lastSeq } });
+        this.reconnects++;
+        this.log.info({ session: this.sessionId, lastServerSeq: this.rx.lastSeq }, 'URB channel resumed');
+        this.emit('resumed');
+        return;
+      } catch (err) {
+        if (this.closed) return;
+        const e = err as ChannelClosedError;
+        if (e.code !== undefined && FINAL_CODES.has(e.code)) return; // fail() already ran
+        if (Date.now() > deadline) {
+          this.fail(new ChannelClosedError(`session ${this.sessionId}: could not resume within ${this.reconnectWindowMs} ms: ${e.message}`, e.code));
+          return;
+        }
+        delay = Math.min(delay * 2, 1000);
+      }
+    }
+  }
+
+  /** End every pending request with `err`; the device is unusable afterwards. */
+  private fail(err: Error): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.closeError = err;
+    this.log.warn({ session: this.sessionId, err: err.message }, 'URB channel closed');
+    for (const p of this.urbs.values()) p.reject(err);
+    for (const p of this.ops.values()) p.reject(err);
+    this.urbs.clear();
+    this.ops.clear();
+    for (const w of this.slotWaiters.splice(0)) w();
+    this.requests?.end();
+    this.abort?.abort();
+    this.emit('closed', err);
+  }
+
+  /** Break the current stream as a network failure would (for tests and fault injection). */
+  dropStream(): void {
+    this.abort?.abort();
+  }
+
+  // ------------------------------------------------------------ inbound
+
+  private onFrame(f: ServerFrame): void {
+    const k = f.kind;
+    if (!k) return;
+    switch (k.$case) {
+      case 'opened': {
+        this.sessionId = k.value.sessionId;
+        if (k.value.device) this.device = k.value.device;
+        // Resend everything the server has not seen.
+        this.journal.rewindTo(k.value.lastClientSeq);
+        const o = this.opened;
+        this.opened = undefined;
+        o?.resolve();
+        this.scheduleFlush();
+        return;
+      }
+      case 'ack':
+        if (k.value.seq <= this.journal.highestSeq) this.journal.ack(k.value.seq);
+        return;
+      case 'error':
+        this.log.warn({ session: this.sessionId, code: k.value.code, err: k.value.message, clientSeq: k.value.clientSeq }, 'server reported a channel error');
+        this.emit('channelError', k.value);
+        return;
+    }
+    if (this.rx.accept(f.seq) !== 'new') return; // a replayed duplicate, or out of order
+    switch (k.$case) {
+      case 'complete': {
+        const p = this.urbs.get(k.value.urbId);
+        if (!p) return;
+        this.urbs.delete(k.value.urbId);
+        const w = this.slotWaiters.shift();
+        if (w) w();
+        p.resolve(k.value);
+        return;
+      }
+      case 'opResult': {
+        const p = this.ops.get(k.value.opId);
+        this.ops.delete(k.value.opId);
+        if (k.value.endpoints.length || k.value.interfaces.length) {
+          this.device = { ...this.device, interfaces: k.value.interfaces, endpoints: k.value.endpoints };
+        }
+        p?.resolve(k.value);
+        return;
+      }
+      case 'received':
+        this.emit('received', k.value as ReceivedData);
+        return;
+      case 'deviceGone':
+        this.emit('deviceGone', k.value.reason);
+        return;
+      case 'closed':
+        this.closed = true;
+        this.requests?.end();
+        this.emit('closed');
+        return;
+    }
+  }
+
+  // ------------------------------------------------------------ outbound
+
+  private send(kind: NonNullable<ClientFrame['kind']>, bytes: number): number {
+    if (this.closed) throw this.closeError ?? new ChannelClosedError(`session ${this.sessionId} is closed`);
+    const f = this.journal.append((seq) => ({ seq, kind }), bytes + 32);
+    this.scheduleFlush();
+    return f.seq;
+  }
+
+  private scheduleFlush(): void {
+    if (this.flushScheduled) return;
+    this.flushScheduled = true;
+    setImmediate(() => {
+      this.flushScheduled = false;
+      this.flush();
+    });
+  }
+
+  private flush(): void {
+    const q = this.requests;
+    if (!q || this.opened) return; // not open yet: frames wait in the journal
+    for (;;) {
+      const frames = this.journal.takeUnsent(1024, 1024 * 1024);
+      if (this.rx.lastSeq > this.lastAckSent) {
+        frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: this.rx.lastSeq } } });
+        this.lastAckSent = this.rx.lastSeq;
+      }
+      if (!frames.length) return;
+      q.push({ frames });
+    }
+  }
+
+  private async slot(): Promise<void> {
+    while (this.urbs.size >= this.maxInFlight && !this.closed) {
+      await new Promise<void>((r) => this.slotWaiters.push(r));
+    }
+  }
+
+  /** Submit one URB; resolves with its completion (whatever its status). */
+  async submit(req: UrbRequest, signal?: AbortSignal): Promise<UrbComplete> {
+    await this.slot();
+    const urbId = this.nextUrbId++;
+    const s: UrbSubmit = {
+      urbId,
+      endpoint: req.endpoint,
+      type: req.type,
+      setup: req.setup ?? EMPTY,
+      data: req.data ?? EMPTY,
+      length: req.length ?? 0,
+      streamId: req.streamId ?? 0,
+      flags: req.flags ?? 0,
+      isoPackets: req.isoPackets ?? [],
+      timeoutMs: req.timeoutMs ?? 0,
+    };
+    const done = new Promise<UrbComplete>((resolve, reject) => this.urbs.set(urbId, { resolve, reject }));
+    this.send({ $case: 'submit', value: s }, s.data.length);
+    if (signal) {
+      const onAbort = () => this.cancel(urbId);
+      if (signal.aborted) onAbort();
+      else {
+        signal.addEventListener('abort', onAbort, { once: true });
+        void done.finally(() => signal.removeEventListener('abort', onAbort)).catch(() => {});
+      }
+    }
+    return done;
+  }
+
+  /** Ask the server to cancel a URB; it completes with Cancelled unless it already finished. */
+  cancel(urbId: number): void {
+    if (this.urbs.has(urbId) && !this.closed) this.send({ $case: 'cancel', value: { urbId } }, 0);
+  }
+
+  /** The id the next submit will get (for callers that cancel by id). */
+  peekNextUrbId(): number {
+    return this.nextUrbId;
+  }
+
+  private async op(op: DeviceOp['op']): Promise<OpResult> {
+    const opId = this.nextOpId++;
+    const done = new Promise<OpResult>((resolve, reject) => this.ops.set(opId, { resolve, reject }));
+    this.send({ $case: 'op', value: { opId, op } }, 0);
+    return done;
+  }
+
+  private async checkedOp(op: DeviceOp['op'], what: string): Promise<OpResult> {
+    const r = await this.op(op);
+    if (r.status !== UrbStatus.URB_STATUS_SUCCESS) throw new Error(`${what} on device ${this.device?.id} failed: ${UrbStatus[r.status]} ${r.message}`);
+    return r;
+  }
+
+  // ------------------------------------------------------------ WebUSB-shaped API
+
+  private endpointType(address: number): TransferType {
+    const ep = this.device.endpoints.find((e) => e.address === address);
+    if (!ep) throw new Error(`device ${this.device.id} has no endpoint 0x${address.toString(16)}`);
+    return ep.type;
+  }
+
+  private static result(c: UrbComplete): TransferResult {
+    return { status: c.status, data: c.data, actualLength: c.actualLength, isoPackets: c.isoPackets };
+  }
+
+  async controlTransferIn(setup: ControlSetup, length: number, signal?: AbortSignal): Promise<TransferResult> {
+    const c = await this.submit({ endpoint: 0x80, type: TransferType.TRANSFER_CONTROL, setup: encodeSetup(setup, true, length), length }, signal);
+    return RemoteDevice.result(c);
+  }
+
+  async controlTransferOut(setup: ControlSetup, data: Uint8Array = EMPTY, signal?: AbortSignal): Promise<TransferResult> {
+    const c = await this.submit({ endpoint: 0x00, type: TransferType.TRANSFER_CONTROL, setup: encodeSetup(setup, false, data.length), data }, signal);
+    return RemoteDevice.result(c);
+  }
+
+  /** Bulk or interrupt IN on endpoint number `ep` (1-15). */
+  async transferIn(ep: number, length: number, signal?: AbortSignal): Promise<TransferResult> {
+    const address = 0x80 | ep;
+    const c = await this.submit({ endpoint: address, type: this.endpointType(address), length }, signal);
+    return RemoteDevice.result(c);
+  }
+
+  /** Bulk or interrupt OUT on endpoint number `ep` (1-15). */
+  async transferOut(ep: number, data: Uint8Array, signal?: AbortSignal): Promise<TransferResult> {
+    const c = await this.submit({ endpoint: ep, type: this.endpointType(ep), data }, signal);
+    return RemoteDevice.result(c);
+  }
+
+  async isochronousTransferIn(ep: number, packetLengths: number[]): Promise<TransferResult> {
+    const total = packetLengths.reduce((a, b) => a + b, 0);
+    const c = await this.submit({
+      endpoint: 0x80 | ep,
+      type: TransferType.TRANSFER_ISOCHRONOUS,
+      length: total,
+      isoPackets: packetLengths.map((length) => ({ length, status: UrbStatus.URB_STATUS_SUCCESS, actualLength: 0 })),
+    });
+    return RemoteDevice.result(c);
+  }
+
+  async isochronousTransferOut(ep: number, data: Uint8Array, packetLengths: number[]): Promise<TransferResult> {
+    const c = await this.submit({
+      endpoint: ep,
+      type: TransferType.TRANSFER_ISOCHRONOUS,
+      data,
+      isoPackets: packetLengths.map((length) => ({ length, status: UrbStatus.URB_STATUS_SUCCESS, actualLength: 0 })),
+    });
+    return RemoteDevice.result(c);
+  }
+
+  async selectConfiguration(value: number): Promise<void> {
+    await this.checkedOp({ $case: 'setConfiguration', value: { value } }, `set configuration ${value}`);
+  }
+  async getConfiguration(): Promise<number> {
+    return (await this.checkedOp({ $case: 'getConfiguration', value: {} }, 'get configuration')).value;
+  }
+  async selectAlternateInterface(interfaceNumber: number, alternateSetting: number): Promise<void> {
+    await this.checkedOp({ $case: 'setInterface', value: { interfaceNumber, alternateSetting } }, `set interface ${interfaceNumber} alt ${alternateSetting}`);
+  }
+  async getInterface(interfaceNumber: number): Promise<number> {
+    return (await this.checkedOp({ $case: 'getInterface', value: { interfaceNumber } }, `get interface ${interfaceNumber}`)).value;
+  }
+  /** endpoint: bEndpointAddress (with 0x80 for IN). */
+  async clearHalt(endpoint: number): Promise<void> {
+    await this.checkedOp({ $case: 'clearHalt', value: { endpoint } }, `clear halt 0x${endpoint.toString(16)}`);
+  }
+  async reset(): Promise<void> {
+    await this.checkedOp({ $case: 'reset', value: {} }, 'reset');
+  }
+  /** Start a receiving stream; data arrives as 'received' events. */
+  async startReceiving(s: Partial<StartReceiving> & { endpoint: number }): Promise<void> {
+    await this.checkedOp(
+      { $case: 'startReceiving', value: { endpoint: s.endpoint, type: s.type ?? this.endpointType(s.endpoint), transferLength: s.transferLength ?? 0, transfers: s.transfers ?? 0, isoPacketsPerTransfer: s.isoPacketsPerTransfer ?? 0 } },
+      `start receiving 0x${s.endpoint.toString(16)}`,
+    );
+  }
+  async stopReceiving(endpoint: number): Promise<void> {
+    await this.checkedOp({ $case: 'stopReceiving', value: { endpoint } }, `stop receiving 0x${endpoint.toString(16)}`);
+  }
+  async allocBulkStreams(endpoints: number[], numStreams: number): Promise<number> {
+    return (await this.checkedOp({ $case: 'allocBulkStreams', value: { endpoints, numStreams } }, 'alloc bulk streams')).value;
+  }
+  async freeBulkStreams(endpoints: number[]): Promise<void> {
+    await this.checkedOp({ $case: 'freeBulkStreams', value: { endpoints } }, 'free bulk streams');
+  }
+  /** Raw op, for callers that want the status rather than an exception (the bridge). */
+  rawOp(op: DeviceOp['op']): Promise<OpResult> {
+    return this.op(op);
+  }
+
+  /** Close the session: in-flight URBs are cancelled, the claim released. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    const closed = new Promise<void>((resolve) => this.once('closed', () => resolve()));
+    this.send({ $case: 'close', value: {} }, 0);
+    await Promise.race([closed, new Promise((r) => setTimeout(r, 5000))]);
+    this.closed = true;
+    for (const p of this.urbs.values()) p.reject(new ChannelClosedError('closed'));
+    this.urbs.clear();
+    this.requests?.end();
+  }
+}
+
+const EMPTY = new Uint8Array(0);
