@@ -6,6 +6,7 @@
 // Raw TLS protocol (first 9 bytes from the client): mode byte, u32 chunk size, u32 duration ms.
 //   'U': server sinks everything after the header; on client half-close it writes u64 byte count, ends.
 //   'D': server writes chunks of the given size for the given duration (with back-pressure), ends.
+import http2 from 'node:http2';
 import tls from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
 import { CEILINGS_GRPC_SERVER_OPTIONS, CeilingsService, loadCerts } from './common.js';
@@ -17,6 +18,29 @@ if (!certsDir) {
 }
 const extraOptions = process.argv[3] ? (JSON.parse(process.argv[3]) as grpc.ChannelOptions) : {};
 const { ca, cert, key } = loadCerts(certsDir, 'server');
+
+// Experiment (not a grpc-js option): grpc-js 1.14 has no server-side receive-window setting, so the
+// server advertises Node's default 65535-byte stream window and client->server streams stall on it.
+// 'usbroam-bench.server_flow_control_window' patches http2.createSecureServer to advertise a larger
+// initial stream window and to raise the connection window of each session.
+const serverWindow = extraOptions['usbroam-bench.server_flow_control_window'] as number | undefined;
+if (serverWindow) {
+  const orig = http2.createSecureServer;
+  (http2 as { createSecureServer: typeof orig }).createSecureServer = ((opts: http2.SecureServerOptions, ...rest: unknown[]) => {
+    const server = (orig as (...a: unknown[]) => http2.Http2SecureServer)(
+      { ...opts, settings: { ...opts.settings, initialWindowSize: serverWindow } },
+      ...rest,
+    );
+    server.on('session', (session: http2.ServerHttp2Session) => {
+      try {
+        session.setLocalWindowSize(serverWindow);
+      } catch {
+        /* ignore */
+      }
+    });
+    return server;
+  }) as typeof orig;
+}
 
 function startTls(): Promise<number> {
   const server = tls.createServer({ ca, cert, key, requestCert: true, rejectUnauthorized: true }, (sock) => {

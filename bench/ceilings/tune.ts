@@ -1,0 +1,32 @@
+// Explores grpc-js options for the ceilings: `npx tsx bench/ceilings/tune.ts [durationMs]`.
+// Prints one line per configuration (stderr progress is silenced).
+import { measureCeilings } from './client.js';
+
+const durationMs = Number(process.argv[2] ?? 1500);
+const MiB = 1024 * 1024;
+const configs: { name: string; channel?: Record<string, unknown>; server?: Record<string, unknown> }[] = [
+  { name: 'grpc-js defaults', channel: { 'grpc-node.flow_control_window': undefined, 'grpc.enable_retries': 1, 'grpc.enable_channelz': 1 }, server: { 'grpc.enable_channelz': 1 } },
+  { name: 'no flow_control_window', channel: { 'grpc-node.flow_control_window': undefined } },
+  { name: 'flow_control_window 1 MiB', channel: { 'grpc-node.flow_control_window': 1 * MiB } },
+  { name: 'flow_control_window 4 MiB', channel: { 'grpc-node.flow_control_window': 4 * MiB } },
+  { name: 'flow_control_window 16 MiB (default here)' },
+  { name: 'retries enabled', channel: { 'grpc.enable_retries': 1 } },
+  { name: '+ server window 1 MiB (http2 patch)', server: { 'usbroam-bench.server_flow_control_window': 1 * MiB } },
+  { name: '+ server window 16 MiB (http2 patch)', server: { 'usbroam-bench.server_flow_control_window': 16 * MiB } },
+];
+const only = process.env.TUNE_ONLY ? new RegExp(process.env.TUNE_ONLY) : undefined;
+for (const c of configs) {
+  if (only && !only.test(c.name)) continue;
+  const channel = Object.fromEntries(Object.entries(c.channel ?? {}).map(([k, v]) => [k, v])) as Record<string, string | number>;
+  const r = await measureCeilings({
+    durationMs,
+    rttCount: 3000,
+    skip: { tls: true },
+    grpcChannelOptions: channel,
+    grpcServerOptions: c.server as Record<string, string | number> | undefined,
+    log: () => {},
+  });
+  console.log(
+    `${c.name.padEnd(42)} up ${r.grpc_raw_up_MBps} down ${r.grpc_raw_down_MBps} MB/s; msgs ${r.grpc_msgs_per_s}/s echo ${r.grpc_echo_msgs_per_s}/s; rtt p50 ${r.grpc_rtt_p50_us} p99 ${r.grpc_rtt_p99_us} us`,
+  );
+}
