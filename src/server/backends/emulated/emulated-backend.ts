@@ -1,0 +1,115 @@
+// A UsbBackend made of emulated devices, for the demo and for tests (hotplug,
+// unplug, "each URB executed exactly once").
+import { EventEmitter } from 'node:events';
+import { join } from 'node:path';
+import { tmpdir } from 'node:os';
+import { Speed, UrbStatus, UsbError, type DeviceHandle, type DeviceInfo, type UsbBackend } from '../types.js';
+import { silentLogger, type Logger } from '../../../common/log.js';
+import type { EmulatedDevice } from './emulated-device.js';
+import { MassStorageDevice } from './mass-storage.js';
+import { LoopbackDevice } from './loopback.js';
+import { SerialDevice } from './serial.js';
+
+export class EmulatedBackend extends EventEmitter implements UsbBackend {
+  readonly name = 'emulated';
+  private readonly devices = new Map<string, EmulatedDevice>();
+  private readonly log: Logger;
+
+  constructor(options: { logger?: Logger } = {}) {
+    super();
+    this.log = (options.logger ?? silentLogger).child({ backend: 'emulated' });
+  }
+
+  /** Plug a device in; emits 'added' (DeviceInfo). */
+  add(device: EmulatedDevice): void {
+    if (this.devices.has(device.id)) throw new Error(`duplicate emulated device id ${device.id}`);
+    this.devices.set(device.id, device);
+    this.log.info({ device: device.id }, 'emulated device added');
+    this.emit('added', device.info);
+  }
+
+  /**
+   * Unplug a device: an opened handle emits 'gone' and fails its URBs with
+   * IoError; emits 'removed' (id). Resources are released unless keep is set.
+   */
+  async remove(id: string, options: { dispose?: boolean } = {}): Promise<boolean> {
+    const device = this.devices.get(id);
+    if (!device) return false;
+    this.devices.delete(id);
+    device.unplug('device removed');
+    this.log.info({ device: id }, 'emulated device removed');
+    this.emit('removed', id);
+    if (options.dispose ?? true) await device.dispose();
+    return true;
+  }
+
+  get(id: string): EmulatedDevice | undefined {
+    return this.devices.get(id);
+  }
+
+  devicesList(): EmulatedDevice[] {
+    return [...this.devices.values()];
+  }
+
+  list(): DeviceInfo[] {
+    return [...this.devices.values()].map((d) => d.info);
+  }
+
+  async open(deviceId: string): Promise<DeviceHandle> {
+    const device = this.devices.get(deviceId);
+    if (!device) throw new UsbError(`no such device ${deviceId}`, UrbStatus.Inval);
+    device.markOpened();
+    return device;
+  }
+
+  async close(): Promise<void> {
+    const devices = [...this.devices.values()];
+    this.devices.clear();
+    for (const d of devices) {
+      await d.close();
+      await d.dispose();
+    }
+  }
+}
+
+export interface DefaultEmulatedBackendOptions {
+  /** Mass storage image (default: <tmpdir>/usbroam-emu-disk.img). */
+  imagePath?: string;
+  /** Size when the image is created (default 64 MiB). */
+  imageSizeBytes?: number;
+  readOnly?: boolean;
+  speed?: Speed;
+  logger?: Logger;
+  /** Leave out devices. */
+  massStorage?: boolean;
+  loopback?: boolean;
+  serial?: boolean;
+}
+
+/**
+ * The demo set on bus 1: mass storage (port 1, id emu-1-1), loopback (port 2,
+ * emu-1-2) and CDC-ACM serial echo (port 3, emu-1-3).
+ */
+export async function createDefaultEmulatedBackend(opts: DefaultEmulatedBackendOptions = {}): Promise<EmulatedBackend> {
+  const backend = new EmulatedBackend({ logger: opts.logger });
+  const common = { bus: 1, speed: opts.speed, logger: opts.logger };
+  if (opts.massStorage ?? true) {
+    backend.add(
+      await MassStorageDevice.create({
+        ...common,
+        portPath: [1],
+        imagePath: opts.imagePath ?? join(tmpdir(), 'usbroam-emu-disk.img'),
+        sizeBytes: opts.imageSizeBytes,
+        readOnly: opts.readOnly,
+        serial: 'USBROAM-MSC-0001',
+      }),
+    );
+  }
+  if (opts.loopback ?? true) {
+    backend.add(new LoopbackDevice({ ...common, portPath: [2], serial: 'USBROAM-LOOP-0001' }));
+  }
+  if (opts.serial ?? true) {
+    backend.add(new SerialDevice({ ...common, portPath: [3], serial: 'USBROAM-ACM-0001' }));
+  }
+  return backend;
+}

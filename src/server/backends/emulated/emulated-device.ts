@@ -1,0 +1,769 @@
+// Base class for emulated USB devices. The device object itself is the
+// DeviceHandle returned by EmulatedBackend.open().
+//
+// URB model
+// ---------
+// * One FIFO queue per endpoint (0x00/0x80 share the control queue). URBs on
+//   an endpoint start in submission order and complete in submission order.
+//   By default one URB executes at a time per endpoint; a subclass can allow
+//   several to execute concurrently (pipelineDepth) - they still complete in
+//   order. Endpoints are independent of each other.
+// * `done` is always called asynchronously: the queue is pumped from a
+//   microtask, never from inside submit().
+// * Invalid URBs (endpoint not in the active configuration/alt settings,
+//   transfer type mismatch, oversize, duplicate id) complete with Inval.
+// * Cancel: a queued URB completes Cancelled without executing; an executing
+//   URB is told through its TransferContext and completes Cancelled at once
+//   (the device discards its eventual result).
+// * Halt (Linux/real-device semantics): a URB that stalls completes with Stall
+//   and halts its endpoint. While halted, every queued and newly submitted URB
+//   on that endpoint completes with Stall without executing (what a halted
+//   endpoint answers on the wire), until clearHalt() / CLEAR_FEATURE(HALT).
+//   Control endpoint stalls are protocol stalls: they affect only that URB.
+// * unplug(): emits 'gone'; every pending and future URB completes IoError and
+//   every device operation rejects with UsbError(IoError).
+// * Execution accounting: `stats.executed` counts every URB whose transfer
+//   actually started on the device (URBs cancelled/stalled/failed before
+//   executing are not counted); `stats.byEndpoint` counts by endpoint address
+//   (control: 0). The 'executed' event (urb) fires for each one.
+import { EventEmitter } from 'node:events';
+import {
+  Speed,
+  TransferType,
+  UrbStatus,
+  UsbError,
+  URB_SHORT_NOT_OK,
+  type ConfigurationSummary,
+  type DeviceHandle,
+  type DeviceInfo,
+  type EndpointInfo,
+  type InterfaceInfo,
+  type Urb,
+  type UrbResult,
+} from '../types.js';
+import { silentLogger, type Logger } from '../../../common/log.js';
+import {
+  DT_BOS,
+  DT_CONFIG,
+  DT_DEVICE,
+  DT_DEVICE_QUALIFIER,
+  DT_OTHER_SPEED_CONFIG,
+  DT_STRING,
+  altSettingEndpoints,
+  buildDescriptors,
+  parseConfigDescriptor,
+  parseDeviceDescriptor,
+  type DescriptorSet,
+  type DeviceSpec,
+} from './descriptors.js';
+
+export const MAX_URB_BYTES = 16 * 1024 * 1024;
+export const DEFAULT_MAX_QUEUED_PER_ENDPOINT = 4096;
+
+export interface SetupPacket {
+  bmRequestType: number;
+  bRequest: number;
+  wValue: number;
+  wIndex: number;
+  wLength: number;
+}
+
+export function parseSetup(b: Uint8Array): SetupPacket {
+  return {
+    bmRequestType: b[0]!,
+    bRequest: b[1]!,
+    wValue: b[2]! | (b[3]! << 8),
+    wIndex: b[4]! | (b[5]! << 8),
+    wLength: b[6]! | (b[7]! << 8),
+  };
+}
+
+export function makeSetup(s: SetupPacket): Uint8Array {
+  return Uint8Array.of(
+    s.bmRequestType,
+    s.bRequest,
+    s.wValue & 0xff,
+    s.wValue >> 8,
+    s.wIndex & 0xff,
+    s.wIndex >> 8,
+    s.wLength & 0xff,
+    s.wLength >> 8,
+  );
+}
+
+/** Handed to subclass transfer handlers; lets long-running transfers notice cancellation. */
+export interface TransferContext {
+  readonly cancelled: boolean;
+  /** Called once if the URB is cancelled (or the device reset/closed/gone) while executing. */
+  onCancel(cb: () => void): void;
+}
+
+export type TransferReturn = UrbResult | Promise<UrbResult>;
+
+export interface EmulatedDeviceOptions {
+  /** Stable id; default `emu-<bus>-<port path joined by '.'>`. */
+  id?: string;
+  bus?: number;
+  portPath?: number[];
+  speed?: Speed;
+  logger?: Logger;
+  maxQueuedPerEndpoint?: number;
+}
+
+export interface DeviceStats {
+  executed: number;
+  /** Executed URBs by endpoint address (control endpoint: 0). */
+  byEndpoint: Map<number, number>;
+}
+
+interface Pending {
+  urb: Urb;
+  done: (r: UrbResult) => void;
+  q: EndpointQueue;
+  /** 0 queued, 1 executing, 2 finished (result ready, awaiting in-order delivery). */
+  state: 0 | 1 | 2;
+  result?: UrbResult;
+  ctx?: Ctx;
+  timer?: NodeJS.Timeout;
+}
+
+class Ctx implements TransferContext {
+  cancelled = false;
+  private cbs: (() => void)[] | undefined;
+  onCancel(cb: () => void): void {
+    if (this.cancelled) {
+      cb();
+      return;
+    }
+    (this.cbs ??= []).push(cb);
+  }
+  fire(): void {
+    if (this.cancelled) return;
+    this.cancelled = true;
+    const cbs = this.cbs;
+    this.cbs = undefined;
+    if (cbs) for (const cb of cbs) cb();
+  }
+}
+
+interface EndpointQueue {
+  key: number;
+  entries: Pending[];
+  /** Entries [0, nStarted) have started (executing or finished). */
+  nStarted: number;
+  running: number;
+  halted: boolean;
+  pumpScheduled: boolean;
+}
+
+export function result(status: UrbStatus, data?: Uint8Array, actualLength?: number): UrbResult {
+  return { status, data, actualLength: actualLength ?? data?.length ?? 0 };
+}
+export const STALL: UrbResult = Object.freeze({ status: UrbStatus.Stall, actualLength: 0 }) as UrbResult;
+export const ACK: UrbResult = Object.freeze({ status: UrbStatus.Success, actualLength: 0 }) as UrbResult;
+
+function epKey(address: number): number {
+  return (address & 0x7f) === 0 ? 0 : address & 0x8f;
+}
+
+export abstract class EmulatedDevice extends EventEmitter implements DeviceHandle {
+  readonly id: string;
+  readonly bus: number;
+  readonly portPath: number[];
+  readonly speed: Speed;
+  readonly descriptors: DescriptorSet;
+  readonly stats: DeviceStats = { executed: 0, byEndpoint: new Map() };
+  protected readonly log: Logger;
+  protected readonly spec: DeviceSpec;
+  private readonly configSummaries: ConfigurationSummary[];
+  private readonly maxQueued: number;
+
+  private activeConfig = 0;
+  private readonly altSettings = new Map<number, number>();
+  /** Active endpoints (address -> info) for the current config/alt settings. */
+  private activeEndpoints = new Map<number, EndpointInfo>();
+  private readonly queues = new Map<number, EndpointQueue>();
+  private readonly byUrbId = new Map<number, Pending>();
+  private cachedInfo: DeviceInfo | undefined;
+  private opened = false;
+  private goneReason: string | undefined;
+
+  /**
+   * @param describe builds the device spec for a speed (endpoint sizes vary by speed).
+   */
+  constructor(
+    describe: (speed: Speed) => DeviceSpec,
+    options: EmulatedDeviceOptions = {},
+  ) {
+    super();
+    this.bus = options.bus ?? 1;
+    this.portPath = options.portPath ?? [1];
+    this.id = options.id ?? `emu-${this.bus}-${this.portPath.join('.')}`;
+    this.speed = options.speed ?? Speed.High;
+    this.maxQueued = options.maxQueuedPerEndpoint ?? DEFAULT_MAX_QUEUED_PER_ENDPOINT;
+    this.log = (options.logger ?? silentLogger).child({ device: this.id });
+    this.spec = describe(this.speed);
+    let other: DeviceSpec | undefined;
+    if (this.speed === Speed.High) other = describe(Speed.Full);
+    else if (this.speed === Speed.Full) other = describe(Speed.High);
+    this.descriptors = buildDescriptors(this.spec, this.speed, other);
+    this.configSummaries = this.descriptors.configs.map((c) => parseConfigDescriptor(c, this.speed));
+  }
+
+  // ---------------------------------------------------------------- info
+
+  get info(): DeviceInfo {
+    if (this.cachedInfo) return this.cachedInfo;
+    const d = parseDeviceDescriptor(this.descriptors.device);
+    const text = this.descriptors.stringText;
+    const interfaces: InterfaceInfo[] = [];
+    const cfg = this.activeConfigSummary();
+    if (cfg) {
+      for (const intf of cfg.interfaces) {
+        if ((this.altSettings.get(intf.number) ?? 0) === intf.alternateSetting) interfaces.push({ ...intf });
+      }
+    }
+    this.cachedInfo = {
+      id: this.id,
+      vendorId: d.vendorId,
+      productId: d.productId,
+      deviceClass: d.deviceClass,
+      deviceSubclass: d.deviceSubclass,
+      deviceProtocol: d.deviceProtocol,
+      bcdUsb: d.bcdUsb,
+      bcdDevice: d.bcdDevice,
+      speed: this.speed,
+      manufacturer: text.get(d.iManufacturer) ?? '',
+      product: text.get(d.iProduct) ?? '',
+      serial: text.get(d.iSerial) ?? '',
+      bus: this.bus,
+      portPath: [...this.portPath],
+      maxPacketSize0: d.maxPacketSize0,
+      configurations: this.configSummaries.map((c) => structuredClone(c)),
+      activeConfiguration: this.activeConfig,
+      interfaces,
+      endpoints: [...this.activeEndpoints.values()].map((e) => ({ ...e })),
+      backend: 'emulated',
+    };
+    return this.cachedInfo;
+  }
+
+  get isOpen(): boolean {
+    return this.opened;
+  }
+  get isGone(): boolean {
+    return this.goneReason !== undefined;
+  }
+  get configuration(): number {
+    return this.activeConfig;
+  }
+  isHalted(endpoint: number): boolean {
+    return this.queues.get(epKey(endpoint))?.halted ?? false;
+  }
+  /** Number of URBs queued or executing on an endpoint (not yet delivered). */
+  inFlight(endpoint?: number): number {
+    if (endpoint === undefined) return this.byUrbId.size;
+    return this.queues.get(epKey(endpoint))?.entries.length ?? 0;
+  }
+
+  private activeConfigSummary(): ConfigurationSummary | undefined {
+    return this.configSummaries.find((c) => c.value === this.activeConfig);
+  }
+
+  // ----------------------------------------------------- subclass hooks
+
+  /** Handle a non-control transfer on an active endpoint. */
+  protected abstract transfer(ep: EndpointInfo, urb: Urb, ctx: TransferContext): TransferReturn;
+
+  /**
+   * Class/vendor control requests (and standard requests the base does not
+   * know). Return data for IN (truncated to wLength by the base), ACK, or STALL.
+   */
+  protected controlRequest(_setup: SetupPacket, _data: Uint8Array | undefined, _ctx: TransferContext): TransferReturn {
+    return STALL;
+  }
+
+  /** How many URBs may execute concurrently on an endpoint (they still complete in order). */
+  protected pipelineDepth(_ep: EndpointInfo): number {
+    return 1;
+  }
+
+  protected onConfigurationChanged(_value: number): void {}
+  protected onInterfaceChanged(_interfaceNumber: number, _alternateSetting: number): void {}
+  protected onHaltCleared(_endpoint: number): void {}
+  /** Port reset / close: drop all transient protocol state. */
+  protected onReset(): void {}
+  protected onGone(): void {}
+
+  // --------------------------------------------------------- lifecycle
+
+  /** Called by the backend when it hands the device out. */
+  markOpened(): void {
+    if (this.opened) throw new UsbError(`device ${this.id} is already open`, UrbStatus.IoError);
+    if (this.goneReason !== undefined) throw new UsbError(`device ${this.id} is gone`, UrbStatus.IoError);
+    this.opened = true;
+  }
+
+  /** Emulated unplug: emits 'gone'; every pending and future URB completes IoError. */
+  unplug(reason = 'unplugged'): void {
+    if (this.goneReason !== undefined) return;
+    this.goneReason = reason;
+    this.failAll(UrbStatus.IoError);
+    try {
+      this.onGone();
+    } catch (err) {
+      this.log.warn({ err }, 'onGone failed');
+    }
+    this.emit('gone', reason);
+  }
+
+  /** Release resources (files). Subclasses override; the backend calls it on close. */
+  async dispose(): Promise<void> {}
+
+  // ----------------------------------------------------------- submit
+
+  submit(urb: Urb, done: (result: UrbResult) => void): void {
+    const fail = (status: UrbStatus) => queueMicrotask(() => done({ status, actualLength: 0 }));
+    if (this.goneReason !== undefined || !this.opened) return fail(UrbStatus.IoError);
+    if (this.byUrbId.has(urb.id)) return fail(UrbStatus.Inval);
+    if (urb.length > MAX_URB_BYTES || (urb.data && urb.data.length > MAX_URB_BYTES) || urb.length < 0) {
+      return fail(UrbStatus.Inval);
+    }
+    const key = epKey(urb.endpoint);
+    if (key === 0) {
+      if (urb.type !== TransferType.Control || !urb.setup || urb.setup.length < 8) return fail(UrbStatus.Inval);
+    } else {
+      const ep = this.activeEndpoints.get(urb.endpoint);
+      if (!ep || ep.type !== urb.type) return fail(UrbStatus.Inval);
+      if (urb.type === TransferType.Isochronous && !urb.isoPackets?.length) return fail(UrbStatus.Inval);
+    }
+    let q = this.queues.get(key);
+    if (!q) {
+      q = { key, entries: [], nStarted: 0, running: 0, halted: false, pumpScheduled: false };
+      this.queues.set(key, q);
+    }
+    if (q.entries.length >= this.maxQueued) return fail(UrbStatus.Inval);
+    const p: Pending = { urb, done, q, state: 0 };
+    q.entries.push(p);
+    this.byUrbId.set(urb.id, p);
+    if (urb.timeoutMs > 0) {
+      p.timer = setTimeout(() => this.abort(p, UrbStatus.Timeout), urb.timeoutMs);
+    }
+    this.schedulePump(q);
+  }
+
+  cancel(urbId: number): boolean {
+    const p = this.byUrbId.get(urbId);
+    if (!p) return false;
+    this.abort(p, UrbStatus.Cancelled);
+    return true;
+  }
+
+  /** Complete one pending URB early (cancel/timeout), out of order. */
+  private abort(p: Pending, status: UrbStatus): void {
+    const q = p.q;
+    // Already finished (only awaiting in-order delivery): it keeps its real result.
+    if (p.state === 2) return;
+    const idx = q.entries.indexOf(p);
+    if (idx < 0) return;
+    q.entries.splice(idx, 1);
+    if (idx < q.nStarted) q.nStarted--;
+    if (p.state === 1) q.running--;
+    this.byUrbId.delete(p.urb.id);
+    if (p.timer) clearTimeout(p.timer);
+    p.ctx?.fire();
+    p.state = 2;
+    const done = p.done;
+    queueMicrotask(() => done({ status, actualLength: 0 }));
+    this.schedulePump(q);
+  }
+
+  private schedulePump(q: EndpointQueue): void {
+    if (q.pumpScheduled) return;
+    q.pumpScheduled = true;
+    queueMicrotask(() => {
+      q.pumpScheduled = false;
+      this.pump(q);
+    });
+  }
+
+  private pump(q: EndpointQueue): void {
+    if (this.queues.get(q.key) !== q) return;
+    // Start what may start.
+    if (q.halted) {
+      while (q.nStarted < q.entries.length) {
+        const p = q.entries[q.nStarted++]!;
+        p.state = 2;
+        p.result = STALL;
+      }
+    } else {
+      const ep = q.key === 0 ? undefined : this.activeEndpoints.get(q.entries[q.nStarted]?.urb.endpoint ?? -1);
+      const depth = ep ? Math.max(1, this.pipelineDepth(ep)) : 1;
+      while (q.nStarted < q.entries.length && q.running < depth && !q.halted) {
+        const p = q.entries[q.nStarted++]!;
+        this.start(p);
+      }
+      if (q.halted) {
+        // A synchronous stall halted the endpoint: later queued URBs fail.
+        while (q.nStarted < q.entries.length) {
+          const p = q.entries[q.nStarted++]!;
+          p.state = 2;
+          p.result = STALL;
+        }
+      }
+    }
+    // Deliver in order.
+    let ready: Pending[] | undefined;
+    while (q.entries.length > 0 && q.entries[0]!.state === 2) {
+      const p = q.entries.shift()!;
+      q.nStarted--;
+      this.byUrbId.delete(p.urb.id);
+      if (p.timer) clearTimeout(p.timer);
+      (ready ??= []).push(p);
+    }
+    if (ready) {
+      for (const p of ready) {
+        try {
+          p.done(p.result!);
+        } catch (err) {
+          this.log.error({ err }, 'URB completion callback threw');
+        }
+      }
+      // Delivery may have unblocked more work (depth-limited endpoints).
+      if (q.nStarted < q.entries.length) this.schedulePump(q);
+    }
+  }
+
+  private start(p: Pending): void {
+    const q = p.q;
+    const urb = p.urb;
+    p.state = 1;
+    q.running++;
+    const ctx = new Ctx();
+    p.ctx = ctx;
+    this.stats.executed++;
+    const epAddr = q.key === 0 ? 0 : urb.endpoint;
+    this.stats.byEndpoint.set(epAddr, (this.stats.byEndpoint.get(epAddr) ?? 0) + 1);
+    if (this.listenerCount('executed') > 0) this.emit('executed', urb);
+    let ret: TransferReturn;
+    try {
+      if (q.key === 0) {
+        ret = this.control(urb, ctx);
+      } else {
+        ret = this.transfer(this.activeEndpoints.get(urb.endpoint)!, urb, ctx);
+      }
+    } catch (err) {
+      this.log.error({ err, endpoint: urb.endpoint }, 'transfer handler threw');
+      ret = { status: UrbStatus.IoError, actualLength: 0 };
+    }
+    if (ret instanceof Promise) {
+      ret.then(
+        (r) => this.finish(p, r),
+        (err) => {
+          this.log.error({ err, endpoint: urb.endpoint }, 'transfer handler rejected');
+          this.finish(p, { status: UrbStatus.IoError, actualLength: 0 });
+        },
+      );
+    } else {
+      this.finishSync(p, ret);
+    }
+  }
+
+  private fixup(p: Pending, r: UrbResult): UrbResult {
+    const urb = p.urb;
+    const isIn = (urb.endpoint & 0x80) !== 0;
+    if (
+      r.status === UrbStatus.Success &&
+      isIn &&
+      urb.type !== TransferType.Isochronous &&
+      (urb.flags & URB_SHORT_NOT_OK) !== 0
+    ) {
+      const want = urb.type === TransferType.Control ? (urb.setup![6]! | (urb.setup![7]! << 8)) : urb.length;
+      if (r.actualLength < want) return { ...r, status: UrbStatus.IoError };
+    }
+    return r;
+  }
+
+  private finishSync(p: Pending, r: UrbResult): void {
+    if (p.state !== 1) return;
+    p.state = 2;
+    p.q.running--;
+    p.result = this.fixup(p, r);
+    if (r.status === UrbStatus.Stall && p.q.key !== 0) p.q.halted = true;
+  }
+
+  private finish(p: Pending, r: UrbResult): void {
+    if (p.state !== 1) return; // cancelled / failed meanwhile
+    this.finishSync(p, r);
+    this.schedulePump(p.q);
+  }
+
+  /** Complete every pending URB with `status` (reset/close/gone/config change). */
+  private failAll(status: UrbStatus, filter?: (key: number) => boolean): void {
+    for (const q of this.queues.values()) {
+      if (filter && !filter(q.key)) continue;
+      const entries = q.entries;
+      q.entries = [];
+      q.nStarted = 0;
+      q.running = 0;
+      for (const p of entries) {
+        this.byUrbId.delete(p.urb.id);
+        if (p.timer) clearTimeout(p.timer);
+        p.ctx?.fire();
+        p.state = 2;
+        const done = p.done;
+        queueMicrotask(() => done({ status, actualLength: 0 }));
+      }
+    }
+  }
+
+  // ------------------------------------------------------------ halt
+
+  /** Device-side halt (e.g. mass storage protocol errors). */
+  protected halt(endpoint: number): void {
+    const key = epKey(endpoint);
+    if (key === 0) return;
+    let q = this.queues.get(key);
+    if (!q) {
+      q = { key, entries: [], nStarted: 0, running: 0, halted: false, pumpScheduled: false };
+      this.queues.set(key, q);
+    }
+    q.halted = true;
+    this.schedulePump(q);
+  }
+
+  private doClearHalt(endpoint: number): boolean {
+    const key = epKey(endpoint);
+    if (key === 0) return true;
+    if (!this.activeEndpoints.has(endpoint)) return false;
+    const q = this.queues.get(key);
+    if (q) {
+      q.halted = false;
+      this.schedulePump(q);
+    }
+    this.onHaltCleared(endpoint);
+    return true;
+  }
+
+  // ------------------------------------------------- configuration
+
+  private applyConfiguration(value: number): boolean {
+    if (value !== 0 && !this.configSummaries.some((c) => c.value === value)) return false;
+    this.failAll(UrbStatus.Cancelled, (k) => k !== 0);
+    for (const [k, q] of this.queues) if (k !== 0 && q.entries.length === 0) this.queues.delete(k);
+    this.activeConfig = value;
+    this.altSettings.clear();
+    this.rebuildEndpoints();
+    this.onConfigurationChanged(value);
+    return true;
+  }
+
+  private applyInterface(interfaceNumber: number, alt: number): boolean {
+    const cfg = this.activeConfigSummary();
+    if (!cfg) return false;
+    const next = altSettingEndpoints(cfg, interfaceNumber, alt);
+    if (!next) return false;
+    const cur = altSettingEndpoints(cfg, interfaceNumber, this.altSettings.get(interfaceNumber) ?? 0);
+    const affected = new Set<number>([...(cur?.endpoints ?? []), ...next.endpoints].map((e) => epKey(e.address)));
+    this.failAll(UrbStatus.Cancelled, (k) => affected.has(k));
+    for (const k of affected) this.queues.delete(k);
+    this.altSettings.set(interfaceNumber, alt);
+    this.rebuildEndpoints();
+    this.onInterfaceChanged(interfaceNumber, alt);
+    return true;
+  }
+
+  private rebuildEndpoints(): void {
+    this.cachedInfo = undefined;
+    this.activeEndpoints = new Map();
+    const cfg = this.activeConfigSummary();
+    if (!cfg) return;
+    const numbers = new Set(cfg.interfaces.map((i) => i.number));
+    for (const n of numbers) {
+      const alt = altSettingEndpoints(cfg, n, this.altSettings.get(n) ?? 0);
+      if (!alt) continue;
+      for (const ep of alt.endpoints) this.activeEndpoints.set(ep.address, ep);
+    }
+  }
+
+  protected activeAltSetting(interfaceNumber: number): number {
+    return this.altSettings.get(interfaceNumber) ?? 0;
+  }
+
+  // ------------------------------------------------ handle operations
+
+  private check(): void {
+    if (this.goneReason !== undefined) throw new UsbError(`device gone: ${this.goneReason}`, UrbStatus.IoError);
+    if (!this.opened) throw new UsbError('device not open', UrbStatus.IoError);
+  }
+
+  async setConfiguration(value: number): Promise<void> {
+    this.check();
+    if (!this.applyConfiguration(value)) throw new UsbError(`no configuration ${value}`, UrbStatus.Stall);
+  }
+
+  async getConfiguration(): Promise<number> {
+    this.check();
+    return this.activeConfig;
+  }
+
+  async setInterface(interfaceNumber: number, alternateSetting: number): Promise<void> {
+    this.check();
+    if (!this.applyInterface(interfaceNumber, alternateSetting)) {
+      throw new UsbError(`no interface ${interfaceNumber} alt ${alternateSetting}`, UrbStatus.Stall);
+    }
+  }
+
+  async getInterface(interfaceNumber: number): Promise<number> {
+    this.check();
+    const cfg = this.activeConfigSummary();
+    if (!cfg || !cfg.interfaces.some((i) => i.number === interfaceNumber)) {
+      throw new UsbError(`no interface ${interfaceNumber}`, UrbStatus.Stall);
+    }
+    return this.altSettings.get(interfaceNumber) ?? 0;
+  }
+
+  async clearHalt(endpoint: number): Promise<void> {
+    this.check();
+    if (!this.doClearHalt(endpoint)) throw new UsbError(`no endpoint 0x${endpoint.toString(16)}`, UrbStatus.Inval);
+  }
+
+  async reset(): Promise<void> {
+    this.check();
+    this.resetState();
+  }
+
+  private resetState(): void {
+    this.failAll(UrbStatus.Cancelled);
+    this.queues.clear();
+    this.activeConfig = 0;
+    this.altSettings.clear();
+    this.rebuildEndpoints();
+    this.onReset();
+  }
+
+  async allocBulkStreams(_endpoints: number[], _numStreams: number): Promise<number> {
+    this.check();
+    throw new UsbError('bulk streams not supported by emulated devices', UrbStatus.Inval);
+  }
+
+  async freeBulkStreams(_endpoints: number[]): Promise<void> {
+    this.check();
+    throw new UsbError('bulk streams not supported by emulated devices', UrbStatus.Inval);
+  }
+
+  /** Cancel everything and release the device; it can be opened again through the backend. */
+  async close(): Promise<void> {
+    if (!this.opened) return;
+    this.failAll(UrbStatus.Cancelled);
+    this.queues.clear();
+    this.opened = false;
+  }
+
+  // ------------------------------------------------- control endpoint
+
+  private control(urb: Urb, ctx: TransferContext): TransferReturn {
+    const setup = parseSetup(urb.setup!);
+    const isIn = (setup.bmRequestType & 0x80) !== 0;
+    const data = isIn ? undefined : (urb.data ?? new Uint8Array(0)).subarray(0, setup.wLength);
+    const type = (setup.bmRequestType >> 5) & 3;
+    const clip = (r: UrbResult): UrbResult => {
+      if (isIn && r.data && r.data.length > setup.wLength) {
+        const d = r.data.subarray(0, setup.wLength);
+        return { ...r, data: d, actualLength: d.length };
+      }
+      if (!isIn && r.status === UrbStatus.Success) return { ...r, actualLength: data!.length };
+      return r;
+    };
+    if (type === 0) {
+      const r = this.standardRequest(setup, data);
+      if (r) return clip(r);
+    }
+    const r = this.controlRequest(setup, data, ctx);
+    return r instanceof Promise ? r.then(clip) : clip(r);
+  }
+
+  private standardRequest(s: SetupPacket, data: Uint8Array | undefined): UrbResult | undefined {
+    const recipient = s.bmRequestType & 0x1f;
+    const ok = (d?: Uint8Array): UrbResult => (d ? result(UrbStatus.Success, d) : ACK);
+    switch (s.bRequest) {
+      case 0x00: {
+        // GET_STATUS
+        if (recipient === 0) {
+          const cfg = this.activeConfigSummary() ?? this.configSummaries[0];
+          return ok(Uint8Array.of(cfg?.selfPowered ? 1 : 0, 0));
+        }
+        if (recipient === 1) return ok(Uint8Array.of(0, 0));
+        if (recipient === 2) {
+          if (epKey(s.wIndex) !== 0 && !this.activeEndpoints.has(s.wIndex & 0xff)) return STALL;
+          return ok(Uint8Array.of(this.isHalted(s.wIndex & 0xff) ? 1 : 0, 0));
+        }
+        return STALL;
+      }
+      case 0x01: // CLEAR_FEATURE
+      case 0x03: {
+        // SET_FEATURE
+        if (recipient === 2 && s.wValue === 0) {
+          const ep = s.wIndex & 0xff;
+          if (epKey(ep) === 0) return ACK;
+          if (!this.activeEndpoints.has(ep)) return STALL;
+          if (s.bRequest === 0x01) this.doClearHalt(ep);
+          else this.halt(ep);
+          return ACK;
+        }
+        return ACK; // remote wakeup, U1/U2, function suspend, test mode: accepted, no effect
+      }
+      case 0x05: // SET_ADDRESS
+        return ACK;
+      case 0x06: {
+        // GET_DESCRIPTOR
+        if (recipient !== 0) return undefined; // interface-specific (e.g. HID report): subclass
+        const dtype = s.wValue >> 8;
+        const index = s.wValue & 0xff;
+        const ds = this.descriptors;
+        switch (dtype) {
+          case DT_DEVICE:
+            return ok(ds.device);
+          case DT_CONFIG:
+            return ds.configs[index] ? ok(ds.configs[index]) : STALL;
+          case DT_STRING: {
+            const str = ds.strings.get(index);
+            return str ? ok(str) : STALL;
+          }
+          case DT_DEVICE_QUALIFIER:
+            return ds.qualifier ? ok(ds.qualifier) : STALL;
+          case DT_OTHER_SPEED_CONFIG: {
+            const o = ds.otherSpeedConfigs?.[index];
+            return o ? ok(o) : STALL;
+          }
+          case DT_BOS:
+            return ds.bos ? ok(ds.bos) : STALL;
+          default:
+            return STALL;
+        }
+      }
+      case 0x07: // SET_DESCRIPTOR
+        return STALL;
+      case 0x08: // GET_CONFIGURATION
+        return ok(Uint8Array.of(this.activeConfig));
+      case 0x09: // SET_CONFIGURATION
+        return this.applyConfiguration(s.wValue & 0xff) ? ACK : STALL;
+      case 0x0a: {
+        // GET_INTERFACE
+        const cfg = this.activeConfigSummary();
+        if (!cfg || !cfg.interfaces.some((i) => i.number === s.wIndex)) return STALL;
+        return ok(Uint8Array.of(this.altSettings.get(s.wIndex) ?? 0));
+      }
+      case 0x0b: // SET_INTERFACE
+        return this.applyInterface(s.wIndex & 0xff, s.wValue) ? ACK : STALL;
+      case 0x0c: // SYNCH_FRAME
+        return STALL;
+      case 0x30: // SET_SEL
+      case 0x31: // SET_ISOCH_DELAY
+        return ACK;
+      default:
+        void data;
+        return undefined;
+    }
+  }
+}

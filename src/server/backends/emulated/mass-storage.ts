@@ -1,0 +1,850 @@
+// Emulated USB mass storage: Bulk-Only Transport (class 08/06/50) with a SCSI
+// block command set complete enough for Linux usb-storage + sd_mod, backed by
+// a sparse image file of 512-byte blocks.
+//
+// BOT phases are tracked synchronously when each bulk URB starts executing,
+// which lets several data URBs of one command run their file I/O concurrently
+// (pipelineDepth) while still completing in order; the CSW waits for all the
+// command's I/O before reporting its status.
+//
+// Thirteen cases (BOT 1.0 section 6.7), as implemented:
+//  Hn=Dn (1) good. Hn<Di / Hn<Do (2,3): no data, CSW phase error.
+//  Hi>Dn / Hi>Di (4,5): the device data, ended by a short/zero-length packet,
+//    residue H-D. Hi=Di (6) good. Hi<Di (7): H bytes, CSW phase error.
+//  Hi<>Do (8): bulk-IN stalled, CSW phase error.
+//  Ho>Dn / Ho>Do (9,11): the excess is accepted and discarded, residue H-D.
+//  Ho<>Di (10): bulk-OUT stalled, CSW phase error.
+//  Ho=Do (12) good. Ho<Do (13): data discarded (nothing written), phase error.
+//  Buffered responses (INQUIRY, MODE SENSE...) whose allocation length exceeds
+//  H are truncated to H with good status (what most real devices do).
+//  An invalid or not meaningful CBW stalls both bulk endpoints until a
+//  Bulk-Only Mass Storage Reset (class request 0xFF) followed by clear halts.
+import { open, type FileHandle } from 'node:fs/promises';
+import { Speed, TransferType, UrbStatus, type EndpointInfo, type Urb, type UrbResult } from '../types.js';
+import {
+  ACK,
+  EmulatedDevice,
+  STALL,
+  result,
+  type EmulatedDeviceOptions,
+  type SetupPacket,
+  type TransferContext,
+  type TransferReturn,
+} from './emulated-device.js';
+import type { DeviceSpec } from './descriptors.js';
+
+export const MSC_BULK_IN = 0x81;
+export const MSC_BULK_OUT = 0x02;
+export const BLOCK_SIZE = 512;
+const CBW_SIGNATURE = 0x43425355;
+const CSW_SIGNATURE = 0x53425355;
+const EMPTY = new Uint8Array(0);
+
+export interface MassStorageOptions extends EmulatedDeviceOptions {
+  /** Backing image file; created sparse with `sizeBytes` if missing. */
+  imagePath: string;
+  /** Size used when creating the image (default 64 MiB). An existing file keeps its size. */
+  sizeBytes?: number;
+  readOnly?: boolean;
+  /** SCSI INQUIRY vendor (8), product (16), revision (4). */
+  vendor?: string;
+  productName?: string;
+  revision?: string;
+  /** USB strings. */
+  manufacturer?: string;
+  product?: string;
+  serial?: string;
+  vendorId?: number;
+  productId?: number;
+  /** INQUIRY RMB bit (default false). */
+  removable?: boolean;
+  /** Caching mode page WCE bit (default true: the guest sends SYNCHRONIZE CACHE, which fsyncs). */
+  writeCache?: boolean;
+}
+
+type Phase = 'cbw' | 'data-in' | 'data-out' | 'csw' | 'need-reset';
+
+interface Command {
+  tag: number;
+  hostLength: number;
+  hostIn: boolean;
+  status: 0 | 1 | 2;
+  /** Data direction the device wants, with deviceLength > 0. */
+  dir: 'in' | 'out' | 'none';
+  deviceLength: number;
+  /** Bytes the device produced/consumed. */
+  deviceDone: number;
+  /** Bytes moved on the bus in the data phase. */
+  transferred: number;
+  inBuf?: Uint8Array;
+  /** 'read'/'write': disk at diskOffset; 'discard': accept and drop. */
+  disk?: 'read' | 'write' | 'discard';
+  diskOffset: number;
+  io: Promise<unknown>[];
+  /** OUT data of a failed command: accepted and dropped, residue = H. */
+  rejected?: boolean;
+}
+
+export interface Sense {
+  key: number;
+  asc: number;
+  ascq: number;
+}
+
+function u32le(b: Uint8Array, o: number): number {
+  return (b[o]! | (b[o + 1]! << 8) | (b[o + 2]! << 16) | (b[o + 3]! << 24)) >>> 0;
+}
+function u16be(b: Uint8Array, o: number): number {
+  return (b[o]! << 8) | b[o + 1]!;
+}
+function u32be(b: Uint8Array, o: number): number {
+  return ((b[o]! << 24) | (b[o + 1]! << 16) | (b[o + 2]! << 8) | b[o + 3]!) >>> 0;
+}
+function put32be(b: Uint8Array, o: number, v: number): void {
+  b[o] = (v >>> 24) & 0xff;
+  b[o + 1] = (v >>> 16) & 0xff;
+  b[o + 2] = (v >>> 8) & 0xff;
+  b[o + 3] = v & 0xff;
+}
+function put64be(b: Uint8Array, o: number, v: number): void {
+  put32be(b, o, Math.floor(v / 0x100000000));
+  put32be(b, o + 4, v >>> 0);
+}
+function ascii(s: string, len: number): number[] {
+  const out: number[] = [];
+  for (let i = 0; i < len; i++) {
+    const c = i < s.length ? s.charCodeAt(i) : 0x20;
+    out.push(c >= 0x20 && c < 0x7f ? c : 0x20);
+  }
+  return out;
+}
+
+export const SENSE_NONE: Sense = { key: 0, asc: 0, ascq: 0 };
+
+export class MassStorageDevice extends EmulatedDevice {
+  readonly imagePath: string;
+  readonly readOnly: boolean;
+  private readonly opts: MassStorageOptions;
+  private fh: FileHandle | undefined;
+  private blocks = 0;
+  private phase: Phase = 'cbw';
+  private cmd: Command | undefined;
+  private sense: Sense = SENSE_NONE;
+  private inWaiters: (() => void)[] = [];
+  private outWaiters: (() => void)[] = [];
+  private kicking = false;
+  private kickAgain = false;
+  private readonly bulkMps: number;
+  /** Counters for tests/diagnostics. */
+  readonly scsiStats = { commands: 0, bytesRead: 0, bytesWritten: 0, syncs: 0, resets: 0 };
+
+  static async create(options: MassStorageOptions): Promise<MassStorageDevice> {
+    const d = new MassStorageDevice(options);
+    await d.init();
+    return d;
+  }
+
+  constructor(options: MassStorageOptions) {
+    super((speed) => MassStorageDevice.describe(options, speed), options);
+    this.opts = options;
+    this.imagePath = options.imagePath;
+    this.readOnly = options.readOnly ?? false;
+    this.bulkMps = this.speed === Speed.Full ? 64 : this.speed === Speed.High ? 512 : 1024;
+  }
+
+  static describe(o: MassStorageOptions, speed: Speed): DeviceSpec {
+    const mps = speed === Speed.Full ? 64 : speed === Speed.High ? 512 : 1024;
+    return {
+      bcdUsb: 0x0200,
+      deviceClass: 0,
+      deviceSubclass: 0,
+      deviceProtocol: 0,
+      maxPacketSize0: 64,
+      vendorId: o.vendorId ?? 0x1209,
+      productId: o.productId ?? 0x7301,
+      bcdDevice: 0x0100,
+      manufacturer: o.manufacturer ?? 'usbroam',
+      product: o.product ?? 'Emulated Mass Storage',
+      serial: o.serial ?? 'USBROAM0001',
+      configurations: [
+        {
+          value: 1,
+          maxPowerMa: 100,
+          selfPowered: false,
+          remoteWakeup: false,
+          interfaces: [
+            {
+              number: 0,
+              alternateSetting: 0,
+              interfaceClass: 0x08,
+              interfaceSubclass: 0x06,
+              interfaceProtocol: 0x50,
+              endpoints: [
+                { address: MSC_BULK_IN, type: TransferType.Bulk, maxPacketSize: mps, interval: 0, maxBurst: 15 },
+                { address: MSC_BULK_OUT, type: TransferType.Bulk, maxPacketSize: mps, interval: 0, maxBurst: 15 },
+              ],
+            },
+          ],
+        },
+      ],
+    };
+  }
+
+  /** Open (creating if missing) the backing image. */
+  async init(): Promise<void> {
+    if (this.fh) return;
+    let fh: FileHandle;
+    try {
+      fh = await open(this.imagePath, this.readOnly ? 'r' : 'r+');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || this.readOnly) throw err;
+      fh = await open(this.imagePath, 'w+');
+      await fh.truncate(this.opts.sizeBytes ?? 64 * 1024 * 1024);
+    }
+    const st = await fh.stat();
+    this.fh = fh;
+    this.blocks = Math.floor(st.size / BLOCK_SIZE);
+  }
+
+  get capacityBlocks(): number {
+    return this.blocks;
+  }
+
+  /** The current sense data (what REQUEST SENSE would return). */
+  get currentSense(): Sense {
+    return this.sense;
+  }
+
+  override async dispose(): Promise<void> {
+    const fh = this.fh;
+    this.fh = undefined;
+    await fh?.close();
+  }
+
+  // -------------------------------------------------------------- USB
+
+  protected override pipelineDepth(_ep: EndpointInfo): number {
+    return 32;
+  }
+
+  protected override onReset(): void {
+    this.resetBot();
+  }
+  protected override onConfigurationChanged(): void {
+    this.resetBot();
+  }
+  protected override onGone(): void {
+    this.resetBot();
+  }
+
+  private resetBot(): void {
+    this.phase = 'cbw';
+    this.cmd = undefined;
+    this.kick();
+  }
+
+  protected override controlRequest(s: SetupPacket, _data: Uint8Array | undefined): TransferReturn {
+    const type = (s.bmRequestType >> 5) & 3;
+    if (type !== 1 || (s.bmRequestType & 0x1f) !== 1 || (s.wIndex & 0xff) !== 0) return STALL;
+    if (s.bRequest === 0xfe && s.bmRequestType === 0xa1) {
+      // Get Max LUN
+      return result(UrbStatus.Success, Uint8Array.of(0));
+    }
+    if (s.bRequest === 0xff && s.bmRequestType === 0x21 && s.wLength === 0) {
+      // Bulk-Only Mass Storage Reset: ready for the next CBW; halts stay until cleared.
+      this.scsiStats.resets++;
+      this.resetBot();
+      return ACK;
+    }
+    return STALL;
+  }
+
+  protected override transfer(ep: EndpointInfo, urb: Urb, ctx: TransferContext): TransferReturn {
+    if (ep.address === MSC_BULK_OUT) return this.bulkOut(urb, ctx);
+    return this.bulkIn(urb, ctx);
+  }
+
+  private waitIn(list: (() => void)[], urb: Urb, ctx: TransferContext, again: () => TransferReturn): Promise<UrbResult> {
+    return new Promise<UrbResult>((resolve) => {
+      const w = () => {
+        if (ctx.cancelled) return;
+        const r = again();
+        if (r instanceof Promise) r.then(resolve, () => resolve(result(UrbStatus.IoError)));
+        else resolve(r);
+      };
+      list.push(w);
+      ctx.onCancel(() => {
+        const i = list.indexOf(w);
+        if (i >= 0) list.splice(i, 1);
+        resolve(result(UrbStatus.Cancelled));
+      });
+      void urb;
+    });
+  }
+
+  /** Re-dispatch waiting URBs after a phase change, preserving their order. */
+  private kick(): void {
+    if (this.kicking) {
+      this.kickAgain = true;
+      return;
+    }
+    this.kicking = true;
+    try {
+      do {
+        this.kickAgain = false;
+        for (const list of [this.outWaiters, this.inWaiters]) {
+          if (list.length === 0) continue;
+          const ws = list.splice(0);
+          for (const w of ws) w();
+        }
+      } while (this.kickAgain);
+    } finally {
+      this.kicking = false;
+    }
+  }
+
+  private protocolError(): UrbResult {
+    this.phase = 'need-reset';
+    this.cmd = undefined;
+    this.halt(MSC_BULK_IN);
+    this.halt(MSC_BULK_OUT);
+    return STALL;
+  }
+
+  private bulkOut(urb: Urb, ctx: TransferContext): TransferReturn {
+    switch (this.phase) {
+      case 'need-reset':
+        return this.protocolError();
+      case 'cbw':
+        return this.handleCbw(urb);
+      case 'data-out':
+        return this.handleDataOut(urb);
+      default:
+        // The device is not expecting OUT data: NAK until it is.
+        return this.waitIn(this.outWaiters, urb, ctx, () => this.bulkOut(urb, ctx));
+    }
+  }
+
+  private bulkIn(urb: Urb, ctx: TransferContext): TransferReturn {
+    switch (this.phase) {
+      case 'need-reset':
+        return this.protocolError();
+      case 'data-in':
+        return this.handleDataIn(urb);
+      case 'csw':
+        return this.handleCsw(urb);
+      default:
+        return this.waitIn(this.inWaiters, urb, ctx, () => this.bulkIn(urb, ctx));
+    }
+  }
+
+  private handleCbw(urb: Urb): TransferReturn {
+    const d = urb.data ?? EMPTY;
+    if (d.length !== 31 || u32le(d, 0) !== CBW_SIGNATURE) return this.protocolError();
+    const flags = d[12]!;
+    const lun = d[13]! & 0x0f;
+    const cbLen = d[14]! & 0x1f;
+    if (cbLen < 1 || cbLen > 16 || (d[13]! & 0xf0) !== 0 || (flags & 0x3f) !== 0) return this.protocolError();
+    const cmd: Command = {
+      tag: u32le(d, 4),
+      hostLength: u32le(d, 8),
+      hostIn: (flags & 0x80) !== 0,
+      status: 0,
+      dir: 'none',
+      deviceLength: 0,
+      deviceDone: 0,
+      transferred: 0,
+      diskOffset: 0,
+      io: [],
+    };
+    const cdb = d.slice(15, 15 + cbLen);
+    this.scsiStats.commands++;
+    if (lun !== 0) {
+      this.fail(cmd, 0x05, 0x25, 0x00); // LOGICAL UNIT NOT SUPPORTED
+    } else {
+      this.execute(cmd, cdb);
+    }
+    this.cmd = cmd;
+    this.enterDataPhase(cmd);
+    this.kick();
+    return result(UrbStatus.Success, undefined, 31);
+  }
+
+  private enterDataPhase(cmd: Command): void {
+    const H = cmd.hostLength;
+    if (cmd.deviceLength === 0) cmd.dir = 'none';
+    if (H === 0) {
+      if (cmd.dir !== 'none') cmd.status = 2; // cases 2, 3
+      this.phase = 'csw';
+      return;
+    }
+    if (cmd.hostIn) {
+      if (cmd.dir === 'out') {
+        cmd.status = 2; // case 8
+        this.halt(MSC_BULK_IN);
+        this.phase = 'csw';
+        return;
+      }
+      if (cmd.deviceLength > H) {
+        if (cmd.disk === 'read') cmd.status = 2; // case 7
+        cmd.deviceLength = H;
+      }
+      this.phase = 'data-in';
+      return;
+    }
+    if (cmd.dir === 'in') {
+      cmd.status = 2; // case 10
+      this.halt(MSC_BULK_OUT);
+      this.phase = 'csw';
+      return;
+    }
+    if (cmd.deviceLength > H) {
+      cmd.status = 2; // case 13: nothing is written
+      cmd.disk = 'discard';
+      cmd.deviceLength = 0;
+    }
+    this.phase = 'data-out';
+  }
+
+  private handleDataIn(urb: Urb): TransferReturn {
+    const cmd = this.cmd!;
+    const want = Math.min(urb.length, cmd.hostLength - cmd.transferred);
+    const n = Math.max(0, Math.min(want, cmd.deviceLength - cmd.deviceDone));
+    const start = cmd.deviceDone;
+    cmd.deviceDone += n;
+    cmd.transferred += n;
+    if (n < urb.length || cmd.transferred >= cmd.hostLength) {
+      this.phase = 'csw';
+      this.kick();
+    }
+    if (n === 0) return result(UrbStatus.Success, EMPTY, 0);
+    if (cmd.disk === 'read') {
+      const fh = this.fh;
+      const buf = Buffer.allocUnsafeSlow(n);
+      if (!fh) {
+        this.fail(cmd, 0x02, 0x3a, 0x00);
+        buf.fill(0);
+        return result(UrbStatus.Success, buf, n);
+      }
+      const pos = cmd.diskOffset + start;
+      const p = readFully(fh, buf, pos).then(
+        () => {
+          this.scsiStats.bytesRead += n;
+          return result(UrbStatus.Success, buf, n);
+        },
+        (err) => {
+          this.log.warn({ err, pos, n }, 'image read failed');
+          this.fail(cmd, 0x03, 0x11, 0x00); // UNRECOVERED READ ERROR
+          buf.fill(0);
+          return result(UrbStatus.Success, buf, n);
+        },
+      );
+      cmd.io.push(p);
+      return p;
+    }
+    const data = cmd.inBuf!.subarray(start, start + n);
+    return result(UrbStatus.Success, data, n);
+  }
+
+  private handleDataOut(urb: Urb): TransferReturn {
+    const cmd = this.cmd!;
+    const d = urb.data ?? EMPTY;
+    const take = Math.min(d.length, cmd.hostLength - cmd.transferred);
+    const start = cmd.transferred;
+    cmd.transferred += take;
+    const devN = Math.max(0, Math.min(take, cmd.deviceLength - start));
+    cmd.deviceDone += devN;
+    if (cmd.transferred >= cmd.hostLength || d.length % this.bulkMps !== 0) {
+      this.phase = 'csw';
+      this.kick();
+    }
+    if (devN > 0 && cmd.disk === 'write' && this.fh) {
+      const pos = cmd.diskOffset + start;
+      const p = writeFully(this.fh, d.subarray(0, devN), pos).then(
+        () => {
+          this.scsiStats.bytesWritten += devN;
+          return result(UrbStatus.Success, undefined, d.length);
+        },
+        (err) => {
+          this.log.warn({ err, pos, devN }, 'image write failed');
+          this.fail(cmd, 0x03, 0x0c, 0x00); // WRITE ERROR
+          return result(UrbStatus.Success, undefined, d.length);
+        },
+      );
+      cmd.io.push(p);
+      return p;
+    }
+    return result(UrbStatus.Success, undefined, d.length);
+  }
+
+  private handleCsw(urb: Urb): TransferReturn {
+    const cmd = this.cmd!;
+    this.cmd = undefined;
+    this.phase = 'cbw';
+    this.kick();
+    const build = (): UrbResult => {
+      const csw = new Uint8Array(13);
+      const dv = new DataView(csw.buffer);
+      dv.setUint32(0, CSW_SIGNATURE, true);
+      dv.setUint32(4, cmd.tag, true);
+      const residue = cmd.hostIn
+        ? cmd.hostLength - cmd.transferred
+        : cmd.rejected
+          ? cmd.hostLength
+          : cmd.hostLength - cmd.deviceDone;
+      dv.setUint32(8, Math.max(0, residue), true);
+      csw[12] = cmd.status;
+      const out = csw.subarray(0, Math.min(13, urb.length));
+      return result(UrbStatus.Success, out, out.length);
+    };
+    if (cmd.io.length === 0) return build();
+    return Promise.allSettled(cmd.io).then(build);
+  }
+
+  // ------------------------------------------------------------- SCSI
+
+  private fail(cmd: Command, key: number, asc: number, ascq: number): void {
+    if (cmd.status === 0) cmd.status = 1;
+    this.sense = { key, asc, ascq };
+    cmd.inBuf = undefined;
+    if (cmd.disk === 'write' || cmd.disk === 'discard') {
+      cmd.disk = 'discard';
+      cmd.rejected = true;
+    } else {
+      cmd.dir = 'none';
+      cmd.deviceLength = 0;
+      cmd.disk = undefined;
+    }
+  }
+
+  private reply(cmd: Command, data: Uint8Array, allocLength: number): void {
+    const n = Math.min(data.length, allocLength);
+    cmd.inBuf = data.subarray(0, n);
+    cmd.dir = 'in';
+    cmd.deviceLength = n;
+  }
+
+  private execute(cmd: Command, cdb: Uint8Array): void {
+    const op = cdb[0]!;
+    if (op !== 0x03) this.sense = SENSE_NONE;
+    const need = (n: number) => {
+      if (cdb.length < n) {
+        this.fail(cmd, 0x05, 0x24, 0x00);
+        return false;
+      }
+      return true;
+    };
+    switch (op) {
+      case 0x00: // TEST UNIT READY
+        if (!this.fh) this.fail(cmd, 0x02, 0x3a, 0x00);
+        return;
+      case 0x03: {
+        // REQUEST SENSE (fixed format); returns and clears the sense
+        const s = this.sense;
+        this.sense = SENSE_NONE;
+        const b = new Uint8Array(18);
+        b[0] = 0x70;
+        b[2] = s.key;
+        b[7] = 10;
+        b[12] = s.asc;
+        b[13] = s.ascq;
+        this.reply(cmd, b, cdb[4]!);
+        return;
+      }
+      case 0x12:
+        if (need(6)) this.inquiry(cmd, cdb);
+        return;
+      case 0x1a: // MODE SENSE(6)
+      case 0x5a: // MODE SENSE(10)
+        if (need(op === 0x1a ? 6 : 10)) this.modeSense(cmd, cdb, op === 0x5a);
+        return;
+      case 0x15: // MODE SELECT(6)
+      case 0x55: {
+        // MODE SELECT(10): parameters accepted and ignored (nothing is changeable)
+        const len = op === 0x15 ? cdb[4]! : u16be(cdb, 7);
+        cmd.dir = 'out';
+        cmd.disk = 'discard';
+        cmd.deviceLength = len;
+        return;
+      }
+      case 0x1e: // PREVENT ALLOW MEDIUM REMOVAL
+      case 0x1b: // START STOP UNIT
+        return;
+      case 0x25: {
+        // READ CAPACITY(10)
+        const b = new Uint8Array(8);
+        put32be(b, 0, this.blocks === 0 ? 0 : Math.min(0xffffffff, this.blocks - 1));
+        put32be(b, 4, BLOCK_SIZE);
+        this.reply(cmd, b, 8);
+        return;
+      }
+      case 0x9e: {
+        // SERVICE ACTION IN(16)
+        if (!need(16)) return;
+        if ((cdb[1]! & 0x1f) !== 0x10) return this.fail(cmd, 0x05, 0x24, 0x00);
+        const b = new Uint8Array(32);
+        put64be(b, 0, Math.max(0, this.blocks - 1));
+        put32be(b, 8, BLOCK_SIZE);
+        this.reply(cmd, b, u32be(cdb, 10));
+        return;
+      }
+      case 0x23: {
+        // READ FORMAT CAPACITIES
+        const b = new Uint8Array(12);
+        b[3] = 8;
+        put32be(b, 4, Math.min(0xffffffff, this.blocks));
+        b[8] = 0x02; // formatted media
+        b[10] = BLOCK_SIZE >> 8;
+        b[11] = BLOCK_SIZE & 0xff;
+        this.reply(cmd, b, u16be(cdb, 7));
+        return;
+      }
+      case 0xa0: {
+        // REPORT LUNS: LUN 0 only
+        if (!need(12)) return;
+        const b = new Uint8Array(16);
+        b[3] = 8;
+        this.reply(cmd, b, u32be(cdb, 6));
+        return;
+      }
+      case 0x08: // READ(6)
+      case 0x28: // READ(10)
+      case 0xa8: // READ(12)
+      case 0x88: // READ(16)
+      case 0x0a: // WRITE(6)
+      case 0x2a: // WRITE(10)
+      case 0xaa: // WRITE(12)
+      case 0x8a: // WRITE(16)
+      case 0x2f: {
+        // VERIFY(10)
+        const len = op < 0x20 ? 6 : op < 0x40 ? 10 : op >= 0xa0 ? 12 : 16;
+        if (!need(len)) return;
+        let lba: number;
+        let count: number;
+        if (len === 6) {
+          lba = ((cdb[1]! & 0x1f) << 16) | (cdb[2]! << 8) | cdb[3]!;
+          count = cdb[4]! || 256;
+        } else if (len === 10) {
+          lba = u32be(cdb, 2);
+          count = u16be(cdb, 7);
+        } else if (len === 12) {
+          lba = u32be(cdb, 2);
+          count = u32be(cdb, 6);
+        } else {
+          lba = u32be(cdb, 2) * 0x100000000 + u32be(cdb, 6);
+          count = u32be(cdb, 10);
+        }
+        const isWrite = op === 0x0a || op === 0x2a || op === 0xaa || op === 0x8a;
+        const isVerify = op === 0x2f;
+        const bytchk = isVerify && (cdb[1]! & 0x02) !== 0;
+        // The device's data expectation comes from the CDB even if the command fails,
+        // so the host's data phase can still be matched (cases 9/11).
+        if (isWrite || bytchk) {
+          cmd.dir = 'out';
+          cmd.disk = 'discard';
+          cmd.deviceLength = count * BLOCK_SIZE;
+        }
+        if (lba + count > this.blocks) return this.fail(cmd, 0x05, 0x21, 0x00);
+        if (isWrite && this.readOnly) return this.fail(cmd, 0x07, 0x27, 0x00); // WRITE PROTECTED
+        if (!this.fh) return this.fail(cmd, 0x02, 0x3a, 0x00);
+        if (count === 0 || (isVerify && !bytchk)) return;
+        cmd.diskOffset = lba * BLOCK_SIZE;
+        cmd.deviceLength = count * BLOCK_SIZE;
+        if (isWrite) {
+          cmd.dir = 'out';
+          cmd.disk = 'write';
+        } else if (!isVerify) {
+          cmd.dir = 'in';
+          cmd.disk = 'read';
+        }
+        return;
+      }
+      case 0x35: // SYNCHRONIZE CACHE(10)
+      case 0x91: {
+        // SYNCHRONIZE CACHE(16)
+        const fh = this.fh;
+        if (!fh) return this.fail(cmd, 0x02, 0x3a, 0x00);
+        if (this.readOnly) return;
+        this.scsiStats.syncs++;
+        cmd.io.push(
+          fh.datasync().catch((err) => {
+            this.log.warn({ err }, 'image fsync failed');
+            this.fail(cmd, 0x03, 0x0c, 0x00);
+          }),
+        );
+        return;
+      }
+      default:
+        this.fail(cmd, 0x05, 0x20, 0x00); // INVALID COMMAND OPERATION CODE
+    }
+  }
+
+  private inquiry(cmd: Command, cdb: Uint8Array): void {
+    const evpd = (cdb[1]! & 1) !== 0;
+    const page = cdb[2]!;
+    const alloc = u16be(cdb, 3);
+    const o = this.opts;
+    const serial = o.serial ?? 'USBROAM0001';
+    if (!evpd) {
+      if (page !== 0) return this.fail(cmd, 0x05, 0x24, 0x00);
+      const b = Uint8Array.from([
+        0x00,
+        o.removable ? 0x80 : 0x00,
+        0x06, // SPC-4
+        0x02, // response data format 2
+        31,
+        0,
+        0,
+        0,
+        ...ascii(o.vendor ?? 'usbroam', 8),
+        ...ascii(o.productName ?? 'Emulated Disk', 16),
+        ...ascii(o.revision ?? '0100', 4),
+      ]);
+      return this.reply(cmd, b, alloc);
+    }
+    const vpd = (p: number, body: number[]): Uint8Array =>
+      Uint8Array.from([0x00, p, (body.length >> 8) & 0xff, body.length & 0xff, ...body]);
+    let b: Uint8Array;
+    switch (page) {
+      case 0x00:
+        b = vpd(0x00, [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
+        break;
+      case 0x80:
+        b = vpd(0x80, ascii(serial, serial.length));
+        break;
+      case 0x83: {
+        // T10 vendor ID based designator: vendor + product + serial
+        const id = [...ascii(o.vendor ?? 'usbroam', 8), ...ascii(o.productName ?? 'Emulated Disk', 16), ...ascii(serial, serial.length)];
+        b = vpd(0x83, [0x02, 0x01, 0x00, id.length, ...id]);
+        break;
+      }
+      case 0xb0: {
+        // Block limits: no transfer limits reported, no UNMAP
+        const body = new Array<number>(0x3c).fill(0);
+        b = vpd(0xb0, body);
+        break;
+      }
+      case 0xb1: {
+        // Block device characteristics: non-rotating medium
+        const body = new Array<number>(0x3c).fill(0);
+        body[1] = 0x01;
+        b = vpd(0xb1, body);
+        break;
+      }
+      case 0xb2:
+        // Logical block provisioning: no UNMAP / WRITE SAME, not thin provisioned
+        b = vpd(0xb2, [0, 0, 0, 0]);
+        break;
+      default:
+        return this.fail(cmd, 0x05, 0x24, 0x00);
+    }
+    this.reply(cmd, b, alloc);
+  }
+
+  private modePage(code: number, changeable: boolean): number[] | undefined {
+    switch (code) {
+      case 0x08: {
+        const p = new Array<number>(20).fill(0);
+        p[0] = 0x08;
+        p[1] = 0x12;
+        if (!changeable) {
+          p[2] = (this.opts.writeCache ?? true) ? 0x04 : 0x00; // WCE
+          p[4] = p[5] = 0xff; // disable prefetch transfer length
+          p[8] = p[9] = 0xff; // maximum prefetch
+          p[10] = p[11] = 0xff; // maximum prefetch ceiling
+        }
+        return p;
+      }
+      case 0x0a: {
+        const p = new Array<number>(12).fill(0);
+        p[0] = 0x0a;
+        p[1] = 0x0a;
+        return p;
+      }
+      case 0x1c: {
+        const p = new Array<number>(12).fill(0);
+        p[0] = 0x1c;
+        p[1] = 0x0a;
+        return p;
+      }
+      default:
+        return undefined;
+    }
+  }
+
+  private modeSense(cmd: Command, cdb: Uint8Array, ten: boolean): void {
+    const dbd = (cdb[1]! & 0x08) !== 0;
+    const llbaa = ten && (cdb[1]! & 0x10) !== 0;
+    const pc = cdb[2]! >> 6;
+    const page = cdb[2]! & 0x3f;
+    const subpage = cdb[3]!;
+    const alloc = ten ? u16be(cdb, 7) : cdb[4]!;
+    if (pc === 3) return this.fail(cmd, 0x05, 0x39, 0x00); // SAVING PARAMETERS NOT SUPPORTED
+    if (subpage !== 0 && !(page === 0x3f && subpage === 0xff)) return this.fail(cmd, 0x05, 0x24, 0x00);
+    const changeable = pc === 1;
+    let pages: number[] = [];
+    if (page === 0x3f) {
+      for (const c of [0x08, 0x0a, 0x1c]) pages = pages.concat(this.modePage(c, changeable)!);
+    } else {
+      const p = this.modePage(page, changeable);
+      if (!p) return this.fail(cmd, 0x05, 0x24, 0x00);
+      pages = p;
+    }
+    const devSpecific = this.readOnly ? 0x80 : 0x00;
+    let blockDesc: number[] = [];
+    if (!dbd) {
+      const bd = new Uint8Array(llbaa ? 16 : 8);
+      if (llbaa) {
+        put64be(bd, 0, this.blocks);
+        put32be(bd, 12, BLOCK_SIZE);
+      } else {
+        put32be(bd, 0, Math.min(0xffffffff, this.blocks));
+        bd[5] = 0;
+        bd[6] = BLOCK_SIZE >> 8;
+        bd[7] = BLOCK_SIZE & 0xff;
+      }
+      blockDesc = [...bd];
+    }
+    let b: Uint8Array;
+    if (ten) {
+      const total = 8 + blockDesc.length + pages.length;
+      b = Uint8Array.from([
+        ((total - 2) >> 8) & 0xff,
+        (total - 2) & 0xff,
+        0,
+        devSpecific,
+        llbaa ? 1 : 0,
+        0,
+        (blockDesc.length >> 8) & 0xff,
+        blockDesc.length & 0xff,
+        ...blockDesc,
+        ...pages,
+      ]);
+    } else {
+      const total = 4 + blockDesc.length + pages.length;
+      b = Uint8Array.from([Math.min(255, total - 1), 0, devSpecific, blockDesc.length, ...blockDesc, ...pages]);
+    }
+    this.reply(cmd, b, alloc);
+  }
+}
+
+async function readFully(fh: FileHandle, buf: Uint8Array, pos: number): Promise<void> {
+  let off = 0;
+  while (off < buf.length) {
+    const { bytesRead } = await fh.read(buf, off, buf.length - off, pos + off);
+    if (bytesRead === 0) {
+      buf.fill(0, off);
+      return;
+    }
+    off += bytesRead;
+  }
+}
+
+async function writeFully(fh: FileHandle, data: Uint8Array, pos: number): Promise<void> {
+  let off = 0;
+  while (off < data.length) {
+    const { bytesWritten } = await fh.write(data, off, data.length - off, pos + off);
+    if (bytesWritten === 0) throw new Error('short write');
+    off += bytesWritten;
+  }
+}
