@@ -256,6 +256,20 @@ describe('usbredir parser: stream handling', () => {
     expect(rest).to.deep.equal(expected.slice(1));
   });
 
+  it('encodeParts() gives the same bytes without copying the data', () => {
+    const { host } = connectedPair();
+    const data = Uint8Array.from({ length: 1000 }, (_, i) => i * 7);
+    const p: Packet = { type: 'bulk_packet', id: 77n, endpoint: 0x02, status: 0, length: 1000, streamId: 0, data };
+    const before = host.bytesEncoded;
+    const parts = host.encodeParts(p);
+    expect(parts).to.have.length(2);
+    expect(parts[1]).to.equal(data);
+    expect(parts[0]!.length).to.equal(16 + 10);
+    expect(Array.from(concat(parts))).to.deep.equal(Array.from(host.encode(p)));
+    expect(host.bytesEncoded - before).to.equal(2 * (16 + 10 + 1000));
+    expect(host.encodeParts({ type: 'reset', id: 1n })).to.have.length(1);
+  });
+
   it('a fresh copy is made when a packet spans chunks (caller may reuse the chunk)', () => {
     const { host, dev } = connectedPair();
     const enc = host.encode({ type: 'bulk_packet', id: 1n, endpoint: 2, status: 0, length: 4, streamId: 0, data: hexBytes('01020304') });

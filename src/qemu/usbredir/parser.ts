@@ -513,6 +513,20 @@ export class UsbredirParser {
    * (unless noHello) and always uses a 32-bit id header.
    */
   encode(p: Packet): Uint8Array {
+    return this.encodeImpl(p, false)[0]!;
+  }
+
+  /**
+   * Like encode(), but does not copy the data of data packets / filter rules into the header
+   * buffer: returns [headers] or [headers, data] (data is the packet's own Uint8Array for data
+   * packets), for vectored writes (socket.cork() + write() each part, or writev). The parts
+   * concatenated are byte-identical to encode(p).
+   */
+  encodeParts(p: Packet): Uint8Array[] {
+    return this.encodeImpl(p, true);
+  }
+
+  private encodeImpl(p: Packet, split: boolean): Uint8Array[] {
     const name = p.type;
     if (PacketType[name] === undefined) throw encErr(`unknown packet type ${String(name)}`, 'unknown_type');
     if (name === 'hello') {
@@ -566,7 +580,7 @@ export class UsbredirParser {
     const msg = verifyPacket(p, data.length, this.peerRole, (cap) => this.peerHasCap(cap));
     if (msg) throw encErr(msg[1], msg[0]);
 
-    const buf = new Uint8Array(hl + length);
+    const buf = new Uint8Array(split ? hl + thl : hl + length);
     w32(buf, 0, PacketType[name]);
     w32(buf, 4, length);
     if (hl === HEADER_SIZE_32BIT_ID) {
@@ -576,10 +590,11 @@ export class UsbredirParser {
       w32(buf, 12, Number(p.id >> 32n));
     }
     encodeHeader(p, buf, hl, this.neg);
-    if (data.length > 0) buf.set(data, hl + thl);
     if (name === 'hello') this._helloSent = true;
-    this.encoded += buf.length;
-    return buf;
+    this.encoded += hl + length;
+    if (split) return data.length > 0 ? [buf, data] : [buf];
+    if (data.length > 0) buf.set(data, hl + thl);
+    return [buf];
   }
 }
 
