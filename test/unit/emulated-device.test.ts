@@ -290,4 +290,25 @@ describe('emulated device base', () => {
       await backend.close();
     }
   });
+
+  it('re-plug: a device removed without dispose can be added and opened again', async () => {
+    const backend = new EmulatedBackend();
+    const dev = new SerialDevice({ portPath: [3] });
+    backend.add(dev);
+    const h = await backend.open(dev.id);
+    await h.setConfiguration(1);
+    await backend.remove(dev.id, { dispose: false });
+    expect(dev.isGone).to.equal(true);
+    const added: string[] = [];
+    backend.on('added', (i: DeviceInfo) => added.push(i.id));
+    backend.add(dev);
+    expect(added).to.deep.equal([dev.id]);
+    expect(dev.isGone).to.equal(false);
+    const h2 = await backend.open(dev.id);
+    expect(await h2.getConfiguration()).to.equal(0);
+    await h2.setConfiguration(1);
+    await bulkOut(h2, ACM_BULK_OUT, Uint8Array.of(7));
+    expect([...(await bulkIn(h2, ACM_BULK_IN, 8)).data!]).to.deep.equal([7]);
+    await backend.close();
+  });
 });

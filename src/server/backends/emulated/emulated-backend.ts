@@ -20,9 +20,13 @@ export class EmulatedBackend extends EventEmitter implements UsbBackend {
     this.log = (options.logger ?? silentLogger).child({ backend: 'emulated' });
   }
 
-  /** Plug a device in; emits 'added' (DeviceInfo). */
+  /**
+   * Plug a device in; emits 'added' (DeviceInfo). A device removed earlier with
+   * `remove(id, { dispose: false })` can be added again (re-plug).
+   */
   add(device: EmulatedDevice): void {
     if (this.devices.has(device.id)) throw new Error(`duplicate emulated device id ${device.id}`);
+    device.replug();
     this.devices.set(device.id, device);
     this.log.info({ device: device.id }, 'emulated device added');
     this.emit('added', device.info);
@@ -30,7 +34,8 @@ export class EmulatedBackend extends EventEmitter implements UsbBackend {
 
   /**
    * Unplug a device: an opened handle emits 'gone' and fails its URBs with
-   * IoError; emits 'removed' (id). Resources are released unless keep is set.
+   * IoError; emits 'removed' (id). Resources (image files) are released
+   * unless `dispose: false` (then the same device object can be re-added).
    */
   async remove(id: string, options: { dispose?: boolean } = {}): Promise<boolean> {
     const device = this.devices.get(id);

@@ -317,6 +317,17 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
     this.emit('gone', reason);
   }
 
+  /**
+   * Plug an unplugged device back in (EmulatedBackend.add does this): not open,
+   * unconfigured, stats kept. Resources released by dispose() are not reopened.
+   */
+  replug(): void {
+    if (this.goneReason === undefined) return;
+    this.goneReason = undefined;
+    this.opened = false;
+    this.resetState();
+  }
+
   /** Release resources (files). Subclasses override; the backend calls it on close. */
   async dispose(): Promise<void> {}
 
