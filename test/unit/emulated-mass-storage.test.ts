@@ -357,4 +357,42 @@ describe('emulated mass storage (BOT/SCSI)', () => {
     const r2 = await submit(dev, makeUrb({ endpoint: 0x85, type: TransferType.Bulk, length: 13 }));
     expect(r2.status).to.equal(UrbStatus.Inval);
   });
+
+  it('Ho > Do (case 11): excess OUT data is discarded, residue reported; Ho < Do (case 13) writes nothing, phase error', async () => {
+    const p = Buffer.alloc(1024, 0xab);
+    const myTag = tag++;
+    await bulkOut(dev, MSC_BULK_OUT, cbw(myTag, 1024, false, [0x2a, 0, ...be32(10), 0, ...be16(1), 0]));
+    expect((await bulkOut(dev, MSC_BULK_OUT, p)).status).to.equal(UrbStatus.Success);
+    const c11 = parseCsw(await bulkIn(dev, MSC_BULK_IN, 13));
+    expect(c11.status).to.equal(0);
+    expect(c11.residue).to.equal(512);
+    const t13 = tag++;
+    await bulkOut(dev, MSC_BULK_OUT, cbw(t13, 512, false, [0x2a, 0, ...be32(20), 0, ...be16(2), 0]));
+    await bulkOut(dev, MSC_BULK_OUT, Buffer.alloc(512, 0xcd));
+    const c13 = parseCsw(await bulkIn(dev, MSC_BULK_IN, 13));
+    expect(c13.status).to.equal(2);
+    const file = await readFile(join(dir, 'disk.img'));
+    expect(file[10 * 512]).to.equal(0xab);
+    expect(file[10 * 512 + 512]).to.equal(0); // only D bytes written in case 11
+    expect(file[20 * 512]).to.equal(0); // nothing written in case 13
+  });
+
+  it('Ho <> Di (case 10): bulk-OUT stalls, CSW phase error', async () => {
+    const myTag = tag++;
+    await bulkOut(dev, MSC_BULK_OUT, cbw(myTag, 36, false, [0x12, 0, 0, 0, 36, 0]));
+    expect((await bulkOut(dev, MSC_BULK_OUT, new Uint8Array(36))).status).to.equal(UrbStatus.Stall);
+    await dev.clearHalt(MSC_BULK_OUT);
+    const csw = parseCsw(await bulkIn(dev, MSC_BULK_IN, 13));
+    expect(csw.tag).to.equal(myTag);
+    expect(csw.status).to.equal(2);
+  });
+
+  it('counts each bulk URB of a command exactly once', async () => {
+    const before = dev.stats.executed;
+    const payload = randomBytes(64 * 1024);
+    await command([0x2a, 0, ...be32(0), 0, ...be16(128), 0], { out: payload, chunk: 16 * 1024 });
+    // CBW + 4 data URBs + CSW
+    expect(dev.stats.executed - before).to.equal(6);
+    expect(dev.stats.byEndpoint.get(MSC_BULK_OUT)).to.be.at.least(5);
+  });
 });
