@@ -8,7 +8,7 @@
 #
 # Cache: ${USBROAM_GUEST_CACHE:-<repo>/.cache/guest}/
 #   debs/<pkg>.deb                    the downloaded kernel package (kept across rebuilds)
-#   images/<kver>-<scripthash>/       vmlinuz, initramfs.gz, manifest.json
+#   images/<kver>-<scripthash>/       vmlinuz, vmlinux (PVH ELF, when extractable), initramfs.gz, manifest.json
 #   current -> images/<kver>-<hash>   the last image built (what the harness boots)
 # The key is the kernel version + a hash of this script, so editing the
 # script (module list, /init) or a new kernel in the archive rebuilds.
@@ -211,12 +211,29 @@ if (cd "$ROOT" && find . | LC_ALL=C sort | "$BUSYBOX" cpio -o -H newc 2>/dev/nul
   log "busybox cpio failed"; exit 1
 fi
 cp "$VMLINUZ" "$WORK/out/vmlinuz"
+# Also the uncompressed ELF kernel: with its PVH entry note QEMU boots it
+# directly (-kernel vmlinux), skipping the bzImage's xz decompression, which
+# costs ~3.5 s under TCG (8 s -> 4.5 s to a shell).
+PVH=false
+for off in $(LC_ALL=C grep -aobUP '\xfd7zXZ\x00' "$VMLINUZ" | cut -d: -f1); do
+  if tail -c +$((off + 1)) "$VMLINUZ" | xz -dc 2>/dev/null > "$WORK/vmlinux"; [[ "$(head -c 4 "$WORK/vmlinux" | od -An -tx1 | tr -d ' ')" == 7f454c46 ]]; then
+    # XEN_ELFNOTE_PHYS32_ENTRY (type 0x12, name "Xen")
+    if LC_ALL=C grep -qaUP '\x04\x00\x00\x00[\x04\x08]\x00\x00\x00\x12\x00\x00\x00Xen\x00' "$WORK/vmlinux"; then
+      mv "$WORK/vmlinux" "$WORK/out/vmlinux"
+      PVH=true
+    fi
+    break
+  fi
+done
+rm -f "$WORK/vmlinux"
+log "PVH ELF kernel: $PVH"
 cat > "$WORK/out/manifest.json" <<JSON
 {
   "kernelPackage": "$KPKG",
   "kernelVersion": "$KVER",
   "scriptHash": "$SCRIPT_HASH",
   "deb": "$(basename "$DEB")",
+  "pvh": $PVH,
   "modules": [$(printf '"%s",' "${names[@]}" | sed 's/,$//')],
   "builtAt": "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 }

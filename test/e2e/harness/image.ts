@@ -12,7 +12,16 @@ export const QBOOT_ROM = '/usr/share/qemu/qboot.rom';
 export interface GuestImage {
   /** Directory holding vmlinuz, initramfs.gz, manifest.json. */
   dir: string;
+  /**
+   * What -kernel gets: the uncompressed PVH ELF `vmlinux` when the image has
+   * one (boots ~3.5 s faster under TCG), else the bzImage. Env
+   * USBROAM_GUEST_BOOT=bzimage forces the bzImage.
+   */
   kernel: string;
+  /** The bzImage. */
+  bzImage: string;
+  /** The PVH ELF kernel, when extracted. */
+  vmlinux: string | null;
   initrd: string;
   kernelVersion: string;
   /** Kernel modules in the initramfs, in load order. */
@@ -26,11 +35,14 @@ export function guestCacheDir(): string {
 
 function imageFromDir(dir: string): GuestImage | null {
   try {
-    const manifest = JSON.parse(fs.readFileSync(path.join(dir, 'manifest.json'), 'utf8')) as { kernelVersion: string; modules: string[] };
-    const kernel = path.join(dir, 'vmlinuz');
+    const manifest = JSON.parse(fs.readFileSync(path.join(dir, 'manifest.json'), 'utf8')) as { kernelVersion: string; modules: string[]; pvh?: boolean };
+    const bzImage = path.join(dir, 'vmlinuz');
     const initrd = path.join(dir, 'initramfs.gz');
-    if (!fs.existsSync(kernel) || !fs.existsSync(initrd)) return null;
-    return { dir, kernel, initrd, kernelVersion: manifest.kernelVersion, modules: manifest.modules };
+    if (!fs.existsSync(bzImage) || !fs.existsSync(initrd)) return null;
+    const elf = path.join(dir, 'vmlinux');
+    const vmlinux = manifest.pvh && fs.existsSync(elf) ? elf : null;
+    const kernel = vmlinux && process.env.USBROAM_GUEST_BOOT !== 'bzimage' ? vmlinux : bzImage;
+    return { dir, kernel, bzImage, vmlinux, initrd, kernelVersion: manifest.kernelVersion, modules: manifest.modules };
   } catch {
     return null;
   }
