@@ -20,6 +20,7 @@ import type { Acl } from './acl.js';
 import { deviceToProto } from './convert.js';
 import type { DeviceRegistry, RegistryEvent } from './devices/registry.js';
 import { identityOf } from './identity.js';
+import { MessageReader } from './message-reader.js';
 import type { SessionManager } from './sessions/manager.js';
 import { ChannelProtocolError, type Session, type SessionStream } from './sessions/session.js';
 
@@ -100,7 +101,8 @@ export function createUsbHostHandlers(deps: ServiceDeps) {
     if (!deps.accepting()) return stream.end(S.UNAVAILABLE, 'server is shutting down');
     let session: Session | undefined;
     try {
-      for await (const msg of call as AsyncIterable<ClientMessage>) {
+      const reader = new MessageReader<ClientMessage>(call);
+      for (let msg = await reader.next(); msg; msg = await reader.next()) {
         let frames = msg.frames;
         if (!session) {
           const first = frames[0];
