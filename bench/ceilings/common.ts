@@ -35,8 +35,12 @@ export const CeilingsService = {
 /**
  * grpc-js options used for the ceilings (both sides). Findings (grpc-js 1.14, Node 20, loopback mTLS):
  * - 'grpc-node.flow_control_window' (client only: connection + initial stream receive window the
- *   client advertises) raises server->client throughput; the server's receive window is not
- *   configurable in grpc-js (Node http2 default 65535).
+ *   client advertises): 16 MiB roughly doubles server->client throughput vs the 64 KiB default.
+ * - The server's receive window is not configurable in grpc-js 1.14 (Node http2 default 65535 B
+ *   per stream), which caps client->server at ~100 MB/s here. 'usbroam-bench.server_flow_control_window'
+ *   is NOT a grpc-js option: bench/ceilings/server.ts implements it by wrapping
+ *   http2.createSecureServer (settings.initialWindowSize + session.setLocalWindowSize); 16 MiB
+ *   roughly doubles client->server throughput. Set it to 0 to measure stock grpc-js.
  * - 'grpc.enable_retries': 0 avoids the retry layer buffering/copying every outgoing message.
  * - 'grpc.enable_channelz': 0 removes per-message channelz bookkeeping.
  * - message size limits only need to exceed the largest message (64 KiB here; default 4 MiB).
@@ -51,6 +55,7 @@ export const CEILINGS_GRPC_CHANNEL_OPTIONS: ChannelOptions = {
 };
 
 export const CEILINGS_GRPC_SERVER_OPTIONS: ChannelOptions = {
+  'usbroam-bench.server_flow_control_window': 16 * 1024 * 1024,
   'grpc.enable_channelz': 0,
   'grpc.max_receive_message_length': 16 * 1024 * 1024,
   'grpc.max_send_message_length': 16 * 1024 * 1024,
