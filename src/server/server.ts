@@ -3,7 +3,7 @@
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
-import { HealthImplementation } from 'grpc-health-check';
+import { HealthImplementation, protoPath as healthProtoPath } from 'grpc-health-check';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -91,7 +91,7 @@ export class UsbHostServer {
       }) as unknown as grpc.UntypedServiceImplementation,
     );
     this.health.addToServer(this.grpcServer);
-    const pkg = protoLoader.loadSync(path.join(PROTO_DIR, 'usbroam/v1/usbhost.proto'), { includeDirs: [PROTO_DIR] });
+    const pkg = protoLoader.loadSync([path.join(PROTO_DIR, 'usbroam/v1/usbhost.proto'), healthProtoPath], { includeDirs: [PROTO_DIR] });
     new ReflectionService(pkg).addToServer(this.grpcServer);
   }
 

@@ -110,8 +110,13 @@ describe('claims and the grace period', function () {
   it('keeps a lost session for the grace period, then cancels, resets and releases the device', async () => {
     const proxy = new TcpProxy('127.0.0.1', srv.port);
     const a = new UsbHostClient({ address: await proxy.start(), ...clientTls('bridge') });
-    const dev = await a.openDevice({ serial: 'USBROAM-LOOP-0001' }, { reconnectWindowMs: 5000 });
+    const dev = await a.openDevice({ serial: 'USBROAM-ACM-0001' }, { reconnectWindowMs: 5000 });
     await dev.selectConfiguration(1);
+    // A read on the echo device stays in flight until something is written.
+    const pendingRead = dev.transferIn(1, 64).then(
+      () => 'completed',
+      (err: Error) => err.message,
+    );
     const device = srv.backend.get(dev.device.id)!;
     let resets = 0;
     const origReset = device.reset.bind(device);
@@ -127,6 +132,8 @@ describe('claims and the grace period', function () {
     await new Promise((r) => setTimeout(r, 700));
     expect(session.state).to.equal('closed');
     expect(resets).to.equal(1);
+    expect((device as unknown as { inFlight(): number }).inFlight()).to.equal(0);
+    expect(await pendingRead).to.match(/could not resume|unknown or has expired/);
     expect(srv.server.registry.claimOf(device.id)).to.equal(undefined);
     expect(srv.server.sessions.list()).to.have.length(0);
     await proxy.stop();

@@ -2,7 +2,7 @@
 import { Command, Option } from 'commander';
 import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
-import { createLogger } from '../../common/log.js';
+import { createLogger, type Logger } from '../../common/log.js';
 import { createDefaultEmulatedBackend } from '../../server/backends/emulated/emulated-backend.js';
 import type { UsbBackend } from '../../server/backends/types.js';
 import { DEFAULT_LISTEN, loadConfigFile, type ServerConfig } from '../../server/config.js';
@@ -51,15 +51,17 @@ export function serveConfig(f: ServeFlags): ServerConfig {
   };
 }
 
-export function emulatedBackends(cfg: ServerConfig, dataDir: string): UsbBackend[] {
+export async function emulatedBackends(cfg: ServerConfig, dataDir: string, log?: Logger): Promise<UsbBackend[]> {
   if (!cfg.emulated) return [];
   const disk = cfg.emulated.disk;
   const image = disk ? disk.image : path.join(dataDir, 'disk.img');
   mkdirSync(path.dirname(image), { recursive: true });
   return [
-    createDefaultEmulatedBackend({
-      diskImage: disk === false ? undefined : image,
-      diskSizeBytes: (disk && disk.sizeMiB ? disk.sizeMiB : 64) * 1024 * 1024,
+    await createDefaultEmulatedBackend({
+      massStorage: disk !== false,
+      imagePath: image,
+      imageSizeBytes: (disk && disk.sizeMiB ? disk.sizeMiB : 64) * 1024 * 1024,
+      logger: log,
       loopback: cfg.emulated.loopback !== false,
       serial: cfg.emulated.serial !== false,
     }),
@@ -73,7 +75,7 @@ export async function runServer(cfg: ServerConfig, dataDir: string): Promise<Usb
     listen: cfg.listen,
     tls: cfg.tls,
     insecure: cfg.insecure,
-    backends: emulatedBackends(cfg, dataDir),
+    backends: await emulatedBackends(cfg, dataDir, log),
     acl: cfg.acl,
     admins: cfg.admins,
     limits: cfg.limits,

@@ -23,7 +23,9 @@ export function sessionsCommand(): Command {
   });
   cmd.addCommand(
     withConnectionFlags(new Command('close').description('end a session: cancel its URBs, reset and release its device').argument('<session-id>')).action(
-      async (id: string, f: ConnectionFlags) => {
+      async (id: string, _: ConnectionFlags, self: Command) => {
+        // Flags may land on `sessions` or on `close`: take both.
+        const f = self.optsWithGlobals<ConnectionFlags>();
         const client = clientFrom(f);
         try {
           await client.closeSession(id);
