@@ -5,6 +5,7 @@ import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation, protoPath as healthProtoPath } from 'grpc-health-check';
 import { readFileSync } from 'node:fs';
+import type * as http2 from 'node:http2';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Logger } from '../common/log.js';
@@ -108,6 +109,7 @@ export class UsbHostServer {
     const port = await new Promise<number>((resolve, reject) =>
       this.grpcServer.bindAsync(opts.listen, creds, (err, p) => (err ? reject(err) : resolve(p))),
     );
+    raiseReceiveWindows(this.grpcServer, RECEIVE_WINDOW_BYTES);
     this.address = opts.listen.startsWith('unix:') ? opts.listen : opts.listen.replace(/:\d+$/, `:${port}`);
     this.health.setStatus('', 'SERVING');
     this.health.setStatus(USBHOST_SERVICE, 'SERVING');
@@ -133,6 +135,31 @@ export class UsbHostServer {
     });
     await this.registry.close();
     this.opts.log.info({ why }, 'USB host server stopped');
+  }
+}
+
+const RECEIVE_WINDOW_BYTES = 8 * 1024 * 1024;
+
+/**
+ * grpc-js has no server-side receive-window option: every stream advertises
+ * Node's default 64 KiB, which caps client->server bulk OUT at about half of
+ * what the transport carries. Raise the connection and per-stream windows on
+ * each HTTP/2 session as it starts. (grpc-js keeps its http2 servers in a
+ * private map; without it this is a no-op.)
+ */
+function raiseReceiveWindows(server: grpc.Server, bytes: number): void {
+  const servers = (server as unknown as { http2Servers?: Map<http2.Http2Server | http2.Http2SecureServer, unknown> }).http2Servers;
+  for (const h of servers?.keys() ?? []) {
+    if ((h as { usbroamWindow?: boolean }).usbroamWindow) continue;
+    (h as { usbroamWindow?: boolean }).usbroamWindow = true;
+    h.on('session', (session: http2.ServerHttp2Session) => {
+      try {
+        session.setLocalWindowSize(bytes);
+        session.settings({ initialWindowSize: bytes });
+      } catch {
+        /* a session that is already closing */
+      }
+    });
   }
 }
 

@@ -8,6 +8,7 @@
 // executes once and completes once.
 import { EventEmitter } from 'node:events';
 import { ClientError, Status } from 'nice-grpc';
+import { AckScheduler } from '../../common/ack-scheduler.js';
 import { AsyncQueue } from '../../common/async-queue.js';
 import { silentLogger, type Logger } from '../../common/log.js';
 import { SeqJournal, SeqReceiver } from '../../common/seq-journal.js';
@@ -115,7 +116,7 @@ export class RemoteDevice extends EventEmitter {
   private nextOpId = 1;
   private requests?: AsyncQueue<ClientMessage>;
   private abort?: AbortController;
-  private lastAckSent = 0;
+  private readonly acks = new AckScheduler(() => this.scheduleFlush());
   private flushScheduled = false;
   private closed = false;
   private closeError?: Error;
@@ -167,7 +168,7 @@ export class RemoteDevice extends EventEmitter {
     const abort = new AbortController();
     this.requests = requests;
     this.abort = abort;
-    this.lastAckSent = 0;
+    this.acks.reset();
     requests.push({ frames: [{ seq: this.journal.highestSeq, kind: { $case: 'open', value: { target } } }] });
     const opened = new Promise<void>((resolve, reject) => (this.opened = { resolve, reject }));
     void this.readLoop(requests, abort);
@@ -335,11 +336,9 @@ export class RemoteDevice extends EventEmitter {
     const q = this.requests;
     if (!q || this.opened) return; // not open yet: frames wait in the journal
     for (;;) {
-      const frames = this.journal.takeUnsent(1024, 1024 * 1024);
-      if (this.rx.lastSeq > this.lastAckSent) {
-        frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: this.rx.lastSeq } } });
-        this.lastAckSent = this.rx.lastSeq;
-      }
+      const frames = this.journal.takeUnsent(1024, 256 * 1024);
+      const ack = this.acks.take(this.rx.lastSeq, frames.length > 0);
+      if (ack !== undefined) frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: ack } } });
       if (!frames.length) return;
       q.push({ frames });
     }

@@ -8,6 +8,7 @@
 import { EventEmitter } from 'node:events';
 import { status as Status } from '@grpc/grpc-js';
 import type { Logger } from '../../common/log.js';
+import { AckScheduler } from '../../common/ack-scheduler.js';
 import { InvalidAckError, JournalOverflowError, SeqJournal, SeqReceiver } from '../../common/seq-journal.js';
 import type {
   ClientFrame,
@@ -73,7 +74,7 @@ export class ChannelProtocolError extends Error {
 }
 
 const MAX_FRAMES_PER_MESSAGE = 1024;
-const MAX_BYTES_PER_MESSAGE = 1024 * 1024;
+const MAX_BYTES_PER_MESSAGE = 256 * 1024;
 const FRAME_OVERHEAD = 32;
 
 export type SessionState = 'attached' | 'detached' | 'closed';
@@ -93,7 +94,7 @@ export class Session extends EventEmitter {
   private readonly inFlight = new Map<number, InFlight>();
   private readonly receivers = new Map<number, ReceivingStream>();
   private nextBackendId = 1;
-  private lastAckSent = 0;
+  private readonly acks = new AckScheduler(() => this.scheduleFlush());
   private flushScheduled = false;
   private waitingDrain = false;
   private slotWaiters: (() => void)[] = [];
@@ -164,7 +165,7 @@ export class Session extends EventEmitter {
     this.stream = stream;
     this.state = 'attached';
     this.waitingDrain = false;
-    this.lastAckSent = 0;
+    this.acks.reset();
     stream.write({ frames: [openedFrame(this.journal.highestSeq)] });
     this.scheduleFlush();
     this.emit('attached');
@@ -223,7 +224,7 @@ export class Session extends EventEmitter {
           frame.seq,
         );
     }
-    this.scheduleFlush(); // an ack is due
+    this.scheduleFlush(); // an ack may be due
     switch (kind.$case) {
       case 'submit':
         this.submit(kind.value, frame.seq);
@@ -436,7 +437,7 @@ export class Session extends EventEmitter {
   private scheduleFlush(): void {
     if (this.flushScheduled) return;
     this.flushScheduled = true;
-    setImmediate(() => {
+    queueMicrotask(() => {
       this.flushScheduled = false;
       this.flush();
     });
@@ -447,12 +448,9 @@ export class Session extends EventEmitter {
     if (!stream || this.waitingDrain) return;
     for (;;) {
       const frames = this.journal.takeUnsent(MAX_FRAMES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE);
-      const ackDue = this.rx.lastSeq > this.lastAckSent;
-      if (frames.length === 0 && !ackDue) return;
-      if (ackDue) {
-        frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: this.rx.lastSeq } } });
-        this.lastAckSent = this.rx.lastSeq;
-      }
+      const ack = this.acks.take(this.rx.lastSeq, frames.length > 0);
+      if (ack !== undefined) frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: ack } } });
+      if (frames.length === 0) return;
       if (!stream.write({ frames })) {
         this.waitingDrain = true;
         stream.onceDrain(() => {
@@ -474,6 +472,7 @@ export class Session extends EventEmitter {
     if (this.closing) return this.closing;
     this.closing = (async () => {
       clearTimeout(this.graceTimer);
+      this.acks.stop();
       this.log.info({ why, inFlight: this.inFlight.size }, 'closing session');
       await this.stopAllReceivers();
       const pending = [...this.inFlight.values()];
@@ -516,10 +515,8 @@ export class Session extends EventEmitter {
     if (!stream) return;
     for (;;) {
       const frames = this.journal.takeUnsent(MAX_FRAMES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE);
-      if (this.rx.lastSeq > this.lastAckSent) {
-        frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: this.rx.lastSeq } } });
-        this.lastAckSent = this.rx.lastSeq;
-      }
+      const ack = this.acks.take(this.rx.lastSeq, true);
+      if (ack !== undefined) frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: ack } } });
       if (!frames.length) return;
       stream.write({ frames });
     }
