@@ -41,8 +41,8 @@ export function demoCommand(): Command {
       console.log(`exports ${devices.length} emulated devices; as the identity "bridge" sees them:`);
       for (const d of devices) console.log(`  ${describeDevice(d)}`);
       console.log('\nlist them yourself:');
-      console.log(`  npx usbroam devices --server ${server.address} --ca ${rel}/ca.pem --cert ${rel}/bridge.pem --key ${rel}/bridge.key`);
-      console.log(`  npx usbroam watch   --server ${server.address} --ca ${rel}/ca.pem --cert ${rel}/viewer.pem --key ${rel}/viewer.key   # "viewer" sees only the serial device`);
+      console.log(`  node bin/usbroam.js devices --server ${server.address} --ca ${rel}/ca.pem --cert ${rel}/bridge.pem --key ${rel}/bridge.key`);
+      console.log(`  node bin/usbroam.js watch   --server ${server.address} --ca ${rel}/ca.pem --cert ${rel}/viewer.pem --key ${rel}/viewer.key   # "viewer" sees only the serial device`);
       if (f.once) {
         await server.stop('demo --once');
         process.exit(0);
