@@ -141,6 +141,38 @@ for (const hc of [
       expect(errors, errors.join('\n')).to.deep.equal([]);
     });
 
+    it('for scale: the same dd against a QEMU-local usb-storage on the same controller', async function () {
+      if (process.env.USBROAM_BRIDGE_BASELINE === '0') this.skip();
+      const g = guest!;
+      await bridge!.detach('vm1', attachmentId);
+      const deadline = Date.now() + 60_000;
+      while ((await g.run('test -e /sys/block/sda')).exitCode === 0) {
+        if (Date.now() > deadline) throw new Error('sda still present after detach');
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      const img = path.join(dir, 'local.img');
+      closeSync(openSync(img, 'w'));
+      await import('node:fs').then((fs) => fs.truncateSync(img, 64 * MiB));
+      await g.qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'local0', file: { driver: 'file', filename: img } });
+      await g.qmp.execute('device_add', { driver: 'usb-storage', id: 'local', drive: 'local0', bus: hc.bus, serial: 'LOCAL0001' });
+      await g.waitForPath('/sys/block/sda', { timeoutMs: 60_000 });
+      await g.waitForPath('/dev/sda');
+      const writeMBps = await timedDd(g, 'dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync', 32 * MiB);
+      await g.sh('sync; echo 3 > /proc/sys/vm/drop_caches');
+      const readMBps = await timedDd(g, 'dd if=/dev/sda of=/tmp/y bs=1M count=32 iflag=direct', 32 * MiB);
+      await g.sh('rm -f /tmp/y');
+      const b = ddFigures[hc.name]!;
+      console.log(`      ${hc.name} QEMU-local usb-storage: write ${writeMBps.toFixed(1)} MB/s, read ${readMBps.toFixed(1)} MB/s; ` +
+        `bridge/local: write ${(b.writeMBps / writeMBps).toFixed(2)}x, read ${(b.readMBps / readMBps).toFixed(2)}x`);
+      const gone = g.qmp.waitForEvent('DEVICE_DELETED', (ev) => ev.data?.device === 'local', { timeoutMs: 30_000 });
+      await g.qmp.execute('device_del', { id: 'local' });
+      await gone;
+      await g.qmp.execute('blockdev-del', { 'node-name': 'local0' });
+      while ((await g.run('test -e /sys/block/sda')).exitCode === 0) await new Promise((r) => setTimeout(r, 250));
+      attachmentId = (await bridge!.attach({ vm: 'vm1', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: hc.bus })).id;
+      await g.waitForPath('/sys/block/sda', { timeoutMs: 120_000 });
+    });
+
     it('detach is a clean unplug in the guest; attaching again works', async () => {
       const g = guest!;
       const before = (await g.dmesg()).split('\n').length;
