@@ -350,9 +350,14 @@ export class RemoteDevice extends EventEmitter {
     }
   }
 
-  /** Submit one URB; resolves with its completion (whatever its status). */
-  async submit(req: UrbRequest, signal?: AbortSignal): Promise<UrbComplete> {
-    await this.slot();
+  /**
+   * Submit one URB; resolves with its completion (whatever its status).
+   * When a slot is free the URB gets its id (`peekNextUrbId()` before the
+   * call) and is queued for sending synchronously, so submits and ops keep
+   * their order; only a full in-flight window makes it wait.
+   */
+  submit(req: UrbRequest, signal?: AbortSignal): Promise<UrbComplete> {
+    if (this.urbs.size >= this.maxInFlight && !this.closed) return this.slot().then(() => this.submit(req, signal));
     const urbId = this.nextUrbId++;
     const s: UrbSubmit = {
       urbId,
@@ -367,7 +372,12 @@ export class RemoteDevice extends EventEmitter {
       timeoutMs: req.timeoutMs ?? 0,
     };
     const done = new Promise<UrbComplete>((resolve, reject) => this.urbs.set(urbId, { resolve, reject }));
-    this.send({ $case: 'submit', value: s }, s.data.length);
+    try {
+      this.send({ $case: 'submit', value: s }, s.data.length);
+    } catch (err) {
+      this.urbs.delete(urbId);
+      return Promise.reject(err);
+    }
     if (signal) {
       const onAbort = () => this.cancel(urbId);
       if (signal.aborted) onAbort();
