@@ -189,6 +189,40 @@ describe('bridge Attachment (usbredir device side)', function () {
     await qemu.waitFor('interrupt_receiving_status', (p) => p.status === Status.success, 5000, before);
   });
 
+  it('alt setting: set/get, ep_info re-sent; iso IN stream delivers iso packets; iso OUT accepted', async () => {
+    const { qemu } = await rig('USBROAM-LOOP-0001');
+    await setConfig(qemu);
+    let i = id();
+    qemu.send({ type: 'get_configuration', id: i });
+    expect(await qemu.waitFor('configuration_status', (p) => p.id === i)).to.include({ status: Status.success, configuration: 1 });
+    i = id();
+    qemu.send({ type: 'set_alt_setting', id: i, interface: 0, alt: 1 });
+    expect(await qemu.waitFor('alt_setting_status', (p) => p.id === i)).to.include({ status: Status.success, interface: 0, alt: 1 });
+    const ep = await qemu.waitFor('ep_info', (p) => p.epType[19] === 1);
+    expect(ep.epType[3]).to.equal(1); // iso OUT 0x03
+    expect(ep.maxPacketSize![19]).to.be.greaterThan(0);
+    i = id();
+    qemu.send({ type: 'get_alt_setting', id: i, interface: 0 });
+    expect(await qemu.waitFor('alt_setting_status', (p) => p.id === i)).to.include({ status: Status.success, alt: 1 });
+    qemu.send({ type: 'start_iso_stream', id: 0n, endpoint: 0x83, pktsPerUrb: 4, noUrbs: 2 });
+    expect(await qemu.waitFor('iso_stream_status', (p) => p.endpoint === 0x83)).to.include({ status: Status.success });
+    const p5 = await qemu.waitFor('iso_packet', (p) => p.id === 5n);
+    expect(p5.status).to.equal(Status.success);
+    expect(p5.data.length).to.be.greaterThan(4);
+    const from = qemu.packets.length;
+    qemu.send({ type: 'stop_iso_stream', id: 0n, endpoint: 0x83 });
+    await qemu.waitFor('iso_stream_status', (p) => p.endpoint === 0x83, 5000, from);
+    // iso OUT
+    qemu.send({ type: 'start_iso_stream', id: 0n, endpoint: 0x03, pktsPerUrb: 4, noUrbs: 2 });
+    expect(await qemu.waitFor('iso_stream_status', (p) => p.endpoint === 0x03)).to.include({ status: Status.success });
+    for (let k = 0; k < 8; k++) qemu.send({ type: 'iso_packet', id: BigInt(k), endpoint: 0x03, status: 0, length: 16, data: new Uint8Array(16).fill(k) });
+    await new Promise((r) => setTimeout(r, 300));
+    const cnt = await control(qemu, 0xc0, 0x01, 0, 0, 36);
+    expect(Number(Buffer.from(cnt.data).readBigUInt64LE(28))).to.equal(8 * 16);
+    // No per-packet answers for iso OUT, and no error status.
+    expect(qemu.packets.filter((p) => p.type === 'iso_stream_status' && p.endpoint === 0x03)).to.have.length(1);
+  });
+
   it('malformed bytes from QEMU close only that attachment; a second attachment keeps working', async () => {
     const a = await rig('USBROAM-LOOP-0001');
     const b = await rig('USBROAM-MSC-0001');
