@@ -1,0 +1,400 @@
+// The bridge's control API (usbroam.v1.Bridge): a grpc-js server around a Bridge, for
+// orchestrators and the `usbroam attach / detach / attachments` CLI. A unix socket (mode 0600,
+// in a 0700 directory) by default; TCP with mutual TLS as an option (plaintext TCP only on
+// loopback with `insecure`). The bridge's own credentials for USB host servers come from its
+// configuration, never from a control request. grpc.health.v1 and reflection are served too.
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import { ReflectionService } from '@grpc/reflection';
+import { HealthImplementation, protoPath as healthProtoPath } from 'grpc-health-check';
+import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, unlinkSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { grpcJsServiceDefinition } from '../../common/grpc-definition.js';
+import { silentLogger, type Logger } from '../../common/log.js';
+import { QmpConnectError, QmpDisconnectedError, QmpError, QmpTimeoutError } from '../../qemu/qmp/client.js';
+import {
+  AttachmentState,
+  BridgeDefinition,
+  type Attachment as PbAttachment,
+  type AttachDeviceRequest,
+  type AttachDeviceResponse,
+  type DetachDeviceRequest,
+  type DetachDeviceResponse,
+  type ListAttachmentsRequest,
+  type ListAttachmentsResponse,
+} from '../../gen/usbroam/v1/bridge.js';
+import { Device } from '../../gen/usbroam/v1/usbhost.js';
+import type { AttachmentInfo, Bridge } from '../bridge/bridge.js';
+import type { DeviceSelector } from '../sdk/client.js';
+import type { ConnectionOptions } from '../sdk/credentials.js';
+import { ChannelClosedError } from '../sdk/remote-device.js';
+import { isLoopbackHost, parseControlAddress, type ControlAddress } from './address.js';
+
+export { defaultControlSocket, defaultRunDir, isLoopbackHost, parseControlAddress, type ControlAddress } from './address.js';
+
+export const BRIDGE_SERVICE = 'usbroam.v1.Bridge';
+const PROTO_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../protos');
+const S = grpc.status;
+
+export interface ControlTlsFiles {
+  ca: string;
+  cert: string;
+  key: string;
+}
+
+export interface BridgeControlOptions {
+  bridge: Bridge;
+  /** Unix socket path (`unix:/p` or `/p`) or host:port. Default: defaultControlSocket(). */
+  listen?: string;
+  /** mTLS for TCP: the CA that signs orchestrator certificates, our certificate and key. */
+  tls?: ControlTlsFiles;
+  /** Plaintext TCP: loopback only. */
+  insecure?: boolean;
+  /** TCP+mTLS: identities (certificate CN, else first SAN) allowed to call. Empty: every certificate the CA signed. */
+  allow?: string[];
+  /** How the bridge reaches USB host servers: default address and its own client credentials. */
+  servers?: ConnectionOptions;
+  log?: Logger;
+}
+
+/** A failure with a gRPC status code, for the control API. */
+export class ControlError extends Error {
+  constructor(
+    readonly code: grpc.status,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'ControlError';
+  }
+}
+
+const STATES: Record<string, AttachmentState> = {
+  starting: AttachmentState.ATTACHMENT_STATE_STARTING,
+  connected: AttachmentState.ATTACHMENT_STATE_CONNECTED,
+  disconnecting: AttachmentState.ATTACHMENT_STATE_DISCONNECTING,
+  closed: AttachmentState.ATTACHMENT_STATE_CLOSED,
+};
+
+/** AttachmentInfo (and, when the Bridge still has it, the full device description) -> protobuf. */
+export function attachmentToProto(info: AttachmentInfo, device?: Device): PbAttachment {
+  const d: Device = device
+    ? { ...device }
+    : Device.fromPartial({ id: info.deviceId, vendorId: info.vendorId, productId: info.productId, product: info.product, serial: info.serial });
+  return {
+    id: info.id,
+    vm: info.vm,
+    device: d,
+    sessionId: info.sessionId,
+    server: info.server,
+    bus: info.bus,
+    socketPath: info.socketPath,
+    state: STATES[info.state] ?? AttachmentState.ATTACHMENT_STATE_UNSPECIFIED,
+    hotPlugged: info.hotPlugged,
+    counters: {
+      bytesFromQemu: info.stats.bytesFromQemu,
+      bytesToQemu: info.stats.bytesToQemu,
+      packetsFromQemu: info.stats.packetsFromQemu,
+      packetsToQemu: info.stats.packetsToQemu,
+      urbsSubmitted: info.stats.urbsSubmitted,
+      urbsCompleted: info.stats.urbsCompleted,
+      urbsCancelled: info.stats.urbsCancelled,
+      urbsInFlight: info.stats.inFlight,
+    },
+  };
+}
+
+function describeSelector(s: DeviceSelector): string {
+  return (
+    Object.entries(s)
+      .filter(([, v]) => v)
+      .map(([k, v]) => `${k}=${v}`)
+      .join(',') || '(empty)'
+  );
+}
+
+/** Any failure of an attach/detach -> a gRPC status code and a message a person can act on. */
+export function toControlError(err: unknown, ctx: { vm?: string; server?: string } = {}): ControlError {
+  if (err instanceof ControlError) return err;
+  const e = err as Error & { code?: unknown; details?: string };
+  const msg = e?.message ?? String(err);
+  if (err instanceof ChannelClosedError || (typeof e.code === 'number' && e.details !== undefined)) {
+    // The USB host server refused (or could not be reached): pass its code and message through.
+    const code = typeof e.code === 'number' ? (e.code as grpc.status) : S.UNAVAILABLE;
+    return new ControlError(code, `USB host server ${ctx.server ?? ''}: ${e.details ?? msg}`.replace(' :', ':'));
+  }
+  if (err instanceof QmpError) return new ControlError(S.FAILED_PRECONDITION, `VM ${ctx.vm}: QEMU refused: ${msg}`);
+  if (err instanceof QmpConnectError || err instanceof QmpDisconnectedError || err instanceof QmpTimeoutError) {
+    return new ControlError(S.UNAVAILABLE, `VM ${ctx.vm}: ${msg}`);
+  }
+  if (/^unknown VM /.test(msg)) return new ControlError(S.NOT_FOUND, msg);
+  if (/^no attachment /.test(msg)) return new ControlError(S.NOT_FOUND, msg);
+  if (/exists already/.test(msg)) return new ControlError(S.ALREADY_EXISTS, msg);
+  if (/mutual TLS needs/.test(msg)) return new ControlError(S.FAILED_PRECONDITION, `the bridge has no credentials for USB host servers: ${msg}`);
+  if (/cannot connect to QEMU chardev/.test(msg)) return new ControlError(S.UNAVAILABLE, `VM ${ctx.vm}: ${msg}`);
+  return new ControlError(S.INTERNAL, msg);
+}
+
+function identityOf(call: grpc.ServerUnaryCall<unknown, unknown>): string | undefined {
+  const cert = call.getAuthContext?.().sslPeerCertificate;
+  if (cert && Object.keys(cert).length > 0) {
+    const cn = cert.subject?.CN;
+    if (typeof cn === 'string' && cn) return cn;
+    const san = cert.subjectaltname?.split(',')[0]?.trim();
+    if (san) return san.replace(/^(DNS|URI|IP Address):/, '');
+  }
+  return undefined;
+}
+
+export class BridgeControlServer {
+  readonly bridge: Bridge;
+  private readonly log: Logger;
+  private readonly grpcServer: grpc.Server;
+  private readonly health = new HealthImplementation({ '': 'NOT_SERVING', [BRIDGE_SERVICE]: 'NOT_SERVING' });
+  private readonly listenAt: ControlAddress;
+  private readonly vms = new Map<string, string | undefined>();
+  private accepting = true;
+  /** `unix:/path` or host:port (with the real port when 0 was asked). */
+  address = '';
+
+  constructor(private readonly opts: BridgeControlOptions) {
+    this.bridge = opts.bridge;
+    this.log = opts.log ?? silentLogger;
+    this.listenAt = parseControlAddress(opts.listen);
+    if (this.listenAt.kind === 'tcp') {
+      if (opts.insecure && !isLoopbackHost(this.listenAt.hostPort)) {
+        throw new Error(`plaintext control is allowed only on loopback or a unix socket, not on ${this.listenAt.hostPort}`);
+      }
+      if (!opts.insecure && !opts.tls) throw new Error(`control over TCP (${this.listenAt.hostPort}) needs mutual TLS: --control-ca, --control-cert and --control-key (or --insecure on loopback)`);
+    }
+    this.grpcServer = new grpc.Server({ interceptors: [callLog(this.log)] });
+    this.grpcServer.addService(grpcJsServiceDefinition(BridgeDefinition), {
+      attachDevice: this.unary('AttachDevice', (r: AttachDeviceRequest) => this.attachDevice(r)),
+      detachDevice: this.unary('DetachDevice', (r: DetachDeviceRequest) => this.detachDevice(r)),
+      listAttachments: this.unary('ListAttachments', (r: ListAttachmentsRequest) => this.listAttachments(r)),
+    } as grpc.UntypedServiceImplementation);
+    this.health.addToServer(this.grpcServer);
+    const pkg = protoLoader.loadSync([path.join(PROTO_DIR, 'usbroam/v1/bridge.proto'), healthProtoPath], { includeDirs: [PROTO_DIR] });
+    new ReflectionService(pkg).addToServer(this.grpcServer);
+  }
+
+  /** Register a VM (name -> QMP socket) with the bridge. */
+  addVm(name: string, qmpSocket: string): void {
+    if (!name) throw new Error('a VM needs a name');
+    this.bridge.addVm({ name, qmpSocket });
+    this.vms.set(name, qmpSocket);
+  }
+
+  /** The VMs the control API knows, name -> QMP socket. */
+  listVms(): Map<string, string | undefined> {
+    return new Map(this.vms);
+  }
+
+  private unary<Req, Res>(method: string, fn: (req: Req, identity: string) => Promise<Res>): grpc.handleUnaryCall<Req, Res> {
+    return (call, cb) => {
+      const identity = this.authenticate(call as grpc.ServerUnaryCall<unknown, unknown>);
+      if (typeof identity !== 'string') return cb(identity);
+      if (!this.accepting) return cb(serviceError(new ControlError(S.UNAVAILABLE, 'the bridge is shutting down')));
+      fn(call.request, identity).then(
+        (res) => cb(null, res),
+        (err) => {
+          const ce = toControlError(err);
+          if (ce.code === S.INTERNAL) this.log.error({ method, identity, err: (err as Error)?.stack ?? String(err) }, 'control call failed');
+          cb(serviceError(ce));
+        },
+      );
+    };
+  }
+
+  private authenticate(call: grpc.ServerUnaryCall<unknown, unknown>): string | grpc.ServiceError {
+    if (this.listenAt.kind === 'unix') return 'local';
+    if (this.opts.insecure) return 'anonymous';
+    const id = identityOf(call);
+    if (!id) return serviceError(new ControlError(S.UNAUTHENTICATED, 'no client identity: a client certificate is required'));
+    const allow = this.opts.allow ?? [];
+    if (allow.length && !allow.includes(id)) return serviceError(new ControlError(S.PERMISSION_DENIED, `identity ${id} may not use this bridge's control API`));
+    return id;
+  }
+
+  private knownVm(vm: string): void {
+    if (!vm) throw new ControlError(S.INVALID_ARGUMENT, 'vm is required');
+    if (!this.vms.has(vm)) {
+      const known = [...this.vms.keys()];
+      throw new ControlError(S.NOT_FOUND, `unknown VM ${vm}: the bridge knows ${known.length ? known.join(', ') : 'no VMs'} (register it with --vm ${vm}=QMP_SOCKET, its config file, or qmp_socket in the request)`);
+    }
+  }
+
+  async attachDevice(req: AttachDeviceRequest): Promise<AttachDeviceResponse> {
+    if (!req.vm) throw new ControlError(S.INVALID_ARGUMENT, 'vm is required');
+    if (req.qmpSocket) {
+      const known = this.vms.get(req.vm);
+      if (known === undefined) this.addVm(req.vm, req.qmpSocket);
+      else if (path.resolve(known) !== path.resolve(req.qmpSocket)) {
+        throw new ControlError(S.FAILED_PRECONDITION, `VM ${req.vm} is registered with QMP socket ${known}, not ${req.qmpSocket}`);
+      }
+    }
+    this.knownVm(req.vm);
+    const sel = req.device ?? { id: '', vidPid: '', serial: '', portPath: '' };
+    const selector: DeviceSelector = {};
+    if (sel.id) selector.id = sel.id;
+    if (sel.vidPid) selector.vidPid = sel.vidPid;
+    if (sel.serial) selector.serial = sel.serial;
+    if (sel.portPath) selector.portPath = sel.portPath;
+    if (!Object.keys(selector).length) throw new ControlError(S.INVALID_ARGUMENT, 'device selector is empty: set id, vid_pid, serial or port_path');
+    if (selector.vidPid && !/^[0-9a-fA-F]{4}:[0-9a-fA-F]{4}$/.test(selector.vidPid)) throw new ControlError(S.INVALID_ARGUMENT, `vid_pid "${selector.vidPid}" must be vvvv:pppp in hex`);
+    const servers = this.opts.servers ?? {};
+    const address = req.server || servers.address;
+    if (!address) throw new ControlError(S.INVALID_ARGUMENT, 'server is required (the bridge has no default USB host server)');
+    if (req.bus && !/^[A-Za-z0-9_.-]+$/.test(req.bus)) throw new ControlError(S.INVALID_ARGUMENT, `bus "${req.bus}" is not a QEMU bus name`);
+    if (req.attachmentId && !/^[A-Za-z][A-Za-z0-9_.-]*$/.test(req.attachmentId)) {
+      throw new ControlError(S.INVALID_ARGUMENT, `attachment id "${req.attachmentId}" must be a QEMU id: a letter, then letters, digits, "-", "_", "."`);
+    }
+    if (req.attachmentId && this.bridge.list().some((a) => a.id === req.attachmentId)) {
+      throw new ControlError(S.ALREADY_EXISTS, `attachment ${req.attachmentId} exists already`);
+    }
+    try {
+      const info = await this.bridge.attach({
+        vm: req.vm,
+        server: { ...servers, address },
+        selector,
+        bus: req.bus || undefined,
+        filter: req.filter || undefined,
+        id: req.attachmentId || undefined,
+        coldPlugged: req.coldPlugSocket ? { socketPath: path.resolve(req.coldPlugSocket) } : undefined,
+      });
+      this.log.info({ vm: req.vm, attachment: info.id, device: info.deviceId, server: info.server }, 'attached (control API)');
+      return { attachment: this.toProto(info) };
+    } catch (err) {
+      throw toControlError(err, { vm: req.vm, server: address });
+    }
+  }
+
+  async detachDevice(req: DetachDeviceRequest): Promise<DetachDeviceResponse> {
+    this.knownVm(req.vm);
+    if (!req.attachmentId) throw new ControlError(S.INVALID_ARGUMENT, 'attachment_id is required');
+    const onVm = this.bridge.list(req.vm);
+    if (!onVm.some((a) => a.id === req.attachmentId)) {
+      const ids = onVm.map((a) => a.id);
+      throw new ControlError(S.NOT_FOUND, `no attachment ${req.attachmentId} on VM ${req.vm} (${ids.length ? `it has ${ids.join(', ')}` : 'it has none'})`);
+    }
+    try {
+      await this.bridge.detach(req.vm, req.attachmentId);
+    } catch (err) {
+      throw toControlError(err, { vm: req.vm });
+    }
+    this.log.info({ vm: req.vm, attachment: req.attachmentId }, 'detached (control API)');
+    return {};
+  }
+
+  async listAttachments(req: ListAttachmentsRequest): Promise<ListAttachmentsResponse> {
+    if (req.vm) this.knownVm(req.vm);
+    return { attachments: this.bridge.list(req.vm || undefined).map((a) => this.toProto(a)) };
+  }
+
+  private toProto(info: AttachmentInfo): PbAttachment {
+    return attachmentToProto(info, this.bridge.get(info.id)?.device.device);
+  }
+
+  async start(): Promise<string> {
+    const { opts } = this;
+    const at = this.listenAt;
+    let creds: grpc.ServerCredentials;
+    let target: string;
+    if (at.kind === 'unix') {
+      await prepareUnixSocket(at.path);
+      creds = grpc.ServerCredentials.createInsecure();
+      target = `unix:${at.path}`;
+    } else if (opts.insecure) {
+      this.log.warn({ listen: at.hostPort }, 'INSECURE: control API over plaintext TCP without client authentication');
+      creds = grpc.ServerCredentials.createInsecure();
+      target = at.hostPort;
+    } else {
+      const t = opts.tls!;
+      creds = grpc.ServerCredentials.createSsl(readFileSync(t.ca), [{ cert_chain: readFileSync(t.cert), private_key: readFileSync(t.key) }], true);
+      target = at.hostPort;
+    }
+    // The socket file is created by bind: make it owner-only from birth, then chmod to be sure.
+    const oldMask = at.kind === 'unix' ? process.umask(0o177) : undefined;
+    let port: number;
+    try {
+      port = await new Promise<number>((resolve, reject) => this.grpcServer.bindAsync(target, creds, (err, p) => (err ? reject(err) : resolve(p))));
+    } finally {
+      if (oldMask !== undefined) process.umask(oldMask);
+    }
+    if (at.kind === 'unix') chmodSync(at.path, 0o600);
+    this.address = at.kind === 'unix' ? target : at.hostPort.replace(/:\d+$/, `:${port}`);
+    this.health.setStatus('', 'SERVING');
+    this.health.setStatus(BRIDGE_SERVICE, 'SERVING');
+    this.log.info({ address: this.address, tls: at.kind === 'tcp' && !opts.insecure, vms: [...this.vms.keys()] }, 'bridge control API listening');
+    return this.address;
+  }
+
+  /** Refuse new calls, detach everything (clean unplugs), stop the server, remove the socket. */
+  async stop(why = 'shutdown'): Promise<void> {
+    this.accepting = false;
+    this.health.setStatus('', 'NOT_SERVING');
+    this.health.setStatus(BRIDGE_SERVICE, 'NOT_SERVING');
+    await this.bridge.close();
+    await new Promise<void>((resolve) => {
+      const t = setTimeout(() => {
+        this.grpcServer.forceShutdown();
+        resolve();
+      }, 3000);
+      this.grpcServer.tryShutdown(() => {
+        clearTimeout(t);
+        resolve();
+      });
+    });
+    if (this.listenAt.kind === 'unix') {
+      try {
+        unlinkSync(this.listenAt.path);
+      } catch {
+        /* gone already */
+      }
+    }
+    this.log.info({ why }, 'bridge control API stopped');
+  }
+}
+
+/** Make the socket's directory (0700 if we create it) and remove a stale socket; refuse a live one. */
+async function prepareUnixSocket(p: string): Promise<void> {
+  const dir = path.dirname(p);
+  if (!existsSync(dir)) mkdirSync(dir, { recursive: true, mode: 0o700 });
+  let st;
+  try {
+    st = lstatSync(p);
+  } catch {
+    return;
+  }
+  if (!st.isSocket()) throw new Error(`${p} exists and is not a socket`);
+  const live = await new Promise<boolean>((resolve) => {
+    const s = net.connect(p);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+  if (live) throw new Error(`another bridge is listening on ${p}`);
+  unlinkSync(p);
+}
+
+function serviceError(e: ControlError): grpc.ServiceError {
+  return Object.assign(new Error(e.message), { code: e.code, details: e.message, metadata: new grpc.Metadata() });
+}
+
+/** One structured log line per control call. */
+function callLog(log: Logger): grpc.ServerInterceptor {
+  return (method, call) => {
+    const started = Date.now();
+    return new grpc.ServerInterceptingCall(call, {
+      sendStatus: (status, next) => {
+        const fields = { method: method.path, code: grpc.status[status.code], ms: Date.now() - started };
+        if (status.code === grpc.status.OK) log.debug(fields, 'control call ended');
+        else log.info({ ...fields, details: status.details }, 'control call ended with an error');
+        next(status);
+      },
+    });
+  };
+}
