@@ -1,7 +1,12 @@
 // The usbroam CLI: one file per subcommand, like usbip's tools.
 import { Command } from 'commander';
+import { attachCommand } from './attach.js';
+import { attachmentsCommand } from './attachments.js';
+import { bridgeCommand } from './bridge.js';
 import { demoCommand } from './demo.js';
+import { detachCommand } from './detach.js';
 import { devicesCommand } from './devices.js';
+import { qemuArgsCommand } from './qemu-args.js';
 import { serveCommand } from './serve.js';
 import { sessionsCommand } from './sessions.js';
 import { watchCommand } from './watch.js';
@@ -12,6 +17,11 @@ const program = new Command('usbroam')
   .addCommand(devicesCommand())
   .addCommand(watchCommand())
   .addCommand(sessionsCommand())
+  .addCommand(bridgeCommand())
+  .addCommand(attachCommand())
+  .addCommand(detachCommand())
+  .addCommand(attachmentsCommand())
+  .addCommand(qemuArgsCommand())
   .addCommand(demoCommand());
 
 program.parseAsync(process.argv).catch((err: Error) => {

@@ -1,0 +1,145 @@
+// usbroam bridge: the bridge daemon next to QEMU. It knows each VM's QMP socket, attaches
+// devices of USB host servers to VMs on request of its control API (a unix socket by default,
+// TCP with mutual TLS as an option), and detaches everything cleanly on SIGTERM/SIGINT.
+import { Command, Option } from 'commander';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { createLogger } from '../../common/log.js';
+import { Bridge } from '../bridge/bridge.js';
+import { defaultRunDir } from '../bridge-control/address.js';
+import { BridgeControlServer } from '../bridge-control/server.js';
+import type { ConnectionOptions } from '../sdk/credentials.js';
+
+/** The JSON config file of `usbroam bridge --config`; flags override it. */
+export interface BridgeConfig {
+  /** Control API: unix socket path or host:port. */
+  control?: string;
+  /** Control API over TCP: mTLS material. */
+  controlTls?: { ca: string; cert: string; key: string };
+  /** Control API over TCP: identities allowed (default: every certificate the CA signed). */
+  controlAllow?: string[];
+  /** Control API: plaintext TCP (loopback only). */
+  insecure?: boolean;
+  /** VM name -> QMP socket (or a list of {name, qmpSocket}). */
+  vms?: Record<string, string> | { name: string; qmpSocket: string }[];
+  /** How the bridge reaches USB host servers: default address, its client certificate, key and CA. */
+  server?: ConnectionOptions;
+  /** Directory of the chardev sockets. */
+  runDir?: string;
+  logLevel?: string;
+}
+
+interface BridgeFlags {
+  config?: string;
+  control?: string;
+  controlCa?: string;
+  controlCert?: string;
+  controlKey?: string;
+  controlAllow?: string[];
+  insecure?: boolean;
+  vm: string[];
+  server?: string;
+  serverCa?: string;
+  serverCert?: string;
+  serverKey?: string;
+  serverInsecure?: boolean;
+  runDir?: string;
+  logLevel?: string;
+}
+
+const KNOWN = new Set(['control', 'controlTls', 'controlAllow', 'insecure', 'vms', 'server', 'runDir', 'logLevel']);
+
+export function loadBridgeConfig(file: string): BridgeConfig {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(readFileSync(file, 'utf8'));
+  } catch (err) {
+    throw new Error(`config file ${file}: ${(err as Error).message}`);
+  }
+  if (!parsed || typeof parsed !== 'object' || Array.isArray(parsed)) throw new Error(`config file ${file} must hold a JSON object`);
+  const unknown = Object.keys(parsed).filter((k) => !KNOWN.has(k));
+  if (unknown.length) throw new Error(`config file ${file}: unknown key(s) ${unknown.join(', ')} (known: ${[...KNOWN].join(', ')})`);
+  const base = path.dirname(path.resolve(file));
+  const rel = (p: string | undefined) => (p ? path.resolve(base, p) : p);
+  const cfg = parsed as BridgeConfig;
+  if (cfg.controlTls) cfg.controlTls = { ca: rel(cfg.controlTls.ca)!, cert: rel(cfg.controlTls.cert)!, key: rel(cfg.controlTls.key)! };
+  if (cfg.server) cfg.server = { ...cfg.server, ca: rel(cfg.server.ca), cert: rel(cfg.server.cert), key: rel(cfg.server.key) };
+  return cfg;
+}
+
+/** name=path pairs from --vm flags and the config file (flags win). */
+export function vmList(cfg: BridgeConfig, flags: string[]): { name: string; qmpSocket: string }[] {
+  const out = new Map<string, string>();
+  const fromFile = Array.isArray(cfg.vms) ? cfg.vms : Object.entries(cfg.vms ?? {}).map(([name, qmpSocket]) => ({ name, qmpSocket }));
+  for (const v of fromFile) out.set(v.name, v.qmpSocket);
+  for (const f of flags) {
+    const eq = f.indexOf('=');
+    if (eq <= 0 || eq === f.length - 1) throw new Error(`--vm "${f}" must be NAME=QMP_SOCKET`);
+    out.set(f.slice(0, eq), f.slice(eq + 1).replace(/^unix:/, ''));
+  }
+  return [...out].map(([name, qmpSocket]) => ({ name, qmpSocket: path.resolve(qmpSocket) }));
+}
+
+const collect = (v: string, prev: string[]) => [...prev, v];
+
+export function bridgeCommand(): Command {
+  return new Command('bridge')
+    .description('run the bridge daemon: attaches devices of USB host servers to QEMU VMs, driven by its control API')
+    .option('-c, --config <file>', 'JSON config: control, controlTls, controlAllow, insecure, vms, server {address, ca, cert, key}, runDir, logLevel')
+    .addOption(new Option('--control <address>', 'control API: unix socket path or host:port (default: /run/usbroam/bridge.sock as root, else $XDG_RUNTIME_DIR/usbroam/bridge.sock)').env('USBROAM_CONTROL'))
+    .option('--control-ca <file>', 'control API over TCP: CA that signs orchestrator certificates')
+    .option('--control-cert <file>', "control API over TCP: the bridge's certificate")
+    .option('--control-key <file>', "control API over TCP: the bridge's private key")
+    .option('--control-allow <identity>', 'control API over TCP: an identity allowed to call (repeatable; default every certificate the CA signed)', collect, [])
+    .option('--insecure', 'control API over plaintext TCP (loopback only)')
+    .option('--vm <name=qmp-socket>', 'a VM and its QMP socket (repeatable)', collect, [])
+    .addOption(new Option('-s, --server <address>', 'default USB host server, host:port').env('USBROAM_SERVER'))
+    .addOption(new Option('--server-ca <file>', 'CA that signed the USB host servers’ certificates').env('USBROAM_CA'))
+    .addOption(new Option('--server-cert <file>', "the bridge's client certificate for USB host servers (its CN is the bridge's identity)").env('USBROAM_CERT'))
+    .addOption(new Option('--server-key <file>', "the bridge's client private key").env('USBROAM_KEY'))
+    .option('--server-insecure', 'reach USB host servers in plaintext (servers started with --insecure)')
+    .option('--run-dir <dir>', `directory of the chardev sockets (default ${defaultRunDir()})`)
+    .option('--log-level <level>', 'pino level (default info)')
+    .action(async (f: BridgeFlags) => {
+      const cfg = f.config ? loadBridgeConfig(f.config) : {};
+      const log = createLogger({ name: 'usbroam-bridge', level: f.logLevel ?? cfg.logLevel });
+      const controlTls =
+        f.controlCa || f.controlCert || f.controlKey ? { ca: f.controlCa!, cert: f.controlCert!, key: f.controlKey! } : cfg.controlTls;
+      if (controlTls && (!controlTls.ca || !controlTls.cert || !controlTls.key)) throw new Error('control mutual TLS needs all of --control-ca, --control-cert and --control-key');
+      const servers: ConnectionOptions = {
+        ...(cfg.server ?? {}),
+        ...(f.server ? { address: f.server } : {}),
+        ...(f.serverCa ? { ca: f.serverCa } : {}),
+        ...(f.serverCert ? { cert: f.serverCert } : {}),
+        ...(f.serverKey ? { key: f.serverKey } : {}),
+        ...(f.serverInsecure ? { insecure: true } : {}),
+      };
+      const bridge = new Bridge({ log, runDir: f.runDir ?? cfg.runDir ?? defaultRunDir() });
+      const control = new BridgeControlServer({
+        bridge,
+        listen: f.control ?? cfg.control,
+        tls: controlTls,
+        insecure: f.insecure ?? cfg.insecure,
+        allow: [...(cfg.controlAllow ?? []), ...(f.controlAllow ?? [])],
+        servers,
+        log,
+      });
+      for (const v of vmList(cfg, f.vm)) control.addVm(v.name, v.qmpSocket);
+      await control.start();
+      let stopping = false;
+      const stop = (sig: string) => {
+        if (stopping) return;
+        stopping = true;
+        log.info({ signal: sig, attachments: bridge.list().length }, 'stopping: detaching every device');
+        control.stop(sig).then(
+          () => process.exit(0),
+          (err) => {
+            log.error({ err: (err as Error).message }, 'stop failed');
+            process.exit(1);
+          },
+        );
+      };
+      process.once('SIGTERM', () => stop('SIGTERM'));
+      process.once('SIGINT', () => stop('SIGINT'));
+    });
+}
