@@ -29,7 +29,9 @@ export class BridgeControlClient {
     let target: string;
     if (at.kind === 'unix') {
       this.address = `unix:${at.path}`;
-      target = this.address;
+      // unix:///abs/path: nice-grpc's createChannel passes a URI with an unknown scheme through
+      // as it is (a bare `unix:/p` would get ":80" appended).
+      target = `unix://${at.path}`;
       creds = ChannelCredentials.createInsecure();
     } else {
       this.address = at.hostPort;
