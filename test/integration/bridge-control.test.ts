@@ -272,7 +272,7 @@ describe('bridge control API (integration, no QEMU)', function () {
       const ch = createChannel(`dns:${addr}`, ChannelCredentials.createSsl(Buffer.from(await import('node:fs').then((f) => f.readFileSync(c().file('ca.pem'))))));
       const cl = createClient(BridgeDefinition, ch);
       try {
-        await expectStatus(cl.listAttachments({ vm: '' }, { deadline: Date.now() + 5000 }), Status.UNAVAILABLE, /./);
+        await expectStatus(cl.listAttachments({ vm: '' }, { signal: AbortSignal.timeout(5000) }), Status.UNAVAILABLE, /./);
       } finally {
         ch.close();
       }
