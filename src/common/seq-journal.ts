@@ -73,6 +73,15 @@ export class SeqJournal<F> {
     return frame;
   }
 
+  /**
+   * Continue another sender's numbering: the next frame gets `seq + 1`.
+   * Only for a journal that holds nothing (a stream taking a session over).
+   */
+  continueAfter(seq: number): void {
+    if (this.length > 0) throw new Error('continueAfter on a journal that holds frames');
+    this.lastSeq = this.acked = this.sentSeq = seq;
+  }
+
   /** Drop everything up to and including `seq`. Acks never go backwards. */
   ack(seq: number): void {
     if (!Number.isSafeInteger(seq) || seq < 0 || seq > this.lastSeq) {

@@ -113,6 +113,12 @@ export function createUsbHostHandlers(deps: ServiceDeps) {
           frames = frames.slice(1);
         }
         for (const f of frames) {
+          if (!session.isCurrent(stream)) {
+            // A standby only listens until it takes over; its acks carry nothing yet.
+            if (session.isStandby(stream) && f.kind?.$case === 'ack') continue;
+            if (session.isStandby(stream)) throw new ChannelProtocolError(S.FAILED_PRECONDITION, `a standby for session ${session.id} may not send ${f.kind?.$case ?? 'frames'} before it takes over`, f.seq);
+            break; // superseded or handed over: this stream is done
+          }
           if (f.kind?.$case === 'submit') await session.waitForSlot();
           if (ended) break;
           await session.handleFrame(f);
@@ -125,9 +131,9 @@ export function createUsbHostHandlers(deps: ServiceDeps) {
       if (err instanceof ChannelProtocolError) {
         const l = session ? session.log : log.child({ identity, peer });
         l.warn({ code: S[err.code], err: err.message }, 'URB channel refused');
-        session?.sendError(err.code, err.message, err.clientSeq);
+        stream.write({ frames: [{ seq: session?.highestServerSeq ?? 0, kind: { $case: 'error', value: { code: err.code, message: err.message, clientSeq: err.clientSeq } } }] });
         stream.end(err.code, err.message);
-      } else if (e.code === S.CANCELLED || call.cancelled) {
+      } else if (ended || e.code === S.CANCELLED || call.cancelled) {
         // the client went away
       } else {
         log.error({ err: e.message, stack: e.stack, identity, peer }, 'URB channel failed');
@@ -146,19 +152,27 @@ export function createUsbHostHandlers(deps: ServiceDeps) {
     const t = open.target;
     if (t?.$case === 'device') {
       const s = await sessions.create(identity, peer, t.value);
-      s.attach(stream, 0, (seq) => ({ seq, kind: { $case: 'opened', value: { sessionId: s.id, device: deviceToProto(s.device, withClaim(s.device.id)), lastClientSeq: 0, resumed: false } } }));
+      s.attach(stream, 0, (seq) => ({ seq, kind: { $case: 'opened', value: { sessionId: s.id, device: deviceToProto(s.device, withClaim(s.device.id)), lastClientSeq: 0, resumed: false, standby: false } } }));
       return s;
     }
     if (t?.$case === 'resume') {
       const s = sessions.resume(identity, t.value.sessionId);
       s.attach(stream, t.value.lastServerSeq, (seq) => ({
         seq,
-        kind: { $case: 'opened', value: { sessionId: s.id, device: deviceToProto(s.device, withClaim(s.device.id)), lastClientSeq: s.lastClientSeq, resumed: true } },
+        kind: { $case: 'opened', value: { sessionId: s.id, device: deviceToProto(s.device, withClaim(s.device.id)), lastClientSeq: s.lastClientSeq, resumed: true, standby: false } },
       }));
       s.log.info({ peer, lastServerSeq: t.value.lastServerSeq, lastClientSeq: s.lastClientSeq }, 'session resumed');
       return s;
     }
-    throw new ChannelProtocolError(S.INVALID_ARGUMENT, 'open names neither a device nor a session to resume');
+    if (t?.$case === 'standby') {
+      const s = sessions.standby(identity, t.value.sessionId);
+      s.addStandby(stream, identity, (seq) => ({
+        seq,
+        kind: { $case: 'opened', value: { sessionId: s.id, device: deviceToProto(s.device, withClaim(s.device.id)), lastClientSeq: s.lastClientSeq, resumed: false, standby: true } },
+      }));
+      return s;
+    }
+    throw new ChannelProtocolError(S.INVALID_ARGUMENT, 'open names neither a device, a session to resume nor one to stand by for');
   }
 
   const toPb = (s: Session): PbSession => ({

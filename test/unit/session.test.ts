@@ -25,7 +25,7 @@ class FakeStream implements SessionStream {
 }
 
 const tick = () => new Promise((r) => setTimeout(r, 20));
-const opened = (seq: number): ServerFrame => ({ seq, kind: { $case: 'opened', value: { sessionId: 's', device: undefined, lastClientSeq: 0, resumed: false } } });
+const opened = (seq: number): ServerFrame => ({ seq, kind: { $case: 'opened', value: { sessionId: 's', device: undefined, lastClientSeq: 0, resumed: false, standby: false } } });
 const out = (seq: number, urbId: number, n = 8): ClientFrame => ({
   seq,
   kind: { $case: 'submit', value: { urbId, endpoint: 0x01, type: TransferType.TRANSFER_BULK, setup: new Uint8Array(0), data: new Uint8Array(n).fill(seq), length: 0, streamId: 0, flags: 0, isoPackets: [], timeoutMs: 0 } },

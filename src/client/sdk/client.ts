@@ -64,6 +64,11 @@ export class UsbHostClient {
     return RemoteDevice.resume((req, signal) => this.rpc.connect(req, { signal }), sessionId, lastServerSeq, opts);
   }
 
+  /** Stand by to take a session over (live migration's destination); see RemoteDevice.standby. */
+  standbySession(sessionId: string, opts: RemoteDeviceOptions = {}): Promise<RemoteDevice> {
+    return RemoteDevice.standby((req, signal) => this.rpc.connect(req, { signal }), sessionId, opts);
+  }
+
   close(): void {
     this.channel.close();
   }

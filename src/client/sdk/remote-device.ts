@@ -76,6 +76,15 @@ export interface ControlSetup {
   index: number;
 }
 
+export interface TakeOverInfo {
+  /** What the handing-over side passed on (empty when it was lost). */
+  state: Uint8Array;
+  /** The previous holder was lost without a hand-off. */
+  sourceLost: boolean;
+  /** Server frames after this seq come to this device. */
+  lastServerSeq: number;
+}
+
 export interface TransferResult {
   status: UrbStatus;
   data: Uint8Array;
@@ -113,6 +122,7 @@ export class RemoteDevice extends EventEmitter {
   private readonly urbs = new Map<number, Pending<UrbComplete>>();
   private readonly ops = new Map<number, Pending<OpResult>>();
   private nextUrbId = 1;
+  private readonly orphans = new Map<number, UrbComplete>();
   private nextOpId = 1;
   private requests?: AsyncQueue<ClientMessage>;
   private abort?: AbortController;
@@ -124,6 +134,13 @@ export class RemoteDevice extends EventEmitter {
   private readonly maxInFlight: number;
   private readonly reconnectWindowMs: number;
   private opened?: Pending<void>;
+  /** Set on a standby: resolves when this device takes the session over. */
+  takeOver?: Promise<TakeOverInfo>;
+  private takeOverWaiter?: Pending<TakeOverInfo>;
+  private standbyMode = false;
+  /** After handOff(): server frames are no longer consumed (they belong to the taker). */
+  private frozen = false;
+  private handedOff?: Pending<void>;
   /** Reconnections so far (for tests and metrics). */
   reconnects = 0;
 
@@ -151,6 +168,22 @@ export class RemoteDevice extends EventEmitter {
     d.sessionId = sessionId;
     d.rx = new SeqReceiver(lastServerSeq);
     await d.connect({ $case: 'resume', value: { sessionId, lastServerSeq } });
+    return d;
+  }
+
+  /**
+   * Stand by to take over `sessionId` from the stream that holds it (the
+   * destination of a live migration). Resolves once the server parked this
+   * stream; `takeOver` resolves when the session is handed over (or its
+   * holder is lost), and from then on this is an ordinary RemoteDevice.
+   */
+  static async standby(openStream: StreamOpener, sessionId: string, opts: RemoteDeviceOptions = {}): Promise<RemoteDevice> {
+    const d = new RemoteDevice(openStream, opts);
+    d.sessionId = sessionId;
+    d.standbyMode = true;
+    d.takeOver = new Promise<TakeOverInfo>((resolve, reject) => (d.takeOverWaiter = { resolve, reject }));
+    d.takeOver.catch(() => {});
+    await d.connect({ $case: 'standby', value: { sessionId } });
     return d;
   }
 
@@ -187,6 +220,17 @@ export class RemoteDevice extends EventEmitter {
     }
     requests.end();
     if (this.requests !== requests) return; // superseded
+    if (this.handedOff) {
+      const h = this.handedOff;
+      this.handedOff = undefined;
+      if (failure === undefined) {
+        this.fail(new ChannelClosedError(`session ${this.sessionId} was handed off`));
+        h.resolve();
+        return;
+      }
+      h.reject(new ChannelClosedError(`hand-off of session ${this.sessionId} failed: ${(failure as Error).message}`));
+      this.frozen = false; // resume below replays what arrived while frozen
+    }
     if (this.closed) return;
     const code = failure instanceof ClientError ? failure.code : undefined;
     const message = failure instanceof Error ? (failure as ClientError).details ?? failure.message : 'stream ended without close';
@@ -264,8 +308,8 @@ export class RemoteDevice extends EventEmitter {
       case 'opened': {
         this.sessionId = k.value.sessionId;
         if (k.value.device) this.device = k.value.device;
-        // Resend everything the server has not seen.
-        this.journal.rewindTo(k.value.lastClientSeq);
+        // Resend everything the server has not seen (a standby has sent nothing yet).
+        if (!k.value.standby) this.journal.rewindTo(k.value.lastClientSeq);
         const o = this.opened;
         this.opened = undefined;
         o?.resolve();
@@ -275,16 +319,40 @@ export class RemoteDevice extends EventEmitter {
       case 'ack':
         if (k.value.seq <= this.journal.highestSeq) this.journal.ack(k.value.seq);
         return;
+      case 'takeOver': {
+        const t = k.value;
+        this.rx = new SeqReceiver(t.lastServerSeq);
+        this.journal.continueAfter(t.lastClientSeq);
+        this.standbyMode = false;
+        this.log.info({ session: this.sessionId, lastServerSeq: t.lastServerSeq, lastClientSeq: t.lastClientSeq, sourceLost: t.sourceLost }, 'took the session over');
+        this.takeOverWaiter?.resolve({ state: t.state, sourceLost: t.sourceLost, lastServerSeq: t.lastServerSeq });
+        this.takeOverWaiter = undefined;
+        this.emit('takeOver', t);
+        return;
+      }
       case 'error':
         this.log.warn({ session: this.sessionId, code: k.value.code, err: k.value.message, clientSeq: k.value.clientSeq }, 'server reported a channel error');
+        if (this.handedOff && k.value.code === Status.FAILED_PRECONDITION) {
+          // Refused (no standby): keep the session; reconnecting replays what was not consumed.
+          const h = this.handedOff;
+          this.handedOff = undefined;
+          this.frozen = false;
+          h.reject(new ChannelClosedError(k.value.message, Status.FAILED_PRECONDITION));
+          this.dropStream();
+        }
         this.emit('channelError', k.value);
         return;
     }
+    if (this.frozen) return; // handed off: the taker gets these frames from the journal
     if (this.rx.accept(f.seq) !== 'new') return; // a replayed duplicate, or out of order
     switch (k.$case) {
       case 'complete': {
         const p = this.urbs.get(k.value.urbId);
-        if (!p) return;
+        if (!p) {
+          // Submitted by the holder this device took over from: kept until adopt().
+          if (this.orphans.size < MAX_ORPHANS) this.orphans.set(k.value.urbId, k.value);
+          return;
+        }
         this.urbs.delete(k.value.urbId);
         const w = this.slotWaiters.shift();
         if (w) w();
@@ -318,6 +386,8 @@ export class RemoteDevice extends EventEmitter {
 
   private send(kind: NonNullable<ClientFrame['kind']>, bytes: number): number {
     if (this.closed) throw this.closeError ?? new ChannelClosedError(`session ${this.sessionId} is closed`);
+    if (this.standbyMode) throw new ChannelClosedError(`session ${this.sessionId}: this standby has not taken over yet`);
+    if (this.frozen) throw new ChannelClosedError(`session ${this.sessionId} was handed off`);
     const f = this.journal.append((seq) => ({ seq, kind }), bytes + 32);
     this.scheduleFlush();
     return f.seq;
@@ -334,7 +404,7 @@ export class RemoteDevice extends EventEmitter {
 
   private flush(): void {
     const q = this.requests;
-    if (!q || this.opened) return; // not open yet: frames wait in the journal
+    if (!q || this.opened || this.standbyMode) return; // not open yet: frames wait in the journal
     for (;;) {
       const frames = this.journal.takeUnsent(1024, 256 * 1024);
       const ack = this.acks.take(this.rx.lastSeq, frames.length > 0);
@@ -392,6 +462,26 @@ export class RemoteDevice extends EventEmitter {
   /** Ask the server to cancel a URB; it completes with Cancelled unless it already finished. */
   cancel(urbId: number): void {
     if (this.urbs.has(urbId) && !this.closed) this.send({ $case: 'cancel', value: { urbId } }, 0);
+  }
+
+  /**
+   * After a take-over: the completion of a URB the previous holder submitted
+   * (its id comes with the handed-over state). Also continues URB numbering
+   * after it, so ids never collide.
+   */
+  adopt(urbId: number): Promise<UrbComplete> {
+    if (urbId >= this.nextUrbId) this.nextUrbId = urbId + 1;
+    const c = this.orphans.get(urbId);
+    if (c) {
+      this.orphans.delete(urbId);
+      return Promise.resolve(c);
+    }
+    return new Promise<UrbComplete>((resolve, reject) => this.urbs.set(urbId, { resolve, reject }));
+  }
+
+  /** Continue URB numbering after the previous holder's (see adopt). */
+  continueUrbIdsAfter(urbId: number): void {
+    if (urbId >= this.nextUrbId) this.nextUrbId = urbId + 1;
   }
 
   /** The id the next submit will get (for callers that cancel by id). */
@@ -508,6 +598,22 @@ export class RemoteDevice extends EventEmitter {
     return this.op(op);
   }
 
+  /**
+   * Hand the session to the standby waiting on it, with opaque `state` for it.
+   * From this call on no server frame is consumed here: the last one consumed
+   * is the position handed over, and what follows goes to the taker. Resolves
+   * when the server confirmed (it ends this stream); pending URBs here are
+   * then rejected with a ChannelClosedError (their completions go to the taker).
+   */
+  handOff(state: Uint8Array): Promise<{ lastServerSeq: number }> {
+    this.frozen = true;
+    const lastServerSeq = this.rx.lastSeq;
+    const done = new Promise<void>((resolve, reject) => (this.handedOff = { resolve, reject }));
+    this.journal.append((seq) => ({ seq, kind: { $case: 'handOff', value: { state, lastServerSeq } } }), state.length);
+    this.flush();
+    return done.then(() => ({ lastServerSeq }));
+  }
+
   /** Close the session: in-flight URBs are cancelled, the claim released. */
   async close(): Promise<void> {
     if (this.closed) return;
@@ -522,3 +628,4 @@ export class RemoteDevice extends EventEmitter {
 }
 
 const EMPTY = new Uint8Array(0);
+const MAX_ORPHANS = 65536;

@@ -88,6 +88,16 @@ export class DeviceRegistry extends EventEmitter {
     if (info) this.emitEvent({ kind: 'released', device: info });
   }
 
+  /** The claim moves to another identity with its session (a hand-over). */
+  transfer(id: string, sessionId: string, identity: string): void {
+    const holder = this.claims.get(id);
+    if (!holder || holder.sessionId !== sessionId) return;
+    const claim = { identity, sessionId };
+    this.claims.set(id, claim);
+    const info = this.devices.get(id)?.info;
+    if (info) this.emitEvent({ kind: 'claimed', device: info, claim });
+  }
+
   async close(): Promise<void> {
     await Promise.all(this.backends.map((b) => b.close()));
   }

@@ -51,6 +51,7 @@ export class SessionManager {
     const log = this.log.child({ session: id, device: device.id, identity, peer });
     const session = new Session(id, identity, handle, this.limits, log);
     this.sessions.set(id, session);
+    session.on('handedOver', (newIdentity: string) => this.registry.transfer(device.id, id, newIdentity));
     session.once('closed', () => {
       this.sessions.delete(id);
       this.registry.release(device.id, id);
@@ -65,6 +66,16 @@ export class SessionManager {
     if (!s) throw new ChannelProtocolError(Status.NOT_FOUND, `session ${sessionId} is unknown or has expired`);
     if (s.identity !== identity) {
       throw new ChannelProtocolError(Status.PERMISSION_DENIED, `session ${sessionId} belongs to another identity than "${identity}"`);
+    }
+    return s;
+  }
+
+  /** The session a standby stream waits on; any identity the ACL allows for its device may take it over. */
+  standby(identity: string, sessionId: string): Session {
+    const s = this.sessions.get(sessionId);
+    if (!s) throw new ChannelProtocolError(Status.NOT_FOUND, `session ${sessionId} is unknown or has expired`);
+    if (!this.acl.allows(identity, s.device)) {
+      throw new ChannelProtocolError(Status.PERMISSION_DENIED, `identity "${identity}" may not use device ${s.device.id}, so it may not take over session ${sessionId}`);
     }
     return s;
   }

@@ -13,6 +13,7 @@ import { InvalidAckError, JournalOverflowError, SeqJournal, SeqReceiver } from '
 import type {
   ClientFrame,
   DeviceOp,
+  HandOff,
   OpResult,
   ServerFrame,
   ServerMessage,
@@ -41,6 +42,8 @@ export interface SessionLimits {
   graceMs: number;
   /** Receiving streams pause (stop resubmitting) while the journal holds more than this. */
   receivingPauseBytes: number;
+  /** With a standby waiting, how long a lost stream has to come back before the standby takes over. */
+  standbyTakeoverMs: number;
 }
 
 export const defaultLimits: SessionLimits = {
@@ -49,6 +52,7 @@ export const defaultLimits: SessionLimits = {
   maxJournalBytes: 256 * 1024 * 1024,
   graceMs: 30_000,
   receivingPauseBytes: 8 * 1024 * 1024,
+  standbyTakeoverMs: 3000,
 };
 
 /** Where a session writes: the attached gRPC stream, seen through a narrow interface. */
@@ -99,12 +103,14 @@ export class Session extends EventEmitter {
   private waitingDrain = false;
   private slotWaiters: (() => void)[] = [];
   private graceTimer?: NodeJS.Timeout;
+  private takeoverTimer?: NodeJS.Timeout;
+  private standby?: { stream: SessionStream; identity: string };
   private closing?: Promise<void>;
   readonly stats = { urbsSubmitted: 0, urbsCompleted: 0 };
 
   constructor(
     readonly id: string,
-    readonly identity: string,
+    public identity: string,
     private readonly handle: DeviceHandle,
     readonly limits: SessionLimits,
     readonly log: Logger,
@@ -142,37 +148,124 @@ export class Session extends EventEmitter {
    */
   attach(stream: SessionStream, lastServerSeq: number, openedFrame: (seq: number) => ServerFrame): void {
     if (this.state === 'closed') throw new ChannelProtocolError(Status.NOT_FOUND, `session ${this.id} is closed`);
-    try {
-      this.journal.rewindTo(lastServerSeq);
-    } catch (err) {
+    this.checkPosition(lastServerSeq, 'resume');
+    if (this.stream) {
+      this.log.info({ oldPeer: this.stream.peer, peer: stream.peer }, 'stream superseded by a newer connection');
+      this.stream.end(Status.ABORTED, `session ${this.id} was resumed by another stream`);
+    }
+    this.switchTo(stream, lastServerSeq, openedFrame(this.journal.highestSeq));
+  }
+
+  private checkPosition(lastServerSeq: number, what: string): void {
+    if (lastServerSeq > this.journal.highestSeq) {
       throw new ChannelProtocolError(
         Status.INVALID_ARGUMENT,
-        `resume of session ${this.id} from server seq ${lastServerSeq}: ${(err as Error).message}`,
+        `${what} of session ${this.id} from server seq ${lastServerSeq}, but the highest seq ever sent is ${this.journal.highestSeq}`,
       );
     }
     if (lastServerSeq < this.journal.ackedSeq) {
       // The client claims less than it acknowledged before: those frames are gone.
       throw new ChannelProtocolError(
         Status.FAILED_PRECONDITION,
-        `resume of session ${this.id} from server seq ${lastServerSeq}, but the client already acknowledged ${this.journal.ackedSeq}`,
+        `${what} of session ${this.id} from server seq ${lastServerSeq}, but the client already acknowledged ${this.journal.ackedSeq}`,
       );
     }
-    if (this.stream) {
-      this.log.info({ oldPeer: this.stream.peer, peer: stream.peer }, 'stream superseded by a newer connection');
-      this.stream.end(Status.ABORTED, `session ${this.id} was resumed by another stream`);
-    }
+  }
+
+  /** Make `stream` the session's stream; it has every server frame up to `lastServerSeq`. */
+  private switchTo(stream: SessionStream, lastServerSeq: number, first: ServerFrame): void {
+    this.journal.rewindTo(lastServerSeq);
     clearTimeout(this.graceTimer);
+    clearTimeout(this.takeoverTimer);
     this.stream = stream;
     this.state = 'attached';
     this.waitingDrain = false;
     this.acks.reset();
-    stream.write({ frames: [openedFrame(this.journal.highestSeq)] });
+    stream.write({ frames: [first] });
     this.scheduleFlush();
     this.emit('attached');
   }
 
+  /**
+   * Park a stream that will take the session over (a live migration's
+   * destination). The session stays with its current stream until that
+   * stream hands off, or is lost and does not come back in time.
+   */
+  addStandby(stream: SessionStream, identity: string, openedFrame: (seq: number) => ServerFrame): void {
+    if (this.state === 'closed') throw new ChannelProtocolError(Status.NOT_FOUND, `session ${this.id} is closed`);
+    if (this.standby) {
+      this.log.info({ oldPeer: this.standby.stream.peer, peer: stream.peer }, 'standby replaced by a newer one');
+      this.standby.stream.end(Status.ABORTED, `standby for session ${this.id} replaced by another`);
+    }
+    this.standby = { stream, identity };
+    stream.write({ frames: [openedFrame(this.journal.highestSeq)] });
+    this.log.info({ standbyPeer: stream.peer, standbyIdentity: identity }, 'standby registered');
+    if (this.state === 'detached') this.armTakeover();
+  }
+
+  /** The standby stream went away (a cancelled migration): forget it. */
+  dropStandby(stream: SessionStream): void {
+    if (this.standby?.stream !== stream) return;
+    this.standby = undefined;
+    clearTimeout(this.takeoverTimer);
+    this.log.info({ standbyPeer: stream.peer }, 'standby released');
+  }
+
+  isCurrent(stream: SessionStream): boolean {
+    return this.stream === stream;
+  }
+
+  isStandby(stream: SessionStream): boolean {
+    return this.standby?.stream === stream;
+  }
+
+  get hasStandby(): boolean {
+    return this.standby !== undefined;
+  }
+
+  /** The current stream hands the session to the standby at `lastServerSeq`, with opaque state. */
+  private handOff(h: HandOff, seq: number): void {
+    const standby = this.standby;
+    if (!standby) {
+      this.sendError(Status.FAILED_PRECONDITION, `hand-off of session ${this.id} but no standby is waiting; the session stays with this stream`, seq);
+      return;
+    }
+    this.checkPosition(h.lastServerSeq, 'hand-off');
+    const old = this.stream!;
+    this.standby = undefined;
+    this.stream = undefined;
+    this.identity = standby.identity;
+    this.log.info({ from: old.peer, to: standby.stream.peer, lastServerSeq: h.lastServerSeq, lastClientSeq: this.rx.lastSeq, stateBytes: h.state.length }, 'session handed over');
+    old.end(Status.OK, `session ${this.id} handed over to ${standby.stream.peer}`);
+    this.switchTo(standby.stream, h.lastServerSeq, {
+      seq: this.journal.highestSeq,
+      kind: { $case: 'takeOver', value: { state: h.state, lastServerSeq: h.lastServerSeq, lastClientSeq: this.rx.lastSeq, sourceLost: false } },
+    });
+    this.emit('handedOver', standby.identity);
+  }
+
+  /** The stream is lost with a standby waiting: give the source a moment to resume, then promote the standby. */
+  private armTakeover(): void {
+    clearTimeout(this.takeoverTimer);
+    this.takeoverTimer = setTimeout(() => {
+      const standby = this.standby;
+      if (!standby || this.state !== 'detached') return;
+      this.standby = undefined;
+      this.identity = standby.identity;
+      const at = this.journal.ackedSeq;
+      this.log.warn({ to: standby.stream.peer, lastServerSeq: at }, 'stream lost during a hand-over; the standby takes over without the source\'s state');
+      this.switchTo(standby.stream, at, {
+        seq: this.journal.highestSeq,
+        kind: { $case: 'takeOver', value: { state: new Uint8Array(0), lastServerSeq: at, lastClientSeq: this.rx.lastSeq, sourceLost: true } },
+      });
+      this.emit('handedOver', standby.identity);
+    }, this.limits.standbyTakeoverMs);
+    this.takeoverTimer.unref?.();
+  }
+
   /** The stream ended without a close: keep the session for the grace period. */
   detach(stream: SessionStream, why: string): void {
+    if (this.standby?.stream === stream) return this.dropStandby(stream);
     if (this.stream !== stream || this.state === 'closed') return;
     this.stream = undefined;
     this.state = 'detached';
@@ -183,6 +276,7 @@ export class Session extends EventEmitter {
       void this.close('grace period expired', { reset: true });
     }, this.limits.graceMs);
     this.graceTimer.unref?.();
+    if (this.standby) this.armTakeover();
     this.emit('detached');
   }
 
@@ -239,6 +333,9 @@ export class Session extends EventEmitter {
         return;
       case 'close':
         await this.close('closed by client', { reset: false });
+        return;
+      case 'handOff':
+        this.handOff(kind.value, frame.seq);
         return;
     }
   }
@@ -504,6 +601,9 @@ export class Session extends EventEmitter {
       const stream = this.stream;
       this.stream = undefined;
       stream?.end(opts.code ?? Status.OK, opts.message ?? why);
+      this.standby?.stream.end(Status.ABORTED, `session ${this.id} ended: ${why}`);
+      this.standby = undefined;
+      clearTimeout(this.takeoverTimer);
       this.emit('closed', why);
     })();
     return this.closing;

@@ -401,6 +401,7 @@ export interface ClientFrame {
     | { $case: "op"; value: DeviceOp }
     | { $case: "ack"; value: Ack }
     | { $case: "close"; value: Close }
+    | { $case: "handOff"; value: HandOff }
     | undefined;
 }
 
@@ -415,6 +416,7 @@ export interface ServerFrame {
     | { $case: "ack"; value: Ack }
     | { $case: "error"; value: ChannelError }
     | { $case: "closed"; value: Closed }
+    | { $case: "takeOver"; value: TakeOver }
     | undefined;
 }
 
@@ -426,7 +428,50 @@ export interface Open {
     | //
     /** Resume a session whose stream was lost. */
     { $case: "resume"; value: Resume }
+    | //
+    /**
+     * Wait to take the session over from its current stream (live migration:
+     * the destination's bridge). Answered with `opened` (standby set); then
+     * nothing until `take_over`.
+     */
+    { $case: "standby"; value: Standby }
     | undefined;
+}
+
+export interface Standby {
+  sessionId: string;
+}
+
+/**
+ * Sent by the stream that holds a session to hand it to the standby stream
+ * (a data frame: it follows every submit before it). The server ends this
+ * stream with OK and sends the standby `take_over`.
+ */
+export interface HandOff {
+  /**
+   * Opaque to the server: what the taking-over side needs to continue
+   * (the bridge's usbredir byte positions and in-flight requests).
+   */
+  state: Uint8Array;
+  /**
+   * The highest server seq this side consumed; the standby gets every server
+   * frame after it.
+   */
+  lastServerSeq: number;
+}
+
+/** To a standby stream: the session is now yours. */
+export interface TakeOver {
+  state: Uint8Array;
+  /** Server frames after this seq follow (replayed from the journal). */
+  lastServerSeq: number;
+  /** The highest client seq the server executed; continue numbering after it. */
+  lastClientSeq: number;
+  /**
+   * The previous stream was lost without a hand-off: `state` is empty and
+   * `last_server_seq` is only what it had acknowledged.
+   */
+  sourceLost: boolean;
 }
 
 export interface Resume {
@@ -586,6 +631,8 @@ export interface Opened {
   /** The highest client seq the server has received (for resume; 0 on a new session). */
   lastClientSeq: number;
   resumed: boolean;
+  /** A standby: the session stays with its current stream until a hand-off. */
+  standby: boolean;
 }
 
 export interface ChannelError {
@@ -2280,6 +2327,9 @@ export const ClientFrame: MessageFns<ClientFrame> = {
       case "close":
         Close.encode(message.kind.value, writer.uint32(58).fork()).join();
         break;
+      case "handOff":
+        HandOff.encode(message.kind.value, writer.uint32(66).fork()).join();
+        break;
     }
     return writer;
   },
@@ -2353,6 +2403,14 @@ export const ClientFrame: MessageFns<ClientFrame> = {
             message.kind = { $case: "close", value: Close.decode(reader, reader.uint32()) };
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.kind = { $case: "handOff", value: HandOff.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2380,6 +2438,10 @@ export const ClientFrame: MessageFns<ClientFrame> = {
         ? { $case: "ack", value: Ack.fromJSON(object.ack) }
         : isSet(object.close)
         ? { $case: "close", value: Close.fromJSON(object.close) }
+        : isSet(object.handOff)
+        ? { $case: "handOff", value: HandOff.fromJSON(object.handOff) }
+        : isSet(object.hand_off)
+        ? { $case: "handOff", value: HandOff.fromJSON(object.hand_off) }
         : undefined,
     };
   },
@@ -2401,6 +2463,8 @@ export const ClientFrame: MessageFns<ClientFrame> = {
       obj.ack = Ack.toJSON(message.kind.value);
     } else if (message.kind?.$case === "close") {
       obj.close = Close.toJSON(message.kind.value);
+    } else if (message.kind?.$case === "handOff") {
+      obj.handOff = HandOff.toJSON(message.kind.value);
     }
     return obj;
   },
@@ -2448,6 +2512,12 @@ export const ClientFrame: MessageFns<ClientFrame> = {
         }
         break;
       }
+      case "handOff": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "handOff", value: HandOff.fromPartial(object.kind.value) };
+        }
+        break;
+      }
     }
     return message;
   },
@@ -2486,6 +2556,9 @@ export const ServerFrame: MessageFns<ServerFrame> = {
         break;
       case "closed":
         Closed.encode(message.kind.value, writer.uint32(74).fork()).join();
+        break;
+      case "takeOver":
+        TakeOver.encode(message.kind.value, writer.uint32(82).fork()).join();
         break;
     }
     return writer;
@@ -2576,6 +2649,14 @@ export const ServerFrame: MessageFns<ServerFrame> = {
             message.kind = { $case: "closed", value: Closed.decode(reader, reader.uint32()) };
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.kind = { $case: "takeOver", value: TakeOver.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2611,6 +2692,10 @@ export const ServerFrame: MessageFns<ServerFrame> = {
         ? { $case: "error", value: ChannelError.fromJSON(object.error) }
         : isSet(object.closed)
         ? { $case: "closed", value: Closed.fromJSON(object.closed) }
+        : isSet(object.takeOver)
+        ? { $case: "takeOver", value: TakeOver.fromJSON(object.takeOver) }
+        : isSet(object.take_over)
+        ? { $case: "takeOver", value: TakeOver.fromJSON(object.take_over) }
         : undefined,
     };
   },
@@ -2636,6 +2721,8 @@ export const ServerFrame: MessageFns<ServerFrame> = {
       obj.error = ChannelError.toJSON(message.kind.value);
     } else if (message.kind?.$case === "closed") {
       obj.closed = Closed.toJSON(message.kind.value);
+    } else if (message.kind?.$case === "takeOver") {
+      obj.takeOver = TakeOver.toJSON(message.kind.value);
     }
     return obj;
   },
@@ -2695,6 +2782,12 @@ export const ServerFrame: MessageFns<ServerFrame> = {
         }
         break;
       }
+      case "takeOver": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "takeOver", value: TakeOver.fromPartial(object.kind.value) };
+        }
+        break;
+      }
     }
     return message;
   },
@@ -2712,6 +2805,9 @@ export const Open: MessageFns<Open> = {
         break;
       case "resume":
         Resume.encode(message.target.value, writer.uint32(18).fork()).join();
+        break;
+      case "standby":
+        Standby.encode(message.target.value, writer.uint32(26).fork()).join();
         break;
     }
     return writer;
@@ -2746,6 +2842,14 @@ export const Open: MessageFns<Open> = {
             message.target = { $case: "resume", value: Resume.decode(reader, reader.uint32()) };
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.target = { $case: "standby", value: Standby.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2764,6 +2868,8 @@ export const Open: MessageFns<Open> = {
         ? { $case: "device", value: DeviceSelector.fromJSON(object.device) }
         : isSet(object.resume)
         ? { $case: "resume", value: Resume.fromJSON(object.resume) }
+        : isSet(object.standby)
+        ? { $case: "standby", value: Standby.fromJSON(object.standby) }
         : undefined,
     };
   },
@@ -2774,6 +2880,8 @@ export const Open: MessageFns<Open> = {
       obj.device = DeviceSelector.toJSON(message.target.value);
     } else if (message.target?.$case === "resume") {
       obj.resume = Resume.toJSON(message.target.value);
+    } else if (message.target?.$case === "standby") {
+      obj.standby = Standby.toJSON(message.target.value);
     }
     return obj;
   },
@@ -2796,7 +2904,304 @@ export const Open: MessageFns<Open> = {
         }
         break;
       }
+      case "standby": {
+        if (object.target?.value !== undefined && object.target?.value !== null) {
+          message.target = { $case: "standby", value: Standby.fromPartial(object.target.value) };
+        }
+        break;
+      }
     }
+    return message;
+  },
+};
+
+function createBaseStandby(): Standby {
+  return { sessionId: "" };
+}
+
+export const Standby: MessageFns<Standby> = {
+  encode(message: Standby, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sessionId !== "") {
+      writer.uint32(10).string(message.sessionId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Standby {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStandby();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sessionId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Standby {
+    return {
+      sessionId: isSet(object.sessionId)
+        ? globalThis.String(object.sessionId)
+        : isSet(object.session_id)
+        ? globalThis.String(object.session_id)
+        : "",
+    };
+  },
+
+  toJSON(message: Standby): unknown {
+    const obj: any = {};
+    if (message.sessionId !== "") {
+      obj.sessionId = message.sessionId;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Standby>): Standby {
+    return Standby.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Standby>): Standby {
+    const message = createBaseStandby();
+    message.sessionId = object.sessionId ?? "";
+    return message;
+  },
+};
+
+function createBaseHandOff(): HandOff {
+  return { state: new Uint8Array(0), lastServerSeq: 0 };
+}
+
+export const HandOff: MessageFns<HandOff> = {
+  encode(message: HandOff, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.state.length !== 0) {
+      writer.uint32(10).bytes(message.state);
+    }
+    if (message.lastServerSeq !== 0) {
+      writer.uint32(16).uint64(message.lastServerSeq);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HandOff {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHandOff();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.state = reader.bytes();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.lastServerSeq = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): HandOff {
+    return {
+      state: isSet(object.state) ? bytesFromBase64(object.state) : new Uint8Array(0),
+      lastServerSeq: isSet(object.lastServerSeq)
+        ? globalThis.Number(object.lastServerSeq)
+        : isSet(object.last_server_seq)
+        ? globalThis.Number(object.last_server_seq)
+        : 0,
+    };
+  },
+
+  toJSON(message: HandOff): unknown {
+    const obj: any = {};
+    if (message.state.length !== 0) {
+      obj.state = base64FromBytes(message.state);
+    }
+    if (message.lastServerSeq !== 0) {
+      obj.lastServerSeq = Math.round(message.lastServerSeq);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<HandOff>): HandOff {
+    return HandOff.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<HandOff>): HandOff {
+    const message = createBaseHandOff();
+    message.state = object.state ?? new Uint8Array(0);
+    message.lastServerSeq = object.lastServerSeq ?? 0;
+    return message;
+  },
+};
+
+function createBaseTakeOver(): TakeOver {
+  return { state: new Uint8Array(0), lastServerSeq: 0, lastClientSeq: 0, sourceLost: false };
+}
+
+export const TakeOver: MessageFns<TakeOver> = {
+  encode(message: TakeOver, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.state.length !== 0) {
+      writer.uint32(10).bytes(message.state);
+    }
+    if (message.lastServerSeq !== 0) {
+      writer.uint32(16).uint64(message.lastServerSeq);
+    }
+    if (message.lastClientSeq !== 0) {
+      writer.uint32(24).uint64(message.lastClientSeq);
+    }
+    if (message.sourceLost !== false) {
+      writer.uint32(32).bool(message.sourceLost);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TakeOver {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTakeOver();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.state = reader.bytes();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.lastServerSeq = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.lastClientSeq = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.sourceLost = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): TakeOver {
+    return {
+      state: isSet(object.state) ? bytesFromBase64(object.state) : new Uint8Array(0),
+      lastServerSeq: isSet(object.lastServerSeq)
+        ? globalThis.Number(object.lastServerSeq)
+        : isSet(object.last_server_seq)
+        ? globalThis.Number(object.last_server_seq)
+        : 0,
+      lastClientSeq: isSet(object.lastClientSeq)
+        ? globalThis.Number(object.lastClientSeq)
+        : isSet(object.last_client_seq)
+        ? globalThis.Number(object.last_client_seq)
+        : 0,
+      sourceLost: isSet(object.sourceLost)
+        ? globalThis.Boolean(object.sourceLost)
+        : isSet(object.source_lost)
+        ? globalThis.Boolean(object.source_lost)
+        : false,
+    };
+  },
+
+  toJSON(message: TakeOver): unknown {
+    const obj: any = {};
+    if (message.state.length !== 0) {
+      obj.state = base64FromBytes(message.state);
+    }
+    if (message.lastServerSeq !== 0) {
+      obj.lastServerSeq = Math.round(message.lastServerSeq);
+    }
+    if (message.lastClientSeq !== 0) {
+      obj.lastClientSeq = Math.round(message.lastClientSeq);
+    }
+    if (message.sourceLost !== false) {
+      obj.sourceLost = message.sourceLost;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<TakeOver>): TakeOver {
+    return TakeOver.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<TakeOver>): TakeOver {
+    const message = createBaseTakeOver();
+    message.state = object.state ?? new Uint8Array(0);
+    message.lastServerSeq = object.lastServerSeq ?? 0;
+    message.lastClientSeq = object.lastClientSeq ?? 0;
+    message.sourceLost = object.sourceLost ?? false;
     return message;
   },
 };
@@ -5047,7 +5452,7 @@ export const DeviceGone: MessageFns<DeviceGone> = {
 };
 
 function createBaseOpened(): Opened {
-  return { sessionId: "", device: undefined, lastClientSeq: 0, resumed: false };
+  return { sessionId: "", device: undefined, lastClientSeq: 0, resumed: false, standby: false };
 }
 
 export const Opened: MessageFns<Opened> = {
@@ -5063,6 +5468,9 @@ export const Opened: MessageFns<Opened> = {
     }
     if (message.resumed !== false) {
       writer.uint32(32).bool(message.resumed);
+    }
+    if (message.standby !== false) {
+      writer.uint32(40).bool(message.standby);
     }
     return writer;
   },
@@ -5112,6 +5520,14 @@ export const Opened: MessageFns<Opened> = {
             message.resumed = reader.bool();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.standby = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5138,6 +5554,7 @@ export const Opened: MessageFns<Opened> = {
         ? globalThis.Number(object.last_client_seq)
         : 0,
       resumed: isSet(object.resumed) ? globalThis.Boolean(object.resumed) : false,
+      standby: isSet(object.standby) ? globalThis.Boolean(object.standby) : false,
     };
   },
 
@@ -5155,6 +5572,9 @@ export const Opened: MessageFns<Opened> = {
     if (message.resumed !== false) {
       obj.resumed = message.resumed;
     }
+    if (message.standby !== false) {
+      obj.standby = message.standby;
+    }
     return obj;
   },
 
@@ -5169,6 +5589,7 @@ export const Opened: MessageFns<Opened> = {
       : undefined;
     message.lastClientSeq = object.lastClientSeq ?? 0;
     message.resumed = object.resumed ?? false;
+    message.standby = object.standby ?? false;
     return message;
   },
 };
