@@ -4,8 +4,8 @@
 // `usbroam qemu-args`.
 import { ChannelCredentials } from '@grpc/grpc-js';
 import { expect } from 'chai';
-import { execFile } from 'node:child_process';
-import { mkdtempSync, rmSync, statSync } from 'node:fs';
+import { execFile, spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -226,6 +226,53 @@ describe('bridge control API (integration, no QEMU)', function () {
     const det = await cli(['detach', '--control', `unix:${sock}`, '--vm', 'vm1', 'usbroam-x']);
     expect(det.code).to.equal(1);
     expect(det.stderr).to.match(/no attachment usbroam-x on VM vm1/);
+  });
+
+  it('usbroam bridge --config: VMs and server credentials from JSON; a bad config is a clear error; SIGTERM exits 0', async function () {
+    this.timeout(40_000);
+    const cfgDir = path.join(dir, 'cfg');
+    const ctl = path.join(cfgDir, 'ctl.sock');
+    const tls = clientTls('bridge');
+    const cfgFile = path.join(dir, 'bridge.json');
+    writeFileSync(cfgFile, JSON.stringify({ control: ctl, runDir: path.join(cfgDir, 'run'), vms: { alpha: path.join(dir, 'a.qmp') }, server: { address: serverAddress, ...tls } }));
+    const child = spawn(process.execPath, ['bin/usbroam.js', 'bridge', '--config', cfgFile, '--vm', 'beta=unix:' + path.join(dir, 'b.qmp')], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const exited = new Promise<number | null>((r) => child.once('exit', (c) => r(c)));
+    try {
+      let out = '';
+      await new Promise<void>((resolve, reject) => {
+        const t = setTimeout(() => reject(new Error(`bridge did not start: ${out}`)), 20_000);
+        child.stdout!.on('data', (d: Buffer) => {
+          out += d.toString();
+          if (out.includes('bridge control API listening')) {
+            clearTimeout(t);
+            resolve();
+          }
+        });
+        child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
+        void exited.then(() => reject(new Error(`bridge exited: ${out}`)));
+      });
+      const listening = out
+        .split('\n')
+        .filter((l) => l.includes('bridge control API listening'))
+        .map((l) => JSON.parse(l) as { vms: string[] })[0]!;
+      expect(listening.vms).to.have.members(['alpha', 'beta']);
+      expect((statSync(ctl).mode & 0o777).toString(8)).to.equal('600');
+      const env = { USBROAM_CONTROL: ctl };
+      expect((await cli(['attachments', '--vm', 'alpha', '--json'], env)).stdout.trim()).to.equal('[]');
+      expect((await cli(['attachments', '--vm', 'beta', '--json'], env)).stdout.trim()).to.equal('[]');
+      // No --server: the bridge's default server (from its config) is used, with its own credentials.
+      const refused = await cli(['attach', '--vm', 'alpha', '--device', 'serial=NOPE'], env);
+      expect(refused.stderr).to.match(new RegExp(`USB host server ${serverAddress}: no device matches`));
+      child.kill('SIGTERM');
+      expect(await exited).to.equal(0);
+      expect(existsSync(ctl)).to.equal(false);
+    } finally {
+      if (child.exitCode === null) child.kill('SIGKILL');
+    }
+    writeFileSync(cfgFile, JSON.stringify({ vmz: {} }));
+    const bad = await cli(['bridge', '--config', cfgFile, '--control', path.join(dir, 'bad.sock')]);
+    expect(bad.code).to.equal(1);
+    expect(bad.stderr).to.match(/unknown key\(s\) vmz/);
   });
 
   it('device selector syntax', () => {
