@@ -1,0 +1,121 @@
+// End to end: the emulated CDC-ACM echo device (server in its own process) attached through the
+// Bridge to a real QEMU guest over xHCI. The guest's cdc_acm driver binds it as /dev/ttyACM0; in
+// raw mode a line written comes back, and so does a 64 KiB random payload (sha256 compared).
+import { expect } from 'chai';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Bridge } from '../../src/client/bridge/bridge.js';
+import { UsbHostClient } from '../../src/client/sdk/client.js';
+import { clientTls } from '../helpers/certs.js';
+import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
+import { badKernelLines, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog, until } from '../helpers/bridge-e2e.js';
+import type { Guest } from './harness/guest.js';
+
+const TTY = '/dev/ttyACM0';
+
+describe('e2e bridge: CDC-ACM serial echo device in a QEMU guest', function () {
+  this.timeout(600_000);
+  let guest: Guest | undefined;
+  let server: ServerProcess | undefined;
+  let bridge: Bridge | undefined;
+  let dir: string;
+  let bus = 'xhci.0';
+  let serverOpts: { address: string; ca: string; cert: string; key: string };
+  let product = '';
+
+  before(async function () {
+    this.timeout(900_000);
+    const image = await e2eImageOrSkip(this);
+    dir = mkdtempSync(path.join(os.tmpdir(), 'ubs-'));
+    server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', path.join(dir, 'disk.img'), '--disk-size-mib', '16']);
+    serverOpts = { address: server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
+    const c = new UsbHostClient(serverOpts);
+    const acm = (await c.listDevices()).find((d) => d.serial === 'USBROAM-ACM-0001');
+    c.close();
+    expect(acm, 'the server serves the CDC-ACM device').to.not.equal(undefined);
+    product = acm!.product;
+    const bg = await startBridgeGuest({ name: 'bridge-serial', image, dir });
+    guest = bg.guest;
+    bus = bg.bus;
+    bridge = new Bridge({ log: testLog, runDir: dir });
+    bridge.addVm({ name: 'vm1', qmpSocket: bg.bridgeQmp });
+  });
+
+  after(async () => {
+    await guest?.run('kill $(cat /tmp/cat.pid 2>/dev/null) 2>/dev/null; true', { timeoutMs: 5000 }).catch(() => {});
+    await bridge?.close().catch(() => {});
+    await guest?.stop();
+    await server?.stop();
+    if (dir && !process.env.USBROAM_E2E_KEEP) rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** Start a reader in the background (it keeps the tty open), set raw mode. */
+  async function startReader(g: Guest, out: string): Promise<void> {
+    await g.sh(`rm -f ${out}; cat ${TTY} > ${out} & echo $! > /tmp/cat.pid`);
+    await g.sh(`stty -F ${TTY} raw -echo -echoe -echok -echoctl -echoke -ixon -ixoff`).catch(async () => {
+      // older busybox stty: fewer flags
+      await g.sh(`stty -F ${TTY} raw -echo`);
+    });
+    await new Promise((r) => setTimeout(r, 200));
+  }
+
+  async function stopReader(g: Guest): Promise<void> {
+    await g.run('kill $(cat /tmp/cat.pid) 2>/dev/null; rm -f /tmp/cat.pid; true');
+  }
+
+  it('attaches; the guest binds cdc_acm and /dev/ttyACM0 appears', async () => {
+    const g = guest!;
+    const info = await bridge!.attach({ vm: 'vm1', server: serverOpts, selector: { serial: 'USBROAM-ACM-0001' }, bus });
+    expect(info.serial).to.equal('USBROAM-ACM-0001');
+    await g.waitForPath(TTY, { timeoutMs: 120_000 });
+    const dmesg = await g.dmesg();
+    expect(dmesg).to.include(`Product: ${product}`);
+    expect(dmesg).to.include('SerialNumber: USBROAM-ACM-0001');
+    expect(dmesg).to.match(/cdc_acm [^\n]*ttyACM0: USB ACM device/);
+  });
+
+  it('echoes a line written in raw mode', async () => {
+    const g = guest!;
+    await startReader(g, '/tmp/echo');
+    await g.sh(`printf 'hello-usbroam-123\\n' > ${TTY}`);
+    const got = await until('the echo', async () => {
+      const r = await g.run('cat /tmp/echo');
+      return r.output.includes('hello-usbroam-123') ? r.output : '';
+    }, 30_000, 250);
+    await stopReader(g);
+    expect(got).to.equal('hello-usbroam-123\n');
+  });
+
+  it('echoes a 64 KiB random payload byte for byte', async () => {
+    const g = guest!;
+    const size = 64 * 1024;
+    await g.sh(`dd if=/dev/urandom of=/tmp/payload bs=1024 count=64 2>/dev/null`);
+    const want = await guestSha256(g, 'cat /tmp/payload');
+    await startReader(g, '/tmp/echo64');
+    const t0 = Date.now();
+    await g.sh(`dd if=/tmp/payload of=${TTY} bs=4096 2>/dev/null`, { timeoutMs: 120_000 });
+    await until('the whole payload back', async () => {
+      const r = await g.run('wc -c < /tmp/echo64');
+      return Number(r.output.trim()) >= size;
+    }, 120_000, 250);
+    console.log(`      64 KiB echoed in ${Date.now() - t0} ms`);
+    await new Promise((r) => setTimeout(r, 300)); // nothing extra may follow
+    await stopReader(g);
+    expect(Number((await g.sh('wc -c < /tmp/echo64')).trim())).to.equal(size);
+    expect(await guestSha256(g, 'cat /tmp/echo64')).to.equal(want);
+    const bad = badKernelLines(await dmesgLines(g));
+    expect(bad, bad.join('\n')).to.deep.equal([]);
+  });
+
+  it('detach is a clean unplug: /dev/ttyACM0 goes away', async () => {
+    const g = guest!;
+    const [a] = bridge!.list();
+    await bridge!.detach('vm1', a!.id);
+    await until('ttyACM0 gone', async () => (await g.run(`test -e ${TTY}`)).exitCode !== 0, 60_000, 250);
+    const lines = await dmesgLines(g);
+    expect(lines.some((l) => /USB disconnect, device number/.test(l))).to.equal(true);
+    const bad = badKernelLines(lines);
+    expect(bad, bad.join('\n')).to.deep.equal([]);
+  });
+});
