@@ -32,7 +32,8 @@ export class UsbHostClient {
   constructor(opts: ConnectionOptions & { log?: Logger } = {}) {
     const c = resolveConnection(opts);
     this.address = c.address;
-    const target = c.address.startsWith('unix:') ? c.address : `dns:${c.address}`;
+    // nice-grpc appends :80 to a bare unix:/path; unix:// keeps the path intact.
+    const target = c.address.startsWith('unix:') ? `unix://${c.address.replace(/^unix:(\/\/)?/, '')}` : `dns:${c.address}`;
     this.channel = createChannel(target, channelCredentials(c), CLIENT_CHANNEL_OPTIONS);
     this.rpc = createClient(UsbHostDefinition, this.channel);
   }
