@@ -28,9 +28,10 @@
 import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
 import type { Logger } from '../../common/log.js';
-import type { Device, OpResult, ReceivedData, UrbComplete } from '../../gen/usbroam/v1/usbhost.js';
-import { TransferType, UrbStatus } from '../../gen/usbroam/v1/usbhost.js';
+import type { OpResult, ReceivedData, UrbComplete } from '../../gen/usbroam/v1/usbhost.js';
+import { Device, TransferType, UrbStatus } from '../../gen/usbroam/v1/usbhost.js';
 import type { RemoteDevice, UrbRequest } from '../sdk/remote-device.js';
+import { unreadByPeer } from './unix-socket-queue.js';
 import {
   ALL_CAPS,
   Cap,
@@ -83,6 +84,82 @@ export interface AttachmentOptions {
    * used yet beyond passing it to the parser.
    */
   noHello?: { peerCaps: readonly number[] };
+}
+
+/** What the source bridge learnt at a hand-off (for logs, tests and benchmarks). */
+export interface HandOffInfo {
+  /** Bytes we wrote that QEMU had not read (re-sent by the destination), incl. held ones. */
+  toQemuBytes: number;
+  /** Of those, bytes written to the socket (the rest were held after the freeze). */
+  unreadInSocket: number;
+  /** Partial guest->host packet bytes. */
+  fromQemuPartial: number;
+  inFlight: number;
+  stateBytes: number;
+  /** ms spent measuring the socket queues (ss). */
+  measureMs: number;
+  /** ms from handOff() to the state being sent. */
+  freezeMs: number;
+  /** ms from handOff() to the server's confirmation. */
+  totalMs: number;
+}
+
+/** Thrown when the session stays with the source (no standby, or the hand-off failed). */
+export class HandOffRefusedError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'HandOffRefusedError';
+  }
+}
+
+/** Version 1 of the state handed from the source bridge to the destination bridge. */
+interface HandOffStateV1 {
+  v: 1;
+  id: string;
+  ourCaps: number[];
+  peerCaps: number[];
+  /** base64: host->guest bytes QEMU has not consumed, to be written verbatim first. */
+  toQemu: string;
+  /** base64: the guest->host bytes of the packet in progress. */
+  fromQemuPartial: string;
+  /** [urbId, entry] with bigints as strings and packet data stripped. */
+  inFlight: [number, unknown][];
+  byRedirId: [string, number][];
+  streams: unknown[];
+  activeConfiguration: number;
+  connectSent: boolean;
+  deviceGone: boolean;
+  state: AttachmentState;
+  /** The highest URB id the source used. */
+  lastUrbId: number;
+  /** base64 of usbroam.v1.Device. */
+  device: string;
+  positions: { bytesFromQemu: number; bytesToQemu: number; consumedByQemu: number };
+}
+
+/** Most bytes the kernel can hold in an AF_UNIX stream socket (net.core.wmem_max default 4 MiB). */
+const KERNEL_RETAIN = 4 * 1024 * 1024;
+/** Bound of the hand-off state (the URB channel's message limit is 64 MiB). */
+const MAX_STATE_BYTES = 48 * 1024 * 1024;
+
+function jsonReplacer(_k: string, v: unknown): unknown {
+  if (typeof v === 'bigint') return { $big: v.toString() };
+  if (v instanceof Uint8Array) return undefined;
+  return v;
+}
+function jsonReviver(_k: string, v: unknown): unknown {
+  if (v && typeof v === 'object' && '$big' in (v as object) && Object.keys(v as object).length === 1) return BigInt((v as { $big: string }).$big);
+  return v;
+}
+function concat(parts: Uint8Array[]): Uint8Array {
+  const n = parts.reduce((a, p) => a + p.length, 0);
+  const out = new Uint8Array(n);
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
 }
 
 export interface AttachmentStats {
@@ -261,6 +338,21 @@ export class Attachment extends EventEmitter {
   private corked = false;
   private readPaused = false;
 
+  // --- live-migration hand-off ---
+  /** The last bytes written to the socket (at least what QEMU may not have read). */
+  private readonly sentRing: Uint8Array[] = [];
+  private sentRingBytes = 0;
+  /** While freezing for a hand-off: output is held here instead of written. */
+  private held: Uint8Array[] | null = null;
+  /** Read everything QEMU wrote, whatever the backpressure (hand-off in progress). */
+  private draining = false;
+  /** The hand-off state was built: nothing here answers QEMU any more. */
+  private exported = false;
+  /** Ops sent and not answered yet. */
+  private pendingOps = 0;
+  /** State to resume from (destination of a hand-off). */
+  private imported?: HandOffStateV1;
+
   private readonly onDataBound = (chunk: Buffer) => this.onData(chunk);
   private readonly onReceivedBound = (r: ReceivedData) => this.guard('received', () => this.onReceived(r));
   private readonly onDeviceGoneBound = (reason: string) => this.guard('deviceGone', () => this.onDeviceGone(String(reason ?? 'device gone')));
@@ -324,9 +416,10 @@ export class Attachment extends EventEmitter {
     this.device.on('received', this.onReceivedBound);
     this.device.on('deviceGone', this.onDeviceGoneBound);
     this.device.on('closed', this.onDeviceClosedBound);
-    if (!this.parser.noHello) this.send(this.parser.helloPacket());
+    if (this.imported) this.resumeImported(this.imported);
+    else if (!this.parser.noHello) this.send(this.parser.helloPacket());
     else this.scheduleDeviceConnect();
-    this.log.info({ attachment: this.id }, 'usbredir attachment started');
+    this.log.info({ attachment: this.id, resumed: !!this.imported }, 'usbredir attachment started');
     return this;
   }
 
@@ -548,12 +641,7 @@ export class Attachment extends EventEmitter {
     // CLEAR_FEATURE(ENDPOINT_HALT): a real clear halt, so the host stack knows (usbredirhost).
     if (p.requesttype === 0x02 && p.request === 0x01 && p.value === 0 && p.data.length === 0) {
       const ep = p.index & 0xff;
-      this.device
-        .rawOp({ $case: 'clearHalt', value: { endpoint: ep } })
-        .then(
-          (r) => this.guard('clearHalt', () => this._state !== 'closed' && reply(r.status)),
-          () => this.guard('clearHalt', () => this._state !== 'closed' && reply(Status.ioerror)),
-        );
+      this.runOp({ $case: 'clearHalt', value: { endpoint: ep } }, (r) => reply(r.status));
       return;
     }
     const setup = new Uint8Array(8);
@@ -627,6 +715,7 @@ export class Attachment extends EventEmitter {
       // The SDK assigned a different id than predicted: cancel-by-id would be wrong.
       this.log.error({ attachment: this.id, predicted: urbId, actual: c.urbId }, 'URB id prediction failed');
     }
+    if (this.exported) return;
     const e = this.inFlight.get(urbId);
     if (!e) return;
     this.inFlight.delete(urbId);
@@ -641,6 +730,7 @@ export class Attachment extends EventEmitter {
   }
 
   private onSubmitFailed(urbId: number, err: Error): void {
+    if (this.exported) return;
     const e = this.inFlight.get(urbId);
     if (!e) return;
     this.inFlight.delete(urbId);
@@ -699,14 +789,11 @@ export class Attachment extends EventEmitter {
     if (p.type === 'control_packet') this.send({ ...p, status: Status.cancelled, length: 0, data: EMPTY });
     else if (p.type === 'bulk_packet') this.send({ ...p, status: Status.cancelled, length: 0, data: EMPTY });
     else if (p.type === 'interrupt_packet') this.send({ ...p, status: Status.cancelled, length: 0, data: EMPTY });
-    // The submit may not have been given its id yet (it is assigned after a microtask).
-    setImmediate(() => {
-      try {
-        this.device.cancel(urbId);
-      } catch {
-        /* channel closed */
-      }
-    });
+    try {
+      this.device.cancel(urbId);
+    } catch {
+      /* channel closed or handed off */
+    }
   }
 
   // ------------------------------------------------------------------ control ops
@@ -786,11 +873,16 @@ export class Attachment extends EventEmitter {
     } catch (err) {
       pr = Promise.reject(err);
     }
+    this.pendingOps++;
     pr.then(
-      (r) => this.guard(op?.$case ?? 'op', () => this._state !== 'closed' && done(r)),
+      (r) => {
+        this.pendingOps--;
+        this.guard(op?.$case ?? 'op', () => this._state !== 'closed' && !this.exported && done(r));
+      },
       (err: Error) =>
         this.guard(op?.$case ?? 'op', () => {
-          if (this._state === 'closed') return;
+          this.pendingOps--;
+          if (this._state === 'closed' || this.exported) return;
           done({ opId: 0, status: UrbStatus.URB_STATUS_IOERROR, value: 0, message: err.message, interfaces: [], endpoints: [] });
         }),
     );
@@ -1004,12 +1096,25 @@ export class Attachment extends EventEmitter {
   // ------------------------------------------------------------------ output to QEMU
 
   private send(p: Packet): void {
-    if (this._state === 'closed' || this.socket.destroyed) return;
+    if (this._state === 'closed' || this.socket.destroyed || this.exported) return;
     let parts: Uint8Array[];
     try {
       parts = this.parser.encodeParts(p);
     } catch (err) {
       this.log.error({ attachment: this.id, type: p.type, err: (err as Error).message }, 'could not encode a usbredir packet');
+      return;
+    }
+    this.packetsOut++;
+    this.writeRaw(parts);
+  }
+
+  /** Write encoded bytes to QEMU (held during a hand-off freeze), remembering the tail. */
+  private writeRaw(parts: Uint8Array[]): void {
+    if (this.held) {
+      for (const part of parts) {
+        this._bytesToQemu += part.length;
+        this.held.push(part);
+      }
       return;
     }
     if (!this.corked) {
@@ -1023,9 +1128,27 @@ export class Attachment extends EventEmitter {
     for (const part of parts) {
       this._bytesToQemu += part.length;
       this.socket.write(part);
+      this.sentRing.push(part);
+      this.sentRingBytes += part.length;
     }
-    this.packetsOut++;
+    // Keep at least what Node buffers plus what the kernel can hold.
+    const keep = this.socket.writableLength + KERNEL_RETAIN;
+    while (this.sentRing.length > 1 && this.sentRingBytes - this.sentRing[0]!.length >= keep) this.sentRingBytes -= this.sentRing.shift()!.length;
     this.updateReadFlow();
+  }
+
+  /** The last `n` bytes written to the socket. */
+  private sentTail(n: number): Uint8Array {
+    if (n > this.sentRingBytes) throw new Error(`QEMU has ${n} unread bytes but only ${this.sentRingBytes} are remembered`);
+    const out = new Uint8Array(n);
+    let o = n;
+    for (let i = this.sentRing.length - 1; i >= 0 && o > 0; i--) {
+      const part = this.sentRing[i]!;
+      const take = Math.min(part.length, o);
+      out.set(part.subarray(part.length - take), o - take);
+      o -= take;
+    }
+    return out;
   }
 
   /** Run fn once what is queued has been handed to the kernel. */
@@ -1042,8 +1165,8 @@ export class Attachment extends EventEmitter {
 
   /** Pause reading requests from QEMU while our output or in-flight URBs are too many. */
   private updateReadFlow(): void {
-    if (this._state === 'closed') return;
-    const tooMuch = this.socket.writableLength > this.writeHighWater || this.inFlight.size >= this.maxInFlightUrbs;
+    if (this._state === 'closed' || this.exported) return;
+    const tooMuch = !this.draining && this.socket.writableLength > this.writeHighWater || this.inFlight.size >= this.maxInFlightUrbs;
     if (tooMuch && !this.readPaused) {
       this.readPaused = true;
       this.socket.pause();
@@ -1051,6 +1174,220 @@ export class Attachment extends EventEmitter {
       this.readPaused = false;
       this.socket.resume();
     }
+  }
+
+  // ------------------------------------------------------------------ live-migration hand-off
+
+  /**
+   * Source side of a live-migration hand-off, once QEMU has stopped for good (MIGRATION
+   * 'completed'): QEMU neither reads nor writes the chardev any more. From this call our output
+   * is held; we read whatever QEMU wrote before it stopped (our receive queue empty, every
+   * packet dispatched, device ops answered), measure exactly how many of our bytes QEMU has not
+   * read (its Recv-Q + what Node still buffers), then, in one synchronous step, build the state
+   * (those unread bytes + everything held, the partial guest->host packet, the requests in
+   * flight, streams, configuration) and RemoteDevice.handOff(state): from there no server frame
+   * is consumed here. Resolves when the server has switched the session to the standby; the
+   * attachment is then closed ('handed off') without touching the device or QEMU. If the
+   * hand-off is refused (no standby) or fails, the held output is written and the attachment
+   * carries on; HandOffRefusedError is thrown.
+   */
+  async handOff(opts: { drainTimeoutMs?: number } = {}): Promise<HandOffInfo> {
+    if (this._state === 'closed') throw new HandOffRefusedError('attachment is closed');
+    if (this.held || this.exported) throw new HandOffRefusedError('a hand-off is in progress');
+    const t0 = performance.now();
+    this.held = [];
+    this.draining = true;
+    if (this.readPaused) {
+      this.readPaused = false;
+      this.socket.resume();
+    }
+    let measured: Awaited<ReturnType<typeof unreadByPeer>> | undefined;
+    let measureMs = 0;
+    try {
+      const deadline = Date.now() + (opts.drainTimeoutMs ?? 2000);
+      for (;;) {
+        const m0 = performance.now();
+        measured = await unreadByPeer(this.socket);
+        measureMs += performance.now() - m0;
+        if (measured.ourUnread === 0 && this.queue.length === 0 && !this.dispatching && this.pendingOps === 0) break;
+        if (Date.now() > deadline) {
+          if (measured.ourUnread === 0 && this.queue.length === 0 && !this.dispatching) {
+            this.log.warn({ attachment: this.id, pendingOps: this.pendingOps }, 'device ops still pending at the hand-off; their answers are lost');
+            break;
+          }
+          throw new Error(`QEMU's output was not drained in time (unread ${measured.ourUnread}, queued ${this.queue.length})`);
+        }
+        await new Promise((r) => setTimeout(r, 1));
+      }
+    } catch (err) {
+      this.thaw();
+      throw new HandOffRefusedError(`hand-off measurement failed: ${(err as Error).message}`);
+    }
+    const unread = measured.unread;
+    // The state and the freeze of the channel in one synchronous step: every completion the
+    // RemoteDevice consumed so far has been answered (into `held`), none after.
+    let built: { bytes: Uint8Array; toQemuBytes: number; partial: number; inFlight: number } | undefined;
+    let sent: Promise<{ lastServerSeq: number }> | undefined;
+    let buildErr: Error | undefined;
+    await new Promise<void>((resolve) =>
+      setImmediate(() => {
+        try {
+          this.socket.off('data', this.onDataBound);
+          this.socket.pause();
+          built = this.exportState(unread);
+          this.exported = true;
+          sent = this.device.handOff(built.bytes);
+        } catch (err) {
+          buildErr = err as Error;
+        }
+        resolve();
+      }),
+    );
+    if (buildErr || !built || !sent) {
+      this.exported = false;
+      this.thaw();
+      throw new HandOffRefusedError(`hand-off state: ${buildErr?.message}`);
+    }
+    const freezeMs = performance.now() - t0;
+    try {
+      await sent;
+    } catch (err) {
+      this.exported = false;
+      this.thaw();
+      this.log.warn({ attachment: this.id, err: (err as Error).message }, 'hand-off refused; the session stays here');
+      throw new HandOffRefusedError((err as Error).message);
+    }
+    const info: HandOffInfo = {
+      toQemuBytes: built.toQemuBytes,
+      unreadInSocket: unread,
+      fromQemuPartial: built.partial,
+      inFlight: built.inFlight,
+      stateBytes: built.bytes.length,
+      measureMs,
+      freezeMs,
+      totalMs: performance.now() - t0,
+    };
+    this.log.info({ attachment: this.id, ...info }, 'session handed off to the migration destination');
+    this.emit('handedOff', info);
+    await this.closeHandedOff();
+    return info;
+  }
+
+  /** Give up a hand-off: write what was held, read QEMU again. */
+  private thaw(): void {
+    const held = this.held;
+    this.held = null;
+    this.draining = false;
+    if (this._state === 'closed') return;
+    if (held?.length) this.writeRaw(held.splice(0));
+    if (this.socket.listenerCount('data') === 0 || !this.socket.listeners('data').includes(this.onDataBound)) this.socket.on('data', this.onDataBound);
+    this.socket.resume();
+    this.updateReadFlow();
+  }
+
+  private exportState(unreadInSocket: number): { bytes: Uint8Array; toQemuBytes: number; partial: number; inFlight: number } {
+    const toQemu = concat([this.sentTail(unreadInSocket), ...(this.held ?? [])]);
+    const partial = this.parser.pendingBytes();
+    const st: HandOffStateV1 = {
+      v: 1,
+      id: this.id,
+      ourCaps: [...this.parser.ourCaps],
+      peerCaps: [...(this.parser.peerCaps ?? [])],
+      toQemu: Buffer.from(toQemu).toString('base64'),
+      fromQemuPartial: Buffer.from(partial).toString('base64'),
+      inFlight: [...this.inFlight].map(([urbId, e]) => [urbId, JSON.parse(JSON.stringify(e, jsonReplacer))]),
+      byRedirId: [...this.byRedirId].map(([id, urbId]) => [id.toString(), urbId]),
+      streams: [...this.streams.values()].map((x) => JSON.parse(JSON.stringify(x, jsonReplacer))),
+      activeConfiguration: this.activeConfiguration,
+      connectSent: this.connectSent,
+      deviceGone: this.deviceGone,
+      state: this._state,
+      lastUrbId: this.device.peekNextUrbId() - 1,
+      device: Buffer.from(Device.encode(this.device.device).finish()).toString('base64'),
+      positions: { bytesFromQemu: this._bytesFromQemu, bytesToQemu: this._bytesToQemu, consumedByQemu: this._bytesToQemu - toQemu.length },
+    };
+    const bytes = new TextEncoder().encode(JSON.stringify(st));
+    if (bytes.length > MAX_STATE_BYTES) throw new Error(`hand-off state of ${bytes.length} bytes exceeds ${MAX_STATE_BYTES}`);
+    return { bytes, toQemuBytes: toQemu.length, partial: partial.length, inFlight: this.inFlight.size };
+  }
+
+  /** After a hand-off: close without a word to QEMU or the server (the session moved on). */
+  private async closeHandedOff(): Promise<void> {
+    this.held = null;
+    this._state = 'closed';
+    this.closeInfo = { reason: 'handed off' };
+    clearTimeout(this.ackTimer);
+    this.device.off('received', this.onReceivedBound);
+    this.device.off('deviceGone', this.onDeviceGoneBound);
+    this.device.off('closed', this.onDeviceClosedBound);
+    this.socket.off('data', this.onDataBound);
+    this.socket.destroy();
+    this.resolveClosed(this.closeInfo);
+    this.emit('closed', this.closeInfo);
+  }
+
+  /** Parse a hand-off state (throws on a malformed or unknown one). */
+  static parseHandOffState(state: Uint8Array): HandOffStateV1 {
+    const st = JSON.parse(new TextDecoder().decode(state), jsonReviver) as HandOffStateV1;
+    if (!st || st.v !== 1 || !Array.isArray(st.ourCaps) || !Array.isArray(st.peerCaps) || typeof st.toQemu !== 'string') throw new Error('unknown hand-off state');
+    return st;
+  }
+
+  /**
+   * Destination side: an attachment that continues the source's usbredir streams on the
+   * migrated QEMU (no hello; QEMU's parser state came with the migration). start() writes the
+   * host->guest bytes QEMU had not consumed, primes the parser with the partial guest->host
+   * packet, adopts the URBs in flight and carries on.
+   */
+  static fromHandOff(opts: Omit<AttachmentOptions, 'noHello' | 'caps'> & { state: Uint8Array }): Attachment {
+    const st = Attachment.parseHandOffState(opts.state);
+    const att = new Attachment({ ...opts, id: opts.id ?? st.id, caps: st.ourCaps, noHello: { peerCaps: st.peerCaps } });
+    att.imported = st;
+    return att;
+  }
+
+  private resumeImported(st: HandOffStateV1): void {
+    if (!this.device.device && st.device) this.device.device = Device.decode(Buffer.from(st.device, 'base64'));
+    this.activeConfiguration = st.activeConfiguration;
+    this.connectSent = st.connectSent;
+    this.deviceGone = st.deviceGone;
+    for (const x of st.streams) {
+      const s = x as StreamState;
+      this.streams.set(s.endpoint, { ...s, restarting: false });
+    }
+    // 1. The host->guest bytes QEMU had not consumed, verbatim, before anything else.
+    const toQemu = Buffer.from(st.toQemu, 'base64');
+    if (toQemu.length) this.writeRaw([new Uint8Array(toQemu.buffer, toQemu.byteOffset, toQemu.length)]);
+    // 2. The guest->host stream continues inside the packet the source had started reading.
+    const partial = Buffer.from(st.fromQemuPartial, 'base64');
+    if (partial.length) {
+      this._bytesFromQemu += partial.length;
+      const pk = this.parser.push(new Uint8Array(partial));
+      if (pk.length) throw new Error('the partial guest->host packet of the hand-off state is complete');
+    }
+    // 3. URBs in flight at the switchover: their completions come to this session.
+    this.device.continueUrbIdsAfter(st.lastUrbId);
+    for (const [urbId, raw] of st.inFlight) {
+      const e = raw as InFlight;
+      e.pkt = { ...(e.pkt as object), data: EMPTY } as InFlight['pkt'];
+      this.inFlight.set(urbId, e);
+      this.device.adopt(urbId).then(
+        (c) => this.guard('completion', () => this.onComplete(urbId, c)),
+        (err: Error) => this.guard('completion', () => this.onSubmitFailed(urbId, err)),
+      );
+    }
+    for (const [id, urbId] of st.byRedirId) this.byRedirId.set(BigInt(id), urbId);
+    this.nextUrbId = this.device.peekNextUrbId();
+    if (st.connectSent) {
+      this._state = st.state === 'disconnecting' ? 'disconnecting' : 'connected';
+      this.emit('connected');
+    } else {
+      this.scheduleDeviceConnect();
+    }
+    this.log.info(
+      { attachment: this.id, toQemu: toQemu.length, partial: partial.length, inFlight: st.inFlight.length, consumedByQemu: st.positions.consumedByQemu },
+      'resumed the usbredir streams from the hand-off state',
+    );
   }
 
   // ------------------------------------------------------------------ close
