@@ -2,12 +2,26 @@
 import { readFileSync } from 'node:fs';
 import type { AclConfig } from './acl.js';
 import type { SessionLimits } from './sessions/session.js';
+import type { LibusbAllowRule } from './backends/libusb/policy.js';
 
 export interface EmulatedConfig {
   /** A mass-storage disk backed by a sparse image file. */
   disk?: { image: string; sizeMiB?: number } | false;
   loopback?: boolean;
   serial?: boolean;
+}
+
+export interface LibusbConfig {
+  /** Export real devices through libusb (default true when the section is present). */
+  enabled?: boolean;
+  /**
+   * Allow rules: only matching devices are listed or claimable; hubs never.
+   * Strings as for --libusb-allow ("*", "vvvv:pppp", "vid=..,pid=..,serial=..,class=..,bus=..,port=1.4")
+   * or objects { vendorId, productId, serial, class, bus, portPath }.
+   */
+  allow?: (string | LibusbAllowRule)[];
+  /** Device list poll interval, ms (default 500; 0: libusb hotplug events only). */
+  pollMs?: number;
 }
 
 export interface ServerConfig {
@@ -18,6 +32,7 @@ export interface ServerConfig {
   admins: string[];
   limits: Partial<SessionLimits>;
   emulated?: EmulatedConfig;
+  libusb?: LibusbConfig;
   logLevel?: string;
 }
 
@@ -37,7 +52,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
     throw new Error(`config file ${path} is not valid JSON: ${(err as Error).message}`);
   }
   if (!parsed || typeof parsed !== 'object' || Array.isArray(parsed)) throw new Error(`config file ${path} must hold a JSON object`);
-  const known = new Set(['listen', 'tls', 'insecure', 'acl', 'admins', 'limits', 'emulated', 'logLevel']);
+  const known = new Set(['listen', 'tls', 'insecure', 'acl', 'admins', 'limits', 'emulated', 'libusb', 'logLevel']);
   for (const k of Object.keys(parsed)) if (!known.has(k)) throw new Error(`config file ${path}: unknown key "${k}" (known: ${[...known].join(', ')})`);
   return parsed as Partial<ServerConfig>;
 }

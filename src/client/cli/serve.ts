@@ -5,6 +5,7 @@ import path from 'node:path';
 import { createLogger, type Logger } from '../../common/log.js';
 import { createDefaultEmulatedBackend } from '../../server/backends/emulated/emulated-backend.js';
 import type { UsbBackend } from '../../server/backends/types.js';
+import { normalizeAllowRules } from '../../server/backends/libusb/policy.js';
 import { DEFAULT_LISTEN, loadConfigFile, type ServerConfig } from '../../server/config.js';
 import { UsbHostServer } from '../../server/server.js';
 
@@ -21,6 +22,9 @@ export interface ServeFlags {
   emulated?: boolean;
   diskImage?: string;
   diskSizeMib?: string;
+  libusb?: boolean;
+  libusbAllow?: string[];
+  libusbPollMs?: string;
   logLevel?: string;
 }
 
@@ -39,6 +43,11 @@ export function serveConfig(f: ServeFlags): ServerConfig {
   if (f.graceMs) limits.graceMs = Number(f.graceMs);
   const emulated = file.emulated ?? (f.emulated === false ? undefined : {});
   if (emulated && f.diskImage) emulated.disk = { image: f.diskImage, sizeMiB: f.diskSizeMib ? Number(f.diskSizeMib) : undefined };
+  let libusb = file.libusb ? { ...file.libusb } : undefined;
+  if (f.libusb || f.libusbAllow?.length || f.libusbPollMs) libusb = { ...(libusb ?? {}), enabled: true };
+  if (libusb && f.libusbAllow?.length) libusb.allow = [...(libusb.allow ?? []), ...f.libusbAllow];
+  if (libusb && f.libusbPollMs) libusb.pollMs = Number(f.libusbPollMs);
+  if (libusb) normalizeAllowRules(libusb.allow); // fail early on a bad rule
   return {
     listen: f.listen ?? file.listen ?? DEFAULT_LISTEN,
     tls,
@@ -47,6 +56,7 @@ export function serveConfig(f: ServeFlags): ServerConfig {
     admins: [...(file.admins ?? []), ...(f.admin ?? [])],
     limits,
     emulated,
+    libusb,
     logLevel: f.logLevel ?? file.logLevel,
   };
 }
@@ -68,6 +78,15 @@ export async function emulatedBackends(cfg: ServerConfig, dataDir: string, log?:
   ];
 }
 
+/** The libusb backend when configured (enabled unless `enabled: false`). */
+export async function libusbBackends(cfg: ServerConfig, log?: Logger): Promise<UsbBackend[]> {
+  if (!cfg.libusb || cfg.libusb.enabled === false) return [];
+  const allow = normalizeAllowRules(cfg.libusb.allow);
+  if (!allow.length) log?.warn('libusb backend enabled without allow rules: no device is exported (add --libusb-allow)');
+  const { LibusbBackend } = await import('../../server/backends/libusb/libusb-backend.js');
+  return [await LibusbBackend.create({ allow, pollMs: cfg.libusb.pollMs, logger: log })];
+}
+
 /** Start a server from a configuration; SIGTERM/SIGINT stop it cleanly (exit 0). */
 export async function runServer(cfg: ServerConfig, dataDir: string): Promise<UsbHostServer> {
   const log = createLogger({ name: 'usbroam-server', level: cfg.logLevel });
@@ -75,7 +94,7 @@ export async function runServer(cfg: ServerConfig, dataDir: string): Promise<Usb
     listen: cfg.listen,
     tls: cfg.tls,
     insecure: cfg.insecure,
-    backends: await emulatedBackends(cfg, dataDir, log),
+    backends: [...(await emulatedBackends(cfg, dataDir, log)), ...(await libusbBackends(cfg, log))],
     acl: cfg.acl,
     admins: cfg.admins,
     limits: cfg.limits,
@@ -115,6 +134,9 @@ export function serveCommand(): Command {
     .option('--no-emulated', 'do not export the emulated devices')
     .option('--disk-image <file>', 'image file of the emulated disk (sparse; created if missing)')
     .option('--disk-size-mib <n>', 'size of a new disk image (default 64)')
+    .option('--libusb', 'export real USB devices through libusb (only those matching --libusb-allow; hubs never)')
+    .option('--libusb-allow <rule...>', 'libusb export rule (repeatable; implies --libusb): "*", vvvv:pppp, or vid=,pid=,serial=,class=,bus=,port=1.4 joined by commas')
+    .option('--libusb-poll-ms <ms>', 'libusb device list poll interval (default 500; 0: libusb hotplug events only)')
     .option('--log-level <level>', 'pino level (default info)')
     .action(async (f: ServeFlags) => {
       const cfg = serveConfig(f);

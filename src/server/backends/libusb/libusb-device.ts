@@ -1,0 +1,550 @@
+// An opened, claimed real device on libusb (node-usb 2.x): one libusb transfer
+// per URB (any number in flight per endpoint), cancel, standard requests that
+// change host-side state (SET_CONFIGURATION, SET_INTERFACE, CLEAR_FEATURE(HALT))
+// routed to the libusb calls that keep the host in step, kernel drivers
+// detached on open and re-attached on close.
+import { EventEmitter } from 'node:events';
+import { silentLogger, type Logger } from '../../../common/log.js';
+import {
+  TransferType,
+  UrbStatus,
+  UsbError,
+  type DeviceHandle,
+  type DeviceInfo,
+  type Urb,
+  type UrbResult,
+} from '../types.js';
+import { currentSetting, safeActiveConfig, type UsbDeviceLike } from './info.js';
+
+/** libusb_transfer_status values (node-usb puts them in LibUSBException.errno for completions). */
+export const TRANSFER_COMPLETED = 0;
+export const TRANSFER_ERROR = 1;
+export const TRANSFER_TIMED_OUT = 2;
+export const TRANSFER_CANCELLED = 3;
+export const TRANSFER_STALL = 4;
+export const TRANSFER_NO_DEVICE = 5;
+export const TRANSFER_OVERFLOW = 6;
+
+/** libusb_error values (thrown synchronously by submit/claim/...). */
+export const ERROR_IO = -1;
+export const ERROR_INVALID_PARAM = -2;
+export const ERROR_ACCESS = -3;
+export const ERROR_NO_DEVICE = -4;
+export const ERROR_NOT_FOUND = -5;
+export const ERROR_BUSY = -6;
+export const ERROR_TIMEOUT = -7;
+export const ERROR_OVERFLOW = -8;
+export const ERROR_PIPE = -9;
+export const ERROR_NOT_SUPPORTED = -12;
+
+export const ISO_UNIMPLEMENTED =
+  'isochronous transfers are not implemented by the libusb backend: node-usb 2.x has no binding for ' +
+  'libusb_fill_iso_transfer/iso_packet_desc, and the libusb_device_handle it holds is not reachable from koffi ' +
+  '(a koffi path would need to open the device itself with its own libusb context)';
+export const STREAMS_UNIMPLEMENTED =
+  'bulk streams are not implemented by the libusb backend: node-usb 2.x has no binding for ' +
+  'libusb_alloc_streams/libusb_free_streams/libusb_transfer_set_stream_id, and the libusb_device_handle it holds ' +
+  'is not reachable from koffi';
+
+/** Map a completion's transfer status to a URB status. */
+export function transferStatusToUrb(errno: number | undefined): UrbStatus {
+  switch (errno) {
+    case undefined:
+    case TRANSFER_COMPLETED:
+      return UrbStatus.Success;
+    case TRANSFER_TIMED_OUT:
+      return UrbStatus.Timeout;
+    case TRANSFER_CANCELLED:
+      return UrbStatus.Cancelled;
+    case TRANSFER_STALL:
+      return UrbStatus.Stall;
+    case TRANSFER_OVERFLOW:
+      return UrbStatus.Babble;
+    default:
+      return UrbStatus.IoError;
+  }
+}
+
+/** Map a libusb_error (synchronous failure) to a URB status. */
+export function libusbErrorToUrb(errno: number | undefined): UrbStatus {
+  switch (errno) {
+    case ERROR_INVALID_PARAM:
+    case ERROR_NOT_FOUND:
+    case ERROR_NOT_SUPPORTED:
+      return UrbStatus.Inval;
+    case ERROR_PIPE:
+      return UrbStatus.Stall;
+    case ERROR_TIMEOUT:
+      return UrbStatus.Timeout;
+    case ERROR_OVERFLOW:
+      return UrbStatus.Babble;
+    default:
+      return UrbStatus.IoError;
+  }
+}
+
+interface LibusbErrorLike extends Error {
+  errno?: number;
+}
+
+/** The node-usb pieces a handle needs (fakes in unit tests). */
+export interface UsbTransferLike {
+  submit(buffer: Buffer): unknown;
+  cancel(): boolean;
+}
+export interface UsbOpenDeviceLike extends UsbDeviceLike {
+  __open(): void;
+  __close(): void;
+  __claimInterface(n: number): void;
+  __releaseInterface(n: number, cb: (err?: LibusbErrorLike) => void): void;
+  __detachKernelDriver(n: number): void;
+  __attachKernelDriver(n: number): void;
+  __isKernelDriverActive(n: number): boolean;
+  __setConfiguration(v: number, cb: (err?: LibusbErrorLike) => void): void;
+  __setInterface(n: number, alt: number, cb: (err?: LibusbErrorLike) => void): void;
+  __clearHalt(ep: number, cb: (err?: LibusbErrorLike) => void): void;
+  reset(cb: (err?: LibusbErrorLike) => void): void;
+}
+export type TransferFactory = (
+  device: UsbOpenDeviceLike,
+  endpoint: number,
+  type: number,
+  timeoutMs: number,
+  cb: (err: LibusbErrorLike | undefined, buf: Buffer, actual: number) => void,
+) => UsbTransferLike;
+
+interface InFlight {
+  urb: Urb;
+  done: (r: UrbResult) => void;
+  transfer?: UsbTransferLike;
+  cancelRequested: boolean;
+  completed: boolean;
+}
+
+function errText(err: unknown): string {
+  const e = err as LibusbErrorLike;
+  return e?.message ?? String(err);
+}
+
+function cbToPromise(fn: (cb: (err?: LibusbErrorLike) => void) => void): Promise<void> {
+  return new Promise((resolve, reject) => {
+    try {
+      fn((err) => (err ? reject(err) : resolve()));
+    } catch (err) {
+      reject(err);
+    }
+  });
+}
+
+export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
+  private _info: DeviceInfo;
+  private readonly inflight = new Map<number, InFlight>();
+  /** Claimed interface numbers, and those whose kernel driver we detached. */
+  private readonly claimed = new Set<number>();
+  private readonly detached = new Set<number>();
+  private readonly alts = new Map<number, number>();
+  private activeConfig: number;
+  private goneReason: string | undefined;
+  private closed = false;
+  private readonly log: Logger;
+  private isoWarned = false;
+
+  constructor(
+    private readonly device: UsbOpenDeviceLike,
+    info: DeviceInfo,
+    private readonly newTransfer: TransferFactory,
+    opts: { logger?: Logger; onClose?: () => void } = {},
+  ) {
+    super();
+    this._info = info;
+    this.activeConfig = info.activeConfiguration;
+    this.log = (opts.logger ?? silentLogger).child({ device: info.id });
+    this.onClose = opts.onClose;
+  }
+  private readonly onClose: (() => void) | undefined;
+
+  get info(): DeviceInfo {
+    return this._info;
+  }
+
+  get isGone(): boolean {
+    return this.goneReason !== undefined;
+  }
+
+  /** Open the device and claim every interface of the active configuration. */
+  open(): void {
+    try {
+      this.device.__open();
+    } catch (err) {
+      const e = err as LibusbErrorLike;
+      if (e.errno === ERROR_ACCESS) throw new UsbError(`cannot open ${this._info.id}: permission denied on its usbfs node (${errText(err)})`, UrbStatus.IoError);
+      if (e.errno === ERROR_NO_DEVICE) throw new UsbError(`cannot open ${this._info.id}: the device is gone`, UrbStatus.IoError);
+      throw new UsbError(`cannot open ${this._info.id}: ${errText(err)}`, UrbStatus.IoError);
+    }
+    try {
+      this.refreshActiveConfig();
+      this.claimAll();
+    } catch (err) {
+      this.releaseAllSync();
+      try {
+        this.device.__close();
+      } catch {
+        /* pending nothing: ignore */
+      }
+      throw err;
+    }
+  }
+
+  private refreshActiveConfig(): void {
+    const cfg = safeActiveConfig(this.device);
+    this.activeConfig = cfg?.bConfigurationValue ?? 0;
+    const cur = currentSetting(cfg, this.alts);
+    this._info = { ...this._info, activeConfiguration: this.activeConfig, interfaces: cur.interfaces, endpoints: cur.endpoints };
+  }
+
+  private interfaceNumbers(): number[] {
+    const cfg = safeActiveConfig(this.device);
+    if (!cfg) return [];
+    return cfg.interfaces.map((g) => g[0]?.bInterfaceNumber).filter((n): n is number => n !== undefined);
+  }
+
+  /** Detach kernel drivers and claim each interface of the active configuration. */
+  private claimAll(): void {
+    for (const n of this.interfaceNumbers()) {
+      if (this.claimed.has(n)) continue;
+      let active = false;
+      try {
+        active = this.device.__isKernelDriverActive(n);
+      } catch (err) {
+        if ((err as LibusbErrorLike).errno !== ERROR_NOT_SUPPORTED) throw new UsbError(`${this._info.id}: cannot query the kernel driver of interface ${n}: ${errText(err)}`);
+      }
+      if (active) {
+        try {
+          this.device.__detachKernelDriver(n);
+          this.detached.add(n);
+          this.log.info({ interface: n }, 'kernel driver detached');
+        } catch (err) {
+          throw new UsbError(`${this._info.id}: the kernel driver of interface ${n} refuses to detach: ${errText(err)}`, UrbStatus.IoError);
+        }
+      }
+      try {
+        this.device.__claimInterface(n);
+        this.claimed.add(n);
+      } catch (err) {
+        const busy = (err as LibusbErrorLike).errno === ERROR_BUSY;
+        throw new UsbError(
+          `${this._info.id}: cannot claim interface ${n}: ${busy ? 'it is claimed by another program or driver' : errText(err)}`,
+          UrbStatus.IoError,
+        );
+      }
+      this.alts.set(n, 0);
+    }
+  }
+
+  private async releaseAll(reattach: boolean): Promise<void> {
+    for (const n of [...this.claimed]) {
+      await cbToPromise((cb) => this.device.__releaseInterface(n, cb)).catch((err) => {
+        if (!this.isGone) this.log.warn({ interface: n, err: errText(err) }, 'release interface failed');
+      });
+      this.claimed.delete(n);
+    }
+    if (reattach) this.reattachDrivers();
+  }
+
+  private releaseAllSync(): void {
+    for (const n of [...this.claimed]) {
+      try {
+        this.device.__releaseInterface(n, () => {});
+      } catch {
+        /* ignore */
+      }
+      this.claimed.delete(n);
+    }
+    this.reattachDrivers();
+  }
+
+  private reattachDrivers(): void {
+    if (this.isGone) {
+      this.detached.clear();
+      return;
+    }
+    for (const n of [...this.detached]) {
+      try {
+        this.device.__attachKernelDriver(n);
+        this.log.info({ interface: n }, 'kernel driver re-attached');
+      } catch (err) {
+        this.log.warn({ interface: n, err: errText(err) }, 'kernel driver re-attach failed');
+      }
+      this.detached.delete(n);
+    }
+  }
+
+  /** The device went away (unplug seen by hotplug, or NO_DEVICE from a transfer). */
+  markGone(reason: string): void {
+    if (this.goneReason !== undefined || this.closed) return;
+    this.goneReason = reason;
+    this.log.warn({ reason }, 'device gone');
+    // libusb completes the outstanding transfers with NO_DEVICE; make sure they end even if it does not.
+    const pending = [...this.inflight.values()];
+    setTimeout(() => {
+      for (const f of pending) this.finish(f, { status: UrbStatus.IoError, actualLength: 0 });
+    }, 2000).unref();
+    queueMicrotask(() => this.emit('gone', reason));
+  }
+
+  private finish(f: InFlight, r: UrbResult): void {
+    if (f.completed) return;
+    f.completed = true;
+    this.inflight.delete(f.urb.id);
+    try {
+      f.done(r);
+    } catch (err) {
+      this.log.error({ err: errText(err) }, 'URB completion callback threw');
+    }
+  }
+
+  private finishAsync(f: InFlight, r: UrbResult): void {
+    setImmediate(() => this.finish(f, r));
+  }
+
+  submit(urb: Urb, done: (result: UrbResult) => void): void {
+    const f: InFlight = { urb, done, cancelRequested: false, completed: false };
+    if (this.inflight.has(urb.id)) {
+      // Not ours to track twice: complete it on its own, as invalid.
+      setImmediate(() => done({ status: UrbStatus.Inval, actualLength: 0 }));
+      return;
+    }
+    this.inflight.set(urb.id, f);
+    if (this.closed || this.isGone) return this.finishAsync(f, { status: UrbStatus.IoError, actualLength: 0 });
+    switch (urb.type) {
+      case TransferType.Control:
+        return this.submitControl(f);
+      case TransferType.Bulk:
+      case TransferType.Interrupt:
+        return this.submitData(f);
+      case TransferType.Isochronous:
+        if (!this.isoWarned) {
+          this.isoWarned = true;
+          this.log.warn({ endpoint: urb.endpoint }, ISO_UNIMPLEMENTED);
+        }
+        return this.finishAsync(f, {
+          status: UrbStatus.Inval,
+          actualLength: 0,
+          isoPackets: urb.isoPackets?.map((p) => ({ length: p.length, status: UrbStatus.Inval, actualLength: 0 })),
+        });
+      default:
+        return this.finishAsync(f, { status: UrbStatus.Inval, actualLength: 0 });
+    }
+  }
+
+  private submitControl(f: InFlight): void {
+    const { urb } = f;
+    const setup = urb.setup;
+    if (!setup || setup.length !== 8 || (urb.endpoint & 0x7f) !== 0) return this.finishAsync(f, { status: UrbStatus.Inval, actualLength: 0 });
+    const bmRequestType = setup[0]!;
+    const bRequest = setup[1]!;
+    const wValue = setup[2]! | (setup[3]! << 8);
+    const wIndex = setup[4]! | (setup[5]! << 8);
+    const wLength = setup[6]! | (setup[7]! << 8);
+    const isIn = (bmRequestType & 0x80) !== 0;
+    // Standard requests that change host-side state go through libusb's own calls.
+    const viaOp = (op: () => Promise<void>) => {
+      op().then(
+        () => this.finish(f, f.cancelRequested ? { status: UrbStatus.Cancelled, actualLength: 0 } : { status: UrbStatus.Success, actualLength: 0 }),
+        (err) => this.finish(f, { status: err instanceof UsbError ? err.status : UrbStatus.Stall, actualLength: 0 }),
+      );
+    };
+    if (bmRequestType === 0x00 && bRequest === 0x09) return viaOp(() => this.setConfiguration(wValue & 0xff));
+    if (bmRequestType === 0x01 && bRequest === 0x0b) return viaOp(() => this.setInterface(wIndex & 0xff, wValue & 0xff));
+    if (bmRequestType === 0x02 && bRequest === 0x01 && wValue === 0) return viaOp(() => this.clearHalt(wIndex & 0xff));
+    if (bmRequestType === 0x00 && bRequest === 0x05) return this.finishAsync(f, { status: UrbStatus.Success, actualLength: 0 });
+    const dataLen = isIn ? wLength : Math.min(wLength, urb.data?.length ?? 0);
+    const buf = Buffer.alloc(8 + dataLen);
+    buf.set(setup, 0);
+    buf.writeUInt16LE(dataLen, 6);
+    if (!isIn && urb.data) buf.set(urb.data.subarray(0, dataLen), 8);
+    this.startTransfer(f, 0, TransferType.Control, buf, (buf2, actual) =>
+      isIn ? { data: new Uint8Array(buf2.buffer, buf2.byteOffset + 8, actual), actualLength: actual } : { actualLength: actual },
+    );
+  }
+
+  private submitData(f: InFlight): void {
+    const { urb } = f;
+    const ep = this._info.endpoints.find((e) => e.address === urb.endpoint);
+    if (!ep) return this.finishAsync(f, { status: UrbStatus.Stall, actualLength: 0 });
+    if (ep.type !== urb.type) return this.finishAsync(f, { status: UrbStatus.Inval, actualLength: 0 });
+    if (urb.streamId) {
+      this.log.warn({ endpoint: urb.endpoint }, STREAMS_UNIMPLEMENTED);
+      return this.finishAsync(f, { status: UrbStatus.Inval, actualLength: 0 });
+    }
+    const isIn = (urb.endpoint & 0x80) !== 0;
+    const buf = isIn ? Buffer.allocUnsafe(urb.length) : Buffer.from(urb.data?.buffer ?? new ArrayBuffer(0), urb.data?.byteOffset ?? 0, urb.data?.length ?? 0);
+    this.startTransfer(f, urb.endpoint, urb.type, buf, (b, actual) =>
+      isIn ? { data: new Uint8Array(b.buffer, b.byteOffset, actual), actualLength: actual } : { actualLength: actual },
+    );
+  }
+
+  private startTransfer(
+    f: InFlight,
+    endpoint: number,
+    type: TransferType,
+    buf: Buffer,
+    shape: (buf: Buffer, actual: number) => Omit<UrbResult, 'status'>,
+  ): void {
+    let transfer: UsbTransferLike;
+    try {
+      transfer = this.newTransfer(this.device, endpoint, type, f.urb.timeoutMs, (err, b, actual) => {
+        const errno = err?.errno;
+        if (errno === TRANSFER_NO_DEVICE) this.markGone('device vanished during a transfer');
+        let status = transferStatusToUrb(errno);
+        if (this.isGone && status !== UrbStatus.Success && status !== UrbStatus.Cancelled) status = UrbStatus.IoError;
+        if (f.cancelRequested && status === UrbStatus.Success && actual === 0) status = UrbStatus.Cancelled;
+        this.finish(f, { status, ...shape(b ?? buf, actual ?? 0) });
+      });
+      f.transfer = transfer;
+      transfer.submit(buf);
+    } catch (err) {
+      const errno = (err as LibusbErrorLike).errno;
+      if (errno === ERROR_NO_DEVICE) this.markGone('device vanished');
+      const status = this.isGone ? UrbStatus.IoError : libusbErrorToUrb(errno);
+      this.log.debug({ endpoint, err: errText(err) }, 'submit failed');
+      f.transfer = undefined;
+      this.finishAsync(f, { status, actualLength: 0 });
+    }
+  }
+
+  cancel(urbId: number): boolean {
+    const f = this.inflight.get(urbId);
+    if (!f || f.completed) return false;
+    f.cancelRequested = true;
+    if (f.transfer) {
+      try {
+        f.transfer.cancel();
+      } catch (err) {
+        // Already completing (or the device is gone): its completion follows.
+        this.log.debug({ urb: urbId, err: errText(err) }, 'cancel failed');
+      }
+    }
+    return true;
+  }
+
+  private cancelAll(): InFlight[] {
+    const all = [...this.inflight.values()];
+    for (const f of all) this.cancel(f.urb.id);
+    return all;
+  }
+
+  private async drain(timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.inflight.size && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    for (const f of [...this.inflight.values()]) this.finish(f, { status: UrbStatus.Cancelled, actualLength: 0 });
+  }
+
+  private checkUsable(what: string): void {
+    if (this.closed) throw new UsbError(`${what}: handle closed`, UrbStatus.IoError);
+    if (this.isGone) throw new UsbError(`${what}: device gone (${this.goneReason})`, UrbStatus.IoError);
+  }
+
+  private opError(what: string, err: unknown): UsbError {
+    const errno = (err as LibusbErrorLike).errno;
+    if (errno === ERROR_NO_DEVICE) this.markGone('device vanished');
+    return new UsbError(`${this._info.id}: ${what}: ${errText(err)}`, this.isGone ? UrbStatus.IoError : libusbErrorToUrb(errno));
+  }
+
+  async setConfiguration(value: number): Promise<void> {
+    this.checkUsable('set configuration');
+    const same = value === this.activeConfig;
+    await this.releaseAll(false);
+    try {
+      await cbToPromise((cb) => this.device.__setConfiguration(value === 0 ? -1 : value, cb));
+    } catch (err) {
+      if (!same) {
+        this.refreshActiveConfig();
+        this.claimAll();
+        throw this.opError(`set configuration ${value}`, err);
+      }
+      // Same configuration: libusb's "lightweight reset" is refused by some kernels; the state is what was asked.
+      this.log.debug({ value, err: errText(err) }, 'set configuration (same value) refused; keeping the configuration');
+    }
+    this.alts.clear();
+    this.refreshActiveConfig();
+    this.claimAll();
+  }
+
+  async getConfiguration(): Promise<number> {
+    this.checkUsable('get configuration');
+    return this.activeConfig;
+  }
+
+  async setInterface(interfaceNumber: number, alternateSetting: number): Promise<void> {
+    this.checkUsable('set interface');
+    if (!this.claimed.has(interfaceNumber)) throw new UsbError(`${this._info.id}: interface ${interfaceNumber} is not in the active configuration`, UrbStatus.Inval);
+    try {
+      await cbToPromise((cb) => this.device.__setInterface(interfaceNumber, alternateSetting, cb));
+    } catch (err) {
+      throw this.opError(`set interface ${interfaceNumber} alt ${alternateSetting}`, err);
+    }
+    this.alts.set(interfaceNumber, alternateSetting);
+    this.refreshActiveConfig();
+  }
+
+  async getInterface(interfaceNumber: number): Promise<number> {
+    this.checkUsable('get interface');
+    if (!this.claimed.has(interfaceNumber)) throw new UsbError(`${this._info.id}: interface ${interfaceNumber} is not in the active configuration`, UrbStatus.Inval);
+    return this.alts.get(interfaceNumber) ?? 0;
+  }
+
+  async clearHalt(endpoint: number): Promise<void> {
+    this.checkUsable('clear halt');
+    try {
+      await cbToPromise((cb) => this.device.__clearHalt(endpoint, cb));
+    } catch (err) {
+      throw this.opError(`clear halt of endpoint 0x${endpoint.toString(16)}`, err);
+    }
+  }
+
+  async reset(): Promise<void> {
+    this.checkUsable('reset');
+    this.cancelAll();
+    await this.drain(2000);
+    try {
+      await cbToPromise((cb) => this.device.reset(cb));
+    } catch (err) {
+      const errno = (err as LibusbErrorLike).errno;
+      if (errno === ERROR_NOT_FOUND) {
+        // The device re-enumerated with other descriptors: this handle is over.
+        this.markGone('device re-enumerated after reset');
+      }
+      throw this.opError('reset', err);
+    }
+    this.alts.clear();
+    this.refreshActiveConfig();
+  }
+
+  async allocBulkStreams(_endpoints: number[], _numStreams: number): Promise<number> {
+    throw new UsbError(STREAMS_UNIMPLEMENTED, UrbStatus.Inval);
+  }
+
+  async freeBulkStreams(_endpoints: number[]): Promise<void> {
+    throw new UsbError(STREAMS_UNIMPLEMENTED, UrbStatus.Inval);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.cancelAll();
+    await this.drain(2000);
+    this.closed = true;
+    await this.releaseAll(true);
+    // node-usb refuses to close while a request is pending; give late completions a moment.
+    for (let i = 0; i < 50; i++) {
+      try {
+        this.device.__close();
+        break;
+      } catch (err) {
+        if (i === 49) this.log.warn({ err: errText(err) }, 'close failed');
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+    this.onClose?.();
+  }
+}
