@@ -84,7 +84,7 @@ export function sha256OfFileRange(file: string, offset: number, length: number):
 
 /** Run a command in the guest timed by the guest's /proc/uptime; returns seconds. */
 export async function timedInGuest(g: Guest, cmd: string, timeoutMs = 300_000): Promise<number> {
-  const out = await g.sh(`a=$(cut -d' ' -f1 /proc/uptime); ${cmd} 2>&1; r=$?; b=$(cut -d' ' -f1 /proc/uptime); echo "T $a $b"; exit $r`, { timeoutMs });
+  const out = await g.sh(`a=$(cut -d' ' -f1 /proc/uptime); ${cmd} 2>&1; r=$?; b=$(cut -d' ' -f1 /proc/uptime); echo "T $a $b"; [ $r -eq 0 ]`, { timeoutMs });
   const m = /T ([\d.]+) ([\d.]+)/.exec(out);
   if (!m) throw new Error(`no timing in: ${out}`);
   return Math.max(Number(m[2]) - Number(m[1]), 0.01);
