@@ -5,7 +5,7 @@
 import { expect } from 'chai';
 import { LibusbBackend, type UsbEnumDeviceLike, type UsbModuleLike } from '../../src/server/backends/libusb/libusb-backend.js';
 import { ISO_UNIMPLEMENTED, STREAMS_UNIMPLEMENTED, type LibusbDeviceHandle } from '../../src/server/backends/libusb/libusb-device.js';
-import { TransferType, UrbStatus, UsbError, type DeviceInfo, type Urb, type UrbResult } from '../../src/server/backends/types.js';
+import { TransferType, UrbStatus, UsbError, type DeviceHandle, type DeviceInfo, type Urb, type UrbResult } from '../../src/server/backends/types.js';
 
 type Cb = (err?: Error & { errno?: number }) => void;
 
@@ -143,7 +143,7 @@ let nextId = 1;
 function urb(p: Partial<Urb>): Urb {
   return { id: nextId++, endpoint: 0x81, type: TransferType.Bulk, length: 0, streamId: 0, flags: 0, timeoutMs: 0, ...p };
 }
-function submit(h: LibusbDeviceHandle, u: Urb): Promise<UrbResult> {
+function submit(h: DeviceHandle, u: Urb): Promise<UrbResult> {
   return new Promise((resolve) => {
     let sync = true;
     h.submit(u, (r) => {
