@@ -409,6 +409,7 @@ export class Attachment extends EventEmitter {
     const s = this.socket;
     s.setNoDelay?.(true);
     s.on('data', this.onDataBound);
+    s.resume(); // also when paused before (a migration destination's socket waits paused)
     s.on('drain', () => this.onDrain());
     s.on('end', () => this.guard('end', () => void this.close('QEMU closed the chardev')));
     s.on('close', () => this.guard('close', () => void this.close('chardev socket closed')));
@@ -574,7 +575,7 @@ export class Attachment extends EventEmitter {
   }
 
   private onDeviceGone(reason: string): void {
-    if (this.deviceGone || this._state === 'closed') return;
+    if (this.deviceGone || this._state === 'closed' || this.exported) return;
     this.deviceGone = true;
     this.log.warn({ attachment: this.id, reason }, 'device gone; disconnecting it from QEMU');
     this.emit('deviceGone', reason);

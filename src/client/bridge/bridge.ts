@@ -2,6 +2,7 @@
 // an already connected QmpClient). attach() opens a URB channel session to the device, hot-plugs
 // a usb-redir device (or serves a cold-plugged one), and runs an Attachment; detach() unplugs
 // it and closes the session. Methods are shaped for the gRPC control API and CLI to come.
+import { EventEmitter } from 'node:events';
 import { mkdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -10,7 +11,8 @@ import { QmpClient } from '../../qemu/qmp/client.js';
 import { UsbHostClient, type DeviceSelector } from '../sdk/client.js';
 import type { ConnectionOptions } from '../sdk/credentials.js';
 import type { RemoteDevice } from '../sdk/remote-device.js';
-import { Attachment, type AttachmentCloseInfo, type AttachmentStats } from './attachment.js';
+import { Attachment, HandOffRefusedError, type AttachmentCloseInfo, type AttachmentStats, type HandOffInfo } from './attachment.js';
+import { releaseStandby, sourceLostReconnect } from './migration.js';
 import { connectChardev, hotplugRedir, qemuArgsFor, redirIds, unplugRedir, type ColdPlugArgs, type RedirPlug } from './qemu-attach.js';
 
 export interface VmSpec {
@@ -67,6 +69,44 @@ interface Vm {
   spec: VmSpec;
   qmp?: QmpClient;
   ownsQmp: boolean;
+  /** MIGRATION events are followed on this VM's QMP connection. */
+  watching?: Promise<void>;
+  /** This QEMU is a migration destination that has not completed its incoming migration. */
+  incoming?: boolean;
+}
+
+export interface PrepareIncomingRequest {
+  /** The destination VM (QEMU started with `-incoming defer`, registered with addVm). */
+  vm: string;
+  server: ConnectionOptions;
+  /** The session the source bridge holds (AttachmentInfo.sessionId on the source). */
+  sessionId: string;
+  /** The attachment id on the source: the same usb-redir / chardev ids are plugged here. */
+  id: string;
+  /** Same bus (and port) as on the source. Default `xhci.0`. */
+  bus?: string;
+  port?: string;
+  filter?: string;
+}
+
+export interface IncomingInfo {
+  id: string;
+  vm: string;
+  sessionId: string;
+  socketPath: string;
+  /** Resolves with the attachment's info once the session was handed over. */
+  attached: Promise<AttachmentInfo>;
+}
+
+/** Emitted (as 'handOff') for each hand-off attempt at the end of a migration. */
+export interface HandOffEvent {
+  vm: string;
+  attachment: string;
+  ok: boolean;
+  info?: HandOffInfo;
+  error?: string;
+  /** ms from the MIGRATION 'completed' event to the server's confirmation. */
+  sinceCompletedMs?: number;
 }
 
 export interface BridgeOptions {
@@ -75,14 +115,17 @@ export interface BridgeOptions {
   runDir?: string;
 }
 
-export class Bridge {
+export class Bridge extends EventEmitter {
   private readonly log: Logger;
   readonly runDir: string;
   private readonly vms = new Map<string, Vm>();
   private readonly attachments = new Map<string, Entry>();
   private readonly clients = new Map<string, UsbHostClient>();
 
+  private readonly standbys = new Map<string, { device: RemoteDevice; release: () => Promise<void> }>();
+
   constructor(opts: BridgeOptions = {}) {
+    super();
     this.log = opts.log ?? silentLogger;
     this.runDir = opts.runDir ?? path.join(os.tmpdir(), `usbroam-bridge-${process.pid}`);
     mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
@@ -103,6 +146,159 @@ export class Bridge {
       vm.qmp = q;
     }
     return vm.qmp;
+  }
+
+  /**
+   * Follow live migration of a VM on our own QMP connection (MIGRATION events enabled here):
+   * at 'completed' on a source, every connected attachment of the VM hands its session off.
+   */
+  private watchMigration(vmName: string): Promise<void> {
+    const vm = this.vms.get(vmName)!;
+    if (vm.watching) return vm.watching;
+    vm.watching = (async () => {
+      const qmp = await this.qmpOf(vmName);
+      const enable = () => qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+      await enable();
+      qmp.on('reconnect', () => void enable().catch(() => {}));
+      qmp.on('event:MIGRATION', (ev: { data?: { status?: string } }) => {
+        const status = ev.data?.status;
+        if (status === 'completed' || status === 'failed' || status === 'cancelled') {
+          if (vm.incoming) {
+            // Our own incoming migration ended (we are its destination): nothing to hand off.
+            vm.incoming = false;
+            return;
+          }
+          if (status === 'completed') void this.handOffVm(vmName, performance.now());
+          else this.log.info({ vm: vmName, status }, 'migration ended without switchover; attachments carry on');
+        }
+      });
+    })();
+    vm.watching.catch(() => (vm.watching = undefined));
+    return vm.watching;
+  }
+
+  private async handOffVm(vmName: string, tCompleted: number): Promise<void> {
+    const entries = [...this.attachments.values()].filter((e) => e.info.vm === vmName && e.att.state !== 'closed');
+    await Promise.all(
+      entries.map(async (e) => {
+        try {
+          const info = await e.att.handOff();
+          e.detaching = true; // handed off: do not unplug anything
+          this.attachments.delete(e.info.id);
+          this.emit('handOff', { vm: vmName, attachment: e.info.id, ok: true, info, sinceCompletedMs: performance.now() - tCompleted } satisfies HandOffEvent);
+        } catch (err) {
+          const msg = (err as Error).message;
+          if (!(err instanceof HandOffRefusedError)) this.log.error({ vm: vmName, attachment: e.info.id, err: msg }, 'hand-off failed');
+          else this.log.warn({ vm: vmName, attachment: e.info.id, err: msg }, 'no hand-off; the attachment stays here');
+          this.emit('handOff', { vm: vmName, attachment: e.info.id, ok: false, error: msg } satisfies HandOffEvent);
+        }
+      }),
+    );
+  }
+
+  /**
+   * Migration destination: plug the same usb-redir (same ids, bus, port) into the destination
+   * QEMU (started with `-incoming defer`; call this before `migrate-incoming`), connect its
+   * chardev, and stand by on the session at the server. When the source bridge hands the
+   * session off, the attachment continues from the source's exact position. If the source is
+   * lost instead, the device is disconnected and reconnected in the guest (a clean replug).
+   */
+  async prepareIncoming(req: PrepareIncomingRequest): Promise<IncomingInfo> {
+    const vm = this.vms.get(req.vm);
+    if (!vm) throw new Error(`unknown VM ${req.vm}`);
+    if (this.attachments.has(req.id) || this.standbys.has(req.id)) throw new Error(`attachment ${req.id} exists already`);
+    const vmLog = this.log.child({ vm: req.vm });
+    const log = vmLog.child({ attachment: req.id, session: req.sessionId });
+    const client = this.clientFor(req.server);
+    const qmp = await this.qmpOf(req.vm);
+    const st = await qmp.execute<{ status: string }>('query-status');
+    if (st.status !== 'inmigrate') throw new Error(`VM ${req.vm} is not waiting for an incoming migration (status ${st.status})`);
+    vm.incoming = true;
+    await this.watchMigration(req.vm);
+    const id = req.id;
+    const chardevId = `${id}-chr`;
+    const bus = req.bus ?? 'xhci.0';
+    const socketPath = this.socketPathFor(req.vm, id);
+    await hotplugRedir(qmp, { id, chardevId, socketPath, bus, filter: req.filter, port: req.port });
+    let device: RemoteDevice | undefined;
+    let socket: import('node:net').Socket | undefined;
+    try {
+      // Connected before the device state loads (QEMU requires it); not read until take-over.
+      socket = await connectChardev(socketPath);
+      socket.pause();
+      device = await client.standbySession(req.sessionId, { log: vmLog, maxInFlight: 1 << 30 });
+    } catch (err) {
+      socket?.destroy();
+      await unplugRedir(qmp, { id, chardevId }, { timeoutMs: 10_000 }).catch(() => {});
+      throw err;
+    }
+    const dev = device;
+    const sock = socket;
+    let released = false;
+    const release = async () => {
+      if (released) return;
+      released = true;
+      this.standbys.delete(id);
+      releaseStandby(dev);
+    };
+    this.standbys.set(id, { device: dev, release });
+    const onSocketGone = () => {
+      if (!released) {
+        log.info('destination QEMU closed the chardev before the hand-off; standby released');
+        void release();
+      }
+    };
+    sock.once('close', onSocketGone);
+    log.info({ bus, socketPath }, 'standing by for the session (migration destination)');
+    const attached = (async (): Promise<AttachmentInfo> => {
+      const t = await dev.takeOver!;
+      sock.off('close', onSocketGone);
+      this.standbys.delete(id);
+      released = true;
+      const d = dev.device;
+      let att: Attachment;
+      if (t.sourceLost || t.state.length === 0) {
+        log.warn({ lastServerSeq: t.lastServerSeq }, 'the source bridge was lost before handing off: the position in the usbredir streams is unknown; reconnecting the device in the guest (clean replug)');
+        att = sourceLostReconnect({ device: dev, socket: sock, log, id });
+      } else {
+        att = Attachment.fromHandOff({ device: dev, socket: sock, log, id, state: t.state });
+      }
+      const entry: Entry = {
+        info: {
+          id,
+          vm: req.vm,
+          deviceId: d.id,
+          sessionId: dev.sessionId,
+          server: client.address,
+          bus,
+          socketPath,
+          hotPlugged: true,
+          vendorId: d.vendorId,
+          productId: d.productId,
+          product: d.product,
+          serial: d.serial,
+        },
+        att,
+        device: dev,
+        chardevId,
+        detaching: false,
+      };
+      this.attachments.set(id, entry);
+      att.on('closed', (ci: AttachmentCloseInfo) => void this.onAttachmentClosed(entry, ci));
+      att.start();
+      return this.infoOf(entry);
+    })();
+    attached.catch((err) => log.warn({ err: (err as Error).message }, 'standby ended without a take-over'));
+    return { id, vm: req.vm, sessionId: req.sessionId, socketPath, attached };
+  }
+
+  /** Drop a standby prepared with prepareIncoming (e.g. the migration was cancelled). */
+  async cancelIncoming(vm: string, id: string): Promise<void> {
+    const s = this.standbys.get(id);
+    if (!s) throw new Error(`no standby ${id}`);
+    await s.release();
+    const qmp = await this.qmpOf(vm);
+    await unplugRedir(qmp, { id, chardevId: `${id}-chr` }, { timeoutMs: 10_000 }).catch(() => {});
   }
 
   private clientFor(server: ConnectionOptions): UsbHostClient {
@@ -149,6 +345,7 @@ export class Bridge {
         qmp = await this.qmpOf(req.vm);
         await hotplugRedir(qmp, { id, chardevId, socketPath, bus, filter: req.filter });
       }
+      await this.watchMigration(req.vm).catch((err) => log.warn({ err: (err as Error).message }, 'cannot follow migration events of this VM'));
       const socket = await connectChardev(socketPath);
       const att = new Attachment({ device, socket, log, id });
       const entry: Entry = {
@@ -185,6 +382,12 @@ export class Bridge {
   }
 
   private async onAttachmentClosed(e: Entry, ci: AttachmentCloseInfo): Promise<void> {
+    if (ci.reason === 'handed off') {
+      // The session (and the guest's device) moved to the migration destination.
+      e.detaching = true;
+      this.attachments.delete(e.info.id);
+      return;
+    }
     if (e.detaching) return;
     // Closed by itself (device gone, malformed input, QEMU closed the chardev): drop the
     // usb-redir device we hot-plugged so the VM is left clean.
@@ -232,6 +435,7 @@ export class Bridge {
 
   /** Detach everything, close QMP connections and server channels. */
   async close(): Promise<void> {
+    for (const s of [...this.standbys.values()]) await s.release();
     for (const e of [...this.attachments.values()]) {
       await this.detach(e.info.vm, e.info.id).catch((err) => this.log.warn({ attachment: e.info.id, err: (err as Error).message }, 'detach on close failed'));
     }

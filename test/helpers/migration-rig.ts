@@ -1,0 +1,103 @@
+// Live-migration rig for e2e tests and bench:migrate: a USB host server process with a disk,
+// guests under QEMU, one Bridge per "host", and a migrate() that runs QEMU's migration from
+// the current guest to a fresh destination with the bridge hand-off.
+import path from 'node:path';
+import { Bridge, type AttachmentInfo, type HandOffEvent } from '../../src/client/bridge/bridge.js';
+import type { Logger } from '../../src/common/log.js';
+import { startGuest, type Guest, type GuestImage } from '../e2e/harness/guest.js';
+
+export const XHCI = ['-device', 'qemu-xhci,id=xhci'];
+
+export interface MigrationResult {
+  totalMs: number;
+  downtimeMs: number;
+  status: string;
+  handOff?: HandOffEvent;
+  /** ms from migrate to the destination attachment running. */
+  attachedMs?: number;
+  dst: Guest;
+}
+
+export interface Host {
+  name: string;
+  bridge: Bridge;
+}
+
+let seq = 0;
+
+/** Start a guest whose QMP has a second socket for its bridge. */
+export async function startVmGuest(opts: { image: GuestImage; dir: string; name: string; incoming?: boolean; memoryMb?: number }): Promise<{ guest: Guest; bridgeQmp: string }> {
+  for (let attempt = 1; ; attempt++) {
+    const bridgeQmp = path.join(opts.dir, `bq-${opts.name}-${++seq}.sock`);
+    try {
+      const guest = await startGuest({
+        name: opts.name,
+        image: opts.image,
+        memoryMb: opts.memoryMb ?? 128,
+        extraArgs: [...XHCI, '-qmp', `unix:${bridgeQmp},server=on,wait=off`, ...(opts.incoming ? ['-incoming', 'defer'] : [])],
+      });
+      return { guest, bridgeQmp };
+    } catch (err) {
+      // TCG on a loaded machine: the guest kernel sometimes panics early ("IO-APIC + timer
+      // doesn't work"); boot again.
+      if (attempt >= 3 || opts.incoming) throw err;
+    }
+  }
+}
+
+/**
+ * Migrate `src` (attached through `srcHost`) to a fresh destination QEMU served by `dstHost`.
+ * The orchestrator tells the source bridge nothing; the destination bridge gets
+ * prepareIncoming before migrate-incoming.
+ */
+export async function migrateWithHandOff(opts: {
+  image: GuestImage;
+  dir: string;
+  src: Guest;
+  srcVm: string;
+  srcHost: Host;
+  dstHost: Host;
+  dstVm: string;
+  attachment: AttachmentInfo;
+  server: { address: string; ca: string; cert: string; key: string };
+  memoryMb?: number;
+  cancelAfterMs?: number;
+  log?: Logger;
+}): Promise<MigrationResult & { attached?: AttachmentInfo }> {
+  const { guest: dst, bridgeQmp } = await startVmGuest({ image: opts.image, dir: opts.dir, name: opts.dstVm, incoming: true, memoryMb: opts.memoryMb });
+  opts.dstHost.bridge.addVm({ name: opts.dstVm, qmpSocket: bridgeQmp });
+  const inc = await opts.dstHost.bridge.prepareIncoming({
+    vm: opts.dstVm,
+    server: opts.server,
+    sessionId: opts.attachment.sessionId,
+    id: opts.attachment.id,
+    bus: opts.attachment.bus,
+  });
+  for (const g of [opts.src, dst]) await g.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+  const uri = `unix:${path.join(dst.dir, 'migrate.sock')}`;
+  await dst.qmp.execute('migrate-incoming', { uri });
+  const handOff = new Promise<HandOffEvent>((resolve) => {
+    const on = (ev: HandOffEvent) => {
+      if (ev.attachment !== opts.attachment.id) return;
+      opts.srcHost.bridge.off('handOff', on);
+      resolve(ev);
+    };
+    opts.srcHost.bridge.on('handOff', on);
+  });
+  const srcDone = opts.src.events.waitForEvent<{ status: string }>('MIGRATION', (ev) => ['completed', 'failed', 'cancelled'].includes(ev.data.status), { timeoutMs: 300_000 });
+  const t0 = Date.now();
+  await opts.src.qmp.execute('migrate', { uri });
+  if (opts.cancelAfterMs !== undefined) {
+    await new Promise((r) => setTimeout(r, opts.cancelAfterMs));
+    await opts.src.qmp.execute('migrate_cancel');
+  }
+  const done = await srcDone;
+  const info = await opts.src.qmp.execute<{ status: string; 'total-time'?: number; downtime?: number }>('query-migrate');
+  const res: MigrationResult & { attached?: AttachmentInfo } = { totalMs: info['total-time'] ?? Date.now() - t0, downtimeMs: info.downtime ?? -1, status: done.data.status, dst };
+  if (done.data.status === 'completed') {
+    res.handOff = await handOff;
+    res.attached = await inc.attached;
+    res.attachedMs = Date.now() - t0;
+  }
+  return res;
+}
