@@ -1,0 +1,181 @@
+// npm run bench:e2e — the disk through usbroam vs the same image as a QEMU-local usb-storage.
+//
+// One QEMU guest (TCG) per USB host controller; a USB host server in its own process with the
+// emulated 64 MiB disk; a Bridge in this process. In the guest: dd 32 MiB (bs=1M) from a tmpfs file
+// of random data to the disk with O_DIRECT and fsync, drop caches, dd it back with O_DIRECT;
+// timed inside the guest (/proc/uptime). The same dd against the same image file attached to the
+// same guest as QEMU's own usb-storage on the same bus (blockdev-add + device_add), with
+// cache=writeback (QEMU's default; the headline "local") and cache=none. Every round runs each
+// target once, the order rotating; medians over the rounds.
+//
+//   npm run bench:e2e [-- --bus xhci|ehci] [--rounds N] [--size-mib N] [--no-ehci]
+//   env: USBROAM_BENCH_BUS, USBROAM_BENCH_ROUNDS, USBROAM_BENCH_SIZE_MIB, USBROAM_BENCH_EHCI=0
+//
+// Progress goes to stderr; the last stdout line is JSON: usbroam_write_MBps, usbroam_read_MBps,
+// local_write_MBps, local_read_MBps, write_ratio, read_ratio (usbroam / local), the cache=none
+// figures (local_direct_*), and with the default xHCI bus the same over EHCI (ehci_*).
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { Bridge } from '../src/client/bridge/bridge.js';
+import { UsbHostClient } from '../src/client/sdk/client.js';
+import { clientTls } from '../test/helpers/certs.js';
+import { startServerProcess, type ServerProcess } from '../test/helpers/server-process.js';
+import { HOST_CONTROLLERS, MiB, guestSha256, startBridgeGuest, timedDd, waitForDisk, waitGoneInGuest, type HcName } from '../test/helpers/bridge-e2e.js';
+import { ensureGuestImage, type Guest, type GuestImage } from '../test/e2e/harness/guest.js';
+
+const { values: flags } = parseArgs({
+  options: {
+    bus: { type: 'string' },
+    rounds: { type: 'string' },
+    'size-mib': { type: 'string' },
+    'no-ehci': { type: 'boolean' },
+    help: { type: 'boolean', short: 'h' },
+  },
+});
+if (flags.help) {
+  process.stderr.write('usage: npm run bench:e2e [-- --bus xhci|ehci] [--rounds N] [--size-mib N] [--no-ehci]\n');
+  process.exit(0);
+}
+const bus = (flags.bus ?? process.env.USBROAM_BENCH_BUS ?? 'xhci').toLowerCase() as HcName;
+if (!(bus in HOST_CONTROLLERS)) throw new Error(`--bus must be xhci or ehci, not ${bus}`);
+const rounds = Number(flags.rounds ?? process.env.USBROAM_BENCH_ROUNDS ?? 3);
+const sizeMiB = Number(flags['size-mib'] ?? process.env.USBROAM_BENCH_SIZE_MIB ?? 32);
+const withEhci = bus === 'xhci' && !flags['no-ehci'] && process.env.USBROAM_BENCH_EHCI !== '0';
+const DISK_MIB = Math.max(64, sizeMiB * 2);
+
+const t0 = Date.now();
+function progress(line: string): void {
+  process.stderr.write(`[${((Date.now() - t0) / 1000).toFixed(1).padStart(6)} s] ${line}\n`);
+}
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+};
+const r2 = (x: number) => Math.round(x * 100) / 100;
+const r3 = (x: number) => Math.round(x * 1000) / 1000;
+
+type Target = 'usbroam' | 'local' | 'local_direct';
+interface Figures {
+  write: number[];
+  read: number[];
+}
+
+async function benchBus(hc: HcName, image: GuestImage, server: ServerProcess, diskPath: string, dir: string): Promise<Record<Target, Figures>> {
+  const H = HOST_CONTROLLERS[hc];
+  const serverOpts = { address: server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
+  progress(`${H.name}: booting the guest`);
+  const { guest, bridgeQmp } = await startBridgeGuest({ name: `bench-${hc}`, image, dir, hc, memoryMb: 256, log: (l) => progress(l.trim()) });
+  const bridge = new Bridge({ runDir: path.join(dir, `bridge-${hc}`) });
+  bridge.addVm({ name: 'vm', qmpSocket: bridgeQmp });
+  const g: Guest = guest;
+  const out: Record<Target, Figures> = { usbroam: { write: [], read: [] }, local: { write: [], read: [] }, local_direct: { write: [], read: [] } };
+  let localSeq = 0;
+  try {
+    await g.sh(`dd if=/dev/urandom of=/tmp/x bs=1M count=${sizeMiB} 2>/dev/null`, { timeoutMs: 120_000 });
+    const want = await guestSha256(g, 'cat /tmp/x');
+
+    const plug = async (t: Target): Promise<() => Promise<void>> => {
+      if (t === 'usbroam') {
+        const info = await bridge.attach({ vm: 'vm', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: H.bus });
+        await waitForDisk(g);
+        return async () => {
+          await bridge.detach('vm', info.id);
+          await waitGoneInGuest(g, '/sys/block/sda');
+        };
+      }
+      const n = ++localSeq;
+      const node = `bench-local${n}`;
+      const id = `bench-usb${n}`;
+      const direct = t === 'local_direct';
+      await g.qmp.execute('blockdev-add', {
+        driver: 'raw',
+        'node-name': node,
+        cache: { direct, 'no-flush': false },
+        file: { driver: 'file', filename: diskPath, aio: 'threads', cache: { direct, 'no-flush': false } },
+      });
+      await g.qmp.execute('device_add', { driver: 'usb-storage', id, drive: node, bus: H.bus, serial: `LOCAL${n}` });
+      await waitForDisk(g);
+      return async () => {
+        const gone = g.qmp.waitForEvent<{ device?: string }>('DEVICE_DELETED', (ev) => ev.data?.device === id, { timeoutMs: 60_000 });
+        await g.qmp.execute('device_del', { id });
+        await gone;
+        await g.qmp.execute('blockdev-del', { 'node-name': node });
+        await waitGoneInGuest(g, '/sys/block/sda');
+      };
+    };
+
+    const targets: Target[] = ['usbroam', 'local', 'local_direct'];
+    for (let r = 0; r < rounds; r++) {
+      const order = targets.map((_, i) => targets[(i + r) % targets.length]!);
+      for (const t of order) {
+        const unplug = await plug(t);
+        try {
+          const w = await timedDd(g, `dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync`, sizeMiB * MiB);
+          await g.sh('sync; echo 3 > /proc/sys/vm/drop_caches');
+          const rd = await timedDd(g, `dd if=/dev/sda of=/tmp/y bs=1M count=${sizeMiB} iflag=direct`, sizeMiB * MiB);
+          const got = await guestSha256(g, 'cat /tmp/y');
+          await g.sh('rm -f /tmp/y');
+          if (got !== want) throw new Error(`${H.name} ${t}: read back ${got}, wrote ${want}`);
+          out[t].write.push(w);
+          out[t].read.push(rd);
+          progress(`${H.name} round ${r + 1}/${rounds} ${t.padEnd(12)} write ${w.toFixed(1).padStart(5)} MB/s  read ${rd.toFixed(1).padStart(5)} MB/s`);
+        } finally {
+          await unplug();
+        }
+      }
+    }
+  } finally {
+    await bridge.close().catch(() => {});
+    await g.stop();
+  }
+  return out;
+}
+
+async function main(): Promise<void> {
+  progress(`guest image (built and cached on first use)`);
+  const image = await ensureGuestImage({ log: (l) => progress(l) });
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'ube-'));
+  const diskPath = path.join(dir, 'disk.img');
+  const server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', diskPath, '--disk-size-mib', String(DISK_MIB)]);
+  progress(`USB host server (own process) on ${server.address}, disk image ${diskPath} (${DISK_MIB} MiB)`);
+  try {
+    const c = new UsbHostClient({ address: server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') });
+    const msc = (await c.listDevices()).find((d) => d.serial === 'USBROAM-MSC-0001');
+    c.close();
+    if (!msc) throw new Error('the server does not serve the emulated disk');
+
+    const result: Record<string, unknown> = { bus, rounds, size_mib: sizeMiB, bs: '1M' };
+    const add = (prefix: string, f: Record<Target, Figures>) => {
+      const m = (t: Target, k: keyof Figures) => median(f[t][k]);
+      result[`${prefix}usbroam_write_MBps`] = r2(m('usbroam', 'write'));
+      result[`${prefix}usbroam_read_MBps`] = r2(m('usbroam', 'read'));
+      result[`${prefix}local_write_MBps`] = r2(m('local', 'write'));
+      result[`${prefix}local_read_MBps`] = r2(m('local', 'read'));
+      result[`${prefix}write_ratio`] = r3(m('usbroam', 'write') / m('local', 'write'));
+      result[`${prefix}read_ratio`] = r3(m('usbroam', 'read') / m('local', 'read'));
+      result[`${prefix}local_direct_write_MBps`] = r2(m('local_direct', 'write'));
+      result[`${prefix}local_direct_read_MBps`] = r2(m('local_direct', 'read'));
+      result[`${prefix}write_ratio_vs_direct`] = r3(m('usbroam', 'write') / m('local_direct', 'write'));
+      result[`${prefix}read_ratio_vs_direct`] = r3(m('usbroam', 'read') / m('local_direct', 'read'));
+      result[`${prefix}samples`] = Object.fromEntries(Object.entries(f).map(([t, v]) => [t, { write: v.write.map(r2), read: v.read.map(r2) }]));
+    };
+    add('', await benchBus(bus, image, server, diskPath, dir));
+    if (withEhci) add('ehci_', await benchBus('ehci', image, server, diskPath, dir));
+    result.elapsed_s = Math.round((Date.now() - t0) / 1000);
+    console.log(JSON.stringify(result));
+  } finally {
+    await server.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+main().then(
+  () => process.exit(0),
+  (err) => {
+    process.stderr.write(`bench:e2e failed: ${(err as Error).stack ?? err}\n`);
+    process.exit(1);
+  },
+);
