@@ -30,12 +30,16 @@ export interface UsbHostGuestOptions {
   acl?: string[];
   memoryMb?: number;
   extraServeArgs?: string[];
+  /** More guest TCP ports to forward to free host ports (see `forwards`). */
+  forwardPorts?: number[];
   log?: (line: string) => void;
 }
 
 export interface UsbHostGuest {
   guest: Guest;
   hostPort: number;
+  /** guest port -> host port, for `forwardPorts`. */
+  forwards: Record<number, number>;
   /** For clients: localhost:<hostPort>. */
   address: string;
   /** The server's log so far (JSON lines). */
@@ -62,6 +66,8 @@ function q(s: string): string {
 export async function startUsbHostGuest(opts: UsbHostGuestOptions = {}): Promise<UsbHostGuest> {
   const certs = testCerts();
   const hostPort = await freePort();
+  const forwards: Record<number, number> = {};
+  for (const p of opts.forwardPorts ?? []) forwards[p] = await freePort();
   const args: string[] = ['-device', 'qemu-xhci,id=xhci'];
   if (opts.storage) {
     args.push(
@@ -73,7 +79,7 @@ export async function startUsbHostGuest(opts: UsbHostGuestOptions = {}): Promise
   if (opts.usbSerial) args.push('-chardev', 'ringbuf,id=rb0,size=65536', '-device', 'usb-serial,id=serial0,chardev=rb0,bus=xhci.0');
   args.push(
     '-virtfs', 'local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap',
-    '-netdev', `user,id=n0,hostfwd=tcp:127.0.0.1:${hostPort}-:7470`,
+    '-netdev', `user,id=n0,hostfwd=tcp:127.0.0.1:${hostPort}-:7470${Object.entries(forwards).map(([g, h]) => `,hostfwd=tcp:127.0.0.1:${h}-:${g}`).join('')}`,
     '-device', 'virtio-net-pci,netdev=n0',
   );
   const guest = await startGuest({ name: opts.name ?? 'usbhost', image: opts.image, memoryMb: opts.memoryMb ?? 768, extraArgs: args, log: opts.log });
@@ -120,6 +126,7 @@ export async function startUsbHostGuest(opts: UsbHostGuestOptions = {}): Promise
   return {
     guest,
     hostPort,
+    forwards,
     address: `localhost:${hostPort}`,
     serverLog: async () => (await guest.run('cat /host/run/serve.log', { timeoutMs: 30_000 })).output,
     stop: async () => {
