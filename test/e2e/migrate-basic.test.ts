@@ -135,7 +135,9 @@ describe('e2e migration: the remote disk stays attached across live migration', 
 
   it('migrates under continuous I/O, back and forth, with every block verified', async () => {
     const g0 = cur;
-    await g0.sh(`cat > /tmp/w.sh <<'EOS'\n${WRITER}\nEOS\nrm -f /tmp/stop /tmp/wlog; (sh /tmp/w.sh > /dev/null 2>&1 &)`);
+    await g0.sh(`cat > /tmp/w.sh <<'EOS'\n${WRITER}\nEOS\nrm -f /tmp/stop /tmp/wlog /tmp/rlog; (sh /tmp/w.sh > /dev/null 2>&1 &)`);
+    // And a reader keeping large bulk IN URBs in flight (the first 4 MiB, checksummed each time).
+    await g0.sh(`(while [ ! -e /tmp/stop ]; do dd if=/dev/sda bs=1M count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1 >> /tmp/rlog; done; echo DONE >> /tmp/rlog) > /dev/null 2>&1 &`);
     await new Promise((r) => setTimeout(r, 3000));
     const n = Number(process.env.USBROAM_MIGRATIONS ?? 4);
     const figures: string[] = [];
@@ -149,7 +151,7 @@ describe('e2e migration: the remote disk stays attached across live migration', 
     const g = cur;
     await g.sh('touch /tmp/stop');
     const deadline = Date.now() + 60_000;
-    while (!(await g.sh('tail -n1 /tmp/wlog')).includes('DONE')) {
+    while (!(await g.sh('tail -n1 /tmp/wlog; tail -n1 /tmp/rlog')).match(/DONE\s+DONE/)) {
       if (Date.now() > deadline) throw new Error('writer did not stop');
       await new Promise((res) => setTimeout(res, 500));
     }
@@ -181,6 +183,11 @@ describe('e2e migration: the remote disk stays attached across live migration', 
     console.log(`      ${n} migrations under I/O: ${figures.join('; ')}`);
     console.log(`      ${wlog.length} blocks written, ${latest.size} verified, ${bad} bad; 64 KiB write: median ${typical.toFixed(0)} ms, max ${maxStall.toFixed(0)} ms`);
     expect(bad).to.equal(0);
+    // Every read of the first 4 MiB during the migrations returned the data written before.
+    const want = (await g.sh('cut -d" " -f1 /tmp/x.sha')).trim();
+    const reads = (await g.sh('grep -v DONE /tmp/rlog')).trim().split('\n');
+    console.log(`      ${reads.length} reads of 4 MiB during the migrations; ${reads.filter((r) => r !== want).length} differed`);
+    expect(reads.filter((r) => r !== want)).to.deep.equal([]);
     expect(await dmesgBad(g)).to.deep.equal([]);
   });
 

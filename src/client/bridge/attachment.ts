@@ -1268,7 +1268,7 @@ export class Attachment extends EventEmitter {
       freezeMs,
       totalMs: performance.now() - t0,
     };
-    this.log.info({ attachment: this.id, ...info }, 'session handed off to the migration destination');
+    this.log.info({ attachment: this.id, ...info, ...this.stats }, 'session handed off to the migration destination');
     this.emit('handedOff', info);
     await this.closeHandedOff();
     return info;
