@@ -130,6 +130,8 @@ async function runDemo(f: DemoFlags): Promise<number | undefined> {
       : `the guest image could not be built: ${(err as Error).message.split('\n')[0]}`;
     return serverOnly(why);
   }
+  const avail = harness.guestAvailability();
+  if (!avail.qemu) return serverOnly(avail.reason ?? `${harness.QEMU_BINARY} not found`);
   phase(`guest image ready: Linux ${image.kernelVersion}`);
 
   let guest: import('../../../test/e2e/harness/guest.js').Guest | undefined;
