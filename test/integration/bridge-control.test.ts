@@ -150,6 +150,16 @@ describe('bridge control API (integration, no QEMU)', function () {
     expect(srv.server.registry.claimOf(devs[0]!.id)).to.equal(undefined);
   });
 
+  it('PrepareIncoming / CancelIncoming: clear refusals', async () => {
+    const base = { vm: 'vm1', server: serverAddress, sessionId: 's-1', attachmentId: 'usbroam-emu-1-1', qmpSocket: '', bus: '', port: '', filter: '' };
+    await expectStatus(client.rpc.prepareIncoming({ ...base, vm: 'nope' }), Status.NOT_FOUND, /unknown VM nope/);
+    await expectStatus(client.rpc.prepareIncoming({ ...base, sessionId: '' }), Status.INVALID_ARGUMENT, /session_id is required/);
+    await expectStatus(client.rpc.prepareIncoming({ ...base, attachmentId: '1bad id' }), Status.INVALID_ARGUMENT, /must be the source's attachment id/);
+    // vm1's QMP socket does not exist: the bridge cannot ask QEMU whether it waits for a migration.
+    await expectStatus(client.rpc.prepareIncoming(base), Status.UNAVAILABLE, /VM vm1/);
+    await expectStatus(client.rpc.cancelIncoming({ vm: 'vm1', attachmentId: 'usbroam-emu-1-1' }), Status.NOT_FOUND, /no standby usbroam-emu-1-1/);
+  });
+
   it('DetachDevice of an unknown attachment or VM: NOT_FOUND', async () => {
     await expectStatus(client.detach('vm1', 'usbroam-nothing'), Status.NOT_FOUND, /no attachment usbroam-nothing on VM vm1/);
     await expectStatus(client.detach('nope', 'usbroam-nothing'), Status.NOT_FOUND, /unknown VM nope/);

@@ -20,6 +20,10 @@ import {
   type Attachment as PbAttachment,
   type AttachDeviceRequest,
   type AttachDeviceResponse,
+  type CancelIncomingRequest,
+  type CancelIncomingResponse,
+  type PrepareIncomingRequest,
+  type PrepareIncomingResponse,
   type DetachDeviceRequest,
   type DetachDeviceResponse,
   type ListAttachmentsRequest,
@@ -130,6 +134,8 @@ export function toControlError(err: unknown, ctx: { vm?: string; server?: string
   }
   if (/^unknown VM /.test(msg)) return new ControlError(S.NOT_FOUND, msg);
   if (/^no attachment /.test(msg)) return new ControlError(S.NOT_FOUND, msg);
+  if (/^no standby /.test(msg)) return new ControlError(S.NOT_FOUND, `${msg}: nothing was prepared with that id`);
+  if (/is not waiting for an incoming migration/.test(msg)) return new ControlError(S.FAILED_PRECONDITION, `${msg}; start it with -incoming defer`);
   if (/exists already/.test(msg)) return new ControlError(S.ALREADY_EXISTS, msg);
   if (/mutual TLS needs/.test(msg)) return new ControlError(S.FAILED_PRECONDITION, `the bridge has no credentials for USB host servers: ${msg}`);
   if (/cannot connect to QEMU chardev/.test(msg)) return new ControlError(S.UNAVAILABLE, `VM ${ctx.vm}: ${msg}`);
@@ -173,6 +179,8 @@ export class BridgeControlServer {
       attachDevice: this.unary('AttachDevice', (r: AttachDeviceRequest) => this.attachDevice(r)),
       detachDevice: this.unary('DetachDevice', (r: DetachDeviceRequest) => this.detachDevice(r)),
       listAttachments: this.unary('ListAttachments', (r: ListAttachmentsRequest) => this.listAttachments(r)),
+      prepareIncoming: this.unary('PrepareIncoming', (r: PrepareIncomingRequest) => this.prepareIncoming(r)),
+      cancelIncoming: this.unary('CancelIncoming', (r: CancelIncomingRequest) => this.cancelIncoming(r)),
     } as grpc.UntypedServiceImplementation);
     this.health.addToServer(this.grpcServer);
     const pkg = protoLoader.loadSync([path.join(PROTO_DIR, 'usbroam/v1/bridge.proto'), healthProtoPath], { includeDirs: [PROTO_DIR] });
@@ -268,6 +276,60 @@ export class BridgeControlServer {
     } catch (err) {
       throw toControlError(err, { vm: req.vm, server: address });
     }
+  }
+
+  /** Register the VM from a request's qmp_socket if the bridge does not know it yet. */
+  private vmFromRequest(vm: string, qmpSocket: string): void {
+    if (!vm) throw new ControlError(S.INVALID_ARGUMENT, 'vm is required');
+    if (qmpSocket) {
+      const known = this.vms.get(vm);
+      if (known === undefined) this.addVm(vm, qmpSocket);
+      else if (path.resolve(known) !== path.resolve(qmpSocket)) {
+        throw new ControlError(S.FAILED_PRECONDITION, `VM ${vm} is registered with QMP socket ${known}, not ${qmpSocket}`);
+      }
+    }
+    this.knownVm(vm);
+  }
+
+  async prepareIncoming(req: PrepareIncomingRequest): Promise<PrepareIncomingResponse> {
+    this.vmFromRequest(req.vm, req.qmpSocket);
+    if (!req.sessionId) throw new ControlError(S.INVALID_ARGUMENT, 'session_id is required: the source attachment\'s session');
+    if (!/^[A-Za-z][A-Za-z0-9_.-]*$/.test(req.attachmentId)) {
+      throw new ControlError(S.INVALID_ARGUMENT, `attachment id "${req.attachmentId}" must be the source's attachment id (a QEMU id)`);
+    }
+    if (req.bus && !/^[A-Za-z0-9_.-]+$/.test(req.bus)) throw new ControlError(S.INVALID_ARGUMENT, `bus "${req.bus}" is not a QEMU bus name`);
+    const servers = this.opts.servers ?? {};
+    const address = req.server || servers.address;
+    if (!address) throw new ControlError(S.INVALID_ARGUMENT, 'server is required (the bridge has no default USB host server)');
+    try {
+      const r = await this.bridge.prepareIncoming({
+        vm: req.vm,
+        server: { ...servers, address },
+        sessionId: req.sessionId,
+        id: req.attachmentId,
+        bus: req.bus || undefined,
+        port: req.port || undefined,
+        filter: req.filter || undefined,
+      });
+      r.attached.then(
+        (info) => this.log.info({ vm: req.vm, attachment: info.id, session: info.sessionId }, 'incoming attachment took over'),
+        (err) => this.log.warn({ vm: req.vm, attachment: req.attachmentId, err: (err as Error).message }, 'incoming attachment did not take over'),
+      );
+      this.log.info({ vm: req.vm, attachment: r.id, session: r.sessionId }, 'prepared incoming attachment (control API)');
+      return { attachmentId: r.id, vm: r.vm, sessionId: r.sessionId, socketPath: r.socketPath };
+    } catch (err) {
+      throw toControlError(err, { vm: req.vm, server: address });
+    }
+  }
+
+  async cancelIncoming(req: CancelIncomingRequest): Promise<CancelIncomingResponse> {
+    this.knownVm(req.vm);
+    try {
+      await this.bridge.cancelIncoming(req.vm, req.attachmentId);
+    } catch (err) {
+      throw toControlError(err, { vm: req.vm });
+    }
+    return {};
   }
 
   async detachDevice(req: DetachDeviceRequest): Promise<DetachDeviceResponse> {

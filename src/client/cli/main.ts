@@ -6,6 +6,7 @@ import { bridgeCommand } from './bridge.js';
 import { demoCommand } from './demo.js';
 import { detachCommand } from './detach.js';
 import { devicesCommand } from './devices.js';
+import { cancelIncomingCommand, prepareIncomingCommand } from './prepare-incoming.js';
 import { qemuArgsCommand } from './qemu-args.js';
 import { serveCommand } from './serve.js';
 import { sessionsCommand } from './sessions.js';
@@ -22,6 +23,8 @@ const program = new Command('usbroam')
   .addCommand(detachCommand())
   .addCommand(attachmentsCommand())
   .addCommand(qemuArgsCommand())
+  .addCommand(prepareIncomingCommand())
+  .addCommand(cancelIncomingCommand())
   .addCommand(demoCommand());
 
 program.parseAsync(process.argv).catch((err: Error) => {

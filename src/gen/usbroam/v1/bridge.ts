@@ -66,6 +66,36 @@ export function attachmentStateToJSON(object: AttachmentState): string {
   }
 }
 
+export interface PrepareIncomingRequest {
+  vm: string;
+  /** As in AttachDeviceRequest. */
+  qmpSocket: string;
+  /** The USB host server holding the session. Empty: the bridge's default server. */
+  server: string;
+  /** The session and attachment id on the source (its Attachment.session_id and id). */
+  sessionId: string;
+  attachmentId: string;
+  /** Same bus and port as on the source. Empty bus: "xhci.0". */
+  bus: string;
+  port: string;
+  filter: string;
+}
+
+export interface PrepareIncomingResponse {
+  attachmentId: string;
+  vm: string;
+  sessionId: string;
+  socketPath: string;
+}
+
+export interface CancelIncomingRequest {
+  vm: string;
+  attachmentId: string;
+}
+
+export interface CancelIncomingResponse {
+}
+
 export interface AttachDeviceRequest {
   /** The VM, by the name the bridge knows it by (--vm NAME=QMP_SOCKET or its config). */
   vm: string;
@@ -149,6 +179,469 @@ export interface Attachment {
   hotPlugged: boolean;
   counters?: AttachmentCounters | undefined;
 }
+
+function createBasePrepareIncomingRequest(): PrepareIncomingRequest {
+  return { vm: "", qmpSocket: "", server: "", sessionId: "", attachmentId: "", bus: "", port: "", filter: "" };
+}
+
+export const PrepareIncomingRequest: MessageFns<PrepareIncomingRequest> = {
+  encode(message: PrepareIncomingRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.qmpSocket !== "") {
+      writer.uint32(18).string(message.qmpSocket);
+    }
+    if (message.server !== "") {
+      writer.uint32(26).string(message.server);
+    }
+    if (message.sessionId !== "") {
+      writer.uint32(34).string(message.sessionId);
+    }
+    if (message.attachmentId !== "") {
+      writer.uint32(42).string(message.attachmentId);
+    }
+    if (message.bus !== "") {
+      writer.uint32(50).string(message.bus);
+    }
+    if (message.port !== "") {
+      writer.uint32(58).string(message.port);
+    }
+    if (message.filter !== "") {
+      writer.uint32(66).string(message.filter);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PrepareIncomingRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePrepareIncomingRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.qmpSocket = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.server = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.sessionId = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.attachmentId = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.bus = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.port = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.filter = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PrepareIncomingRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      qmpSocket: isSet(object.qmpSocket)
+        ? globalThis.String(object.qmpSocket)
+        : isSet(object.qmp_socket)
+        ? globalThis.String(object.qmp_socket)
+        : "",
+      server: isSet(object.server) ? globalThis.String(object.server) : "",
+      sessionId: isSet(object.sessionId)
+        ? globalThis.String(object.sessionId)
+        : isSet(object.session_id)
+        ? globalThis.String(object.session_id)
+        : "",
+      attachmentId: isSet(object.attachmentId)
+        ? globalThis.String(object.attachmentId)
+        : isSet(object.attachment_id)
+        ? globalThis.String(object.attachment_id)
+        : "",
+      bus: isSet(object.bus) ? globalThis.String(object.bus) : "",
+      port: isSet(object.port) ? globalThis.String(object.port) : "",
+      filter: isSet(object.filter) ? globalThis.String(object.filter) : "",
+    };
+  },
+
+  toJSON(message: PrepareIncomingRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.qmpSocket !== "") {
+      obj.qmpSocket = message.qmpSocket;
+    }
+    if (message.server !== "") {
+      obj.server = message.server;
+    }
+    if (message.sessionId !== "") {
+      obj.sessionId = message.sessionId;
+    }
+    if (message.attachmentId !== "") {
+      obj.attachmentId = message.attachmentId;
+    }
+    if (message.bus !== "") {
+      obj.bus = message.bus;
+    }
+    if (message.port !== "") {
+      obj.port = message.port;
+    }
+    if (message.filter !== "") {
+      obj.filter = message.filter;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PrepareIncomingRequest>): PrepareIncomingRequest {
+    return PrepareIncomingRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PrepareIncomingRequest>): PrepareIncomingRequest {
+    const message = createBasePrepareIncomingRequest();
+    message.vm = object.vm ?? "";
+    message.qmpSocket = object.qmpSocket ?? "";
+    message.server = object.server ?? "";
+    message.sessionId = object.sessionId ?? "";
+    message.attachmentId = object.attachmentId ?? "";
+    message.bus = object.bus ?? "";
+    message.port = object.port ?? "";
+    message.filter = object.filter ?? "";
+    return message;
+  },
+};
+
+function createBasePrepareIncomingResponse(): PrepareIncomingResponse {
+  return { attachmentId: "", vm: "", sessionId: "", socketPath: "" };
+}
+
+export const PrepareIncomingResponse: MessageFns<PrepareIncomingResponse> = {
+  encode(message: PrepareIncomingResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.attachmentId !== "") {
+      writer.uint32(10).string(message.attachmentId);
+    }
+    if (message.vm !== "") {
+      writer.uint32(18).string(message.vm);
+    }
+    if (message.sessionId !== "") {
+      writer.uint32(26).string(message.sessionId);
+    }
+    if (message.socketPath !== "") {
+      writer.uint32(34).string(message.socketPath);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PrepareIncomingResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePrepareIncomingResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.attachmentId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.sessionId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.socketPath = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PrepareIncomingResponse {
+    return {
+      attachmentId: isSet(object.attachmentId)
+        ? globalThis.String(object.attachmentId)
+        : isSet(object.attachment_id)
+        ? globalThis.String(object.attachment_id)
+        : "",
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      sessionId: isSet(object.sessionId)
+        ? globalThis.String(object.sessionId)
+        : isSet(object.session_id)
+        ? globalThis.String(object.session_id)
+        : "",
+      socketPath: isSet(object.socketPath)
+        ? globalThis.String(object.socketPath)
+        : isSet(object.socket_path)
+        ? globalThis.String(object.socket_path)
+        : "",
+    };
+  },
+
+  toJSON(message: PrepareIncomingResponse): unknown {
+    const obj: any = {};
+    if (message.attachmentId !== "") {
+      obj.attachmentId = message.attachmentId;
+    }
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.sessionId !== "") {
+      obj.sessionId = message.sessionId;
+    }
+    if (message.socketPath !== "") {
+      obj.socketPath = message.socketPath;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PrepareIncomingResponse>): PrepareIncomingResponse {
+    return PrepareIncomingResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PrepareIncomingResponse>): PrepareIncomingResponse {
+    const message = createBasePrepareIncomingResponse();
+    message.attachmentId = object.attachmentId ?? "";
+    message.vm = object.vm ?? "";
+    message.sessionId = object.sessionId ?? "";
+    message.socketPath = object.socketPath ?? "";
+    return message;
+  },
+};
+
+function createBaseCancelIncomingRequest(): CancelIncomingRequest {
+  return { vm: "", attachmentId: "" };
+}
+
+export const CancelIncomingRequest: MessageFns<CancelIncomingRequest> = {
+  encode(message: CancelIncomingRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.vm !== "") {
+      writer.uint32(10).string(message.vm);
+    }
+    if (message.attachmentId !== "") {
+      writer.uint32(18).string(message.attachmentId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CancelIncomingRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCancelIncomingRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.vm = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.attachmentId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CancelIncomingRequest {
+    return {
+      vm: isSet(object.vm) ? globalThis.String(object.vm) : "",
+      attachmentId: isSet(object.attachmentId)
+        ? globalThis.String(object.attachmentId)
+        : isSet(object.attachment_id)
+        ? globalThis.String(object.attachment_id)
+        : "",
+    };
+  },
+
+  toJSON(message: CancelIncomingRequest): unknown {
+    const obj: any = {};
+    if (message.vm !== "") {
+      obj.vm = message.vm;
+    }
+    if (message.attachmentId !== "") {
+      obj.attachmentId = message.attachmentId;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CancelIncomingRequest>): CancelIncomingRequest {
+    return CancelIncomingRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CancelIncomingRequest>): CancelIncomingRequest {
+    const message = createBaseCancelIncomingRequest();
+    message.vm = object.vm ?? "";
+    message.attachmentId = object.attachmentId ?? "";
+    return message;
+  },
+};
+
+function createBaseCancelIncomingResponse(): CancelIncomingResponse {
+  return {};
+}
+
+export const CancelIncomingResponse: MessageFns<CancelIncomingResponse> = {
+  encode(_: CancelIncomingResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CancelIncomingResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCancelIncomingResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): CancelIncomingResponse {
+    return {};
+  },
+
+  toJSON(_: CancelIncomingResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<CancelIncomingResponse>): CancelIncomingResponse {
+    return CancelIncomingResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<CancelIncomingResponse>): CancelIncomingResponse {
+    const message = createBaseCancelIncomingResponse();
+    return message;
+  },
+};
 
 function createBaseAttachDeviceRequest(): AttachDeviceRequest {
   return {
@@ -1200,6 +1693,31 @@ export const BridgeDefinition = {
       responseStream: false,
       options: {},
     },
+    /**
+     * Live migration, on the destination's bridge, before `migrate-incoming`:
+     * the VM was started with `-incoming defer`. Hot-plugs the same chardev and
+     * usb-redir (same id, bus and port) as on the source, connects the chardev
+     * and stands by on the session. The source's bridge follows the migration
+     * on its own QMP monitor and hands the session over when it completes; the
+     * attachment then appears here. Nobody needs to tell the source anything.
+     */
+    prepareIncoming: {
+      name: "PrepareIncoming",
+      requestType: PrepareIncomingRequest as typeof PrepareIncomingRequest,
+      requestStream: false,
+      responseType: PrepareIncomingResponse as typeof PrepareIncomingResponse,
+      responseStream: false,
+      options: {},
+    },
+    /** Drop a prepared incoming attachment (the migration was cancelled or failed). */
+    cancelIncoming: {
+      name: "CancelIncoming",
+      requestType: CancelIncomingRequest as typeof CancelIncomingRequest,
+      requestStream: false,
+      responseType: CancelIncomingResponse as typeof CancelIncomingResponse,
+      responseStream: false,
+      options: {},
+    },
   },
 } as const;
 
@@ -1223,6 +1741,23 @@ export interface BridgeServiceImplementation<CallContextExt = {}> {
     request: ListAttachmentsRequest,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<ListAttachmentsResponse>>;
+  /**
+   * Live migration, on the destination's bridge, before `migrate-incoming`:
+   * the VM was started with `-incoming defer`. Hot-plugs the same chardev and
+   * usb-redir (same id, bus and port) as on the source, connects the chardev
+   * and stands by on the session. The source's bridge follows the migration
+   * on its own QMP monitor and hands the session over when it completes; the
+   * attachment then appears here. Nobody needs to tell the source anything.
+   */
+  prepareIncoming(
+    request: PrepareIncomingRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<PrepareIncomingResponse>>;
+  /** Drop a prepared incoming attachment (the migration was cancelled or failed). */
+  cancelIncoming(
+    request: CancelIncomingRequest,
+    context: CallContext & CallContextExt,
+  ): Promise<DeepPartial<CancelIncomingResponse>>;
 }
 
 export interface BridgeClient<CallOptionsExt = {}> {
@@ -1245,6 +1780,23 @@ export interface BridgeClient<CallOptionsExt = {}> {
     request: DeepPartial<ListAttachmentsRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<ListAttachmentsResponse>;
+  /**
+   * Live migration, on the destination's bridge, before `migrate-incoming`:
+   * the VM was started with `-incoming defer`. Hot-plugs the same chardev and
+   * usb-redir (same id, bus and port) as on the source, connects the chardev
+   * and stands by on the session. The source's bridge follows the migration
+   * on its own QMP monitor and hands the session over when it completes; the
+   * attachment then appears here. Nobody needs to tell the source anything.
+   */
+  prepareIncoming(
+    request: DeepPartial<PrepareIncomingRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<PrepareIncomingResponse>;
+  /** Drop a prepared incoming attachment (the migration was cancelled or failed). */
+  cancelIncoming(
+    request: DeepPartial<CancelIncomingRequest>,
+    options?: CallOptions & CallOptionsExt,
+  ): Promise<CancelIncomingResponse>;
 }
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
