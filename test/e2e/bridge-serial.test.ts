@@ -14,6 +14,12 @@ import type { Guest } from './harness/guest.js';
 
 const TTY = '/dev/ttyACM0';
 
+/** A byte count from `wc -c` output (the interactive guest shell may add job-status lines). */
+function countOf(out: string): number {
+  const m = /^\s*(\d+)\s*$/m.exec(out);
+  return m ? Number(m[1]) : NaN;
+}
+
 describe('e2e bridge: CDC-ACM serial echo device in a QEMU guest', function () {
   this.timeout(600_000);
   let guest: Guest | undefined;
@@ -78,13 +84,15 @@ describe('e2e bridge: CDC-ACM serial echo device in a QEMU guest', function () {
   it('echoes a line written in raw mode', async () => {
     const g = guest!;
     await startReader(g, '/tmp/echo');
-    await g.sh(`printf 'hello-usbroam-123\\n' > ${TTY}`);
-    const got = await until('the echo', async () => {
-      const r = await g.run('cat /tmp/echo');
-      return r.output.includes('hello-usbroam-123') ? r.output : '';
-    }, 30_000, 250);
+    // Not `printf > tty`: the guest shell is a session leader without a controlling terminal, so
+    // opening the tty itself would make it the shell's controlling tty (and a hang-up on unplug
+    // would kill the shell). A child process opens it instead.
+    await g.sh(`printf 'hello-usbroam-123\\n' | dd of=${TTY} 2>/dev/null`);
+    await until('the echo', async () => (await g.run('grep -q hello-usbroam-123 /tmp/echo')).exitCode === 0, 30_000, 250);
     await stopReader(g);
-    expect(got).to.equal('hello-usbroam-123\n');
+    // Exactly the line, nothing more (no tty echo, no CR/LF translation).
+    expect((await g.run(`[ "$(cat /tmp/echo)" = 'hello-usbroam-123' ]`)).exitCode, await g.sh('od -c /tmp/echo')).to.equal(0);
+    expect(countOf(await g.sh('wc -c < /tmp/echo'))).to.equal('hello-usbroam-123\n'.length);
   });
 
   it('echoes a 64 KiB random payload byte for byte', async () => {
@@ -97,12 +105,12 @@ describe('e2e bridge: CDC-ACM serial echo device in a QEMU guest', function () {
     await g.sh(`dd if=/tmp/payload of=${TTY} bs=4096 2>/dev/null`, { timeoutMs: 120_000 });
     await until('the whole payload back', async () => {
       const r = await g.run('wc -c < /tmp/echo64');
-      return Number(r.output.trim()) >= size;
+      return countOf(r.output) >= size;
     }, 120_000, 250);
     console.log(`      64 KiB echoed in ${Date.now() - t0} ms`);
     await new Promise((r) => setTimeout(r, 300)); // nothing extra may follow
     await stopReader(g);
-    expect(Number((await g.sh('wc -c < /tmp/echo64')).trim())).to.equal(size);
+    expect(countOf(await g.sh('wc -c < /tmp/echo64'))).to.equal(size);
     expect(await guestSha256(g, 'cat /tmp/echo64')).to.equal(want);
     const bad = badKernelLines(await dmesgLines(g));
     expect(bad, bad.join('\n')).to.deep.equal([]);
@@ -115,6 +123,7 @@ describe('e2e bridge: CDC-ACM serial echo device in a QEMU guest', function () {
     await until('ttyACM0 gone', async () => (await g.run(`test -e ${TTY}`)).exitCode !== 0, 60_000, 250);
     const lines = await dmesgLines(g);
     expect(lines.some((l) => /USB disconnect, device number/.test(l))).to.equal(true);
+    expect(g.console.transcript(), 'the guest shell survived the tty going away').to.not.include('USBROAM-GUEST-SHELL-RESTART');
     const bad = badKernelLines(lines);
     expect(bad, bad.join('\n')).to.deep.equal([]);
   });
