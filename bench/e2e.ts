@@ -14,7 +14,7 @@
 // Progress goes to stderr; the last stdout line is JSON: usbroam_write_MBps, usbroam_read_MBps,
 // local_write_MBps, local_read_MBps, write_ratio, read_ratio (usbroam / local), the cache=none
 // figures (local_direct_*), and with the default xHCI bus the same over EHCI (ehci_*).
-import { mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, fsyncSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -124,6 +124,10 @@ async function benchBus(hc: HcName, image: GuestImage, server: ServerProcess, di
           progress(`${H.name} round ${r + 1}/${rounds} ${t.padEnd(12)} write ${w.toFixed(1).padStart(5)} MB/s  read ${rd.toFixed(1).padStart(5)} MB/s`);
         } finally {
           await unplug();
+          // Leave no dirty host page cache of the image for the next target's fsyncs to pay for.
+          const fd = openSync(diskPath, 'r+');
+          fsyncSync(fd);
+          closeSync(fd);
         }
       }
     }
