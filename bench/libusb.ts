@@ -34,9 +34,19 @@ const median = (xs: number[]) => {
 };
 const r2 = (x: number) => Math.round(x * 100) / 100;
 
-async function ddRound(vm: Guest, want: string): Promise<{ w: number; r: number }> {
+/** env USBROAM_BENCH_TOP=1: sample `top` in the USB host guest during the write (where does its CPU go). */
+async function sampleTop(host: Guest | undefined, label: string): Promise<void> {
+  if (!host || process.env.USBROAM_BENCH_TOP !== '1') return;
+  await new Promise((r) => setTimeout(r, 3000));
+  const out = (await host.run('top -bn1 | head -12', { timeoutMs: 30_000 })).output;
+  progress(`USB host guest during the ${label} write:\n${out}`);
+}
+
+async function ddRound(vm: Guest, want: string, host?: Guest, label = ''): Promise<{ w: number; r: number }> {
   await waitForDisk(vm, 'sda', 300_000);
+  const top = sampleTop(host, label);
   const w = await timedDd(vm, 'dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync', sizeMiB * MiB);
+  await top;
   await vm.sh('sync; echo 3 > /proc/sys/vm/drop_caches');
   const r = await timedDd(vm, `dd if=/dev/sda of=/tmp/y bs=1M count=${sizeMiB} iflag=direct`, sizeMiB * MiB);
   const got = await guestSha256(vm, 'cat /tmp/y');
@@ -72,7 +82,7 @@ async function main(): Promise<void> {
 
     const viaUsbroam = async () => {
       const info = await bridge!.attach({ vm: 'vm', server, selector: { serial: 'BENCH0001' }, bus: 'xhci.0' });
-      const x = await ddRound(vm!, want);
+      const x = await ddRound(vm!, want, host!.guest, 'usbroam');
       await bridge!.detach('vm', info.id);
       await waitGoneInGuest(vm!, '/sys/block/sda', 120_000);
       return x;
@@ -91,7 +101,7 @@ async function main(): Promise<void> {
         backend: { type: 'socket', data: { addr: { type: 'inet', data: { host: '127.0.0.1', port: String(host!.forwards[REDIR_PORT]) } }, server: false } },
       });
       await vm!.qmp.execute('device_add', { driver: 'usb-redir', id: 'redir0', chardev: 'redirchr', bus: 'xhci.0' });
-      const x = await ddRound(vm!, want);
+      const x = await ddRound(vm!, want, host!.guest, 'usbredirect');
       const gone = vm!.qmp.waitForEvent('DEVICE_DELETED', (e) => e.data?.device === 'redir0', { timeoutMs: 30_000 });
       await vm!.qmp.execute('device_del', { id: 'redir0' });
       await gone;

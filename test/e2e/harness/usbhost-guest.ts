@@ -30,6 +30,10 @@ export interface UsbHostGuestOptions {
   acl?: string[];
   memoryMb?: number;
   extraServeArgs?: string[];
+  /** How long `usbroam serve` may take to listen (node under TCG: 60-110 s seen). Default 300 s. */
+  startTimeoutMs?: number;
+  /** node flags for the server (e.g. ["--cpu-prof", "--cpu-prof-dir=/run/prof"]). */
+  nodeArgs?: string[];
   /** More guest TCP ports to forward to free host ports (see `forwards`). */
   forwardPorts?: number[];
   log?: (line: string) => void;
@@ -100,7 +104,7 @@ export async function startUsbHostGuest(opts: UsbHostGuestOptions = {}): Promise
       { timeoutMs: 60_000 },
     );
     const serve = [
-      `${process.execPath}`, `${REPO_ROOT}/bin/usbroam.js`, 'serve',
+      `${process.execPath}`, ...(opts.nodeArgs ?? []), `${REPO_ROOT}/bin/usbroam.js`, 'serve',
       '--listen', '0.0.0.0:7470',
       '--ca', certs.file('ca.pem'), '--cert', certs.file('server.pem'), '--key', certs.file('server.key'),
       '--no-emulated',
@@ -112,7 +116,7 @@ export async function startUsbHostGuest(opts: UsbHostGuestOptions = {}): Promise
     await guest.sh(
       `chroot /host /bin/sh -c ${q(`cd /run && export TMPDIR=/run/tmp HOME=/run/home; exec ${serve} >/run/serve.log 2>&1`)} </dev/null >/dev/null 2>&1 &`,
     );
-    const deadline = Date.now() + 120_000;
+    const deadline = Date.now() + (opts.startTimeoutMs ?? 300_000);
     for (;;) {
       const r = await guest.run('grep -c "USB host server listening" /host/run/serve.log');
       if (r.exitCode === 0) break;
