@@ -257,7 +257,7 @@ i=0
 while [ ! -e /tmp/stop ]; do
   ${PICK_DEV}
   s=$((i % ${slots})); p=$(( (i / ${slots}) % ${pool} ))
-  if dd if=/tmp/pool.$p of=$DEV bs=65536 seek=$((s + ${base})) oflag=direct conv=fsync 2>/dev/null; then
+  if [ -b "$DEV" ] && dd if=/tmp/pool.$p of=$DEV bs=65536 seek=$((s + ${base})) oflag=direct conv=fsync 2>/dev/null; then
     echo "$i ok" >> /tmp/wlog; echo "W $i" >&3
   else
     echo "$i ERR" >> /tmp/wlog; echo "E $i" >&3; sleep 0.1

@@ -1,0 +1,287 @@
+// bench:migrate — N live migrations (A -> B -> A ...) under guest I/O, with the bridge hand-off,
+// and the same scenario with a usbredir peer that does no hand-off (baseline).
+//
+//   npm run bench:migrate [-- --migrations 20 --baseline 20 --settle-ms 2000]
+//   env: USBROAM_BENCH_MIGRATIONS, USBROAM_BENCH_BASELINE (0 skips the baseline)
+//
+// Per migration: QEMU's downtime (query-migrate on the source after completion), the longest
+// I/O stall the guest saw (a guest writer does 64 KiB O_DIRECT+fsync writes in a loop and prints
+// a mark on a second serial port after each completed one; the host timestamps the marks, so
+// the stall is in host time and includes the downtime: the guest's clock stops with the VM),
+// and the difference. Guest dmesg is read (and cleared) after each migration: disconnects,
+// resets, I/O errors. At the end every slot the writer saw written is verified (data errors).
+//
+// Baseline ("no hand-off"): the bridges get a QMP connection that never delivers MIGRATION
+// events, so the source never hands off — what a plain usbredir peer gives. The destination
+// QEMU has the same usb-redir (its chardev unconnected: the peer is not there yet), the source
+// session is detached after the migration (the source peer loses its QEMU), and the destination
+// bridge attaches afresh with a new session on the destination's chardev: what a reconnecting
+// chardev gives. The guest sees the device go away and come back.
+//
+// Progress on stderr; the last stdout line is the JSON summary.
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Bridge, type AttachmentInfo, type HandOffEvent } from '../src/client/bridge/bridge.js';
+import { hotplugRedir } from '../src/client/bridge/qemu-attach.js';
+import { createLogger, silentLogger } from '../src/common/log.js';
+import { clientTls } from '../test/helpers/certs.js';
+import {
+  MarkListener,
+  classifyDmesg,
+  delay,
+  qmpWithoutMigrationEvents,
+  runMigration,
+  startMarkedVm,
+  startSlotWriter,
+  stopSlotWriter,
+  verifySlots,
+  type MarkedVm,
+} from '../test/helpers/migration-faults.js';
+import { startServerProcess } from '../test/helpers/server-process.js';
+import { ensureGuestImage, type Guest, type GuestImage } from '../test/e2e/harness/guest.js';
+
+process.env.USBROAM_E2E_QUIET ??= '1';
+
+function arg(name: string): string | undefined {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 ? process.argv[i + 1] : undefined;
+}
+const N = Number(arg('migrations') ?? process.env.USBROAM_BENCH_MIGRATIONS ?? 20);
+const NB = Number(arg('baseline') ?? process.env.USBROAM_BENCH_BASELINE ?? N);
+const SETTLE = Number(arg('settle-ms') ?? 2000);
+const SERIAL = 'USBROAM-MSC-0001';
+const log = process.env.USBROAM_BENCH_LOG ? createLogger({ level: process.env.USBROAM_BENCH_LOG }) : silentLogger;
+const say = (s: string) => process.stderr.write(`${s}\n`);
+
+interface Run {
+  i: number;
+  status: string;
+  downtime_ms: number;
+  total_ms: number;
+  stall_ms: number;
+  excess_stall_ms: number;
+  disconnects: number;
+  resets: number;
+  io_errors: number;
+  failed_writes: number;
+  hand_off_ms?: number;
+  in_flight?: number;
+}
+
+interface Summary {
+  migrations: number;
+  completed: number;
+  disconnects: number;
+  resets: number;
+  io_errors: number;
+  failed_writes: number;
+  data_errors: number;
+  writes: number;
+  max_downtime_ms: number;
+  median_downtime_ms: number;
+  max_stall_ms: number;
+  median_stall_ms: number;
+  max_excess_stall_ms: number;
+  median_excess_stall_ms: number;
+  /** Median gap between two completed writes outside migrations (the loop's own pace). */
+  typical_write_gap_ms: number;
+  runs: Run[];
+  error?: string;
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length ? s[Math.floor(s.length / 2)]! : 0;
+};
+const r1 = (x: number) => Math.round(x * 10) / 10;
+
+async function scenario(opts: { image: GuestImage; dir: string; server: { address: string; ca: string; cert: string; key: string }; n: number; handOff: boolean }): Promise<Summary> {
+  const tag = opts.handOff ? 'hand-off' : 'baseline';
+  const sdir = mkdtempSync(path.join(opts.dir, opts.handOff ? 'h-' : 'b-'));
+  const bridges = [0, 1].map((k) => new Bridge({ log: log.child({ host: k ? 'B' : 'A' }), runDir: path.join(sdir, k ? 'B' : 'A') }));
+  const marks = new MarkListener();
+  const guests: Guest[] = [];
+  const runs: Run[] = [];
+  let cur: MarkedVm | undefined;
+  let curBridge = 0;
+  let vmName = `${tag[0]}vm0`;
+  const id = 'usbroam-bench-disk';
+  let eSeen = 0;
+  const summary = (extra: Partial<Summary>): Summary => {
+    const ok = runs.filter((r) => r.status === 'completed');
+    return {
+      migrations: runs.length,
+      completed: ok.length,
+      disconnects: runs.reduce((a, r) => a + r.disconnects, 0),
+      resets: runs.reduce((a, r) => a + r.resets, 0),
+      io_errors: runs.reduce((a, r) => a + r.io_errors, 0),
+      failed_writes: runs.reduce((a, r) => a + r.failed_writes, 0),
+      data_errors: 0,
+      writes: 0,
+      max_downtime_ms: Math.max(0, ...ok.map((r) => r.downtime_ms)),
+      median_downtime_ms: median(ok.map((r) => r.downtime_ms)),
+      max_stall_ms: r1(Math.max(0, ...ok.map((r) => r.stall_ms))),
+      median_stall_ms: r1(median(ok.map((r) => r.stall_ms))),
+      max_excess_stall_ms: r1(Math.max(0, ...ok.map((r) => r.excess_stall_ms))),
+      median_excess_stall_ms: r1(median(ok.map((r) => r.excess_stall_ms))),
+      typical_write_gap_ms: r1(marks.medianGap()),
+      runs,
+      ...extra,
+    };
+  };
+  try {
+    const attachQmp = async (b: Bridge, name: string, vm: MarkedVm) => {
+      if (opts.handOff) b.addVm({ name, qmpSocket: vm.bridgeQmp });
+      else b.addVm({ name, qmp: await qmpWithoutMigrationEvents(vm.bridgeQmp) });
+    };
+    cur = await startMarkedVm({ image: opts.image, dir: sdir, name: vmName });
+    guests.push(cur.guest);
+    await marks.connect(cur.markSock);
+    await attachQmp(bridges[0]!, vmName, cur);
+    let att: AttachmentInfo = await bridges[0]!.attach({ vm: vmName, server: opts.server, selector: { serial: SERIAL }, bus: 'xhci.0', id });
+    await cur.guest.waitForPath('/sys/block/sda', { timeoutMs: 120_000 });
+    await cur.guest.waitForPath('/dev/sda');
+    await cur.guest.sh('dmesg -c > /dev/null');
+    await startSlotWriter(cur.guest, { marks: true });
+    await delay(3000);
+    say(`[${tag}] guest writer running; ${opts.n} migrations`);
+    for (let i = 0; i < opts.n; i++) {
+      const src = cur;
+      const srcBridge = bridges[curBridge]!;
+      const dstBridge = bridges[1 - curBridge]!;
+      const srcName = vmName;
+      const dstName = `${tag[0]}vm${i + 1}`;
+      let attached: Promise<AttachmentInfo> | undefined;
+      const socketPath = path.join(sdir, `${dstName}.sock`);
+      let handOff: Promise<HandOffEvent> | undefined;
+      if (opts.handOff) {
+        handOff = new Promise((resolve) => {
+          const on = (ev: HandOffEvent) => {
+            srcBridge.off('handOff', on);
+            resolve(ev);
+          };
+          srcBridge.on('handOff', on);
+        });
+      }
+      const m = await runMigration({
+        image: opts.image,
+        dir: sdir,
+        src: src.guest,
+        dstName,
+        marks,
+        prepareDst: async (dst) => {
+          if (opts.handOff) {
+            await attachQmp(dstBridge, dstName, dst);
+            const inc = await dstBridge.prepareIncoming({ vm: dstName, server: opts.server, sessionId: att.sessionId, id: att.id, bus: att.bus });
+            attached = inc.attached;
+          } else {
+            // The same usb-redir on the destination, its chardev not connected yet.
+            await hotplugRedir(dst.guest.qmp, { id, chardevId: `${id}-chr`, socketPath, bus: 'xhci.0' });
+          }
+        },
+      });
+      guests.push(m.dst.guest);
+      if (m.status !== 'completed') {
+        say(`[${tag}] migration ${i + 1}: ${m.status}`);
+        runs.push({ i, status: m.status, downtime_ms: m.downtimeMs, total_ms: m.totalMs, stall_ms: 0, excess_stall_ms: 0, disconnects: 0, resets: 0, io_errors: 0, failed_writes: 0 });
+        void m.dst.guest.stop();
+        continue;
+      }
+      let ho: HandOffEvent | undefined;
+      let tRecovered: number;
+      if (opts.handOff) {
+        ho = await Promise.race([handOff!, delay(60_000).then(() => undefined)]);
+        att = await Promise.race([attached!, delay(60_000).then(() => Promise.reject(new Error('destination not attached within 60 s')))]);
+        tRecovered = m.tEnd;
+        void src.guest.stop();
+      } else {
+        // The source peer loses its QEMU: the session goes; the destination peer attaches anew.
+        await Promise.race([srcBridge.detach(srcName, id), delay(15_000)]).catch(() => {});
+        await src.guest.stop();
+        await attachQmp(dstBridge, dstName, m.dst);
+        att = await dstBridge.attach({ vm: dstName, server: opts.server, selector: { serial: SERIAL }, bus: 'xhci.0', id, coldPlugged: { socketPath } });
+        // Until the guest's writer completes writes again.
+        const tAtt = performance.now();
+        const deadline = Date.now() + 120_000;
+        while (!marks.marks.some((x) => x.t > tAtt && x.line.startsWith('W '))) {
+          if (Date.now() > deadline) throw new Error(`baseline migration ${i + 1}: the guest did not write again within 120 s of the re-attach`);
+          await delay(200);
+        }
+        tRecovered = performance.now();
+      }
+      await delay(SETTLE);
+      const stall = marks.maxGap(m.tStart, tRecovered + SETTLE / 2);
+      const dm = classifyDmesg(await m.dst.guest.sh('dmesg -c', { timeoutMs: 60_000 }));
+      const eTotal = marks.count(/^E /);
+      const failedW = eTotal - eSeen;
+      eSeen = eTotal;
+      const run: Run = {
+        i,
+        status: m.status,
+        downtime_ms: m.downtimeMs,
+        total_ms: m.totalMs,
+        stall_ms: r1(stall.gapMs),
+        excess_stall_ms: r1(stall.gapMs - m.downtimeMs),
+        disconnects: dm.disconnects,
+        resets: dm.resets,
+        io_errors: dm.ioErrors,
+        failed_writes: failedW,
+        ...(ho ? { hand_off_ms: r1(ho.sinceCompletedMs ?? -1), in_flight: ho.info?.inFlight } : {}),
+      };
+      runs.push(run);
+      say(`[${tag}] ${i + 1}/${opts.n}: downtime ${run.downtime_ms} ms, stall ${run.stall_ms} ms (excess ${run.excess_stall_ms} ms), total ${run.total_ms} ms` +
+        `${ho ? `, hand-off ${ho.ok ? `+${run.hand_off_ms} ms, in flight ${run.in_flight}` : `FAILED ${ho.error}`}` : ''}; dmesg: ${dm.disconnects} disc, ${dm.resets} resets, ${dm.ioErrors} I/O err; failed writes ${run.failed_writes}`);
+      cur = m.dst;
+      curBridge = 1 - curBridge;
+      vmName = dstName;
+    }
+    await stopSlotWriter(cur.guest);
+    const v = await verifySlots(cur.guest);
+    say(`[${tag}] ${v.writes} writes, ${v.verified} slots verified, ${v.bad.length} bad, ${v.skipped} skipped (last write failed)`);
+    return summary({ data_errors: v.bad.length, writes: v.writes });
+  } catch (err) {
+    say(`[${tag}] aborted: ${(err as Error).stack ?? err}`);
+    return summary({ error: (err as Error).message, data_errors: -1 });
+  } finally {
+    marks.close();
+    for (const b of bridges) await Promise.race([b.close().catch(() => {}), delay(20_000)]);
+    await Promise.allSettled(guests.map((g) => g.stop()));
+  }
+}
+
+async function main(): Promise<void> {
+  const image = await ensureGuestImage();
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'ubm-'));
+  const server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', path.join(dir, 'disk.img'), '--disk-size-mib', '64']);
+  const serverOpts = { address: server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
+  const t0 = Date.now();
+  try {
+    const main = await scenario({ image, dir, server: serverOpts, n: N, handOff: true });
+    const baseline = NB > 0 ? await scenario({ image, dir, server: serverOpts, n: NB, handOff: false }) : undefined;
+    const strip = (s: Summary) => {
+      const { runs, ...rest } = s;
+      return { ...rest, downtimes_ms: runs.map((r) => r.downtime_ms), stalls_ms: runs.map((r) => r.stall_ms) };
+    };
+    const out = {
+      bench: 'migrate',
+      guest_memory_mb: 128,
+      write_block_bytes: 65536,
+      elapsed_s: Math.round((Date.now() - t0) / 1000),
+      ...strip(main),
+      ...(baseline ? { baseline: strip(baseline) } : {}),
+    };
+    console.log(JSON.stringify(out));
+  } finally {
+    await server.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+main().then(
+  () => process.exit(0),
+  (err) => {
+    say(`bench:migrate failed: ${(err as Error).stack ?? err}`);
+    process.exit(1);
+  },
+);
