@@ -20,7 +20,6 @@ import type { Acl } from './acl.js';
 import { deviceToProto } from './convert.js';
 import type { DeviceRegistry, RegistryEvent } from './devices/registry.js';
 import { identityOf } from './identity.js';
-import { MessageReader } from './message-reader.js';
 import type { SessionManager } from './sessions/manager.js';
 import { ChannelProtocolError, type Session, type SessionStream } from './sessions/session.js';
 
@@ -82,13 +81,21 @@ export function createUsbHostHandlers(deps: ServiceDeps) {
     void runChannel(call);
   };
 
-  async function runChannel(call: grpc.ServerDuplexStream<ClientMessage, ServerMessage>): Promise<void> {
+  /**
+   * One Connect stream. Frames are handled synchronously as messages arrive
+   * (submits, cancels and acks need no turn of the event loop); only opening
+   * a session, device ops, close, and a full in-flight window make the
+   * following frames wait. While they wait, or while a few messages are
+   * queued, the call is paused: backpressure through HTTP/2 flow control.
+   */
+  function runChannel(call: grpc.ServerDuplexStream<ClientMessage, ServerMessage>): void {
     const peer = call.getPeer();
     const identity = who(call);
     let ended = false;
     const stream: SessionStream = {
       peer,
-      write: (m) => (ended ? true : call.write(m)),
+      reportsWrites: true,
+      write: (m, written) => (ended ? true : call.write(m, written && (() => process.nextTick(written)))),
       onceDrain: (cb) => call.once('drain', cb),
       end: (code, message) => {
         if (ended) return;
@@ -100,33 +107,18 @@ export function createUsbHostHandlers(deps: ServiceDeps) {
     if (!identity) return stream.end(S.UNAUTHENTICATED, 'no client identity: a client certificate is required');
     if (!deps.accepting()) return stream.end(S.UNAVAILABLE, 'server is shutting down');
     let session: Session | undefined;
-    try {
-      const reader = new MessageReader<ClientMessage>(call);
-      for (let msg = await reader.next(); msg; msg = await reader.next()) {
-        let frames = msg.frames;
-        if (!session) {
-          const first = frames[0];
-          if (!first || first.kind?.$case !== 'open') {
-            throw new ChannelProtocolError(S.INVALID_ARGUMENT, 'the first frame of a URB channel must be open');
-          }
-          session = await openSession(identity, peer, first.kind.value, stream);
-          frames = frames.slice(1);
-        }
-        for (const f of frames) {
-          if (!session.isCurrent(stream)) {
-            // A standby only listens until it takes over; its acks carry nothing yet.
-            if (session.isStandby(stream) && f.kind?.$case === 'ack') continue;
-            if (session.isStandby(stream)) throw new ChannelProtocolError(S.FAILED_PRECONDITION, `a standby for session ${session.id} may not send ${f.kind?.$case ?? 'frames'} before it takes over`, f.seq);
-            break; // superseded or handed over: this stream is done
-          }
-          if (f.kind?.$case === 'submit') await session.waitForSlot();
-          if (ended) break;
-          await session.handleFrame(f);
-        }
-        if (ended || session.state === 'closed') break;
-      }
-      if (session && session.state !== 'closed') session.detach(stream, 'client ended its stream without close');
-    } catch (err) {
+    const queue: ClientMessage[] = [];
+    let index = 0; // next frame of queue[0]
+    let waiting = false; // an async step is running: frames wait for it
+    let inputDone = false;
+    let inputError: Error | undefined;
+    let finished = false;
+    let paused = false;
+    const HIGH_WATER = 4;
+
+    const onError = (err: unknown): void => {
+      if (finished) return;
+      finished = true;
       const e = err as Error & { code?: number };
       if (err instanceof ChannelProtocolError) {
         const l = session ? session.log : log.child({ identity, peer });
@@ -140,7 +132,100 @@ export function createUsbHostHandlers(deps: ServiceDeps) {
         stream.end(S.INTERNAL, `internal error: ${e.message}`);
       }
       if (session && session.state !== 'closed') session.detach(stream, e.message);
-    }
+    };
+    const finish = (): void => {
+      if (finished) return;
+      finished = true;
+      if (session && session.state !== 'closed') session.detach(stream, 'client ended its stream without close');
+    };
+    const wait = (p: Promise<unknown>): void => {
+      waiting = true;
+      p.then(
+        () => {
+          waiting = false;
+          pump();
+        },
+        (err) => {
+          waiting = false;
+          onError(err);
+        },
+      );
+    };
+
+    /** Handle queued frames until they run out or one has to wait. */
+    const pump = (): void => {
+      if (waiting || finished) return;
+      try {
+        while (queue.length) {
+          const frames = queue[0].frames;
+          if (!session) {
+            const first = frames[0];
+            if (!first || first.kind?.$case !== 'open') {
+              throw new ChannelProtocolError(S.INVALID_ARGUMENT, 'the first frame of a URB channel must be open');
+            }
+            index = 1;
+            return wait(
+              openSession(identity, peer, first.kind.value, stream).then((s) => {
+                session = s;
+              }),
+            );
+          }
+          while (index < frames.length) {
+            const f = frames[index];
+            if (!session.isCurrent(stream)) {
+              // A standby only listens until it takes over; its acks carry nothing yet.
+              if (session.isStandby(stream) && f.kind?.$case === 'ack') {
+                index++;
+                continue;
+              }
+              if (session.isStandby(stream)) throw new ChannelProtocolError(S.FAILED_PRECONDITION, `a standby for session ${session.id} may not send ${f.kind?.$case ?? 'frames'} before it takes over`, f.seq);
+              index = frames.length; // superseded or handed over: this stream is done
+              break;
+            }
+            if (f.kind?.$case === 'submit' && !session.hasSlot()) return wait(session.waitForSlot());
+            if (ended) break;
+            index++;
+            const r = session.handleFrame(f);
+            if (r) return wait(r);
+          }
+          queue.shift();
+          index = 0;
+          if (ended || session.state === 'closed') {
+            finish();
+            return;
+          }
+        }
+        if (paused && queue.length < HIGH_WATER) {
+          paused = false;
+          call.resume();
+        }
+        if (inputDone) {
+          if (inputError) onError(inputError);
+          else finish();
+        }
+      } catch (err) {
+        onError(err);
+      }
+    };
+
+    call.on('data', (m: ClientMessage) => {
+      if (finished) return;
+      queue.push(m);
+      if (queue.length >= HIGH_WATER && !paused) {
+        paused = true;
+        call.pause();
+      }
+      pump();
+    });
+    const endInput = (err?: Error) => {
+      if (inputDone) return;
+      inputDone = true;
+      inputError = err;
+      if (!queue.length) pump();
+    };
+    call.on('end', () => endInput());
+    call.on('error', (e: Error) => endInput(e));
+    call.on('close', () => endInput());
   }
 
   async function openSession(

@@ -1,15 +1,25 @@
-// UsbHostClient: the typed SDK entry point (nice-grpc over grpc-js).
+// UsbHostClient: the typed SDK entry point (nice-grpc over grpc-js; the URB
+// channel drives its grpc-js call directly, without async iterables between
+// the transport and the device: every hop there is per-URB latency).
+import * as grpc from '@grpc/grpc-js';
 import { createChannel, createClient, type Channel, type Client } from 'nice-grpc';
+import { grpcJsServiceDefinition } from '../../common/grpc-definition.js';
 import type { Logger } from '../../common/log.js';
 import { UsbHostDefinition, type Device, type DeviceEvent, type Session } from '../../gen/usbroam/v1/usbhost.js';
 import { channelCredentials, resolveConnection, type ConnectionOptions } from './credentials.js';
-import { RemoteDevice, type RemoteDeviceOptions } from './remote-device.js';
+import { RemoteDevice, type ChannelCallHandlers, type RemoteDeviceOptions, type StreamOpener } from './remote-device.js';
+
+const CONNECT = grpcJsServiceDefinition(UsbHostDefinition).Connect;
 
 export const CLIENT_CHANNEL_OPTIONS = {
   'grpc.max_receive_message_length': 64 * 1024 * 1024,
   'grpc.max_send_message_length': 64 * 1024 * 1024,
   'grpc-node.flow_control_window': 8 * 1024 * 1024,
-  'grpc.keepalive_time_ms': 10_000,
+  // A ping every 2 s: a connection reset while the socket has a write
+  // pending is not noticed by Node's http2 session (it does not read while
+  // writing), so only an unanswered ping reveals it; the session's grace
+  // period is running meanwhile.
+  'grpc.keepalive_time_ms': 2_000,
   'grpc.keepalive_timeout_ms': 5_000,
   'grpc.keepalive_permit_without_calls': 1,
   // Reconnect fast after a network blip: the session's grace period is running.
@@ -28,6 +38,7 @@ export class UsbHostClient {
   readonly channel: Channel;
   readonly rpc: Client<typeof UsbHostDefinition>;
   readonly address: string;
+  private readonly raw: grpc.Client;
 
   constructor(opts: ConnectionOptions & { log?: Logger } = {}) {
     const c = resolveConnection(opts);
@@ -36,7 +47,34 @@ export class UsbHostClient {
     const target = c.address.startsWith('unix:') ? `unix://${c.address.replace(/^unix:(\/\/)?/, '')}` : `dns:${c.address}`;
     this.channel = createChannel(target, channelCredentials(c), CLIENT_CHANNEL_OPTIONS);
     this.rpc = createClient(UsbHostDefinition, this.channel);
+    this.raw = new grpc.Client(target, grpc.credentials.createInsecure(), { channelOverride: this.channel as unknown as grpc.Channel });
   }
+
+  /** Opens one Connect stream for a RemoteDevice. */
+  private readonly openStream: StreamOpener = (h: ChannelCallHandlers) => {
+    const call = this.raw.makeBidiStreamRequest(CONNECT.path, CONNECT.requestSerialize, CONNECT.responseDeserialize, new grpc.Metadata());
+    let over = false;
+    const end = (error?: { code?: number; message: string }) => {
+      if (over) return;
+      over = true;
+      h.end(error);
+    };
+    call.on('data', h.message);
+    call.on('drain', h.drain);
+    call.on('error', (e: grpc.ServiceError) => end({ code: e.code, message: e.details || e.message }));
+    call.on('end', () => end()); // after the last message; an error status comes as 'error' first
+    return {
+      write: (m, written) => call.write(m, written),
+      end: () => {
+        try {
+          call.end();
+        } catch {
+          /* already over */
+        }
+      },
+      cancel: () => call.cancel(),
+    };
+  };
 
   async listDevices(signal?: AbortSignal): Promise<Device[]> {
     return (await this.rpc.listDevices({}, { signal })).devices;
@@ -57,17 +95,17 @@ export class UsbHostClient {
 
   /** Claim a device and open a URB channel to it. */
   openDevice(selector: DeviceSelector, opts: RemoteDeviceOptions = {}): Promise<RemoteDevice> {
-    return RemoteDevice.open((req, signal) => this.rpc.connect(req, { signal }), selector, opts);
+    return RemoteDevice.open(this.openStream, selector, opts);
   }
 
   /** Take over an existing session at a known position. */
   resumeSession(sessionId: string, lastServerSeq: number, opts: RemoteDeviceOptions = {}): Promise<RemoteDevice> {
-    return RemoteDevice.resume((req, signal) => this.rpc.connect(req, { signal }), sessionId, lastServerSeq, opts);
+    return RemoteDevice.resume(this.openStream, sessionId, lastServerSeq, opts);
   }
 
   /** Stand by to take a session over (live migration's destination); see RemoteDevice.standby. */
   standbySession(sessionId: string, opts: RemoteDeviceOptions = {}): Promise<RemoteDevice> {
-    return RemoteDevice.standby((req, signal) => this.rpc.connect(req, { signal }), sessionId, opts);
+    return RemoteDevice.standby(this.openStream, sessionId, opts);
   }
 
   close(): void {

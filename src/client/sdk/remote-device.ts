@@ -7,9 +7,8 @@
 // acknowledged and drops completions it has already seen, so every URB
 // executes once and completes once.
 import { EventEmitter } from 'node:events';
-import { ClientError, Status } from 'nice-grpc';
+import { Status } from 'nice-grpc';
 import { AckScheduler } from '../../common/ack-scheduler.js';
-import { AsyncQueue } from '../../common/async-queue.js';
 import { silentLogger, type Logger } from '../../common/log.js';
 import { SeqJournal, SeqReceiver } from '../../common/seq-journal.js';
 import {
@@ -31,8 +30,35 @@ import {
 
 export { TransferType, UrbStatus };
 
+/** One Connect stream, as a RemoteDevice drives it (see UsbHostClient). */
+export interface ChannelCall {
+  /** false: the transport is full, wait for `drain`. `written`: the message went to the transport. */
+  write(msg: ClientMessage, written: () => void): boolean;
+  /** Half-close: no more client messages. */
+  end(): void;
+  /** Break the stream (as a lost connection would). */
+  cancel(): void;
+}
+
+/** What a Connect stream reports to its RemoteDevice. */
+export interface ChannelCallHandlers {
+  message(msg: ServerMessage): void;
+  drain(): void;
+  /** Called once when the stream is over: without `error` when it ended with OK after its last message. */
+  end(error?: { code?: number; message: string }): void;
+}
+
 /** Opens a Connect stream; given by UsbHostClient. */
-export type StreamOpener = (requests: AsyncIterable<ClientMessage>, signal: AbortSignal) => AsyncIterable<ServerMessage>;
+export type StreamOpener = (handlers: ChannelCallHandlers) => ChannelCall;
+
+/** The state of one Connect stream. */
+interface StreamState {
+  call?: ChannelCall;
+  /** Writes whose `written` callback has not come yet. */
+  writesPending: number;
+  waitingDrain: boolean;
+  ended: boolean;
+}
 
 export interface RemoteDeviceOptions {
   log?: Logger;
@@ -124,8 +150,7 @@ export class RemoteDevice extends EventEmitter {
   private nextUrbId = 1;
   private readonly orphans = new Map<number, UrbComplete>();
   private nextOpId = 1;
-  private requests?: AsyncQueue<ClientMessage>;
-  private abort?: AbortController;
+  private current?: StreamState;
   private readonly acks = new AckScheduler(() => this.scheduleFlush());
   private flushScheduled = false;
   private closed = false;
@@ -197,43 +222,55 @@ export class RemoteDevice extends EventEmitter {
   // ------------------------------------------------------------ stream lifecycle
 
   private connect(target: NonNullable<ClientFrame['kind'] & { $case: 'open' }>['value']['target']): Promise<void> {
-    const requests = new AsyncQueue<ClientMessage>();
-    const abort = new AbortController();
-    this.requests = requests;
-    this.abort = abort;
+    const st: StreamState = { writesPending: 0, waitingDrain: false, ended: false };
+    this.current = st;
     this.acks.reset();
-    requests.push({ frames: [{ seq: this.journal.highestSeq, kind: { $case: 'open', value: { target } } }] });
+    this.flushScheduled = false;
     const opened = new Promise<void>((resolve, reject) => (this.opened = { resolve, reject }));
-    void this.readLoop(requests, abort);
+    st.call = this.openStream({
+      message: (msg) => {
+        if (this.current !== st) return;
+        for (const f of msg.frames) this.onFrame(f);
+        this.scheduleFlush();
+      },
+      drain: () => {
+        if (this.current !== st || !st.waitingDrain) return;
+        st.waitingDrain = false;
+        this.flush();
+      },
+      end: (error) => {
+        if (st.ended) return;
+        st.ended = true;
+        void this.streamEnded(st, error);
+      },
+    });
+    this.writeTo(st, { frames: [{ seq: this.journal.highestSeq, kind: { $case: 'open', value: { target } } }] });
     return opened;
   }
 
-  private async readLoop(requests: AsyncQueue<ClientMessage>, abort: AbortController): Promise<void> {
-    let failure: unknown;
-    try {
-      for await (const msg of this.openStream(requests, abort.signal)) {
-        for (const f of msg.frames) this.onFrame(f);
-        this.scheduleFlush();
-      }
-    } catch (err) {
-      failure = err;
-    }
-    requests.end();
-    if (this.requests !== requests) return; // superseded
+  private writeTo(st: StreamState, msg: ClientMessage): void {
+    if (st.ended || !st.call) return;
+    st.writesPending++;
+    if (!st.call.write(msg, () => this.onWritten(st))) st.waitingDrain = true;
+  }
+
+  private async streamEnded(st: StreamState, error?: { code?: number; message: string }): Promise<void> {
+    st.call?.end();
+    if (this.current !== st) return; // superseded
     if (this.handedOff) {
       const h = this.handedOff;
       this.handedOff = undefined;
-      if (failure === undefined) {
+      if (error === undefined) {
         this.fail(new ChannelClosedError(`session ${this.sessionId} was handed off`));
         h.resolve();
         return;
       }
-      h.reject(new ChannelClosedError(`hand-off of session ${this.sessionId} failed: ${(failure as Error).message}`));
+      h.reject(new ChannelClosedError(`hand-off of session ${this.sessionId} failed: ${error.message}`));
       this.frozen = false; // resume below replays what arrived while frozen
     }
     if (this.closed) return;
-    const code = failure instanceof ClientError ? failure.code : undefined;
-    const message = failure instanceof Error ? (failure as ClientError).details ?? failure.message : 'stream ended without close';
+    const code = error?.code as Status | undefined;
+    const message = error ? error.message : 'stream ended without close';
     const final = code !== undefined && FINAL_CODES.has(code);
     if (this.opened) {
       // The open (or a resume attempt) failed; whoever called connect() decides.
@@ -289,14 +326,13 @@ export class RemoteDevice extends EventEmitter {
     this.urbs.clear();
     this.ops.clear();
     for (const w of this.slotWaiters.splice(0)) w();
-    this.requests?.end();
-    this.abort?.abort();
+    this.current?.call?.cancel();
     this.emit('closed', err);
   }
 
   /** Break the current stream as a network failure would (for tests and fault injection). */
   dropStream(): void {
-    this.abort?.abort();
+    this.current?.call?.cancel();
   }
 
   // ------------------------------------------------------------ inbound
@@ -376,7 +412,7 @@ export class RemoteDevice extends EventEmitter {
         return;
       case 'closed':
         this.closed = true;
-        this.requests?.end();
+        this.current?.call?.end();
         this.emit('closed');
         return;
     }
@@ -393,24 +429,39 @@ export class RemoteDevice extends EventEmitter {
     return f.seq;
   }
 
+  /**
+   * Flush policy: with nothing on its way to the transport, flush at the end
+   * of the current microtask run (a lone URB goes out at once; submits made
+   * in the same run share a message). While a write is pending, frames wait
+   * for it to reach the transport and then go out together.
+   */
   private scheduleFlush(): void {
     if (this.flushScheduled) return;
     this.flushScheduled = true;
-    setImmediate(() => {
-      this.flushScheduled = false;
-      this.flush();
-    });
+    if ((this.current?.writesPending ?? 0) === 0) queueMicrotask(this.flushTask);
+  }
+
+  private readonly flushTask = (): void => {
+    this.flushScheduled = false;
+    this.flush();
+  };
+
+  private onWritten(st: StreamState): void {
+    if (--st.writesPending > 0 || this.current !== st || !this.flushScheduled) return;
+    this.flushScheduled = false;
+    this.flush();
   }
 
   private flush(): void {
-    const q = this.requests;
-    if (!q || this.opened || this.standbyMode) return; // not open yet: frames wait in the journal
+    const st = this.current;
+    if (!st || st.ended || st.waitingDrain || this.opened || this.standbyMode) return; // not open yet: frames wait in the journal
     for (;;) {
       const frames = this.journal.takeUnsent(1024, 256 * 1024);
       const ack = this.acks.take(this.rx.lastSeq, frames.length > 0);
       if (ack !== undefined) frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: ack } } });
       if (!frames.length) return;
-      q.push({ frames });
+      this.writeTo(st, { frames });
+      if (st.waitingDrain) return;
     }
   }
 
@@ -623,7 +674,7 @@ export class RemoteDevice extends EventEmitter {
     this.closed = true;
     for (const p of this.urbs.values()) p.reject(new ChannelClosedError('closed'));
     this.urbs.clear();
-    this.requests?.end();
+    this.current?.call?.end();
   }
 }
 

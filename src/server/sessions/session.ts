@@ -58,8 +58,14 @@ export const defaultLimits: SessionLimits = {
 /** Where a session writes: the attached gRPC stream, seen through a narrow interface. */
 export interface SessionStream {
   readonly peer: string;
-  /** false: the transport buffer is full; wait for drain. */
-  write(msg: ServerMessage): boolean;
+  /**
+   * false: the transport buffer is full; wait for drain. `written` (only
+   * called by streams that set `reportsWrites`) fires once the message has
+   * gone to the transport: the session batches while a write is pending.
+   */
+  write(msg: ServerMessage, written?: () => void): boolean;
+  /** The stream calls write's `written` callback; without it the session flushes on setImmediate. */
+  readonly reportsWrites?: boolean;
   onceDrain(cb: () => void): void;
   /** End the stream: OK, or an error status with a message. */
   end(code: Status, message: string): void;
@@ -100,6 +106,10 @@ export class Session extends EventEmitter {
   private nextBackendId = 1;
   private readonly acks = new AckScheduler(() => this.scheduleFlush());
   private flushScheduled = false;
+  /** Writes handed to the stream whose `written` callback has not come yet. */
+  private writesPending = 0;
+  /** Bumped per attached stream, so late callbacks of an old stream are ignored. */
+  private streamEpoch = 0;
   private waitingDrain = false;
   private slotWaiters: (() => void)[] = [];
   private graceTimer?: NodeJS.Timeout;
@@ -180,6 +190,9 @@ export class Session extends EventEmitter {
     this.stream = stream;
     this.state = 'attached';
     this.waitingDrain = false;
+    this.writesPending = 0;
+    this.streamEpoch++;
+    this.flushScheduled = false; // a flush waiting on the old stream's writes must not block this one
     this.acks.reset();
     stream.write({ frames: [first] });
     this.scheduleFlush();
@@ -282,15 +295,29 @@ export class Session extends EventEmitter {
 
   /** For flow control: resolves when another URB may be submitted. */
   async waitForSlot(): Promise<void> {
-    while (this.inFlight.size >= this.limits.maxInFlight && this.state !== 'closed') {
+    while (!this.hasSlot()) {
       await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
     }
   }
 
+  /** Another URB may be submitted now (or the session is closed: frames are refused anyway). */
+  hasSlot(): boolean {
+    return this.inFlight.size < this.limits.maxInFlight || this.state === 'closed';
+  }
+
+  /** Call `cb` once when a slot frees up (or the session closes). */
+  onSlot(cb: () => void): void {
+    this.slotWaiters.push(cb);
+  }
+
   // ------------------------------------------------------------ inbound
 
-  /** Process one client frame from `stream`. Throws ChannelProtocolError for protocol violations. */
-  async handleFrame(frame: ClientFrame): Promise<void> {
+  /**
+   * Process one client frame. Throws ChannelProtocolError for protocol
+   * violations. Submits, cancels and acks are handled synchronously; device
+   * ops and close return a promise (the next frame waits for it).
+   */
+  handleFrame(frame: ClientFrame): void | Promise<void> {
     const kind = frame.kind;
     if (!kind) {
       throw new ChannelProtocolError(Status.INVALID_ARGUMENT, `client frame seq ${frame.seq} has no known kind`, frame.seq);
@@ -329,11 +356,9 @@ export class Session extends EventEmitter {
         return; // an unknown id already completed: nothing to do
       }
       case 'op':
-        await this.runOp(kind.value, frame.seq);
-        return;
+        return this.runOp(kind.value, frame.seq);
       case 'close':
-        await this.close('closed by client', { reset: false });
-        return;
+        return this.close('closed by client', { reset: false });
       case 'handOff':
         this.handOff(kind.value, frame.seq);
         return;
@@ -531,24 +556,46 @@ export class Session extends EventEmitter {
     this.stream?.write({ frames: [{ seq: this.journal.highestSeq, kind: { $case: 'error', value: { code, message, clientSeq } } }] });
   }
 
+  /**
+   * Flush policy: with nothing on its way to the transport, flush at the end
+   * of the current microtask run (a lone completion goes out at once; what
+   * the same run produces shares the message). While a write is pending,
+   * frames wait for its `written` callback and then go out together.
+   */
   private scheduleFlush(): void {
     if (this.flushScheduled) return;
     this.flushScheduled = true;
-    setImmediate(() => {
-      this.flushScheduled = false;
-      this.flush();
-    });
+    if (!this.stream?.reportsWrites) {
+      setImmediate(this.flushTask);
+    } else if (this.writesPending === 0) {
+      queueMicrotask(this.flushTask);
+    } // else: onWritten flushes
+  }
+
+  private readonly flushTask = (): void => {
+    this.flushScheduled = false;
+    this.flush();
+  };
+
+  private onWritten(epoch: number): void {
+    if (epoch !== this.streamEpoch) return;
+    if (--this.writesPending > 0 || !this.flushScheduled) return;
+    this.flushScheduled = false;
+    this.flush();
   }
 
   private flush(): void {
     const stream = this.stream;
     if (!stream || this.waitingDrain) return;
+    const epoch = this.streamEpoch;
+    const written = stream.reportsWrites ? () => this.onWritten(epoch) : undefined;
     for (;;) {
       const frames = this.journal.takeUnsent(MAX_FRAMES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE);
       const ack = this.acks.take(this.rx.lastSeq, frames.length > 0);
       if (ack !== undefined) frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: ack } } });
       if (frames.length === 0) return;
-      if (!stream.write({ frames })) {
+      if (written) this.writesPending++;
+      if (!stream.write({ frames }, written)) {
         this.waitingDrain = true;
         stream.onceDrain(() => {
           this.waitingDrain = false;
