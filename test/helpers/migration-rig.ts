@@ -1,6 +1,7 @@
 // Live-migration rig for e2e tests and bench:migrate: a USB host server process with a disk,
 // guests under QEMU, one Bridge per "host", and a migrate() that runs QEMU's migration from
 // the current guest to a fresh destination with the bridge hand-off.
+import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { Bridge, type AttachmentInfo, type HandOffEvent } from '../../src/client/bridge/bridge.js';
 import type { Logger } from '../../src/common/log.js';
@@ -25,6 +26,18 @@ export interface Host {
 
 let seq = 0;
 
+/**
+ * USBROAM_QEMU_TRACE=1: QEMU traces xHCI, USB packet and migration events (with timestamps) to
+ * trace-<name>.log in the test dir, and error_report lines get timestamps (usb-redir's debug
+ * output: USBROAM_REDIR_DEBUG=4).
+ */
+function traceArgs(dir: string, name: string): string[] {
+  if (process.env.USBROAM_QEMU_TRACE !== '1') return [];
+  const events = path.join(dir, 'trace-events');
+  writeFileSync(events, ['usb_xhci_xfer_*', 'usb_xhci_ep_*', 'usb_packet_*', 'migration_completion_*', 'vm_state_notify', 'runstate_set', 'savevm_section_start', 'savevm_state_complete_precopy', 'migrate_set_state'].join('\n') + '\n');
+  return ['-msg', 'timestamp=on', '-trace', `events=${events}`, '-D', path.join(dir, `trace-${name}.log`)];
+}
+
 /** Start a guest whose QMP has a second socket for its bridge. */
 export async function startVmGuest(opts: { image: GuestImage; dir: string; name: string; incoming?: boolean; memoryMb?: number }): Promise<{ guest: Guest; bridgeQmp: string }> {
   for (let attempt = 1; ; attempt++) {
@@ -34,7 +47,7 @@ export async function startVmGuest(opts: { image: GuestImage; dir: string; name:
         name: opts.name,
         image: opts.image,
         memoryMb: opts.memoryMb ?? 128,
-        extraArgs: [...XHCI, '-qmp', `unix:${bridgeQmp},server=on,wait=off`, ...(opts.incoming ? ['-incoming', 'defer'] : [])],
+        extraArgs: [...XHCI, ...traceArgs(opts.dir, opts.name), '-qmp', `unix:${bridgeQmp},server=on,wait=off`, ...(opts.incoming ? ['-incoming', 'defer'] : [])],
       });
       return { guest, bridgeQmp };
     } catch (err) {

@@ -146,6 +146,27 @@ describe('bridge Attachment (usbredir device side)', function () {
     expect(Number(view.readBigUInt64LE(0))).to.equal(N * 16384);
   });
 
+  it('freeze (migration pre-switchover): output held after the barrier and the measurement; unfreeze delivers it', async () => {
+    const { qemu, att } = await rig('USBROAM-LOOP-0001');
+    await setConfig(qemu);
+    let barriers = 0;
+    const pos = await att.freeze({ barrier: async () => void barriers++ });
+    expect(barriers).to.equal(1);
+    expect(pos.unread).to.equal(0); // the fake QEMU reads everything
+    expect(await att.freeze()).to.equal(pos); // idempotent while frozen
+    const i = id();
+    qemu.send({ type: 'bulk_packet', id: i, endpoint: 0x81, status: 0, length: 512, streamId: 0, data: new Uint8Array(0) });
+    await new Promise((r) => setTimeout(r, 300));
+    expect(qemu.packets.some((p) => p.type === 'bulk_packet' && p.id === i), 'nothing written while frozen').to.equal(false);
+    att.unfreeze();
+    const r = await qemu.waitFor('bulk_packet', (p) => p.id === i);
+    expect(r).to.include({ status: Status.success, length: 512 });
+    // Usable again: a new request is answered at once.
+    const j = id();
+    qemu.send({ type: 'bulk_packet', id: j, endpoint: 0x81, status: 0, length: 64, streamId: 0, data: new Uint8Array(0) });
+    expect((await qemu.waitFor('bulk_packet', (p) => p.id === j)).length).to.equal(64);
+  });
+
   it('cancel_data_packet returns the packet with status cancelled (serial bulk IN stays pending)', async () => {
     const { qemu, att } = await rig('USBROAM-ACM-0001');
     await setConfig(qemu);

@@ -98,6 +98,14 @@ export interface HandOffInfo {
   stateBytes: number;
   /** ms spent measuring the socket queues (ss). */
   measureMs: number;
+  /**
+   * The measurement was taken while QEMU was paused before its device state was saved
+   * ('pre-switchover', see freeze()): exact. False: measured after 'completed' (QEMU may have
+   * read a last chunk after saving its state; see freeze()).
+   */
+  frozenBeforeSave: boolean;
+  /** ms from freeze() to its measurement (added to the migration downtime). 0 without freeze. */
+  freezeBeforeSaveMs: number;
   /** ms from handOff() to the state being sent. */
   freezeMs: number;
   /** ms from handOff() to the server's confirmation. */
@@ -352,6 +360,19 @@ export class Attachment extends EventEmitter {
   private pendingOps = 0;
   /** State to resume from (destination of a hand-off). */
   private imported?: HandOffStateV1;
+  /** freeze() measured QEMU's position while it was paused before saving its state. */
+  private frozen?: { unread: number; measureMs: number; tookMs: number };
+  private freezing?: Promise<{ unread: number; measureMs: number; tookMs: number }>;
+  /** The last packets in and out (type:id, for the hand-off logs). */
+  private readonly trail: string[] = [];
+  private trailNote(dir: '<' | '>', p: Packet): void {
+    const id = (p as { id?: bigint }).id;
+    const ep = (p as { endpoint?: number }).endpoint;
+    const st = (p as { status?: number }).status;
+    const len = (p as { length?: number }).length;
+    this.trail.push(`${(performance.now() % 1e6).toFixed(1)}${dir}${p.type}:${id ?? ''}${ep !== undefined ? `@${ep.toString(16)}` : ''}${st !== undefined && dir === '>' ? `/s${st}` : ''}${len !== undefined ? `/${len}` : ''}`);
+    if (this.trail.length > 64) this.trail.shift();
+  }
 
   private readonly onDataBound = (chunk: Buffer) => this.onData(chunk);
   private readonly onReceivedBound = (r: ReceivedData) => this.guard('received', () => this.onReceived(r));
@@ -445,7 +466,10 @@ export class Attachment extends EventEmitter {
       return;
     }
     this.packetsIn += packets.length;
-    for (const p of packets) this.queue.push(p);
+    for (const p of packets) {
+      this.trailNote('<', p);
+      this.queue.push(p);
+    }
     this.dispatch();
   }
 
@@ -1106,6 +1130,7 @@ export class Attachment extends EventEmitter {
       return;
     }
     this.packetsOut++;
+    this.trailNote('>', p);
     this.writeRaw(parts);
   }
 
@@ -1194,37 +1219,35 @@ export class Attachment extends EventEmitter {
    */
   async handOff(opts: { drainTimeoutMs?: number } = {}): Promise<HandOffInfo> {
     if (this._state === 'closed') throw new HandOffRefusedError('attachment is closed');
-    if (this.held || this.exported) throw new HandOffRefusedError('a hand-off is in progress');
+    if (this.exported) throw new HandOffRefusedError('a hand-off is in progress');
     const t0 = performance.now();
-    this.held = [];
-    this.draining = true;
-    if (this.readPaused) {
-      this.readPaused = false;
-      this.socket.resume();
-    }
-    let measured: Awaited<ReturnType<typeof unreadByPeer>> | undefined;
-    let measureMs = 0;
-    try {
-      const deadline = Date.now() + (opts.drainTimeoutMs ?? 2000);
-      for (;;) {
-        const m0 = performance.now();
-        measured = await unreadByPeer(this.socket);
-        measureMs += performance.now() - m0;
-        if (measured.ourUnread === 0 && this.queue.length === 0 && !this.dispatching && this.pendingOps === 0) break;
-        if (Date.now() > deadline) {
-          if (measured.ourUnread === 0 && this.queue.length === 0 && !this.dispatching) {
-            this.log.warn({ attachment: this.id, pendingOps: this.pendingOps }, 'device ops still pending at the hand-off; their answers are lost');
-            break;
-          }
-          throw new Error(`QEMU's output was not drained in time (unread ${measured.ourUnread}, queued ${this.queue.length})`);
-        }
-        await new Promise((r) => setTimeout(r, 1));
+    let pos: { unread: number; measureMs: number; tookMs: number };
+    if (this.freezing) {
+      try {
+        pos = await this.freezing;
+      } catch (err) {
+        throw new HandOffRefusedError(`hand-off measurement failed: ${(err as Error).message}`);
       }
-    } catch (err) {
-      this.thaw();
-      throw new HandOffRefusedError(`hand-off measurement failed: ${(err as Error).message}`);
+    } else {
+      if (this.held) throw new HandOffRefusedError('a hand-off is in progress');
+      // No freeze before QEMU saved its state: measured now. QEMU may have read one more chunk
+      // after saving its state (see freeze()); that chunk is lost to the destination.
+      this.log.warn({ attachment: this.id }, 'hand-off without a freeze at pre-switchover: the position in the host->guest stream may be off by what QEMU read after saving its state');
+      try {
+        pos = await this.measureFrozen(opts);
+      } catch (err) {
+        this.thaw();
+        throw new HandOffRefusedError(`hand-off measurement failed: ${(err as Error).message}`);
+      }
     }
-    const unread = measured.unread;
+    const unread = pos.unread;
+    const measureMs = pos.measureMs;
+    if (this.frozen && this.log.isLevelEnabled?.('debug')) {
+      // Diagnosis: nothing may have been read since the freeze.
+      const again = await unreadByPeer(this.socket).catch(() => undefined);
+      if (again && again.unread !== unread) this.log.error({ attachment: this.id, atFreeze: unread, now: again.unread }, 'QEMU read from the chardev after the freeze');
+      else this.log.debug({ attachment: this.id, unread, now: again?.unread }, 'unread bytes unchanged since the freeze');
+    }
     // The state and the freeze of the channel in one synchronous step: every completion the
     // RemoteDevice consumed so far has been answered (into `held`), none after.
     let built: { bytes: Uint8Array; toQemuBytes: number; partial: number; inFlight: number } | undefined;
@@ -1265,19 +1288,103 @@ export class Attachment extends EventEmitter {
       inFlight: built.inFlight,
       stateBytes: built.bytes.length,
       measureMs,
+      frozenBeforeSave: !!this.frozen,
+      freezeBeforeSaveMs: this.frozen?.tookMs ?? 0,
       freezeMs,
       totalMs: performance.now() - t0,
     };
     this.log.info({ attachment: this.id, ...info, ...this.stats }, 'session handed off to the migration destination');
+    this.log.debug({ attachment: this.id, trail: this.trail.join(' ') }, 'the last usbredir packets before the hand-off');
     this.emit('handedOff', info);
     await this.closeHandedOff();
     return info;
+  }
+
+  /**
+   * First half of a hand-off, while the source QEMU is paused before it saves its device state
+   * (MIGRATION 'pre-switchover', capability pause-before-switchover): hold our output, read
+   * what QEMU wrote, and measure exactly how many of our bytes it has not read.
+   *
+   * Why then and not at 'completed': QEMU 7.2's chardev arms its fd watch with the read size
+   * computed while the VM ran (usbredir_chardev_can_read). When the migration thread stops
+   * the VM and saves the device state under the BQL, a main loop that was already polling
+   * with that watch reads one more chunk (up to 4096 bytes) right after the BQL is released:
+   * after the save. Those bytes are consumed on the source but are not in the migrated parser
+   * state, so a measurement at 'completed' counts them as delivered and the destination never
+   * gets them (a lost completion: the guest waits 60 s and resets the device; or a packet cut
+   * in two: the destination's parser sees garbage). Paused before the save, QEMU reads
+   * nothing more once its main loop has iterated with the VM stopped: `barrier` (a QMP round
+   * trip) makes sure of that before we measure.
+   *
+   * Output stays held until handOff() (at 'completed') or unfreeze() (migration failed or
+   * cancelled). Idempotent while frozen.
+   */
+  freeze(opts: { barrier?: () => Promise<unknown>; drainTimeoutMs?: number } = {}): Promise<{ unread: number; measureMs: number; tookMs: number }> {
+    if (this._state === 'closed') return Promise.reject(new HandOffRefusedError('attachment is closed'));
+    if (this.freezing) return this.freezing;
+    if (this.held || this.exported) return Promise.reject(new HandOffRefusedError('a hand-off is in progress'));
+    const p = this.measureFrozen(opts).then(
+      (pos) => {
+        if (this.freezing === p) this.frozen = pos;
+        return pos;
+      },
+      (err: Error) => {
+        if (this.freezing === p) this.thaw();
+        throw err;
+      },
+    );
+    this.freezing = p;
+    p.catch(() => {});
+    return p;
+  }
+
+  /** The migration did not switch over after freeze(): write what was held, carry on. */
+  unfreeze(): void {
+    if (!this.freezing || this.exported || this._state === 'closed') return;
+    this.log.info({ attachment: this.id }, 'migration did not switch over; the attachment carries on');
+    this.thaw();
+  }
+
+  /** Hold output, drain QEMU's output, then (after `barrier`) measure what QEMU has not read. */
+  private async measureFrozen(opts: { barrier?: () => Promise<unknown>; drainTimeoutMs?: number }): Promise<{ unread: number; measureMs: number; tookMs: number }> {
+    const t0 = performance.now();
+    this.held = [];
+    this.draining = true;
+    if (this.readPaused) {
+      this.readPaused = false;
+      this.socket.resume();
+    }
+    let measureMs = 0;
+    let barrierDone = !opts.barrier;
+    const deadline = Date.now() + (opts.drainTimeoutMs ?? 2000);
+    for (;;) {
+      if (!barrierDone) {
+        await opts.barrier!();
+        barrierDone = true;
+      }
+      const m0 = performance.now();
+      const measured = await unreadByPeer(this.socket);
+      measureMs += performance.now() - m0;
+      if (measured.ourUnread === 0 && this.queue.length === 0 && !this.dispatching && this.pendingOps === 0) {
+        return { unread: measured.unread, measureMs, tookMs: performance.now() - t0 };
+      }
+      if (Date.now() > deadline) {
+        if (measured.ourUnread === 0 && this.queue.length === 0 && !this.dispatching) {
+          this.log.warn({ attachment: this.id, pendingOps: this.pendingOps }, 'device ops still pending at the hand-off; their answers are lost');
+          return { unread: measured.unread, measureMs, tookMs: performance.now() - t0 };
+        }
+        throw new Error(`QEMU's output was not drained in time (unread ${measured.ourUnread}, queued ${this.queue.length})`);
+      }
+      await new Promise((r) => setTimeout(r, 1));
+    }
   }
 
   /** Give up a hand-off: write what was held, read QEMU again. */
   private thaw(): void {
     const held = this.held;
     this.held = null;
+    this.frozen = undefined;
+    this.freezing = undefined;
     this.draining = false;
     if (this._state === 'closed') return;
     if (held?.length) this.writeRaw(held.splice(0));
@@ -1389,6 +1496,10 @@ export class Attachment extends EventEmitter {
       { attachment: this.id, toQemu: toQemu.length, partial: partial.length, inFlight: st.inFlight.length, consumedByQemu: st.positions.consumedByQemu },
       'resumed the usbredir streams from the hand-off state',
     );
+    if (this.log.isLevelEnabled?.('debug')) {
+      const t = setTimeout(() => this.log.debug({ attachment: this.id, trail: this.trail.join(' ') }, 'the first usbredir packets after the hand-off'), 3000);
+      t.unref?.();
+    }
   }
 
   // ------------------------------------------------------------------ close

@@ -73,6 +73,10 @@ interface Vm {
   watching?: Promise<void>;
   /** This QEMU is a migration destination that has not completed its incoming migration. */
   incoming?: boolean;
+  /** We turned pause-before-switchover on in this QEMU (and must continue its migrations). */
+  pausing?: boolean;
+  /** ms of the last pause at pre-switchover. */
+  lastSwitchoverPauseMs?: number;
 }
 
 export interface PrepareIncomingRequest {
@@ -107,12 +111,25 @@ export interface HandOffEvent {
   error?: string;
   /** ms from the MIGRATION 'completed' event to the server's confirmation. */
   sinceCompletedMs?: number;
+  /** ms the migration stayed paused at 'pre-switchover' for the freeze (part of QEMU's downtime). */
+  switchoverPauseMs?: number;
 }
 
 export interface BridgeOptions {
   log?: Logger;
   /** Directory for the chardev sockets. Default `$TMPDIR/usbroam-bridge-<pid>`. */
   runDir?: string;
+  /**
+   * Turn QEMU's migration capability pause-before-switchover on in the VMs we serve, and at
+   * 'pre-switchover' freeze every attachment (exact position in the host->guest stream) before
+   * continuing the migration (migrate-continue). Default true. Without it a hand-off can lose
+   * what QEMU reads after saving its state (see Attachment.freeze). The orchestrator must then
+   * leave migrate-continue to the bridge; if the bridge is gone, a migration of such a VM waits
+   * at 'pre-switchover' until the orchestrator continues or cancels it.
+   */
+  pauseBeforeSwitchover?: boolean;
+  /** Longest pause at 'pre-switchover' before the migration is continued anyway. Default 3000 ms. */
+  switchoverFreezeTimeoutMs?: number;
 }
 
 export class Bridge extends EventEmitter {
@@ -124,9 +141,14 @@ export class Bridge extends EventEmitter {
 
   private readonly standbys = new Map<string, { device: RemoteDevice; release: () => Promise<void> }>();
 
+  private readonly pauseBeforeSwitchover: boolean;
+  private readonly switchoverFreezeTimeoutMs: number;
+
   constructor(opts: BridgeOptions = {}) {
     super();
     this.log = opts.log ?? silentLogger;
+    this.pauseBeforeSwitchover = opts.pauseBeforeSwitchover ?? true;
+    this.switchoverFreezeTimeoutMs = opts.switchoverFreezeTimeoutMs ?? 3000;
     this.runDir = opts.runDir ?? path.join(os.tmpdir(), `usbroam-bridge-${process.pid}`);
     mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
   }
@@ -157,24 +179,74 @@ export class Bridge extends EventEmitter {
     if (vm.watching) return vm.watching;
     vm.watching = (async () => {
       const qmp = await this.qmpOf(vmName);
-      const enable = () => qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+      const enable = async () => {
+        await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+        if (!this.pauseBeforeSwitchover) return;
+        try {
+          await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'pause-before-switchover', state: true }] });
+          vm.pausing = true;
+        } catch (err) {
+          this.log.warn({ vm: vmName, err: (err as Error).message }, 'cannot turn pause-before-switchover on: a hand-off may lose what QEMU reads after saving its state');
+        }
+      };
       await enable();
       qmp.on('reconnect', () => void enable().catch(() => {}));
       qmp.on('event:MIGRATION', (ev: { data?: { status?: string } }) => {
         const status = ev.data?.status;
+        if (status === 'pre-switchover') {
+          void this.freezeVm(vmName, qmp);
+          return;
+        }
         if (status === 'completed' || status === 'failed' || status === 'cancelled') {
           if (vm.incoming) {
             // Our own incoming migration ended (we are its destination): nothing to hand off.
             vm.incoming = false;
+            // This QEMU is a migration source from now on.
+            if (status === 'completed') void enable().catch((err) => this.log.warn({ vm: vmName, err: (err as Error).message }, 'cannot set migration capabilities'));
             return;
           }
           if (status === 'completed') void this.handOffVm(vmName, performance.now());
-          else this.log.info({ vm: vmName, status }, 'migration ended without switchover; attachments carry on');
+          else {
+            this.log.info({ vm: vmName, status }, 'migration ended without switchover; attachments carry on');
+            for (const e of this.attachments.values()) if (e.info.vm === vmName) e.att.unfreeze();
+          }
         }
       });
     })();
     vm.watching.catch(() => (vm.watching = undefined));
     return vm.watching;
+  }
+
+  /**
+   * MIGRATION 'pre-switchover' on a source (pause-before-switchover): QEMU has stopped the VM
+   * and waits before saving its device state. Freeze every attachment of the VM (exact
+   * position), then let the migration continue. Always continues, also on errors.
+   */
+  private async freezeVm(vmName: string, qmp: QmpClient): Promise<void> {
+    const vm = this.vms.get(vmName);
+    if (!vm || vm.incoming) return;
+    const t0 = performance.now();
+    const entries = [...this.attachments.values()].filter((e) => e.info.vm === vmName && e.att.state !== 'closed');
+    // One QMP round trip after the VM stopped: QEMU's main loop has iterated since, so a read
+    // armed while the VM ran has happened (see Attachment.freeze).
+    let barrier: Promise<unknown> | undefined;
+    const once = () => (barrier ??= qmp.execute('query-status'));
+    const timeout = new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), this.switchoverFreezeTimeoutMs).unref?.());
+    const frozen = Promise.allSettled(entries.map((e) => e.att.freeze({ barrier: once })));
+    const r = await Promise.race([frozen, timeout]);
+    if (r === 'timeout') this.log.error({ vm: vmName }, 'freeze at pre-switchover timed out; continuing the migration');
+    else
+      r.forEach((x, i) => {
+        if (x.status === 'rejected') this.log.error({ vm: vmName, attachment: entries[i]!.info.id, err: (x.reason as Error)?.message }, 'freeze at pre-switchover failed');
+      });
+    const pauseMs = performance.now() - t0;
+    vm.lastSwitchoverPauseMs = pauseMs;
+    try {
+      await qmp.execute('migrate-continue', { state: 'pre-switchover' });
+      this.log.info({ vm: vmName, attachments: entries.length, pauseMs: Number(pauseMs.toFixed(1)) }, 'attachments frozen at pre-switchover; migration continued');
+    } catch (err) {
+      this.log.warn({ vm: vmName, err: (err as Error).message }, 'migrate-continue failed (continued by someone else?)');
+    }
   }
 
   private async handOffVm(vmName: string, tCompleted: number): Promise<void> {
@@ -185,7 +257,14 @@ export class Bridge extends EventEmitter {
           const info = await e.att.handOff();
           e.detaching = true; // handed off: do not unplug anything
           this.attachments.delete(e.info.id);
-          this.emit('handOff', { vm: vmName, attachment: e.info.id, ok: true, info, sinceCompletedMs: performance.now() - tCompleted } satisfies HandOffEvent);
+          this.emit('handOff', {
+            vm: vmName,
+            attachment: e.info.id,
+            ok: true,
+            info,
+            sinceCompletedMs: performance.now() - tCompleted,
+            switchoverPauseMs: this.vms.get(vmName)?.lastSwitchoverPauseMs,
+          } satisfies HandOffEvent);
         } catch (err) {
           const msg = (err as Error).message;
           if (!(err instanceof HandOffRefusedError)) this.log.error({ vm: vmName, attachment: e.info.id, err: msg }, 'hand-off failed');
@@ -438,6 +517,13 @@ export class Bridge extends EventEmitter {
     for (const s of [...this.standbys.values()]) await s.release();
     for (const e of [...this.attachments.values()]) {
       await this.detach(e.info.vm, e.info.id).catch((err) => this.log.warn({ attachment: e.info.id, err: (err as Error).message }, 'detach on close failed'));
+    }
+    for (const vm of this.vms.values()) {
+      // Migrations of this VM must not wait for a bridge that is gone.
+      if (vm.pausing && vm.qmp?.state === 'ready') {
+        await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'pause-before-switchover', state: false }] }, { timeoutMs: 2000 }).catch(() => {});
+      }
+      vm.pausing = false;
     }
     for (const vm of this.vms.values()) if (vm.ownsQmp) await vm.qmp?.close().catch(() => {});
     for (const c of this.clients.values()) c.close();

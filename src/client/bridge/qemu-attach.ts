@@ -46,6 +46,9 @@ export async function hotplugRedir(qmp: QmpClient, plug: RedirPlug): Promise<voi
     const args: Record<string, unknown> = { driver: 'usb-redir', id: plug.id, chardev: plug.chardevId, bus: plug.bus };
     if (plug.filter) args.filter = plug.filter;
     if (plug.port) args.port = plug.port;
+    // usb-redir's own debug output (0-5) on QEMU's stderr; for diagnosis only.
+    const debug = Number(process.env.USBROAM_REDIR_DEBUG ?? '');
+    if (Number.isInteger(debug) && debug > 0) args.debug = debug;
     await qmp.execute('device_add', args);
   } catch (err) {
     await qmp.execute('chardev-remove', { id: plug.chardevId }).catch(() => {});
