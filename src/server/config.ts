@@ -5,8 +5,11 @@ import type { SessionLimits } from './sessions/session.js';
 import type { LibusbAllowRule } from './backends/libusb/policy.js';
 
 export interface EmulatedConfig {
-  /** A mass-storage disk backed by a sparse image file. */
-  disk?: { image: string; sizeMiB?: number } | false;
+  /**
+   * A mass-storage disk backed by a sparse image file (default <data dir>/disk.img). `speed`: the bus speed it enumerates at
+   * (default "high"; "super" gives 1 MiB SCSI commands in a Linux guest, but only on xHCI).
+   */
+  disk?: { image?: string; sizeMiB?: number; speed?: 'full' | 'high' | 'super' } | false;
   loopback?: boolean;
   serial?: boolean;
 }

@@ -3,7 +3,7 @@ import { Command, Option } from 'commander';
 import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { createLogger, type Logger } from '../../common/log.js';
-import { createDefaultEmulatedBackend } from '../../server/backends/emulated/emulated-backend.js';
+import { createDefaultEmulatedBackend, parseEmulatedSpeed } from '../../server/backends/emulated/emulated-backend.js';
 import type { UsbBackend } from '../../server/backends/types.js';
 import { normalizeAllowRules } from '../../server/backends/libusb/policy.js';
 import { DEFAULT_LISTEN, loadConfigFile, type ServerConfig } from '../../server/config.js';
@@ -22,6 +22,7 @@ export interface ServeFlags {
   emulated?: boolean;
   diskImage?: string;
   diskSizeMib?: string;
+  diskSpeed?: string;
   libusb?: boolean;
   libusbAllow?: string[];
   libusbPollMs?: string;
@@ -43,6 +44,8 @@ export function serveConfig(f: ServeFlags): ServerConfig {
   if (f.graceMs) limits.graceMs = Number(f.graceMs);
   const emulated = file.emulated ?? (f.emulated === false ? undefined : {});
   if (emulated && f.diskImage) emulated.disk = { image: f.diskImage, sizeMiB: f.diskSizeMib ? Number(f.diskSizeMib) : undefined };
+  if (emulated && f.diskSpeed && emulated.disk !== false) emulated.disk = { ...emulated.disk, speed: f.diskSpeed as 'high' };
+  if (emulated?.disk) parseEmulatedSpeed(emulated.disk.speed ?? 'high', 'disk speed'); // fail early
   let libusb = file.libusb ? { ...file.libusb } : undefined;
   if (f.libusb || f.libusbAllow?.length || f.libusbPollMs) libusb = { ...(libusb ?? {}), enabled: true };
   if (libusb && f.libusbAllow?.length) libusb.allow = [...(libusb.allow ?? []), ...f.libusbAllow];
@@ -64,13 +67,14 @@ export function serveConfig(f: ServeFlags): ServerConfig {
 export async function emulatedBackends(cfg: ServerConfig, dataDir: string, log?: Logger): Promise<UsbBackend[]> {
   if (!cfg.emulated) return [];
   const disk = cfg.emulated.disk;
-  const image = disk ? disk.image : path.join(dataDir, 'disk.img');
+  const image = disk && disk.image ? disk.image : path.join(dataDir, 'disk.img');
   mkdirSync(path.dirname(image), { recursive: true });
   return [
     await createDefaultEmulatedBackend({
       massStorage: disk !== false,
       imagePath: image,
       imageSizeBytes: (disk && disk.sizeMiB ? disk.sizeMiB : 64) * 1024 * 1024,
+      diskSpeed: disk && disk.speed ? parseEmulatedSpeed(disk.speed, 'disk speed') : undefined,
       logger: log,
       loopback: cfg.emulated.loopback !== false,
       serial: cfg.emulated.serial !== false,
@@ -134,6 +138,7 @@ export function serveCommand(): Command {
     .option('--no-emulated', 'do not export the emulated devices')
     .option('--disk-image <file>', 'image file of the emulated disk (sparse; created if missing)')
     .option('--disk-size-mib <n>', 'size of a new disk image (default 64)')
+    .option('--disk-speed <speed>', 'bus speed of the emulated disk: high (default), super (1 MiB SCSI commands; xHCI only) or full')
     .option('--libusb', 'export real USB devices through libusb (only those matching --libusb-allow; hubs never)')
     .option('--libusb-allow <rule...>', 'libusb export rule (repeatable; implies --libusb): "*", vvvv:pppp, or vid=,pid=,serial=,class=,bus=,port=1.4 joined by commas')
     .option('--libusb-poll-ms <ms>', 'libusb device list poll interval (default 500; 0: libusb hotplug events only)')

@@ -83,12 +83,29 @@ export interface DefaultEmulatedBackendOptions {
   /** Size when the image is created (default 64 MiB). */
   imageSizeBytes?: number;
   readOnly?: boolean;
+  /** Speed of every device (default high speed). */
   speed?: Speed;
+  /** Speed of the mass-storage disk only (default `speed`). */
+  diskSpeed?: Speed;
   logger?: Logger;
   /** Leave out devices. */
   massStorage?: boolean;
   loopback?: boolean;
   serial?: boolean;
+}
+
+/** Names of the speeds an emulated device can run at (for flags and config files). */
+export const EMULATED_SPEEDS: Readonly<Record<string, Speed>> = Object.freeze({
+  full: Speed.Full,
+  high: Speed.High,
+  super: Speed.Super,
+});
+
+/** 'full' | 'high' | 'super' (case-insensitive) -> Speed; throws on anything else. */
+export function parseEmulatedSpeed(name: string, what = 'speed'): Speed {
+  const s = EMULATED_SPEEDS[name.trim().toLowerCase()];
+  if (s === undefined) throw new Error(`${what} must be one of ${Object.keys(EMULATED_SPEEDS).join(', ')}, not "${name}"`);
+  return s;
 }
 
 /**
@@ -102,6 +119,7 @@ export async function createDefaultEmulatedBackend(opts: DefaultEmulatedBackendO
     backend.add(
       await MassStorageDevice.create({
         ...common,
+        speed: opts.diskSpeed ?? opts.speed,
         portPath: [1],
         imagePath: opts.imagePath ?? join(tmpdir(), 'usbroam-emu-disk.img'),
         sizeBytes: opts.imageSizeBytes,
