@@ -149,7 +149,7 @@ describe('e2e migration: the remote disk stays attached across live migration', 
       );
     }
     await new Promise((r) => setTimeout(r, 3000));
-    const n = Number(process.env.USBROAM_MIGRATIONS ?? 4);
+    const n = Number(process.env.USBROAM_MIGRATIONS ?? 10);
     const figures: string[] = [];
     const downtimes: number[] = [];
     for (let i = 0; i < n; i++) {

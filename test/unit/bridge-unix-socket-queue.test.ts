@@ -4,7 +4,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { parseSsUnix, socketInode, unixQueues, unreadByPeer } from '../../src/client/bridge/unix-socket-queue.js';
+import { parseSsUnix, socketInode, unixQueues, unixQueuesNetlink, unixQueuesSs, unreadByPeer } from '../../src/client/bridge/unix-socket-queue.js';
 
 describe('bridge: unix socket queue lengths', () => {
   let dir: string;
@@ -37,6 +37,20 @@ describe('bridge: unix socket queue lengths', () => {
       { state: 'ESTAB', recvQ: 1000, sendQ: 2304, local: '/tmp/s s.sock', inode: 45761, peerInode: 45760 },
       { state: 'ESTAB', recvQ: 0, sendQ: 0, local: '*', inode: 1, peerInode: 2 },
     ]);
+  });
+
+  it('sock_diag (netlink) and ss agree, and sock_diag is fast', async () => {
+    ours.write(Buffer.alloc(4321));
+    ours.pause();
+    peer.write(Buffer.alloc(99));
+    await new Promise((r) => setTimeout(r, 30));
+    const n = unixQueuesNetlink(ours);
+    expect(n, 'sock_diag available').to.not.equal(undefined);
+    const s = await unixQueuesSs(ours);
+    expect({ ...n!, tookMs: 0 }).to.deep.equal({ ...s, tookMs: 0 });
+    expect(n!.peerRecvQ).to.equal(4321);
+    expect(n!.ourRecvQ + ours.readableLength).to.equal(99);
+    expect(n!.tookMs).to.be.below(20);
   });
 
   it('reports exactly the bytes the peer has not read, and our own unread input', async () => {

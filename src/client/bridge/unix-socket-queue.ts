@@ -4,9 +4,13 @@
 // count of bytes the peer has not read is the PEER's receive queue: sock_diag UNIX_DIAG_RQLEN,
 // which `ss -x` prints as Recv-Q for an established socket. We match the two ends by inode: our
 // end's inode from /proc/self/fd/<fd> -> `socket:[N]`; ss prints each socket's inode and its
-// peer's. One `ss -xnH` run took 5-14 ms here (a few dozen unix sockets).
+// peer's. One `ss -xnH` run took 5-14 ms here (a few dozen unix sockets), up to 150 ms on a
+// loaded machine: at a migration switchover that is downtime. So we ask sock_diag directly
+// (netlink through koffi, an exact lookup by inode: tens of microseconds) and use `ss` only if
+// that is not available.
 import { execFile } from 'node:child_process';
 import { readlinkSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import type { Socket } from 'node:net';
 
 export interface UnixQueues {
@@ -66,12 +70,116 @@ function runSs(args: string[], timeoutMs: number): Promise<string> {
   });
 }
 
+// ---- sock_diag over netlink (linux/sock_diag.h, linux/unix_diag.h) ----
+const AF_NETLINK = 16;
+const AF_UNIX = 1;
+const SOCK_DGRAM = 2;
+const SOCK_CLOEXEC = 0o2000000;
+const NETLINK_SOCK_DIAG = 4;
+const SOCK_DIAG_BY_FAMILY = 20;
+const NLM_F_REQUEST = 1;
+const NLMSG_ERROR = 2;
+const MSG_DONTWAIT = 0x40;
+const UDIAG_SHOW_PEER = 0x04;
+const UDIAG_SHOW_RQLEN = 0x10;
+const UNIX_DIAG_PEER = 2;
+const UNIX_DIAG_RQLEN = 4;
+
+interface Diag {
+  fd: number;
+  send: (fd: number, buf: Buffer, len: number, flags: number) => number;
+  recv: (fd: number, buf: Buffer, len: number, flags: number) => number;
+}
+let diag: Diag | null | undefined;
+let diagSeq = 0;
+
+function diagSocket(): Diag | null {
+  if (diag !== undefined) return diag;
+  try {
+    const require = createRequire(import.meta.url);
+    const koffi = require('koffi') as typeof import('koffi');
+    const libc = koffi.load('libc.so.6');
+    const socketFn = libc.func('int socket(int, int, int)') as (a: number, b: number, c: number) => number;
+    const send = libc.func('long send(int, void *, unsigned long, int)') as Diag['send'];
+    const recv = libc.func('long recv(int, _Out_ void *, unsigned long, int)') as Diag['recv'];
+    const fd = socketFn(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    diag = fd >= 0 ? { fd, send, recv } : null;
+  } catch {
+    diag = null;
+  }
+  return diag;
+}
+
+/** sock_diag for one unix socket by inode: its receive queue (bytes) and its peer's inode. */
+function diagUnix(d: Diag, inode: number): { rqueue: number; peerInode: number } {
+  const req = Buffer.alloc(40);
+  const seq = ++diagSeq;
+  req.writeUInt32LE(40, 0); // nlmsg_len
+  req.writeUInt16LE(SOCK_DIAG_BY_FAMILY, 4);
+  req.writeUInt16LE(NLM_F_REQUEST, 6); // no NLM_F_DUMP: unix_diag_get_exact
+  req.writeUInt32LE(seq, 8);
+  req.writeUInt32LE(0, 12);
+  req.writeUInt8(AF_UNIX, 16); // sdiag_family
+  req.writeUInt32LE(0xffffffff, 20); // udiag_states
+  req.writeUInt32LE(inode >>> 0, 24); // udiag_ino
+  req.writeUInt32LE(UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN, 28);
+  req.writeUInt32LE(0xffffffff, 32); // udiag_cookie: INET_DIAG_NOCOOKIE
+  req.writeUInt32LE(0xffffffff, 36);
+  if (Number(d.send(d.fd, req, 40, 0)) !== 40) throw new Error('sock_diag send failed');
+  const buf = Buffer.alloc(8192);
+  for (;;) {
+    const n = Number(d.recv(d.fd, buf, buf.length, MSG_DONTWAIT));
+    if (n < 16) throw new Error('sock_diag: no answer');
+    const len = buf.readUInt32LE(0);
+    const type = buf.readUInt16LE(4);
+    if (buf.readUInt32LE(8) !== seq) continue; // a stale answer
+    if (type === NLMSG_ERROR) throw new Error(`sock_diag error ${buf.readInt32LE(16)}`);
+    if (type !== SOCK_DIAG_BY_FAMILY || buf.readUInt32LE(16 + 4) !== inode >>> 0) throw new Error('sock_diag: unexpected answer');
+    let rqueue = -1;
+    let peerInode = -1;
+    for (let o = 32; o + 4 <= Math.min(len, n); ) {
+      const alen = buf.readUInt16LE(o);
+      const atype = buf.readUInt16LE(o + 2);
+      if (alen < 4) break;
+      if (atype === UNIX_DIAG_PEER) peerInode = buf.readUInt32LE(o + 4);
+      else if (atype === UNIX_DIAG_RQLEN) rqueue = buf.readUInt32LE(o + 4);
+      o += (alen + 3) & ~3;
+    }
+    if (rqueue < 0) throw new Error('sock_diag: no UNIX_DIAG_RQLEN');
+    return { rqueue, peerInode };
+  }
+}
+
+/** unixQueues through sock_diag; undefined when netlink/koffi is not available. */
+export function unixQueuesNetlink(socket: Socket): UnixQueues | undefined {
+  const d = diagSocket();
+  if (!d) return undefined;
+  const t0 = performance.now();
+  const inode = socketInode(socket);
+  const ours = diagUnix(d, inode);
+  if (ours.peerInode <= 0) throw new Error(`socket inode ${inode} has no peer`);
+  const peer = diagUnix(d, ours.peerInode);
+  return { inode, peerInode: ours.peerInode, ourRecvQ: ours.rqueue, peerRecvQ: peer.rqueue, tookMs: performance.now() - t0 };
+}
+
 /**
- * Both ends' receive queues of a connected unix stream socket of ours. `peerPath`, when
- * given, narrows the listing (the peer is the listening side bound to that path) but then our
- * own Recv-Q is not known (reported as -1).
+ * Both ends' receive queues of a connected unix stream socket of ours: sock_diag, or `ss`
+ * (useSs, or when sock_diag is not available).
  */
-export async function unixQueues(socket: Socket, opts: { timeoutMs?: number } = {}): Promise<UnixQueues> {
+export async function unixQueues(socket: Socket, opts: { timeoutMs?: number; useSs?: boolean } = {}): Promise<UnixQueues> {
+  if (!opts.useSs) {
+    try {
+      const q = unixQueuesNetlink(socket);
+      if (q) return q;
+    } catch {
+      /* fall back to ss */
+    }
+  }
+  return unixQueuesSs(socket, opts);
+}
+
+/** unixQueues through `ss -xnH`. */
+export async function unixQueuesSs(socket: Socket, opts: { timeoutMs?: number } = {}): Promise<UnixQueues> {
   const t0 = performance.now();
   const inode = socketInode(socket);
   const out = await runSs(['-xnH'], opts.timeoutMs ?? 2000);
@@ -101,7 +209,10 @@ export function notInKernel(socket: Socket): number {
  * ss run (libuv may move bytes into the kernel meanwhile; the sum stays, the split does not).
  * Also our own unread input: our Recv-Q plus Node's readable buffer.
  */
-export async function unreadByPeer(socket: Socket, opts: { timeoutMs?: number; attempts?: number } = {}): Promise<UnixQueues & { nodeBuffered: number; unread: number; ourUnread: number }> {
+export async function unreadByPeer(
+  socket: Socket,
+  opts: { timeoutMs?: number; attempts?: number; useSs?: boolean } = {},
+): Promise<UnixQueues & { nodeBuffered: number; unread: number; ourUnread: number }> {
   const attempts = opts.attempts ?? 5;
   for (let i = 0; i < attempts; i++) {
     const w0 = notInKernel(socket);
