@@ -365,7 +365,9 @@ export class Attachment extends EventEmitter {
   private freezing?: Promise<{ unread: number; measureMs: number; tookMs: number }>;
   /** The last packets in and out (type:id, for the hand-off logs). */
   private readonly trail: string[] = [];
+  private readonly trailOn: boolean;
   private trailNote(dir: '<' | '>', p: Packet): void {
+    if (!this.trailOn) return;
     const id = (p as { id?: bigint }).id;
     const ep = (p as { endpoint?: number }).endpoint;
     const st = (p as { status?: number }).status;
@@ -385,6 +387,7 @@ export class Attachment extends EventEmitter {
     this.device = opts.device;
     this.socket = opts.socket;
     this.log = opts.log;
+    this.trailOn = opts.log.isLevelEnabled?.('debug') ?? false;
     this.id = opts.id ?? `usbroam-${opts.device.device?.id ?? 'device'}`;
     this.ownsDevice = opts.ownsDevice ?? true;
     this.writeHighWater = opts.writeHighWater ?? 8 * 1024 * 1024;
