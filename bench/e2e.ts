@@ -8,12 +8,20 @@
 // cache=writeback (QEMU's default; the headline "local") and cache=none. Every round runs each
 // target once, the order rotating; medians over the rounds.
 //
-//   npm run bench:e2e [-- --bus xhci|ehci] [--rounds N] [--size-mib N] [--no-ehci]
-//   env: USBROAM_BENCH_BUS, USBROAM_BENCH_ROUNDS, USBROAM_BENCH_SIZE_MIB, USBROAM_BENCH_EHCI=0
+// The emulated disk's bus speed (--disk-speed): on xHCI the default is SuperSpeed (Linux
+// usb-storage sends 1 MiB SCSI commands instead of 120 KiB at high speed: ~8x fewer URB round
+// trips per MiB), and "both" (the default) also measures the high-speed disk in the same rounds
+// (usbroam_high_*), one USB host server process per speed, the same image file. EHCI is USB 2
+// only (a SuperSpeed usb-redir device does not enumerate there): always high speed.
 //
-// Progress goes to stderr; the last stdout line is JSON: usbroam_write_MBps, usbroam_read_MBps,
-// local_write_MBps, local_read_MBps, write_ratio, read_ratio (usbroam / local), the cache=none
-// figures (local_direct_*), and with the default xHCI bus the same over EHCI (ehci_*).
+//   npm run bench:e2e [-- --bus xhci|ehci] [--rounds N] [--size-mib N] [--no-ehci] [--disk-speed super|high|both]
+//   env: USBROAM_BENCH_BUS, USBROAM_BENCH_ROUNDS, USBROAM_BENCH_SIZE_MIB, USBROAM_BENCH_EHCI=0,
+//        USBROAM_BENCH_DISK_SPEED
+//
+// Progress goes to stderr; the last stdout line is JSON: usbroam_write_MBps, usbroam_read_MBps
+// (the disk at disk_speed), local_write_MBps, local_read_MBps, write_ratio, read_ratio
+// (usbroam / local), the cache=none figures (local_direct_*), with "both" the other speed's
+// usbroam_<speed>_* figures and ratios, and with the default xHCI bus the same over EHCI (ehci_*).
 import { closeSync, fsyncSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -31,11 +39,12 @@ const { values: flags } = parseArgs({
     rounds: { type: 'string' },
     'size-mib': { type: 'string' },
     'no-ehci': { type: 'boolean' },
+    'disk-speed': { type: 'string' },
     help: { type: 'boolean', short: 'h' },
   },
 });
 if (flags.help) {
-  process.stderr.write('usage: npm run bench:e2e [-- --bus xhci|ehci] [--rounds N] [--size-mib N] [--no-ehci]\n');
+  process.stderr.write('usage: npm run bench:e2e [-- --bus xhci|ehci] [--rounds N] [--size-mib N] [--no-ehci] [--disk-speed super|high|both]\n');
   process.exit(0);
 }
 const bus = (flags.bus ?? process.env.USBROAM_BENCH_BUS ?? 'xhci').toLowerCase() as HcName;
@@ -44,6 +53,15 @@ const rounds = Number(flags.rounds ?? process.env.USBROAM_BENCH_ROUNDS ?? 3);
 const sizeMiB = Number(flags['size-mib'] ?? process.env.USBROAM_BENCH_SIZE_MIB ?? 32);
 const withEhci = bus === 'xhci' && !flags['no-ehci'] && process.env.USBROAM_BENCH_EHCI !== '0';
 const DISK_MIB = Math.max(64, sizeMiB * 2);
+type DiskSpeed = 'super' | 'high';
+const diskSpeedFlag = (flags['disk-speed'] ?? process.env.USBROAM_BENCH_DISK_SPEED ?? 'both').toLowerCase();
+if (!['super', 'high', 'both'].includes(diskSpeedFlag)) throw new Error(`--disk-speed must be super, high or both, not ${diskSpeedFlag}`);
+/** The disk speeds measured on a bus, the headline one first (USB 2 controllers: high speed only). */
+function diskSpeedsFor(hc: HcName): DiskSpeed[] {
+  if (hc !== 'xhci') return ['high'];
+  if (diskSpeedFlag === 'both') return ['super', 'high'];
+  return [diskSpeedFlag as DiskSpeed];
+}
 
 const t0 = Date.now();
 function progress(line: string): void {
@@ -57,30 +75,37 @@ const median = (xs: number[]) => {
 const r2 = (x: number) => Math.round(x * 100) / 100;
 const r3 = (x: number) => Math.round(x * 1000) / 1000;
 
-type Target = 'usbroam' | 'local' | 'local_direct';
+/** 'usbroam' is the disk at the bus's headline speed, 'usbroam_<speed>' the others. */
+type Target = string;
 interface Figures {
   write: number[];
   read: number[];
 }
 
-async function benchBus(hc: HcName, image: GuestImage, server: ServerProcess, diskPath: string, dir: string): Promise<Record<Target, Figures>> {
+async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed, ServerProcess>, diskPath: string, dir: string): Promise<Record<Target, Figures>> {
   const H = HOST_CONTROLLERS[hc];
-  const serverOpts = { address: server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
+  const speeds = diskSpeedsFor(hc);
+  const usbroamTargets = new Map<Target, DiskSpeed>(speeds.map((sp, i) => [i === 0 ? 'usbroam' : `usbroam_${sp}`, sp]));
+  const serverOpts = (sp: DiskSpeed) => ({ address: servers[sp].address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') });
   progress(`${H.name}: booting the guest`);
   const { guest, bridgeQmp } = await startBridgeGuest({ name: `bench-${hc}`, image, dir, hc, memoryMb: 256, log: (l) => progress(l.trim()) });
   const bridge = new Bridge({ runDir: path.join(dir, `bridge-${hc}`) });
   bridge.addVm({ name: 'vm', qmpSocket: bridgeQmp });
   const g: Guest = guest;
-  const out: Record<Target, Figures> = { usbroam: { write: [], read: [] }, local: { write: [], read: [] }, local_direct: { write: [], read: [] } };
+  const targets: Target[] = [...usbroamTargets.keys(), 'local', 'local_direct'];
+  const out: Record<Target, Figures> = Object.fromEntries(targets.map((t) => [t, { write: [], read: [] }]));
   let localSeq = 0;
   try {
     await g.sh(`dd if=/dev/urandom of=/tmp/x bs=1M count=${sizeMiB} 2>/dev/null`, { timeoutMs: 120_000 });
     const want = await guestSha256(g, 'cat /tmp/x');
 
-    const plug = async (t: Target): Promise<() => Promise<void>> => {
-      if (t === 'usbroam') {
-        const info = await bridge.attach({ vm: 'vm', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: H.bus });
+    const plug = async (t: Target, round: number): Promise<() => Promise<void>> => {
+      const sp = usbroamTargets.get(t);
+      if (sp) {
+        const info = await bridge.attach({ vm: 'vm', server: serverOpts(sp), selector: { serial: 'USBROAM-MSC-0001' }, bus: H.bus });
         await waitForDisk(g);
+        const kb = (await g.sh('cat /sys/block/sda/queue/max_sectors_kb')).trim();
+        if (round === 0) progress(`${H.name} ${t}: disk at ${sp} speed, guest max_sectors_kb ${kb}`);
         return async () => {
           await bridge.detach('vm', info.id);
           await waitGoneInGuest(g, '/sys/block/sda');
@@ -107,11 +132,10 @@ async function benchBus(hc: HcName, image: GuestImage, server: ServerProcess, di
       };
     };
 
-    const targets: Target[] = ['usbroam', 'local', 'local_direct'];
     for (let r = 0; r < rounds; r++) {
       const order = targets.map((_, i) => targets[(i + r) % targets.length]!);
       for (const t of order) {
-        const unplug = await plug(t);
+        const unplug = await plug(t, r);
         try {
           const w = await timedDd(g, `dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync`, sizeMiB * MiB);
           await g.sh('sync; echo 3 > /proc/sys/vm/drop_caches');
@@ -143,17 +167,25 @@ async function main(): Promise<void> {
   const image = await ensureGuestImage({ log: (l) => progress(l) });
   const dir = mkdtempSync(path.join(os.tmpdir(), 'ube-'));
   const diskPath = path.join(dir, 'disk.img');
-  const server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', diskPath, '--disk-size-mib', String(DISK_MIB)]);
-  progress(`USB host server (own process) on ${server.address}, disk image ${diskPath} (${DISK_MIB} MiB)`);
+  // One USB host server process per disk speed, started one after the other (the first creates
+  // the image), all on the same image file; only one of them has the disk attached at a time.
+  const speeds = [...new Set([...diskSpeedsFor(bus), ...(withEhci ? diskSpeedsFor('ehci') : [])])];
+  const servers: Partial<Record<DiskSpeed, ServerProcess>> = {};
   try {
-    const c = new UsbHostClient({ address: server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') });
-    const msc = (await c.listDevices()).find((d) => d.serial === 'USBROAM-MSC-0001');
-    c.close();
-    if (!msc) throw new Error('the server does not serve the emulated disk');
+    for (const sp of speeds) {
+      const server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', diskPath, '--disk-size-mib', String(DISK_MIB), '--disk-speed', sp]);
+      servers[sp] = server;
+      progress(`USB host server (own process) on ${server.address}, disk at ${sp} speed, image ${diskPath} (${DISK_MIB} MiB)`);
+      const c = new UsbHostClient({ address: server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') });
+      const msc = (await c.listDevices()).find((d) => d.serial === 'USBROAM-MSC-0001');
+      c.close();
+      if (!msc) throw new Error('the server does not serve the emulated disk');
+    }
 
-    const result: Record<string, unknown> = { bus, rounds, size_mib: sizeMiB, bs: '1M' };
+    const result: Record<string, unknown> = { bus, rounds, size_mib: sizeMiB, bs: '1M', disk_speed: diskSpeedsFor(bus)[0] };
+    if (withEhci) result.ehci_disk_speed = diskSpeedsFor('ehci')[0];
     const add = (prefix: string, f: Record<Target, Figures>) => {
-      const m = (t: Target, k: keyof Figures) => median(f[t][k]);
+      const m = (t: Target, k: keyof Figures) => median(f[t]![k]);
       result[`${prefix}usbroam_write_MBps`] = r2(m('usbroam', 'write'));
       result[`${prefix}usbroam_read_MBps`] = r2(m('usbroam', 'read'));
       result[`${prefix}local_write_MBps`] = r2(m('local', 'write'));
@@ -164,14 +196,21 @@ async function main(): Promise<void> {
       result[`${prefix}local_direct_read_MBps`] = r2(m('local_direct', 'read'));
       result[`${prefix}write_ratio_vs_direct`] = r3(m('usbroam', 'write') / m('local_direct', 'write'));
       result[`${prefix}read_ratio_vs_direct`] = r3(m('usbroam', 'read') / m('local_direct', 'read'));
+      for (const t of Object.keys(f).filter((x) => x.startsWith('usbroam_'))) {
+        result[`${prefix}${t}_write_MBps`] = r2(m(t, 'write'));
+        result[`${prefix}${t}_read_MBps`] = r2(m(t, 'read'));
+        result[`${prefix}${t}_write_ratio`] = r3(m(t, 'write') / m('local', 'write'));
+        result[`${prefix}${t}_read_ratio`] = r3(m(t, 'read') / m('local', 'read'));
+      }
       result[`${prefix}samples`] = Object.fromEntries(Object.entries(f).map(([t, v]) => [t, { write: v.write.map(r2), read: v.read.map(r2) }]));
     };
-    add('', await benchBus(bus, image, server, diskPath, dir));
-    if (withEhci) add('ehci_', await benchBus('ehci', image, server, diskPath, dir));
+    const all = servers as Record<DiskSpeed, ServerProcess>;
+    add('', await benchBus(bus, image, all, diskPath, dir));
+    if (withEhci) add('ehci_', await benchBus('ehci', image, all, diskPath, dir));
     result.elapsed_s = Math.round((Date.now() - t0) / 1000);
     console.log(JSON.stringify(result));
   } finally {
-    await server.stop();
+    for (const s of Object.values(servers)) await s.stop();
     rmSync(dir, { recursive: true, force: true });
   }
 }
