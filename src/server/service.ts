@@ -94,8 +94,7 @@ export function createUsbHostHandlers(deps: ServiceDeps) {
     let ended = false;
     const stream: SessionStream = {
       peer,
-      reportsWrites: true,
-      write: (m, written) => (ended ? true : call.write(m, written && (() => process.nextTick(written)))),
+      write: (m) => (ended ? true : call.write(m)),
       onceDrain: (cb) => call.once('drain', cb),
       end: (code, message) => {
         if (ended) return;

@@ -64,7 +64,7 @@ export class UsbHostClient {
     call.on('error', (e: grpc.ServiceError) => end({ code: e.code, message: e.details || e.message }));
     call.on('end', () => end()); // after the last message; an error status comes as 'error' first
     return {
-      write: (m, written) => call.write(m, written),
+      write: (m) => call.write(m),
       end: () => {
         try {
           call.end();

@@ -32,8 +32,8 @@ export { TransferType, UrbStatus };
 
 /** One Connect stream, as a RemoteDevice drives it (see UsbHostClient). */
 export interface ChannelCall {
-  /** false: the transport is full, wait for `drain`. `written`: the message went to the transport. */
-  write(msg: ClientMessage, written: () => void): boolean;
+  /** false: the transport is full, wait for `drain`. */
+  write(msg: ClientMessage): boolean;
   /** Half-close: no more client messages. */
   end(): void;
   /** Break the stream (as a lost connection would). */
@@ -54,8 +54,6 @@ export type StreamOpener = (handlers: ChannelCallHandlers) => ChannelCall;
 /** The state of one Connect stream. */
 interface StreamState {
   call?: ChannelCall;
-  /** Writes whose `written` callback has not come yet. */
-  writesPending: number;
   waitingDrain: boolean;
   ended: boolean;
 }
@@ -153,6 +151,8 @@ export class RemoteDevice extends EventEmitter {
   private current?: StreamState;
   private readonly acks = new AckScheduler(() => this.scheduleFlush());
   private flushScheduled = false;
+  /** A message went out in this turn of the event loop: more frames wait for setImmediate. */
+  private flushedThisTurn = false;
   private closed = false;
   private closeError?: Error;
   private slotWaiters: (() => void)[] = [];
@@ -222,10 +222,9 @@ export class RemoteDevice extends EventEmitter {
   // ------------------------------------------------------------ stream lifecycle
 
   private connect(target: NonNullable<ClientFrame['kind'] & { $case: 'open' }>['value']['target']): Promise<void> {
-    const st: StreamState = { writesPending: 0, waitingDrain: false, ended: false };
+    const st: StreamState = { waitingDrain: false, ended: false };
     this.current = st;
     this.acks.reset();
-    this.flushScheduled = false;
     const opened = new Promise<void>((resolve, reject) => (this.opened = { resolve, reject }));
     st.call = this.openStream({
       message: (msg) => {
@@ -250,8 +249,7 @@ export class RemoteDevice extends EventEmitter {
 
   private writeTo(st: StreamState, msg: ClientMessage): void {
     if (st.ended || !st.call) return;
-    st.writesPending++;
-    if (!st.call.write(msg, () => this.onWritten(st))) st.waitingDrain = true;
+    if (!st.call.write(msg)) st.waitingDrain = true;
   }
 
   private async streamEnded(st: StreamState, error?: { code?: number; message: string }): Promise<void> {
@@ -430,27 +428,34 @@ export class RemoteDevice extends EventEmitter {
   }
 
   /**
-   * Flush policy: with nothing on its way to the transport, flush at the end
-   * of the current microtask run (a lone URB goes out at once; submits made
-   * in the same run share a message). While a write is pending, frames wait
-   * for it to reach the transport and then go out together.
+   * Flush policy: the first message of a turn of the event loop goes out at
+   * the end of the current microtask run (a lone URB is not held back:
+   * per-URB latency); whatever comes later in the same turn is batched until
+   * setImmediate (throughput under load: few, full messages).
    */
   private scheduleFlush(): void {
     if (this.flushScheduled) return;
     this.flushScheduled = true;
-    if ((this.current?.writesPending ?? 0) === 0) queueMicrotask(this.flushTask);
+    if (this.flushedThisTurn) return; // the armed setImmediate flushes
+    queueMicrotask(this.flushTask);
   }
 
   private readonly flushTask = (): void => {
+    if (!this.flushScheduled) return;
+    this.flushScheduled = false;
+    this.flush();
+    if (!this.flushedThisTurn) {
+      this.flushedThisTurn = true;
+      setImmediate(this.turnEnd);
+    }
+  };
+
+  private readonly turnEnd = (): void => {
+    this.flushedThisTurn = false;
+    if (!this.flushScheduled) return;
     this.flushScheduled = false;
     this.flush();
   };
-
-  private onWritten(st: StreamState): void {
-    if (--st.writesPending > 0 || this.current !== st || !this.flushScheduled) return;
-    this.flushScheduled = false;
-    this.flush();
-  }
 
   private flush(): void {
     const st = this.current;

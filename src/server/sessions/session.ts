@@ -58,14 +58,8 @@ export const defaultLimits: SessionLimits = {
 /** Where a session writes: the attached gRPC stream, seen through a narrow interface. */
 export interface SessionStream {
   readonly peer: string;
-  /**
-   * false: the transport buffer is full; wait for drain. `written` (only
-   * called by streams that set `reportsWrites`) fires once the message has
-   * gone to the transport: the session batches while a write is pending.
-   */
-  write(msg: ServerMessage, written?: () => void): boolean;
-  /** The stream calls write's `written` callback; without it the session flushes on setImmediate. */
-  readonly reportsWrites?: boolean;
+  /** false: the transport buffer is full; wait for drain. */
+  write(msg: ServerMessage): boolean;
   onceDrain(cb: () => void): void;
   /** End the stream: OK, or an error status with a message. */
   end(code: Status, message: string): void;
@@ -106,10 +100,8 @@ export class Session extends EventEmitter {
   private nextBackendId = 1;
   private readonly acks = new AckScheduler(() => this.scheduleFlush());
   private flushScheduled = false;
-  /** Writes handed to the stream whose `written` callback has not come yet. */
-  private writesPending = 0;
-  /** Bumped per attached stream, so late callbacks of an old stream are ignored. */
-  private streamEpoch = 0;
+  /** A message went out in this turn of the event loop: more frames wait for setImmediate. */
+  private flushedThisTurn = false;
   private waitingDrain = false;
   private slotWaiters: (() => void)[] = [];
   private graceTimer?: NodeJS.Timeout;
@@ -190,9 +182,6 @@ export class Session extends EventEmitter {
     this.stream = stream;
     this.state = 'attached';
     this.waitingDrain = false;
-    this.writesPending = 0;
-    this.streamEpoch++;
-    this.flushScheduled = false; // a flush waiting on the old stream's writes must not block this one
     this.acks.reset();
     stream.write({ frames: [first] });
     this.scheduleFlush();
@@ -557,45 +546,44 @@ export class Session extends EventEmitter {
   }
 
   /**
-   * Flush policy: with nothing on its way to the transport, flush at the end
-   * of the current microtask run (a lone completion goes out at once; what
-   * the same run produces shares the message). While a write is pending,
-   * frames wait for its `written` callback and then go out together.
+   * Flush policy: the first message of a turn of the event loop goes out at
+   * the end of the current microtask run (a lone completion is not held
+   * back: per-URB latency); whatever comes later in the same turn is batched
+   * until setImmediate (throughput under load: few, full messages).
    */
   private scheduleFlush(): void {
     if (this.flushScheduled) return;
     this.flushScheduled = true;
-    if (!this.stream?.reportsWrites) {
-      setImmediate(this.flushTask);
-    } else if (this.writesPending === 0) {
-      queueMicrotask(this.flushTask);
-    } // else: onWritten flushes
+    if (this.flushedThisTurn) return; // the armed setImmediate flushes
+    queueMicrotask(this.flushTask);
   }
 
   private readonly flushTask = (): void => {
+    if (!this.flushScheduled) return;
+    this.flushScheduled = false;
+    this.flush();
+    if (!this.flushedThisTurn) {
+      this.flushedThisTurn = true;
+      setImmediate(this.turnEnd);
+    }
+  };
+
+  private readonly turnEnd = (): void => {
+    this.flushedThisTurn = false;
+    if (!this.flushScheduled) return;
     this.flushScheduled = false;
     this.flush();
   };
 
-  private onWritten(epoch: number): void {
-    if (epoch !== this.streamEpoch) return;
-    if (--this.writesPending > 0 || !this.flushScheduled) return;
-    this.flushScheduled = false;
-    this.flush();
-  }
-
   private flush(): void {
     const stream = this.stream;
     if (!stream || this.waitingDrain) return;
-    const epoch = this.streamEpoch;
-    const written = stream.reportsWrites ? () => this.onWritten(epoch) : undefined;
     for (;;) {
       const frames = this.journal.takeUnsent(MAX_FRAMES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE);
       const ack = this.acks.take(this.rx.lastSeq, frames.length > 0);
       if (ack !== undefined) frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: ack } } });
       if (frames.length === 0) return;
-      if (written) this.writesPending++;
-      if (!stream.write({ frames }, written)) {
+      if (!stream.write({ frames })) {
         this.waitingDrain = true;
         stream.onceDrain(() => {
           this.waitingDrain = false;
