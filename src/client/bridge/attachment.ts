@@ -31,7 +31,7 @@ import type { Logger } from '../../common/log.js';
 import type { OpResult, ReceivedData, UrbComplete } from '../../gen/usbroam/v1/usbhost.js';
 import { Device, TransferType, UrbStatus } from '../../gen/usbroam/v1/usbhost.js';
 import type { RemoteDevice, UrbRequest } from '../sdk/remote-device.js';
-import { unreadByPeer } from './unix-socket-queue.js';
+import { unreadByPeer, warmUpUnixQueues } from './unix-socket-queue.js';
 import {
   ALL_CAPS,
   Cap,
@@ -434,6 +434,7 @@ export class Attachment extends EventEmitter {
     s.setNoDelay?.(true);
     s.on('data', this.onDataBound);
     s.resume(); // also when paused before (a migration destination's socket waits paused)
+    warmUpUnixQueues(); // the first measurement would otherwise load koffi inside a downtime
     s.on('drain', () => this.onDrain());
     s.on('end', () => this.guard('end', () => void this.close('QEMU closed the chardev')));
     s.on('close', () => this.guard('close', () => void this.close('chardev socket closed')));

@@ -110,6 +110,11 @@ function diagSocket(): Diag | null {
   return diag;
 }
 
+/** Load koffi and open the sock_diag socket now (not in a migration's downtime). */
+export function warmUpUnixQueues(): void {
+  diagSocket();
+}
+
 /** sock_diag for one unix socket by inode: its receive queue (bytes) and its peer's inode. */
 function diagUnix(d: Diag, inode: number): { rqueue: number; peerInode: number } {
   const req = Buffer.alloc(40);
