@@ -23,7 +23,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Bridge, type AttachmentInfo, type HandOffEvent } from '../src/client/bridge/bridge.js';
-import { hotplugRedir } from '../src/client/bridge/qemu-attach.js';
+import { connectChardev, hotplugRedir } from '../src/client/bridge/qemu-attach.js';
 import { createLogger, silentLogger } from '../src/common/log.js';
 import { clientTls } from '../test/helpers/certs.js';
 import {
@@ -99,7 +99,9 @@ const r1 = (x: number) => Math.round(x * 10) / 10;
 async function scenario(opts: { image: GuestImage; dir: string; server: { address: string; ca: string; cert: string; key: string }; n: number; handOff: boolean }): Promise<Summary> {
   const tag = opts.handOff ? 'hand-off' : 'baseline';
   const sdir = mkdtempSync(path.join(opts.dir, opts.handOff ? 'h-' : 'b-'));
-  const bridges = [0, 1].map((k) => new Bridge({ log: log.child({ host: k ? 'B' : 'A' }), runDir: path.join(sdir, k ? 'B' : 'A') }));
+  // The baseline bridges never see MIGRATION events, so they must not pause QEMU at
+  // pre-switchover either (nobody would continue the migration).
+  const bridges = [0, 1].map((k) => new Bridge({ log: log.child({ host: k ? 'B' : 'A' }), runDir: path.join(sdir, k ? 'B' : 'A'), pauseBeforeSwitchover: opts.handOff }));
   const marks = new MarkListener();
   const guests: Guest[] = [];
   const runs: Run[] = [];
@@ -155,6 +157,7 @@ async function scenario(opts: { image: GuestImage; dir: string; server: { addres
       let attached: Promise<AttachmentInfo> | undefined;
       const socketPath = path.join(sdir, `${dstName}.sock`);
       let handOff: Promise<HandOffEvent> | undefined;
+      let dummy: import('node:net').Socket | undefined;
       if (opts.handOff) {
         handOff = new Promise((resolve) => {
           const on = (ev: HandOffEvent) => {
@@ -176,8 +179,12 @@ async function scenario(opts: { image: GuestImage; dir: string; server: { addres
             const inc = await dstBridge.prepareIncoming({ vm: dstName, server: opts.server, sessionId: att.sessionId, id: att.id, bus: att.bus });
             attached = inc.attached;
           } else {
-            // The same usb-redir on the destination, its chardev not connected yet.
+            // The same usb-redir on the destination, and a peer connected to its chardev (as
+            // seamless migration needs) that knows nothing of the session: a reconnecting
+            // chardev's peer.
             await hotplugRedir(dst.guest.qmp, { id, chardevId: `${id}-chr`, socketPath, bus: 'xhci.0' });
+            dummy = await connectChardev(socketPath);
+            dummy.pause();
           }
         },
       });
@@ -199,6 +206,9 @@ async function scenario(opts: { image: GuestImage; dir: string; server: { addres
         // The source peer loses its QEMU: the session goes; the destination peer attaches anew.
         await Promise.race([srcBridge.detach(srcName, id), delay(15_000)]).catch(() => {});
         await src.guest.stop();
+        // The peer reconnects: QEMU sees its chardev close (device gone) and open again.
+        dummy?.destroy();
+        await delay(200);
         await attachQmp(dstBridge, dstName, m.dst);
         att = await dstBridge.attach({ vm: dstName, server: opts.server, selector: { serial: SERIAL }, bus: 'xhci.0', id, coldPlugged: { socketPath } });
         // Until the guest's writer completes writes again.
