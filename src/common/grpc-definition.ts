@@ -2,6 +2,7 @@
 // server (plain grpc-js, for health and reflection) and the nice-grpc client
 // share one source: protos/.
 import type * as grpc from '@grpc/grpc-js';
+import { encodeClientMessage, encodeServerMessage } from './frame-codec.js';
 
 interface MessageType<T> {
   encode(message: T): { finish(): Uint8Array };
@@ -31,6 +32,12 @@ export function grpcJsServiceDefinition(def: { fullName: string; methods: Record
       responseDeserialize: (b: Buffer) => m.responseType.decode(b),
       originalName: m.name[0].toLowerCase() + m.name.slice(1),
     };
+  }
+  // The URB channel's hot messages: one allocation, URB data copied once.
+  const connect = out.Connect;
+  if (def.fullName === 'usbroam.v1.UsbHost' && connect) {
+    connect.requestSerialize = encodeClientMessage as (v: unknown) => Buffer;
+    connect.responseSerialize = encodeServerMessage as (v: unknown) => Buffer;
   }
   return out;
 }
