@@ -73,6 +73,10 @@ async function runDemo(f: DemoFlags): Promise<number | undefined> {
   const c = (n: string) => path.join(certs, n);
   const dataDir = path.join(root, '.cache/demo');
   const diskImage = path.join(dataDir, 'disk.img');
+  // The disk at SuperSpeed on xHCI (Linux then sends 1 MiB SCSI commands, not 120 KiB: far fewer
+  // URB round trips); high speed on EHCI, which has no USB 3 ports (a SuperSpeed usb-redir
+  // device does not enumerate there).
+  const diskSpeed = f.bus.toLowerCase() === 'ehci' ? 'high' : 'super';
   const server = await runServer(
     {
       listen: f.listen,
@@ -80,7 +84,7 @@ async function runDemo(f: DemoFlags): Promise<number | undefined> {
       acl: { bridge: '*', viewer: [{ class: 2 }] },
       admins: ['bridge'],
       limits: {},
-      emulated: { disk: { image: diskImage, sizeMiB: 64 }, loopback: true, serial: true },
+      emulated: { disk: { image: diskImage, sizeMiB: 64, speed: diskSpeed }, loopback: true, serial: true },
       logLevel: process.env.USBROAM_LOG_LEVEL ?? 'warn',
     },
     dataDir,
@@ -161,7 +165,8 @@ async function runDemo(f: DemoFlags): Promise<number | undefined> {
     const info = await bridge.attach({ vm: 'demo-vm', server: serverOpts, selector: { serial: disk.serial }, bus: bg.bus });
     phase(`attached as QEMU device ${info.id} (session ${info.sessionId}); waiting for the guest to enumerate it`);
     await helpers.waitForDisk(g);
-    phase(`the guest sees /dev/sda (${Number((await g.sh('cat /sys/block/sda/size')).trim()) / 2048} MiB). Its kernel log:`);
+    const maxKb = (await g.sh('cat /sys/block/sda/queue/max_sectors_kb')).trim();
+    phase(`the guest sees /dev/sda (${Number((await g.sh('cat /sys/block/sda/size')).trim()) / 2048} MiB, ${diskSpeed === 'super' ? 'SuperSpeed' : 'high speed'}, SCSI commands up to ${maxKb} KiB). Its kernel log:`);
     const newLines = (await helpers.dmesgLines(g)).slice(dmesgBefore);
     const interesting = newLines.filter((l) => /usb \d+-[\d.]+:|usb-storage|scsi|sd \d|sda/.test(l));
     for (const l of interesting) console.log(`          ${l}`);
