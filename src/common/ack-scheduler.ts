@@ -1,11 +1,19 @@
 // When to acknowledge what the peer sent. An ack rides along with any data
 // frame going out anyway; on its own it waits a little (or for a backlog),
 // so a ping-pong of URBs does not double its messages with bare acks.
+//
+// The delay timer is created at most once per delay period: an ack that
+// rides with data does not clear it (clearing and re-arming a timer on every
+// round trip costs more than the round trip's own work); when it fires it
+// checks whether an ack is still owed.
 
 export class AckScheduler {
   private lastSent = 0;
+  /** Highest seq seen owed by take() (what the timer will force out). */
+  private owed = 0;
   private timer?: NodeJS.Timeout;
   private forced = false;
+  private stopped = false;
 
   constructor(
     /** Called when a delayed ack is due: the owner should flush. */
@@ -23,28 +31,35 @@ export class AckScheduler {
     if (lastReceived <= this.lastSent) return undefined;
     if (withData || this.forced || lastReceived - this.lastSent >= this.backlog) {
       this.forced = false;
-      clearTimeout(this.timer);
-      this.timer = undefined;
       this.lastSent = lastReceived;
       return lastReceived;
     }
-    this.timer ??= setTimeout(() => {
-      this.timer = undefined;
-      this.forced = true;
-      this.onDue();
-    }, this.delayMs);
+    this.owed = lastReceived;
+    if (!this.timer && !this.stopped) {
+      this.timer = setTimeout(this.fire, this.delayMs);
+    }
     return undefined;
   }
+
+  private readonly fire = (): void => {
+    this.timer = undefined;
+    if (this.stopped || this.owed <= this.lastSent) return; // went out with data meanwhile
+    this.forced = true;
+    this.onDue();
+  };
 
   /** A new stream: the peer must hear the position again. */
   reset(): void {
     this.lastSent = 0;
+    this.owed = 0;
     this.forced = false;
+    this.stopped = false;
     clearTimeout(this.timer);
     this.timer = undefined;
   }
 
   stop(): void {
+    this.stopped = true;
     clearTimeout(this.timer);
     this.timer = undefined;
   }

@@ -443,8 +443,7 @@ export class RemoteDevice extends EventEmitter {
   private readonly flushTask = (): void => {
     if (!this.flushScheduled) return;
     this.flushScheduled = false;
-    this.flush();
-    if (!this.flushedThisTurn) {
+    if (this.flush() && !this.flushedThisTurn) {
       this.flushedThisTurn = true;
       setImmediate(this.turnEnd);
     }
@@ -457,16 +456,19 @@ export class RemoteDevice extends EventEmitter {
     this.flush();
   };
 
-  private flush(): void {
+  /** Sends what is due; true when a message went out. */
+  private flush(): boolean {
     const st = this.current;
-    if (!st || st.ended || st.waitingDrain || this.opened || this.standbyMode) return; // not open yet: frames wait in the journal
+    if (!st || st.ended || st.waitingDrain || this.opened || this.standbyMode) return false; // not open yet: frames wait in the journal
+    let wrote = false;
     for (;;) {
       const frames = this.journal.takeUnsent(1024, 256 * 1024);
       const ack = this.acks.take(this.rx.lastSeq, frames.length > 0);
       if (ack !== undefined) frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: ack } } });
-      if (!frames.length) return;
+      if (!frames.length) return wrote;
       this.writeTo(st, { frames });
-      if (st.waitingDrain) return;
+      wrote = true;
+      if (st.waitingDrain) return wrote;
     }
   }
 

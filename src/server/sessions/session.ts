@@ -561,8 +561,7 @@ export class Session extends EventEmitter {
   private readonly flushTask = (): void => {
     if (!this.flushScheduled) return;
     this.flushScheduled = false;
-    this.flush();
-    if (!this.flushedThisTurn) {
+    if (this.flush() && !this.flushedThisTurn) {
       this.flushedThisTurn = true;
       setImmediate(this.turnEnd);
     }
@@ -575,21 +574,24 @@ export class Session extends EventEmitter {
     this.flush();
   };
 
-  private flush(): void {
+  /** Sends what is due; true when a message went out. */
+  private flush(): boolean {
     const stream = this.stream;
-    if (!stream || this.waitingDrain) return;
+    if (!stream || this.waitingDrain) return false;
+    let wrote = false;
     for (;;) {
       const frames = this.journal.takeUnsent(MAX_FRAMES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE);
       const ack = this.acks.take(this.rx.lastSeq, frames.length > 0);
       if (ack !== undefined) frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: ack } } });
-      if (frames.length === 0) return;
+      if (frames.length === 0) return wrote;
+      wrote = true;
       if (!stream.write({ frames })) {
         this.waitingDrain = true;
         stream.onceDrain(() => {
           this.waitingDrain = false;
           if (this.stream === stream) this.flush();
         });
-        return;
+        return wrote;
       }
     }
   }
