@@ -12,7 +12,7 @@ import { UsbHostClient, type DeviceSelector } from '../sdk/client.js';
 import type { ConnectionOptions } from '../sdk/credentials.js';
 import type { RemoteDevice } from '../sdk/remote-device.js';
 import { Attachment, HandOffRefusedError, type AttachmentCloseInfo, type AttachmentStats, type HandOffInfo } from './attachment.js';
-import { releaseStandby, sourceLostReconnect } from './migration.js';
+import { releaseStandby, sourceLostReplug } from './migration.js';
 import { connectChardev, hotplugRedir, qemuArgsFor, redirIds, unplugRedir, type ColdPlugArgs, type RedirPlug } from './qemu-attach.js';
 
 export interface VmSpec {
@@ -337,8 +337,11 @@ export class Bridge extends EventEmitter {
       const d = dev.device;
       let att: Attachment;
       if (t.sourceLost || t.state.length === 0) {
-        log.warn({ lastServerSeq: t.lastServerSeq }, 'the source bridge was lost before handing off: the position in the usbredir streams is unknown; reconnecting the device in the guest (clean replug)');
-        att = sourceLostReconnect({ device: dev, socket: sock, log, id });
+        log.warn(
+          { lastServerSeq: t.lastServerSeq },
+          'the source bridge was lost before handing off: the position in the usbredir streams is unknown and no usbredir parser state migrated; clean replug (closing and reconnecting the chardev, device reset, full usbredir handshake)',
+        );
+        att = await sourceLostReplug({ device: dev, socket: sock, socketPath, log, id });
       } else {
         att = Attachment.fromHandOff({ device: dev, socket: sock, log, id, state: t.state });
       }

@@ -1,9 +1,8 @@
 // Helpers for the live-migration destination.
 import type { Logger } from '../../common/log.js';
-import { Device } from '../../gen/usbroam/v1/usbhost.js';
-import { ALL_CAPS, UsbredirParser } from '../../qemu/usbredir/index.js';
 import type { RemoteDevice } from '../sdk/remote-device.js';
 import { Attachment } from './attachment.js';
+import { connectChardev } from './qemu-attach.js';
 import type { Socket } from 'node:net';
 
 /**
@@ -22,33 +21,31 @@ export function releaseStandby(dev: RemoteDevice): void {
 
 /**
  * The source bridge was lost before handing off: where QEMU is in either usbredir stream is
- * unknown, so nothing can be continued byte-exactly. The destination tells the guest a clean
- * unplug and replug instead: device_disconnect, then interface_info, ep_info, device_connect
- * (QEMU cancels the requests it had pending at the disconnect). No hello: the destination
- * QEMU expects none.
+ * unknown, and the source QEMU, having seen its chardev close, dropped its usbredir parser, so
+ * none migrated: the destination QEMU's parser (created in inmigrate with no_hello) knows no
+ * peer caps, reads 32-bit ids and ignores a hello. Nothing can be continued, not even a replug
+ * spoken on the existing connection. So the replug is done on the chardev itself: close the
+ * destination's chardev connection (QEMU unplugs the usb-redir device in the guest and drops
+ * that parser), reset the device at the server (its state is clean again; requests the source
+ * left there are gone), reconnect to the same chardev (QEMU, running now, creates a fresh parser
+ * and sends its hello) and run a fresh attachment with the full handshake.
  */
-export function sourceLostReconnect(opts: { device: RemoteDevice; socket: Socket; log: Logger; id: string; peerCaps?: readonly number[] }): Attachment {
-  const caps = [...ALL_CAPS];
-  const peerCaps = [...(opts.peerCaps ?? ALL_CAPS)];
-  const p = new UsbredirParser({ role: 'device', caps, noHello: { peerCaps } });
-  const disconnect = Buffer.concat(p.encodeParts({ type: 'device_disconnect', id: 0n }));
-  const state = {
-    v: 1,
-    id: opts.id,
-    ourCaps: caps,
-    peerCaps,
-    toQemu: disconnect.toString('base64'),
-    fromQemuPartial: '',
-    inFlight: [],
-    byRedirId: [],
-    streams: [],
-    activeConfiguration: 0,
-    connectSent: false,
-    deviceGone: false,
-    state: 'starting',
-    lastUrbId: opts.device.peekNextUrbId() - 1,
-    device: Buffer.from(Device.encode(opts.device.device).finish()).toString('base64'),
-    positions: { bytesFromQemu: 0, bytesToQemu: 0, consumedByQemu: -1 },
-  };
-  return Attachment.fromHandOff({ device: opts.device, socket: opts.socket, log: opts.log, id: opts.id, state: new TextEncoder().encode(JSON.stringify(state)) });
+export async function sourceLostReplug(opts: { device: RemoteDevice; socket: Socket; socketPath: string; log: Logger; id: string }): Promise<Attachment> {
+  const old = opts.socket;
+  await new Promise<void>((resolve) => {
+    if (old.closed) return resolve();
+    const t = setTimeout(resolve, 2000);
+    old.once('close', () => {
+      clearTimeout(t);
+      resolve();
+    });
+    old.destroy();
+  });
+  try {
+    await opts.device.reset();
+  } catch (err) {
+    opts.log.warn({ attachment: opts.id, err: (err as Error).message }, 'device reset before the replug failed; replugging anyway');
+  }
+  const socket = await connectChardev(opts.socketPath);
+  return new Attachment({ device: opts.device, socket, log: opts.log, id: opts.id });
 }
