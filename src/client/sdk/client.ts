@@ -15,6 +15,10 @@ export const CLIENT_CHANNEL_OPTIONS = {
   'grpc.max_receive_message_length': 64 * 1024 * 1024,
   'grpc.max_send_message_length': 64 * 1024 * 1024,
   'grpc-node.flow_control_window': 8 * 1024 * 1024,
+  // The URB channel replays by itself; grpc-js's retry layer would only
+  // buffer and account every message. No channelz bookkeeping per message.
+  'grpc.enable_retries': 0,
+  'grpc.enable_channelz': 0,
   // A ping every 2 s: a connection reset while the socket has a write
   // pending is not noticed by Node's http2 session (it does not read while
   // writing), so only an unanswered ping reveals it; the session's grace
