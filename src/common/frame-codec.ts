@@ -111,69 +111,39 @@ function serverKindSize(k: SKind): number {
 
 const SERVER_KIND_FIELD: Partial<Record<SKind['$case'], number>> = { complete: 3, received: 5, ack: 7 };
 
+function writeServerKind(buf: Uint8Array, pos: number, k: SKind): number {
+  switch (k.$case) {
+    case 'complete': {
+      const c = k.value;
+      pos = writeV(buf, pos, 1, c.urbId);
+      pos = writeV(buf, pos, 2, c.status);
+      pos = writeB(buf, pos, 3, c.data);
+      pos = writeV(buf, pos, 4, c.actualLength);
+      return writeIsoList(buf, pos, 5, c.isoPackets);
+    }
+    case 'received': {
+      const r = k.value;
+      pos = writeV(buf, pos, 1, r.endpoint);
+      pos = writeV(buf, pos, 2, r.index);
+      pos = writeV(buf, pos, 3, r.status);
+      pos = writeB(buf, pos, 4, r.data);
+      return writeIsoList(buf, pos, 5, r.isoPackets);
+    }
+    case 'ack':
+      return writeV(buf, pos, 1, k.value.seq);
+  }
+  return pos;
+}
+
+const SERVER_FRAMES: FrameCodec<ServerFrame, SKind> = {
+  kindSize: serverKindSize,
+  kindField: SERVER_KIND_FIELD,
+  writeKind: writeServerKind,
+  slow: (f) => ServerFrame.encode(f).finish(),
+};
+
 export function encodeServerMessage(m: ServerMessage): Buffer {
-  const n = m.frames.length;
-  const kindSizes = new Array<number>(n);
-  const frameSizes = new Array<number>(n);
-  const slow: (Uint8Array | undefined)[] = new Array(n);
-  let total = 0;
-  for (let i = 0; i < n; i++) {
-    const f = m.frames[i];
-    const ks = f.kind ? serverKindSize(f.kind) : -1;
-    let size: number;
-    if (ks >= 0) {
-      kindSizes[i] = ks;
-      size = vField(f.seq) + mField(ks);
-    } else {
-      const b = ServerFrame.encode(f).finish();
-      slow[i] = b;
-      size = b.length;
-    }
-    frameSizes[i] = size;
-    total += mField(size);
-  }
-  const buf = Buffer.allocUnsafe(total);
-  let pos = 0;
-  for (let i = 0; i < n; i++) {
-    buf[pos++] = tag(1, LEN);
-    pos = writeVarint(buf, pos, frameSizes[i]);
-    const s = slow[i];
-    if (s) {
-      buf.set(s, pos);
-      pos += s.length;
-      continue;
-    }
-    const f = m.frames[i];
-    const k = f.kind!;
-    pos = writeV(buf, pos, 1, f.seq);
-    buf[pos++] = tag(SERVER_KIND_FIELD[k.$case]!, LEN);
-    pos = writeVarint(buf, pos, kindSizes[i]);
-    switch (k.$case) {
-      case 'complete': {
-        const c = k.value;
-        pos = writeV(buf, pos, 1, c.urbId);
-        pos = writeV(buf, pos, 2, c.status);
-        pos = writeB(buf, pos, 3, c.data);
-        pos = writeV(buf, pos, 4, c.actualLength);
-        pos = writeIsoList(buf, pos, 5, c.isoPackets);
-        break;
-      }
-      case 'received': {
-        const r = k.value;
-        pos = writeV(buf, pos, 1, r.endpoint);
-        pos = writeV(buf, pos, 2, r.index);
-        pos = writeV(buf, pos, 3, r.status);
-        pos = writeB(buf, pos, 4, r.data);
-        pos = writeIsoList(buf, pos, 5, r.isoPackets);
-        break;
-      }
-      case 'ack':
-        pos = writeV(buf, pos, 1, k.value.seq);
-        break;
-    }
-  }
-  if (pos !== total) throw new Error(`encodeServerMessage: wrote ${pos} of ${total} bytes`);
-  return buf;
+  return encodeFrames(m.frames, SERVER_FRAMES, 'encodeServerMessage');
 }
 
 // ------------------------------------------------------------------ client
@@ -207,21 +177,65 @@ function clientKindSize(k: CKind): number {
 
 const CLIENT_KIND_FIELD: Partial<Record<CKind['$case'], number>> = { submit: 3, ack: 6 };
 
+function writeClientKind(buf: Uint8Array, pos: number, k: CKind): number {
+  switch (k.$case) {
+    case 'submit': {
+      const u = k.value;
+      pos = writeV(buf, pos, 1, u.urbId);
+      pos = writeV(buf, pos, 2, u.endpoint);
+      pos = writeV(buf, pos, 3, u.type);
+      pos = writeB(buf, pos, 4, u.setup);
+      pos = writeB(buf, pos, 5, u.data);
+      pos = writeV(buf, pos, 6, u.length);
+      pos = writeV(buf, pos, 7, u.streamId);
+      pos = writeV(buf, pos, 8, u.flags);
+      pos = writeIsoList(buf, pos, 9, u.isoPackets);
+      return writeV(buf, pos, 10, u.timeoutMs);
+    }
+    case 'ack':
+      return writeV(buf, pos, 1, k.value.seq);
+  }
+  return pos;
+}
+
+const CLIENT_FRAMES: FrameCodec<ClientFrame, CKind> = {
+  kindSize: clientKindSize,
+  kindField: CLIENT_KIND_FIELD,
+  writeKind: writeClientKind,
+  slow: (f) => ClientFrame.encode(f).finish(),
+};
+
 export function encodeClientMessage(m: ClientMessage): Buffer {
-  const n = m.frames.length;
+  return encodeFrames(m.frames, CLIENT_FRAMES, 'encodeClientMessage');
+}
+
+// ------------------------------------------------------------------ framing
+
+/** How one direction's frames are measured and written. */
+interface FrameCodec<F extends { seq: number; kind?: K }, K extends { $case: string }> {
+  /** Size of a fast kind's sub-message, or -1 for ts-proto's path. */
+  kindSize(k: K): number;
+  kindField: Partial<Record<K['$case'], number>>;
+  writeKind(buf: Uint8Array, pos: number, k: K): number;
+  slow(f: F): Uint8Array;
+}
+
+/** A ClientMessage / ServerMessage: `repeated frame = 1`, measured first, written once. */
+function encodeFrames<F extends { seq: number; kind?: K }, K extends { $case: string }>(frames: F[], c: FrameCodec<F, K>, what: string): Buffer {
+  const n = frames.length;
   const kindSizes = new Array<number>(n);
   const frameSizes = new Array<number>(n);
   const slow: (Uint8Array | undefined)[] = new Array(n);
   let total = 0;
   for (let i = 0; i < n; i++) {
-    const f = m.frames[i];
-    const ks = f.kind ? clientKindSize(f.kind) : -1;
+    const f = frames[i];
+    const ks = f.kind ? c.kindSize(f.kind) : -1;
     let size: number;
     if (ks >= 0) {
       kindSizes[i] = ks;
       size = vField(f.seq) + mField(ks);
     } else {
-      const b = ClientFrame.encode(f).finish();
+      const b = c.slow(f);
       slow[i] = b;
       size = b.length;
     }
@@ -239,31 +253,13 @@ export function encodeClientMessage(m: ClientMessage): Buffer {
       pos += s.length;
       continue;
     }
-    const f = m.frames[i];
+    const f = frames[i];
     const k = f.kind!;
     pos = writeV(buf, pos, 1, f.seq);
-    buf[pos++] = tag(CLIENT_KIND_FIELD[k.$case]!, LEN);
+    buf[pos++] = tag(c.kindField[k.$case as K['$case']]!, LEN);
     pos = writeVarint(buf, pos, kindSizes[i]);
-    switch (k.$case) {
-      case 'submit': {
-        const u = k.value;
-        pos = writeV(buf, pos, 1, u.urbId);
-        pos = writeV(buf, pos, 2, u.endpoint);
-        pos = writeV(buf, pos, 3, u.type);
-        pos = writeB(buf, pos, 4, u.setup);
-        pos = writeB(buf, pos, 5, u.data);
-        pos = writeV(buf, pos, 6, u.length);
-        pos = writeV(buf, pos, 7, u.streamId);
-        pos = writeV(buf, pos, 8, u.flags);
-        pos = writeIsoList(buf, pos, 9, u.isoPackets);
-        pos = writeV(buf, pos, 10, u.timeoutMs);
-        break;
-      }
-      case 'ack':
-        pos = writeV(buf, pos, 1, k.value.seq);
-        break;
-    }
+    pos = c.writeKind(buf, pos, k);
   }
-  if (pos !== total) throw new Error(`encodeClientMessage: wrote ${pos} of ${total} bytes`);
+  if (pos !== total) throw new Error(`${what}: wrote ${pos} of ${total} bytes`);
   return buf;
 }
