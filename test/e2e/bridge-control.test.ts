@@ -13,7 +13,8 @@ import { promisify } from 'node:util';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { clientTls } from '../helpers/certs.js';
 import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
-import { ensureGuestImage, guestAvailability, startGuest, type Guest, type GuestImage } from './harness/guest.js';
+import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
+import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
 
 const MiB = 1024 * 1024;
 const run = promisify(execFile);
@@ -109,16 +110,7 @@ describe('e2e bridge control API: usbroam bridge + attach/attachments/detach wit
 
   before(async function () {
     this.timeout(900_000);
-    if (process.env.USBROAM_E2E === '0') this.skip();
-    try {
-      image = await ensureGuestImage();
-    } catch (err) {
-      if (process.getuid?.() !== 0 && !guestAvailability().ok) {
-        console.warn(`skipping e2e: ${(err as Error).message}`);
-        this.skip();
-      }
-      throw err;
-    }
+    image = await e2eImageOrSkip(this);
     dir = mkdtempSync(path.join(os.tmpdir(), 'ubce-'));
     diskPath = path.join(dir, 'disk.img');
     server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', diskPath, '--disk-size-mib', '64']);

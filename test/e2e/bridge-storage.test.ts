@@ -12,7 +12,8 @@ import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { createLogger, silentLogger } from '../../src/common/log.js';
 import { clientTls } from '../helpers/certs.js';
 import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
-import { ensureGuestImage, guestAvailability, startGuest, type Guest, type GuestImage } from './harness/guest.js';
+import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
+import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
 
 const MiB = 1024 * 1024;
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
@@ -66,16 +67,7 @@ for (const hc of [
 
     before(async function () {
       this.timeout(900_000);
-      if (process.env.USBROAM_E2E === '0') this.skip();
-      try {
-        image = await ensureGuestImage();
-      } catch (err) {
-        if (process.getuid?.() !== 0 && !guestAvailability().ok) {
-          console.warn(`skipping e2e: ${(err as Error).message}`);
-          this.skip();
-        }
-        throw err;
-      }
+      image = await e2eImageOrSkip(this);
       dir = mkdtempSync(path.join(os.tmpdir(), 'ubr-'));
       diskPath = path.join(dir, 'disk.img');
       server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', diskPath, '--disk-size-mib', '64']);

@@ -3,7 +3,8 @@
 // its console on the destination.
 import { expect } from 'chai';
 import path from 'node:path';
-import { ensureGuestImage, guestAvailability, startGuest, type Guest, type GuestImage } from './harness/guest.js';
+import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
+import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
 
 describe('e2e harness: live migration between two guests', function () {
   this.timeout(300_000);
@@ -12,16 +13,7 @@ describe('e2e harness: live migration between two guests', function () {
 
   before(async function () {
     this.timeout(900_000);
-    if (process.env.USBROAM_E2E === '0') this.skip();
-    try {
-      image = await ensureGuestImage();
-    } catch (err) {
-      if (process.getuid?.() !== 0 && !guestAvailability().ok) {
-        console.warn(`skipping e2e: ${(err as Error).message}`);
-        this.skip();
-      }
-      throw err;
-    }
+    image = await e2eImageOrSkip(this);
   });
 
   after(async () => {

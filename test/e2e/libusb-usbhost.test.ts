@@ -17,8 +17,9 @@ import { promisify } from 'node:util';
 import { Bridge } from '../../src/client/bridge/bridge.js';
 import { createLogger, silentLogger } from '../../src/common/log.js';
 import { clientTls } from '../helpers/certs.js';
-import { ensureGuestImage, guestAvailability, startGuest, type Guest, type GuestImage } from './harness/guest.js';
+import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
 import { startUsbHostGuest, type UsbHostGuest } from './harness/usbhost-guest.js';
+import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
 
 const MiB = 1024 * 1024;
 const IO_MIB = Number(process.env.USBROAM_LIBUSB_IO_MIB ?? 16);
@@ -87,16 +88,7 @@ describe('e2e libusb backend: a USB host guest exports QEMU usb-storage and usb-
 
   before(async function () {
     this.timeout(900_000);
-    if (process.env.USBROAM_E2E === '0') this.skip();
-    try {
-      image = await ensureGuestImage();
-    } catch (err) {
-      if (process.getuid?.() !== 0 && !guestAvailability().ok) {
-        console.warn(`skipping e2e: ${(err as Error).message}`);
-        this.skip();
-      }
-      throw err;
-    }
+    image = await e2eImageOrSkip(this);
     dir = mkdtempSync(path.join(os.tmpdir(), 'ubr-libusb-'));
     stickImg = path.join(dir, 'stick.img');
     closeSync(openSync(stickImg, 'w'));

@@ -12,7 +12,8 @@ import { createLogger, silentLogger } from '../../src/common/log.js';
 import { clientTls } from '../helpers/certs.js';
 import { migrateWithHandOff, startVmGuest, type Host } from '../helpers/migration-rig.js';
 import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
-import { ensureGuestImage, guestAvailability, type Guest, type GuestImage } from './harness/guest.js';
+import { type Guest, type GuestImage } from './harness/guest.js';
+import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
 
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
 const BAD = /USB disconnect|reset (low|full|high|super|SuperSpeed)[^\n]*USB device|error -110|I\/O error|DID_NO_CONNECT/;
@@ -53,16 +54,7 @@ describe('e2e migration: the remote disk stays attached across live migration', 
 
   before(async function () {
     this.timeout(900_000);
-    if (process.env.USBROAM_E2E === '0') this.skip();
-    try {
-      image = await ensureGuestImage();
-    } catch (err) {
-      if (process.getuid?.() !== 0 && !guestAvailability().ok) {
-        console.warn(`skipping e2e: ${(err as Error).message}`);
-        this.skip();
-      }
-      throw err;
-    }
+    image = await e2eImageOrSkip(this);
     dir = mkdtempSync(path.join(os.tmpdir(), 'umig-'));
     server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', path.join(dir, 'disk.img'), '--disk-size-mib', '64']);
     serverOpts = { address: server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };

@@ -16,6 +16,7 @@ import path from 'node:path';
 import { Bridge, type AttachmentInfo } from '../../src/client/bridge/bridge.js';
 import { createLogger, silentLogger } from '../../src/common/log.js';
 import { clientTls } from '../helpers/certs.js';
+import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
 import {
   BridgeChild,
   capturingLogger,
@@ -30,7 +31,7 @@ import {
 import { migrateWithHandOff, startVmGuest } from '../helpers/migration-rig.js';
 import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
 import { TcpProxy } from '../helpers/tcp-proxy.js';
-import { ensureGuestImage, guestAvailability, type Guest, type GuestImage } from './harness/guest.js';
+import { type Guest, type GuestImage } from './harness/guest.js';
 
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
 const SERIAL = 'USBROAM-MSC-0001';
@@ -71,16 +72,7 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
 
   before(async function () {
     this.timeout(900_000);
-    if (process.env.USBROAM_E2E === '0') this.skip();
-    try {
-      image = await ensureGuestImage();
-    } catch (err) {
-      if (process.getuid?.() !== 0 && !guestAvailability().ok) {
-        console.warn(`skipping e2e: ${(err as Error).message}`);
-        this.skip();
-      }
-      throw err;
-    }
+    image = await e2eImageOrSkip(this);
     dir = mkdtempSync(path.join(os.tmpdir(), 'umf-'));
     server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', path.join(dir, 'disk.img'), '--disk-size-mib', '64']);
     serverOpts = { address: server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
