@@ -3,140 +3,10 @@
 // submission/completion/cancel mapping, standard requests routed to libusb
 // calls, device loss, and the clear errors (refusing driver, iso, streams).
 import { expect } from 'chai';
-import { LibusbBackend, type UsbEnumDeviceLike, type UsbModuleLike } from '../../src/server/backends/libusb/libusb-backend.js';
-import { ISO_UNIMPLEMENTED, STREAMS_UNIMPLEMENTED, type LibusbDeviceHandle } from '../../src/server/backends/libusb/libusb-device.js';
-import { TransferType, UrbStatus, UsbError, type DeviceHandle, type DeviceInfo, type Urb, type UrbResult } from '../../src/server/backends/types.js';
-
-type Cb = (err?: Error & { errno?: number }) => void;
-
-function libusbErr(errno: number, msg = `LIBUSB_ERR_${errno}`) {
-  return Object.assign(new Error(msg), { errno });
-}
-
-interface FakeTransfer {
-  endpoint: number;
-  type: number;
-  timeoutMs: number;
-  buf?: Buffer;
-  cancelled: boolean;
-  complete(errno: number | undefined, actual: number, fill?: Uint8Array): void;
-}
-
-class FakeDevice implements UsbEnumDeviceLike {
-  opened = false;
-  claimed = new Set<number>();
-  driverBound = new Set<number>([0]);
-  refuseDetach = false;
-  calls: string[] = [];
-  gone = false;
-  config = 1;
-  constructor(
-    public busNumber: number,
-    public deviceAddress: number,
-    public portNumbers: number[],
-    public deviceDescriptor: UsbEnumDeviceLike['deviceDescriptor'],
-    private readonly strings: string[] = ['', 'ACME', 'Widget', 'W0001'],
-    private readonly ifClass = 0xff,
-  ) {}
-  private cfg(value: number) {
-    return {
-      bLength: 9, bDescriptorType: 2, wTotalLength: 32, bNumInterfaces: 1, bConfigurationValue: value, iConfiguration: 0, bmAttributes: 0x80, bMaxPower: 50, extra: Buffer.alloc(0),
-      interfaces: [[0, 1].map((alt) => ({
-        bLength: 9, bDescriptorType: 4, bInterfaceNumber: 0, bAlternateSetting: alt, bNumEndpoints: alt ? 1 : 2, bInterfaceClass: this.ifClass, bInterfaceSubClass: 0, bInterfaceProtocol: 0, iInterface: 0, extra: Buffer.alloc(0),
-        endpoints: (alt ? [0x83] : [0x81, 0x02]).map((a) => ({ bLength: 7, bDescriptorType: 5, bEndpointAddress: a, bmAttributes: a === 0x83 ? 3 : 2, wMaxPacketSize: 512, bInterval: 0, bRefresh: 0, bSynchAddress: 0, extra: Buffer.alloc(0) })),
-      }))],
-    };
-  }
-  get configDescriptor() {
-    return this.config ? this.cfg(this.config) : undefined;
-  }
-  get allConfigDescriptors() {
-    return [this.cfg(1)];
-  }
-  __open() {
-    if (this.gone) throw libusbErr(-4);
-    this.opened = true;
-  }
-  __close() {
-    this.opened = false;
-  }
-  __claimInterface(n: number) {
-    this.calls.push(`claim ${n}`);
-    this.claimed.add(n);
-  }
-  __releaseInterface(n: number, cb: Cb) {
-    this.calls.push(`release ${n}`);
-    this.claimed.delete(n);
-    setImmediate(() => cb());
-  }
-  __detachKernelDriver(n: number) {
-    if (this.refuseDetach) throw libusbErr(-3, 'LIBUSB_ERROR_ACCESS');
-    this.calls.push(`detach ${n}`);
-    this.driverBound.delete(n);
-  }
-  __attachKernelDriver(n: number) {
-    this.calls.push(`attach ${n}`);
-    this.driverBound.add(n);
-  }
-  __isKernelDriverActive(n: number) {
-    return this.driverBound.has(n);
-  }
-  __setConfiguration(v: number, cb: Cb) {
-    this.calls.push(`setconfig ${v}`);
-    setImmediate(() => cb(this.claimed.size ? libusbErr(-6) : undefined));
-  }
-  __setInterface(n: number, alt: number, cb: Cb) {
-    this.calls.push(`setinterface ${n} ${alt}`);
-    setImmediate(() => cb());
-  }
-  __clearHalt(ep: number, cb: Cb) {
-    this.calls.push(`clearhalt ${ep.toString(16)}`);
-    setImmediate(() => cb());
-  }
-  reset(cb: Cb) {
-    this.calls.push('reset');
-    setImmediate(() => cb());
-  }
-  getStringDescriptor(i: number, cb: (err?: Error, v?: string) => void) {
-    setImmediate(() => cb(undefined, this.strings[i]));
-  }
-}
-
-function dd(vid: number, pid: number, cls = 0) {
-  return { bLength: 18, bDescriptorType: 1, bcdUSB: 0x0200, bDeviceClass: cls, bDeviceSubClass: 0, bDeviceProtocol: 0, bMaxPacketSize0: 64, idVendor: vid, idProduct: pid, bcdDevice: 0x0102, iManufacturer: 1, iProduct: 2, iSerialNumber: 3, bNumConfigurations: 1 };
-}
-
-function fakeUsb(devices: FakeDevice[]) {
-  const transfers: FakeTransfer[] = [];
-  const mod: UsbModuleLike & { devices: FakeDevice[]; transfers: FakeTransfer[]; failSubmit?: number } = {
-    devices,
-    transfers,
-    getDeviceList: () => [...mod.devices],
-    newTransfer: (device, endpoint, type, timeoutMs, cb) => {
-      const t: FakeTransfer = {
-        endpoint, type, timeoutMs, cancelled: false,
-        complete(errno, actual, fill) {
-          if (fill && t.buf) t.buf.set(fill, type === TransferType.Control ? 8 : 0);
-          setImmediate(() => cb(errno === undefined ? undefined : libusbErr(errno), t.buf!, actual));
-        },
-      };
-      transfers.push(t);
-      return {
-        submit(buf: Buffer) {
-          if (mod.failSubmit !== undefined) throw libusbErr(mod.failSubmit);
-          if ((device as FakeDevice).gone) throw libusbErr(-4);
-          t.buf = buf;
-        },
-        cancel() {
-          t.cancelled = true;
-          t.complete(3, 0);
-          return true;
-        },
-      };
-    },
-  };
-  return mod;
-}
+import { LibusbBackend } from '../../src/server/backends/libusb/libusb-backend.js';
+import { ISO_UNIMPLEMENTED, STREAMS_UNIMPLEMENTED, isoDurationMs, type LibusbDeviceHandle } from '../../src/server/backends/libusb/libusb-device.js';
+import { Speed, TransferType, URB_SHORT_NOT_OK, URB_ZERO_PACKET, UrbStatus, UsbError, type DeviceHandle, type DeviceInfo, type Urb, type UrbResult } from '../../src/server/backends/types.js';
+import { FakeDevice, dd, fakeUsb } from '../helpers/fake-usb.js';
 
 const NOSYS = '/nonexistent-sysfs';
 let nextId = 1;
@@ -294,20 +164,192 @@ describe('libusb backend (fake usb module)', () => {
     await h.close();
   });
 
-  it('isochronous URBs and bulk streams: clear Inval errors saying what is missing', async () => {
+  it('isochronous URBs, bulk streams: Inval, errors naming device, endpoint and what usb@2 lacks; iso paced, cancellable', async () => {
     const h = await backend.open('usb-1-2-W0001');
+    const n = mod.transfers.length;
+    const t0 = performance.now();
     const r = await submit(h, urb({ endpoint: 0x81, type: TransferType.Isochronous, length: 64, isoPackets: [{ length: 64, status: 0, actualLength: 0 }] }));
     expect(r.status).to.equal(UrbStatus.Inval);
     expect(r.isoPackets![0]!.status).to.equal(UrbStatus.Inval);
-    expect(ISO_UNIMPLEMENTED).to.match(/isochronous transfers are not implemented/);
-    await h.allocBulkStreams([0x81], 4).then(
-      () => expect.fail('streams'),
+    expect(mod.transfers.length, 'no libusb transfer for an iso URB').to.equal(n);
+    expect(ISO_UNIMPLEMENTED).to.match(/isochronous transfers are not implemented by the libusb backend: usb@2 .*no binding for libusb_alloc_transfer\(iso_packets\)/);
+    // Paced at the URB's bus time: a receiving stream resubmitting on every completion does not spin.
+    const info = { ...h.info, speed: Speed.Full, endpoints: [{ ...h.info.endpoints[0]!, interval: 1 }] };
+    expect(isoDurationMs(info, urb({ endpoint: 0x81, isoPackets: Array(8).fill({ length: 8, status: 0, actualLength: 0 }) }))).to.equal(8);
+    expect(isoDurationMs({ ...info, speed: Speed.High }, urb({ endpoint: 0x81, isoPackets: Array(8).fill({ length: 8, status: 0, actualLength: 0 }) }))).to.equal(1);
+    expect(isoDurationMs({ ...info, speed: Speed.High, endpoints: [{ ...info.endpoints[0]!, interval: 4 }] }, urb({ endpoint: 0x81, isoPackets: Array(32).fill({ length: 8, status: 0, actualLength: 0 }) }))).to.equal(32);
+    expect(performance.now() - t0).to.be.greaterThanOrEqual(0.9);
+    const slow = urb({ endpoint: 0x81, type: TransferType.Isochronous, length: 64, isoPackets: Array(1000).fill({ length: 64, status: 0, actualLength: 0 }) });
+    const pending = submit(h, slow);
+    expect(h.cancel(slow.id)).to.equal(true);
+    expect((await pending).status, 'a cancelled iso URB completes at once as cancelled').to.equal(UrbStatus.Cancelled);
+    // Bulk streams: a URB with a stream id is Inval; the ops throw a UsbError naming device and endpoints.
+    expect((await submit(h, urb({ endpoint: 0x81, streamId: 3, length: 8 }))).status).to.equal(UrbStatus.Inval);
+    expect(mod.transfers.length, 'no libusb transfer for a stream URB').to.equal(n);
+    for (const op of [() => h.allocBulkStreams([0x81, 0x02], 4), () => h.freeBulkStreams([0x81, 0x02])]) {
+      await op().then(
+        () => expect.fail('streams'),
+        (err) => {
+          expect(err).to.be.instanceOf(UsbError);
+          expect((err as UsbError).status).to.equal(UrbStatus.Inval);
+          expect((err as UsbError).message).to.equal(`device usb-1-2-W0001 endpoints 0x81, 0x02: ${STREAMS_UNIMPLEMENTED}`);
+        },
+      );
+    }
+    expect(STREAMS_UNIMPLEMENTED).to.match(/no binding for libusb_alloc_streams \/ libusb_free_streams \/ libusb_transfer_set_stream_id/);
+    await h.close();
+  });
+
+  it('URB_ZERO_PACKET on bulk OUT: a zero-length transfer right behind a multiple of wMaxPacketSize, none otherwise', async () => {
+    const h = await backend.open('usb-1-2-W0001');
+    const base = mod.submitted.length;
+    const p = submit(h, urb({ endpoint: 0x02, data: new Uint8Array(1024).fill(7), flags: URB_ZERO_PACKET }));
+    // A second URB submitted right after must queue behind the ZLP, not between.
+    const p2 = submit(h, urb({ endpoint: 0x02, data: Uint8Array.from([1, 2, 3]) }));
+    const subs = mod.submitted.slice(base);
+    expect(subs.map((t) => [t.endpoint, t.buf!.length])).to.deep.equal([[0x02, 1024], [0x02, 0], [0x02, 3]]);
+    subs[0]!.complete(undefined, 1024);
+    let settled = false;
+    void p.then(() => (settled = true));
+    await tick();
+    await tick();
+    expect(settled, 'the URB waits for its zero-length packet').to.equal(false);
+    subs[1]!.complete(undefined, 0);
+    expect(await p).to.deep.equal({ status: UrbStatus.Success, actualLength: 1024 });
+    subs[2]!.complete(undefined, 3);
+    expect((await p2).status).to.equal(UrbStatus.Success);
+    // Not a multiple of 512, or no flag, or empty: no extra transfer.
+    for (const [len, flags] of [[1000, URB_ZERO_PACKET], [512, 0], [0, URB_ZERO_PACKET]] as const) {
+      const b = mod.submitted.length;
+      const q = submit(h, urb({ endpoint: 0x02, data: new Uint8Array(len), flags }));
+      expect(mod.submitted.length - b, `len ${len} flags ${flags}`).to.equal(1);
+      mod.submitted.at(-1)!.complete(undefined, len);
+      expect((await q).status).to.equal(UrbStatus.Success);
+    }
+    // The data stalls: the zero-length packet is cancelled, the URB is a stall.
+    const b = mod.submitted.length;
+    const s = submit(h, urb({ endpoint: 0x02, data: new Uint8Array(512), flags: URB_ZERO_PACKET }));
+    mod.submitted[b]!.complete(4, 0);
+    expect((await s).status).to.equal(UrbStatus.Stall);
+    expect(mod.submitted[b + 1]!.cancelled).to.equal(true);
+    // Cancel: both transfers cancelled, the URB cancelled.
+    const c = urb({ endpoint: 0x02, data: new Uint8Array(512), flags: URB_ZERO_PACKET });
+    const cp = submit(h, c);
+    expect(h.cancel(c.id)).to.equal(true);
+    expect((await cp).status).to.equal(UrbStatus.Cancelled);
+    expect(mod.submitted.slice(-2).map((t) => t.cancelled)).to.deep.equal([true, true]);
+    // The zero-length submit itself fails: the URB is an error once the data is done.
+    mod.submitErrors.push(undefined, -1);
+    const e = submit(h, urb({ endpoint: 0x02, data: new Uint8Array(512), flags: URB_ZERO_PACKET }));
+    mod.submitted.at(-1)!.complete(undefined, 512);
+    expect(await e).to.deep.equal({ status: UrbStatus.IoError, actualLength: 512 });
+    await h.close();
+  });
+
+  it('URB_SHORT_NOT_OK on IN: a short transfer is an error (data kept), a full one is not', async () => {
+    const h = await backend.open('usb-1-2-W0001');
+    const short = submit(h, urb({ endpoint: 0x81, length: 64, flags: URB_SHORT_NOT_OK }));
+    mod.submitted.at(-1)!.complete(undefined, 2, Uint8Array.from([5, 6]));
+    const r = await short;
+    expect(r.status).to.equal(UrbStatus.IoError);
+    expect([...r.data!]).to.deep.equal([5, 6]);
+    const full = submit(h, urb({ endpoint: 0x81, length: 2, flags: URB_SHORT_NOT_OK }));
+    mod.submitted.at(-1)!.complete(undefined, 2, Uint8Array.from([5, 6]));
+    expect((await full).status).to.equal(UrbStatus.Success);
+    const plain = submit(h, urb({ endpoint: 0x81, length: 64 }));
+    mod.submitted.at(-1)!.complete(undefined, 2, Uint8Array.from([5, 6]));
+    expect((await plain).status).to.equal(UrbStatus.Success);
+    await h.close();
+  });
+
+  it('descriptor errors: a device whose descriptors cannot be read is not exported (the others are); described again later', async () => {
+    const b2 = await LibusbBackend.create({ allow: [{}], usb: mod, pollMs: 0, sysfsRoot: NOSYS, describeRetryMs: 0 });
+    const bad = new FakeDevice(1, 7, [3], dd(0x1234, 0x9999), ['', 'ACME', 'Broken', 'B0001']);
+    bad.descriptorError = true;
+    mod.devices.push(bad);
+    const added: string[] = [];
+    b2.on('added', (i: DeviceInfo) => added.push(i.id));
+    await b2.rescan();
+    expect(b2.list().map((d) => d.id)).to.deep.equal(['usb-1-2-W0001']);
+    expect(added).to.deep.equal([]);
+    await b2.open('usb-1-3-B0001').then(() => expect.fail('opened'), (err) => expect((err as Error).message).to.match(/no such device usb-1-3-B0001/));
+    // The backend carries on: the good device opens and transfers.
+    const h = await b2.open('usb-1-2-W0001');
+    const p = submit(h, urb({ endpoint: 0x81, length: 4 }));
+    mod.submitted.at(-1)!.complete(undefined, 4, Uint8Array.from([1, 2, 3, 4]));
+    expect((await p).status).to.equal(UrbStatus.Success);
+    await b2.rescan();
+    expect(added, 'still unreadable: still not exported').to.deep.equal([]);
+    bad.descriptorError = false;
+    await b2.rescan();
+    expect(added, 'readable now: exported').to.deep.equal(['usb-1-3-B0001']);
+    expect(b2.list().map((d) => d.id)).to.deep.equal(['usb-1-2-W0001', 'usb-1-3-B0001']);
+    await h.close();
+    await b2.close();
+  });
+
+  it('descriptor errors while open: a clear error for that open or that request; the handle recovers', async () => {
+    widget.descriptorError = true;
+    await backend.open('usb-1-2-W0001').then(
+      () => expect.fail('opened'),
       (err) => {
         expect(err).to.be.instanceOf(UsbError);
-        expect((err as UsbError).status).to.equal(UrbStatus.Inval);
-        expect((err as UsbError).message).to.equal(STREAMS_UNIMPLEMENTED);
+        expect((err as Error).message).to.equal('cannot open usb-1-2-W0001: the active configuration descriptor cannot be read (LIBUSB_ERROR_IO)');
       },
     );
+    expect(widget.opened, 'closed again').to.equal(false);
+    expect(widget.claimed.size, 'nothing left claimed').to.equal(0);
+    widget.descriptorError = false;
+    const h = await backend.open('usb-1-2-W0001');
+    widget.descriptorError = true;
+    // SET_INTERFACE and SET_CONFIGURATION re-read the active configuration: that fails, so do they.
+    await h.setInterface(0, 1).then(
+      () => expect.fail('set interface'),
+      (err) => expect((err as Error).message).to.equal('usb-1-2-W0001: set interface 0 alt 1: the active configuration descriptor cannot be read (LIBUSB_ERROR_IO)'),
+    );
+    const setConfig = () => submit(h, urb({ endpoint: 0x00, type: TransferType.Control, setup: Uint8Array.from([0x00, 0x09, 1, 0, 0, 0, 0, 0]), length: 0 }));
+    expect((await setConfig()).status).to.equal(UrbStatus.IoError);
+    widget.descriptorError = false;
+    expect((await setConfig()).status, 'recovers once the descriptor reads').to.equal(UrbStatus.Success);
+    expect(widget.claimed.has(0)).to.equal(true);
+    const p = submit(h, urb({ endpoint: 0x81, length: 4 }));
+    mod.submitted.at(-1)!.complete(undefined, 4, Uint8Array.from([1, 2, 3, 4]));
+    expect((await p).status).to.equal(UrbStatus.Success);
     await h.close();
+  });
+
+  it('the device vanishes mid-transfer (no rescan yet): NO_DEVICE completes the URB as IoError, the handle is gone, the backend carries on', async () => {
+    const other = new FakeDevice(2, 3, [1, 4], dd(0x0627, 0x0001), ['', 'QEMU', 'Keyboard', 'K1']);
+    mod.devices.push(other);
+    await backend.rescan();
+    const h = (await backend.open('usb-1-2-W0001')) as LibusbDeviceHandle;
+    const k = await backend.open('usb-2-1.4-K1');
+    let gone = '';
+    h.on('gone', (r: string) => (gone = r));
+    const a = submit(h, urb({ endpoint: 0x81, length: 512 }));
+    const b = submit(h, urb({ endpoint: 0x81, length: 512 }));
+    const [ta, tb] = mod.submitted.slice(-2);
+    widget.gone = true;
+    ta!.complete(5, 0); // LIBUSB_TRANSFER_NO_DEVICE
+    expect((await a).status).to.equal(UrbStatus.IoError);
+    await tick();
+    expect(gone).to.equal('device vanished during a transfer');
+    expect(h.isGone).to.equal(true);
+    tb!.complete(1, 0); // LIBUSB_TRANSFER_ERROR: after gone, every failure is IoError
+    expect((await b).status).to.equal(UrbStatus.IoError);
+    expect((await submit(h, urb({ endpoint: 0x81, length: 8 }))).status).to.equal(UrbStatus.IoError);
+    await h.setInterface(0, 1).then(() => expect.fail('op on a gone device'), (err) => expect((err as Error).message).to.match(/device gone \(device vanished during a transfer\)/));
+    // The other device is unaffected.
+    const kp = submit(k, urb({ endpoint: 0x81, length: 8 }));
+    mod.submitted.at(-1)!.complete(undefined, 8, new Uint8Array(8).fill(1));
+    expect((await kp).status).to.equal(UrbStatus.Success);
+    // A submit refused with LIBUSB_ERROR_NO_DEVICE marks the device gone too.
+    let kGone = '';
+    k.on('gone', (r: string) => (kGone = r));
+    other.gone = true;
+    expect((await submit(k, urb({ endpoint: 0x81, length: 8 }))).status).to.equal(UrbStatus.IoError);
+    expect(kGone).to.equal('device vanished');
+    await h.close();
+    await k.close();
   });
 });

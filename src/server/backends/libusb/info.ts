@@ -139,31 +139,24 @@ export function currentSetting(c: ConfigDescriptor | undefined, alts: Map<number
   return { interfaces, endpoints };
 }
 
-export function safeActiveConfig(d: UsbDeviceLike): ConfigDescriptor | undefined {
-  try {
-    return d.configDescriptor;
-  } catch {
-    return undefined;
-  }
-}
-
-export function safeAllConfigs(d: UsbDeviceLike): ConfigDescriptor[] {
-  try {
-    return d.allConfigDescriptors;
-  } catch {
-    return [];
-  }
-}
-
-/** Build the DeviceInfo; throws a descriptive Error when the device descriptor is unusable. */
+/**
+ * Build the DeviceInfo; throws a descriptive Error when the device descriptor is unusable or a
+ * configuration descriptor cannot be read (libusb: LIBUSB_ERROR_IO for a malformed one).
+ */
 export function buildDeviceInfo(d: UsbDeviceLike, strings: DeviceStrings, speed: Speed, backend = 'libusb'): DeviceInfo {
   const dd = d.deviceDescriptor;
   if (!dd || dd.bLength !== 18 || dd.bDescriptorType !== 1) {
     throw new Error(`bad device descriptor (bLength ${dd?.bLength}, type ${dd?.bDescriptorType})`);
   }
   const portPath = [...(d.portNumbers ?? [])];
-  const configs = safeAllConfigs(d);
-  const active = safeActiveConfig(d);
+  let configs: ConfigDescriptor[];
+  let active: ConfigDescriptor | undefined;
+  try {
+    configs = d.allConfigDescriptors;
+    active = d.configDescriptor;
+  } catch (err) {
+    throw new Error(`configuration descriptors cannot be read (${(err as Error).message})`);
+  }
   const cur = currentSetting(active);
   return {
     id: deviceId(d.busNumber, portPath, strings.serial),

@@ -35,6 +35,8 @@ export interface LibusbBackendOptions {
   usb?: UsbModuleLike;
   /** Default /sys/bus/usb/devices. */
   sysfsRoot?: string;
+  /** A device whose descriptors could not be read is described again after this long (default 5000 ms). */
+  describeRetryMs?: number;
 }
 
 const require = createRequire(import.meta.url);
@@ -80,7 +82,9 @@ interface Known {
   device: UsbEnumDeviceLike;
   info?: DeviceInfo;
   exported: boolean;
+  /** Why it could not be described (then it is not exported), and when to try again. */
   error?: string;
+  retryAt?: number;
 }
 
 function keyOf(d: UsbEnumDeviceLike): string {
@@ -165,13 +169,15 @@ export class LibusbBackend extends EventEmitter implements UsbBackend {
       const old = this.known.get(key);
       if (old) {
         old.device = device;
-        continue;
+        // A device that could not be described (descriptor errors) is tried again, every few seconds.
+        if (old.error === undefined || Date.now() < (old.retryAt ?? 0)) continue;
       }
-      const entry: Known = { device, exported: false };
+      const entry: Known = old ?? { device, exported: false };
       this.known.set(key, entry);
       try {
         const strings = await this.readStrings(device);
         const info = buildDeviceInfo(device, strings, this.speedOf(device));
+        entry.error = undefined;
         entry.info = info;
         entry.exported = isExported(this.opts.allow, info);
         if (entry.exported) {
@@ -187,8 +193,10 @@ export class LibusbBackend extends EventEmitter implements UsbBackend {
           this.log.debug({ id: info.id, hub: isHub(info) }, 'libusb device not exported');
         }
       } catch (err) {
-        entry.error = (err as Error).message;
-        this.log.warn({ bus: device.busNumber, address: device.deviceAddress, err: entry.error }, 'cannot describe device; not exported');
+        const msg = (err as Error).message;
+        if (entry.error !== msg) this.log.warn({ bus: device.busNumber, address: device.deviceAddress, err: msg }, 'cannot describe device; not exported (tried again every few seconds)');
+        entry.error = msg;
+        entry.retryAt = Date.now() + (this.opts.describeRetryMs ?? 5000);
       }
     }
     for (const [key, entry] of [...this.known]) {

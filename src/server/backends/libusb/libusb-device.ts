@@ -6,15 +6,20 @@
 import { EventEmitter } from 'node:events';
 import { silentLogger, type Logger } from '../../../common/log.js';
 import {
+  Speed,
   TransferType,
+  URB_SHORT_NOT_OK,
+  URB_ZERO_PACKET,
   UrbStatus,
   UsbError,
   type DeviceHandle,
   type DeviceInfo,
+  type EndpointInfo,
   type Urb,
   type UrbResult,
 } from '../types.js';
-import { currentSetting, safeActiveConfig, type UsbDeviceLike } from './info.js';
+import type { ConfigDescriptor } from 'usb/dist/usb/descriptors.js';
+import { currentSetting, type UsbDeviceLike } from './info.js';
 
 /** libusb_transfer_status values (node-usb puts them in LibUSBException.errno for completions). */
 export const TRANSFER_COMPLETED = 0;
@@ -37,14 +42,33 @@ export const ERROR_OVERFLOW = -8;
 export const ERROR_PIPE = -9;
 export const ERROR_NOT_SUPPORTED = -12;
 
+/**
+ * What is missing for isochronous transfers and bulk streams (the reason part of the errors below).
+ * usb@2 (node-usb 2.x) allocates every libusb_transfer with 0 iso packets and never sets a stream id;
+ * its Device keeps the libusb_device_handle (and its libusb_context) to itself, so koffi calling
+ * libusb-1.0 directly would need a second, separate open of the device.
+ */
 export const ISO_UNIMPLEMENTED =
-  'isochronous transfers are not implemented by the libusb backend: node-usb 2.x has no binding for ' +
-  'libusb_fill_iso_transfer/iso_packet_desc, and the libusb_device_handle it holds is not reachable from koffi ' +
-  '(a koffi path would need to open the device itself with its own libusb context)';
+  'isochronous transfers are not implemented by the libusb backend: usb@2 (node-usb 2.x) has no binding for ' +
+  'libusb_alloc_transfer(iso_packets) / libusb_fill_iso_transfer / iso_packet_desc, and the libusb_device_handle it holds ' +
+  'is not reachable from koffi (a koffi path would need to open the device itself with its own libusb context)';
 export const STREAMS_UNIMPLEMENTED =
-  'bulk streams are not implemented by the libusb backend: node-usb 2.x has no binding for ' +
-  'libusb_alloc_streams/libusb_free_streams/libusb_transfer_set_stream_id, and the libusb_device_handle it holds ' +
+  'bulk streams are not implemented by the libusb backend: usb@2 (node-usb 2.x) has no binding for ' +
+  'libusb_alloc_streams / libusb_free_streams / libusb_transfer_set_stream_id, and the libusb_device_handle it holds ' +
   'is not reachable from koffi';
+
+const hexEp = (ep: number) => `0x${ep.toString(16).padStart(2, '0')}`;
+
+/** The error for an isochronous request: device, endpoint, and what is missing. */
+export function isoUnimplemented(deviceId: string, endpoint: number): string {
+  return `device ${deviceId} endpoint ${hexEp(endpoint)}: ${ISO_UNIMPLEMENTED}`;
+}
+
+/** The error for a bulk streams request: device, endpoint(s), and what is missing. */
+export function streamsUnimplemented(deviceId: string, endpoints: number[], streamId?: number): string {
+  const eps = endpoints.length ? endpoints.map(hexEp).join(', ') : '(none given)';
+  return `device ${deviceId} endpoint${endpoints.length === 1 ? '' : 's'} ${eps}${streamId ? ` stream ${streamId}` : ''}: ${STREAMS_UNIMPLEMENTED}`;
+}
 
 /** Map a completion's transfer status to a URB status. */
 export function transferStatusToUrb(errno: number | undefined): UrbStatus {
@@ -117,8 +141,29 @@ interface InFlight {
   urb: Urb;
   done: (r: UrbResult) => void;
   transfer?: UsbTransferLike;
+  /** URB_ZERO_PACKET emulation: the zero-length transfer queued right behind the data transfer. */
+  zlp?: UsbTransferLike;
   cancelRequested: boolean;
   completed: boolean;
+}
+
+const EMPTY_BUFFER = Buffer.alloc(0);
+
+function cancelQuietly(t: UsbTransferLike): void {
+  try {
+    t.cancel();
+  } catch {
+    /* already completing */
+  }
+}
+
+/** How long an isochronous URB takes on the bus: its packets at the endpoint's interval (>= 1 ms, <= 1 s). */
+export function isoDurationMs(info: DeviceInfo, urb: Urb): number {
+  const ep = info.endpoints.find((e) => e.address === urb.endpoint);
+  const frameMs = info.speed >= Speed.High ? 0.125 : 1;
+  const period = frameMs * 2 ** Math.min(15, Math.max(0, (ep?.interval ?? 1) - 1));
+  const packets = Math.max(1, urb.isoPackets?.length ?? 1);
+  return Math.min(1000, Math.max(1, Math.ceil(packets * period)));
 }
 
 function errText(err: unknown): string {
@@ -147,7 +192,8 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
   private goneReason: string | undefined;
   private closed = false;
   private readonly log: Logger;
-  private isoWarned = false;
+  /** Endpoints already warned about (iso / streams): one log line each, not one per URB. */
+  private readonly warnedEndpoints = new Set<string>();
 
   constructor(
     private readonly device: UsbOpenDeviceLike,
@@ -182,8 +228,7 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
       throw new UsbError(`cannot open ${this._info.id}: ${errText(err)}`, UrbStatus.IoError);
     }
     try {
-      this.refreshActiveConfig();
-      this.claimAll();
+      this.claimAll(this.refreshActiveConfig(`cannot open ${this._info.id}`));
     } catch (err) {
       this.releaseAllSync();
       try {
@@ -195,22 +240,31 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     }
   }
 
-  private refreshActiveConfig(): void {
-    const cfg = safeActiveConfig(this.device);
+  /**
+   * Re-read the active configuration descriptor (undefined: unconfigured) and take the current
+   * interfaces and endpoints from it. A descriptor libusb cannot read (LIBUSB_ERROR_IO: malformed,
+   * or the device stopped answering) is a UsbError saying so, prefixed with `what`; the handle keeps
+   * what it had.
+   */
+  private refreshActiveConfig(what: string): ConfigDescriptor | undefined {
+    let cfg: ConfigDescriptor | undefined;
+    try {
+      cfg = this.device.configDescriptor;
+    } catch (err) {
+      const errno = (err as LibusbErrorLike).errno;
+      if (errno === ERROR_NO_DEVICE) this.markGone('device vanished');
+      throw new UsbError(`${what}: the active configuration descriptor cannot be read (${errText(err)})`, UrbStatus.IoError);
+    }
     this.activeConfig = cfg?.bConfigurationValue ?? 0;
     const cur = currentSetting(cfg, this.alts);
     this._info = { ...this._info, activeConfiguration: this.activeConfig, interfaces: cur.interfaces, endpoints: cur.endpoints };
+    return cfg;
   }
 
-  private interfaceNumbers(): number[] {
-    const cfg = safeActiveConfig(this.device);
-    if (!cfg) return [];
-    return cfg.interfaces.map((g) => g[0]?.bInterfaceNumber).filter((n): n is number => n !== undefined);
-  }
-
-  /** Detach kernel drivers and claim each interface of the active configuration. */
-  private claimAll(): void {
-    for (const n of this.interfaceNumbers()) {
+  /** Detach kernel drivers and claim each interface of `cfg` (the active configuration). */
+  private claimAll(cfg: ConfigDescriptor | undefined): void {
+    const numbers = cfg ? cfg.interfaces.map((g) => g[0]?.bInterfaceNumber).filter((n): n is number => n !== undefined) : [];
+    for (const n of numbers) {
       if (this.claimed.has(n)) continue;
       let active = false;
       try {
@@ -323,18 +377,43 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
       case TransferType.Interrupt:
         return this.submitData(f);
       case TransferType.Isochronous:
-        if (!this.isoWarned) {
-          this.isoWarned = true;
-          this.log.warn({ endpoint: urb.endpoint }, ISO_UNIMPLEMENTED);
-        }
-        return this.finishAsync(f, {
-          status: UrbStatus.Inval,
-          actualLength: 0,
-          isoPackets: urb.isoPackets?.map((p) => ({ length: p.length, status: UrbStatus.Inval, actualLength: 0 })),
-        });
+        return this.refuseIso(f);
       default:
         return this.finishAsync(f, { status: UrbStatus.Inval, actualLength: 0 });
     }
+  }
+
+  private warnOnce(kind: string, endpoint: number, message: string): void {
+    const key = `${kind}:${endpoint}`;
+    if (this.warnedEndpoints.has(key)) return;
+    this.warnedEndpoints.add(key);
+    this.log.warn({ endpoint }, message);
+  }
+
+  /**
+   * Isochronous URBs complete with Inval (the URB completion has no room for a message: the reason
+   * is logged once per endpoint, see isoUnimplemented). Each completes after the time the URB
+   * would take on the bus (its packets at the endpoint's interval, at least 1 ms), so a receiving
+   * stream that resubmits after every completion runs at the endpoint's pace instead of spinning.
+   */
+  private refuseIso(f: InFlight): void {
+    const { urb } = f;
+    this.warnOnce('iso', urb.endpoint, isoUnimplemented(this._info.id, urb.endpoint));
+    const result: UrbResult = {
+      status: UrbStatus.Inval,
+      actualLength: 0,
+      isoPackets: urb.isoPackets?.map((p) => ({ length: p.length, status: UrbStatus.Inval, actualLength: 0 })),
+    };
+    const t = setTimeout(() => this.finish(f, result), isoDurationMs(this._info, urb));
+    // A cancel (or close) completes it at once.
+    f.transfer = {
+      submit: () => undefined,
+      cancel: () => {
+        clearTimeout(t);
+        this.finishAsync(f, { ...result, status: UrbStatus.Cancelled });
+        return true;
+      },
+    };
   }
 
   private submitControl(f: InFlight): void {
@@ -359,58 +438,101 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     if (bmRequestType === 0x02 && bRequest === 0x01 && wValue === 0) return viaOp(() => this.clearHalt(wIndex & 0xff));
     if (bmRequestType === 0x00 && bRequest === 0x05) return this.finishAsync(f, { status: UrbStatus.Success, actualLength: 0 });
     const dataLen = isIn ? wLength : Math.min(wLength, urb.data?.length ?? 0);
-    const buf = Buffer.alloc(8 + dataLen);
+    const buf = Buffer.allocUnsafe(8 + dataLen);
     buf.set(setup, 0);
     buf.writeUInt16LE(dataLen, 6);
     if (!isIn && urb.data) buf.set(urb.data.subarray(0, dataLen), 8);
-    this.startTransfer(f, 0, TransferType.Control, buf, (buf2, actual) =>
-      isIn ? { data: new Uint8Array(buf2.buffer, buf2.byteOffset + 8, actual), actualLength: actual } : { actualLength: actual },
-    );
+    this.startTransfer(f, 0, TransferType.Control, buf, isIn ? 8 : -1, isIn ? wLength : 0, false);
   }
 
   private submitData(f: InFlight): void {
     const { urb } = f;
-    const ep = this._info.endpoints.find((e) => e.address === urb.endpoint);
+    const ep = this.endpoint(urb.endpoint);
     if (!ep) return this.finishAsync(f, { status: UrbStatus.Stall, actualLength: 0 });
     if (ep.type !== urb.type) return this.finishAsync(f, { status: UrbStatus.Inval, actualLength: 0 });
     if (urb.streamId) {
-      this.log.warn({ endpoint: urb.endpoint }, STREAMS_UNIMPLEMENTED);
+      this.warnOnce('streams', urb.endpoint, streamsUnimplemented(this._info.id, [urb.endpoint], urb.streamId));
       return this.finishAsync(f, { status: UrbStatus.Inval, actualLength: 0 });
     }
     const isIn = (urb.endpoint & 0x80) !== 0;
-    const buf = isIn ? Buffer.allocUnsafe(urb.length) : Buffer.from(urb.data?.buffer ?? new ArrayBuffer(0), urb.data?.byteOffset ?? 0, urb.data?.length ?? 0);
-    this.startTransfer(f, urb.endpoint, urb.type, buf, (b, actual) =>
-      isIn ? { data: new Uint8Array(b.buffer, b.byteOffset, actual), actualLength: actual } : { actualLength: actual },
-    );
+    if (isIn) return this.startTransfer(f, urb.endpoint, urb.type, Buffer.allocUnsafe(urb.length), 0, urb.length, false);
+    const d = urb.data;
+    const buf = d ? Buffer.from(d.buffer, d.byteOffset, d.byteLength) : EMPTY_BUFFER;
+    // URB_ZERO_PACKET: usb@2 never sets LIBUSB_TRANSFER_ADD_ZERO_PACKET, so a zero-length transfer
+    // is queued right behind the data (same endpoint, submitted back to back: nothing gets between).
+    const mps = ep.maxPacketSize & 0x7ff;
+    const zlp = (urb.flags & URB_ZERO_PACKET) !== 0 && buf.length > 0 && mps > 0 && buf.length % mps === 0;
+    this.startTransfer(f, urb.endpoint, urb.type, buf, -1, 0, zlp);
   }
 
-  private startTransfer(
-    f: InFlight,
-    endpoint: number,
-    type: TransferType,
-    buf: Buffer,
-    shape: (buf: Buffer, actual: number) => Omit<UrbResult, 'status'>,
-  ): void {
+  /** The active setting's endpoint with this address (the list is short: a loop, no closure). */
+  private endpoint(address: number): EndpointInfo | undefined {
+    const eps = this._info.endpoints;
+    for (let i = 0; i < eps.length; i++) if (eps[i]!.address === address) return eps[i];
+    return undefined;
+  }
+
+  /**
+   * Submit one libusb transfer for `f`. `inOffset` >= 0: an IN transfer whose data starts there in
+   * the buffer (8 for control, after the setup packet); -1: OUT. `wanted`: the IN length asked for
+   * (URB_SHORT_NOT_OK). `zlp`: queue a zero-length transfer behind it.
+   */
+  private startTransfer(f: InFlight, endpoint: number, type: TransferType, buf: Buffer, inOffset: number, wanted: number, zlp: boolean): void {
+    let pending = zlp ? 2 : 1;
+    let first: { errno: number | undefined; actual: number } | undefined;
+    let zlpErrno: number | undefined;
+    const settle = () => {
+      const errno = first!.errno ?? zlpErrno;
+      const actual = first!.actual;
+      if (errno === TRANSFER_NO_DEVICE) this.markGone('device vanished during a transfer');
+      let status = transferStatusToUrb(errno);
+      if (this.isGone && status !== UrbStatus.Success && status !== UrbStatus.Cancelled) status = UrbStatus.IoError;
+      if (f.cancelRequested && status === UrbStatus.Success && actual === 0) status = UrbStatus.Cancelled;
+      if (status === UrbStatus.Success && inOffset >= 0 && actual < wanted && (f.urb.flags & URB_SHORT_NOT_OK) !== 0) status = UrbStatus.IoError;
+      this.finish(
+        f,
+        inOffset >= 0 ? { status, data: new Uint8Array(buf.buffer, buf.byteOffset + inOffset, actual), actualLength: actual } : { status, actualLength: actual },
+      );
+    };
     let transfer: UsbTransferLike;
     try {
-      transfer = this.newTransfer(this.device, endpoint, type, f.urb.timeoutMs, (err, b, actual) => {
-        const errno = err?.errno;
-        if (errno === TRANSFER_NO_DEVICE) this.markGone('device vanished during a transfer');
-        let status = transferStatusToUrb(errno);
-        if (this.isGone && status !== UrbStatus.Success && status !== UrbStatus.Cancelled) status = UrbStatus.IoError;
-        if (f.cancelRequested && status === UrbStatus.Success && actual === 0) status = UrbStatus.Cancelled;
-        this.finish(f, { status, ...shape(b ?? buf, actual ?? 0) });
+      transfer = this.newTransfer(this.device, endpoint, type, f.urb.timeoutMs, (err, _b, actual) => {
+        first = { errno: err?.errno, actual: actual ?? 0 };
+        // The data transfer failed: the zero-length one behind it must not go out on its own.
+        if (f.zlp && err && err.errno !== TRANSFER_COMPLETED) cancelQuietly(f.zlp);
+        if (--pending === 0) settle();
       });
       f.transfer = transfer;
       transfer.submit(buf);
     } catch (err) {
+      return this.submitFailed(f, endpoint, err);
+    }
+    if (!zlp) return;
+    try {
+      const z = this.newTransfer(this.device, endpoint, type, f.urb.timeoutMs, (err) => {
+        zlpErrno = err?.errno;
+        if (--pending === 0) settle();
+      });
+      f.zlp = z;
+      z.submit(EMPTY_BUFFER);
+    } catch (err) {
+      // The data is on its way; without its zero-length packet the URB fails once the data is done.
+      f.zlp = undefined;
       const errno = (err as LibusbErrorLike).errno;
       if (errno === ERROR_NO_DEVICE) this.markGone('device vanished');
-      const status = this.isGone ? UrbStatus.IoError : libusbErrorToUrb(errno);
-      this.log.debug({ endpoint, err: errText(err) }, 'submit failed');
-      f.transfer = undefined;
-      this.finishAsync(f, { status, actualLength: 0 });
+      this.log.debug({ endpoint, err: errText(err) }, 'zero-length packet submit failed');
+      zlpErrno = TRANSFER_ERROR;
+      if (--pending === 0) settle();
     }
+  }
+
+  private submitFailed(f: InFlight, endpoint: number, err: unknown): void {
+    const errno = (err as LibusbErrorLike).errno;
+    if (errno === ERROR_NO_DEVICE) this.markGone('device vanished');
+    const status = this.isGone ? UrbStatus.IoError : libusbErrorToUrb(errno);
+    this.log.debug({ endpoint, err: errText(err) }, 'submit failed');
+    f.transfer = undefined;
+    this.finishAsync(f, { status, actualLength: 0 });
   }
 
   cancel(urbId: number): boolean {
@@ -425,6 +547,7 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
         this.log.debug({ urb: urbId, err: errText(err) }, 'cancel failed');
       }
     }
+    if (f.zlp) cancelQuietly(f.zlp);
     return true;
   }
 
@@ -459,16 +582,14 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
       await cbToPromise((cb) => this.device.__setConfiguration(value === 0 ? -1 : value, cb));
     } catch (err) {
       if (!same) {
-        this.refreshActiveConfig();
-        this.claimAll();
+        this.claimAll(this.refreshActiveConfig(`${this._info.id}: set configuration ${value}`));
         throw this.opError(`set configuration ${value}`, err);
       }
       // Same configuration: libusb's "lightweight reset" is refused by some kernels; the state is what was asked.
       this.log.debug({ value, err: errText(err) }, 'set configuration (same value) refused; keeping the configuration');
     }
     this.alts.clear();
-    this.refreshActiveConfig();
-    this.claimAll();
+    this.claimAll(this.refreshActiveConfig(`${this._info.id}: set configuration ${value}`));
   }
 
   async getConfiguration(): Promise<number> {
@@ -485,7 +606,7 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
       throw this.opError(`set interface ${interfaceNumber} alt ${alternateSetting}`, err);
     }
     this.alts.set(interfaceNumber, alternateSetting);
-    this.refreshActiveConfig();
+    this.refreshActiveConfig(`${this._info.id}: set interface ${interfaceNumber} alt ${alternateSetting}`);
   }
 
   async getInterface(interfaceNumber: number): Promise<number> {
@@ -518,15 +639,15 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
       throw this.opError('reset', err);
     }
     this.alts.clear();
-    this.refreshActiveConfig();
+    this.refreshActiveConfig(`${this._info.id}: reset`);
   }
 
-  async allocBulkStreams(_endpoints: number[], _numStreams: number): Promise<number> {
-    throw new UsbError(STREAMS_UNIMPLEMENTED, UrbStatus.Inval);
+  async allocBulkStreams(endpoints: number[], _numStreams: number): Promise<number> {
+    throw new UsbError(streamsUnimplemented(this._info.id, endpoints), UrbStatus.Inval);
   }
 
-  async freeBulkStreams(_endpoints: number[]): Promise<void> {
-    throw new UsbError(STREAMS_UNIMPLEMENTED, UrbStatus.Inval);
+  async freeBulkStreams(endpoints: number[]): Promise<void> {
+    throw new UsbError(streamsUnimplemented(this._info.id, endpoints), UrbStatus.Inval);
   }
 
   async close(): Promise<void> {
