@@ -362,6 +362,14 @@ export class Attachment extends EventEmitter {
   private imported?: HandOffStateV1;
   /** freeze() measured QEMU's position while it was paused before saving its state. */
   private frozen?: { unread: number; measureMs: number; tookMs: number };
+  /**
+   * Bulk completions written to QEMU, per endpoint, oldest first: {usbredir id, URB id, our
+   * output offset after it}. With the requests in flight this tells which TDs QEMU still has in
+   * flight at a switchover (see xhci-dequeue.ts). Entries surely read by QEMU are dropped.
+   */
+  private readonly bulkAnswered = new Map<number, { id: bigint; urbId: number; end: number }[]>();
+  /** Per endpoint: the highest URB id of the entries dropped from bulkAnswered. */
+  private readonly bulkAnsweredDropped = new Map<number, number>();
   private freezing?: Promise<{ unread: number; measureMs: number; tookMs: number }>;
   /** The last packets in and out (type:id, for the hand-off logs). */
   private readonly trail: string[] = [];
@@ -755,6 +763,7 @@ export class Attachment extends EventEmitter {
       return;
     }
     this.reply(e, c.status, c.data, c.actualLength);
+    if (e.kind === 'bulk') this.noteBulkAnswered(urbId, e);
     this.updateReadFlow();
   }
 
@@ -767,6 +776,46 @@ export class Attachment extends EventEmitter {
     if (e.cancelled || this._state === 'closed') return;
     this.log.debug({ attachment: this.id, err: err.message }, 'URB failed on the channel');
     this.reply(e, Status.ioerror, EMPTY, 0);
+    if (e.kind === 'bulk') this.noteBulkAnswered(urbId, e);
+  }
+
+  private noteBulkAnswered(urbId: number, e: InFlight): void {
+    let list = this.bulkAnswered.get(e.endpoint);
+    if (!list) this.bulkAnswered.set(e.endpoint, (list = []));
+    list.push({ id: e.id, urbId, end: this._bytesToQemu });
+    // QEMU has read everything but (at most) what the sent ring keeps.
+    const read = this._bytesToQemu - this.sentRingBytes;
+    while (list.length && (list[0]!.end <= read || list.length > 4096)) {
+      const d = list.shift()!;
+      this.bulkAnsweredDropped.set(e.endpoint, Math.max(this.bulkAnsweredDropped.get(e.endpoint) ?? 0, d.urbId));
+    }
+  }
+
+  /**
+   * While frozen at 'pre-switchover': per bulk endpoint, the TDs QEMU has in flight (requests
+   * not answered, or answered with bytes QEMU has not read), oldest first, with whether they are
+   * the newest ones on the endpoint (everything older was answered and read). Used to point
+   * xHCI's endpoint context at the oldest (xhci-dequeue.ts).
+   */
+  qemuBulkInFlight(): { endpoint: number; ids: bigint[]; contiguous: boolean; streams: boolean }[] {
+    if (!this.frozen) return [];
+    const heldBytes = (this.held ?? []).reduce((a, p) => a + p.length, 0);
+    const consumed = this._bytesToQemu - heldBytes - this.frozen.unread;
+    const per = new Map<number, { urbId: number; id: bigint; streamId: number }[]>();
+    for (const [ep, list] of this.bulkAnswered) for (const x of list) if (x.end > consumed) (per.get(ep) ?? per.set(ep, []).get(ep)!).push({ urbId: x.urbId, id: x.id, streamId: 0 });
+    for (const [urbId, e] of this.inFlight) {
+      if (e.kind !== 'bulk' || e.cancelled) continue;
+      (per.get(e.endpoint) ?? per.set(e.endpoint, []).get(e.endpoint)!).push({ urbId, id: e.id, streamId: (e.pkt as BulkPacket).streamId ?? 0 });
+    }
+    const out: { endpoint: number; ids: bigint[]; contiguous: boolean; streams: boolean }[] = [];
+    for (const [ep, xs] of per) {
+      xs.sort((a, b) => a.urbId - b.urbId);
+      const minOut = xs[0]!.urbId;
+      let maxRead = this.bulkAnsweredDropped.get(ep) ?? 0;
+      for (const x of this.bulkAnswered.get(ep) ?? []) if (x.end <= consumed) maxRead = Math.max(maxRead, x.urbId);
+      out.push({ endpoint: ep, ids: xs.map((x) => x.id), contiguous: maxRead < minOut, streams: xs.some((x) => x.streamId !== 0) });
+    }
+    return out;
   }
 
   /** Answer a data packet (usbredirhost *_packet_complete). */

@@ -13,6 +13,7 @@ import type { ConnectionOptions } from '../sdk/credentials.js';
 import type { RemoteDevice } from '../sdk/remote-device.js';
 import { Attachment, HandOffRefusedError, type AttachmentCloseInfo, type AttachmentStats, type HandOffInfo } from './attachment.js';
 import { releaseStandby, sourceLostReplug } from './migration.js';
+import { rewindXhciDequeues } from './xhci-dequeue.js';
 import { connectChardev, hotplugRedir, qemuArgsFor, redirIds, unplugRedir, type ColdPlugArgs, type RedirPlug } from './qemu-attach.js';
 
 export interface VmSpec {
@@ -77,6 +78,8 @@ interface Vm {
   pausing?: boolean;
   /** ms of the last pause at pre-switchover. */
   lastSwitchoverPauseMs?: number;
+  /** Per attachment: the xHCI rewind done at the last pre-switchover. */
+  lastXhciRewind?: Map<string, NonNullable<HandOffEvent['xhciRewind']>>;
 }
 
 export interface PrepareIncomingRequest {
@@ -113,6 +116,12 @@ export interface HandOffEvent {
   sinceCompletedMs?: number;
   /** ms the migration stayed paused at 'pre-switchover' for the freeze (part of QEMU's downtime). */
   switchoverPauseMs?: number;
+  /**
+   * Bulk TDs QEMU had in flight at 'pre-switchover' and what was done so that the destination's
+   * xHCI fetches them again (see xhci-dequeue.ts): endpoints whose context was rewound, already
+   * right, or skipped (with why).
+   */
+  xhciRewind?: { inFlight: number; patched: number; unchanged: number; skipped: string[]; tookMs: number; error?: string };
 }
 
 export interface BridgeOptions {
@@ -130,6 +139,12 @@ export interface BridgeOptions {
   pauseBeforeSwitchover?: boolean;
   /** Longest pause at 'pre-switchover' before the migration is continued anyway. Default 3000 ms. */
   switchoverFreezeTimeoutMs?: number;
+  /**
+   * At 'pre-switchover', point the xHCI endpoint contexts of bulk endpoints with TDs in flight
+   * at the oldest of them, so that the destination fetches them again (QEMU's xHCI loses them
+   * otherwise; see xhci-dequeue.ts). Default true; false only to show what it fixes.
+   */
+  rewindXhciOnSwitchover?: boolean;
 }
 
 export class Bridge extends EventEmitter {
@@ -143,12 +158,14 @@ export class Bridge extends EventEmitter {
 
   private readonly pauseBeforeSwitchover: boolean;
   private readonly switchoverFreezeTimeoutMs: number;
+  private readonly rewindXhciOnSwitchover: boolean;
 
   constructor(opts: BridgeOptions = {}) {
     super();
     this.log = opts.log ?? silentLogger;
     this.pauseBeforeSwitchover = opts.pauseBeforeSwitchover ?? true;
     this.switchoverFreezeTimeoutMs = opts.switchoverFreezeTimeoutMs ?? 3000;
+    this.rewindXhciOnSwitchover = opts.rewindXhciOnSwitchover ?? true;
     this.runDir = opts.runDir ?? path.join(os.tmpdir(), `usbroam-bridge-${process.pid}`);
     mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
   }
@@ -239,6 +256,15 @@ export class Bridge extends EventEmitter {
       r.forEach((x, i) => {
         if (x.status === 'rejected') this.log.error({ vm: vmName, attachment: entries[i]!.info.id, err: (x.reason as Error)?.message }, 'freeze at pre-switchover failed');
       });
+    vm.lastXhciRewind = new Map();
+    if (r !== 'timeout' && this.rewindXhciOnSwitchover) {
+      const ok = entries.filter((_, i) => r[i]!.status === 'fulfilled');
+      const left = this.switchoverFreezeTimeoutMs - (performance.now() - t0);
+      const rewound = Promise.allSettled(ok.map((e) => this.rewindXhci(vmName, qmp, e, vm.lastXhciRewind!)));
+      if ((await Promise.race([rewound, new Promise<'timeout'>((res) => setTimeout(() => res('timeout'), Math.max(left, 500)).unref?.())])) === 'timeout') {
+        this.log.error({ vm: vmName }, 'xHCI endpoint rewind at pre-switchover timed out; continuing the migration');
+      }
+    }
     const pauseMs = performance.now() - t0;
     vm.lastSwitchoverPauseMs = pauseMs;
     try {
@@ -246,6 +272,58 @@ export class Bridge extends EventEmitter {
       this.log.info({ vm: vmName, attachments: entries.length, pauseMs: Number(pauseMs.toFixed(1)) }, 'attachments frozen at pre-switchover; migration continued');
     } catch (err) {
       this.log.warn({ vm: vmName, err: (err as Error).message }, 'migrate-continue failed (continued by someone else?)');
+    }
+  }
+
+  /**
+   * At 'pre-switchover', after the freeze: point the xHCI endpoint context of each bulk endpoint
+   * with TDs in flight at the oldest of them, so the destination fetches them again instead of
+   * losing them (QEMU's xHCI does not migrate its transfers; see xhci-dequeue.ts). Never throws.
+   */
+  private async rewindXhci(vmName: string, qmp: QmpClient, e: Entry, out: Map<string, NonNullable<HandOffEvent['xhciRewind']>>): Promise<void> {
+    const log = this.log.child({ vm: vmName, attachment: e.info.id });
+    const eps = e.att.qemuBulkInFlight();
+    const rec: NonNullable<HandOffEvent['xhciRewind']> = { inFlight: eps.reduce((a, x) => a + x.ids.length, 0), patched: 0, unchanged: 0, skipped: [], tookMs: 0 };
+    out.set(e.info.id, rec);
+    const usable = eps.filter((x) => {
+      if (x.streams) rec.skipped.push(`ep ${x.endpoint.toString(16)}: bulk streams`);
+      else if (!x.contiguous) rec.skipped.push(`ep ${x.endpoint.toString(16)}: TDs in flight are not the newest on the endpoint`);
+      else return true;
+      return false;
+    });
+    if (!usable.length) {
+      if (rec.skipped.length) log.warn({ skipped: rec.skipped }, 'bulk TDs in flight at the switchover that the destination xHCI may not fetch again');
+      return;
+    }
+    const controllerId = e.info.bus.replace(/\.\d+$/, '');
+    try {
+      const res = await rewindXhciDequeues(qmp, {
+        controllerId,
+        deviceId: e.info.id,
+        endpoints: usable.map((x) => ({ endpoint: x.endpoint, oldestId: x.ids[0]!, count: x.ids.length })),
+        runDir: this.runDir,
+        log,
+      });
+      rec.patched = res.patched.length;
+      rec.unchanged = res.unchanged.length;
+      rec.skipped.push(...res.skipped.map((s) => `ep ${s.endpoint.toString(16)}: ${s.why}`));
+      rec.tookMs = res.tookMs;
+      const level = res.skipped.length ? 'warn' : 'info';
+      log[level](
+        {
+          inFlight: rec.inFlight,
+          patched: res.patched.map((p) => ({ ep: p.endpoint.toString(16), slot: p.slot, from: `0x${p.before[1].toString(16)}${p.before[0].toString(16).padStart(8, '0')}`, to: `0x${p.after[1].toString(16)}${p.after[0].toString(16).padStart(8, '0')}` })),
+          unchanged: res.unchanged.map((x) => x.toString(16)),
+          skipped: rec.skipped,
+          tookMs: Number(res.tookMs.toFixed(1)),
+        },
+        'xHCI endpoint contexts pointed at the oldest TD in flight (the destination fetches them again)',
+      );
+    } catch (err) {
+      rec.error = (err as Error).message;
+      // Not an xHCI bus (EHCI walks its schedule again on the destination) or a lookup failed.
+      const level = /not an xHCI controller/.test(rec.error) ? 'debug' : 'error';
+      log[level]({ err: rec.error, inFlight: rec.inFlight }, 'could not point the xHCI endpoint contexts at the TDs in flight');
     }
   }
 
@@ -264,6 +342,7 @@ export class Bridge extends EventEmitter {
             info,
             sinceCompletedMs: performance.now() - tCompleted,
             switchoverPauseMs: this.vms.get(vmName)?.lastSwitchoverPauseMs,
+            xhciRewind: this.vms.get(vmName)?.lastXhciRewind?.get(e.info.id),
           } satisfies HandOffEvent);
         } catch (err) {
           const msg = (err as Error).message;

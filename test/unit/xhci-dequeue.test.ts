@@ -1,0 +1,221 @@
+// The xHCI endpoint-context rewind at pre-switchover (src/client/bridge/xhci-dequeue.ts) against
+// a fake QEMU: HMP `info usb` / `info pci` / `xp` over a fake QMP client reading a simulated
+// guest memory, and `gdbserver unix:...` starting a fake gdbstub (real unix socket, gdb remote
+// protocol) that writes that memory.
+import { expect } from 'chai';
+import { mkdtempSync, rmSync } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { silentLogger } from '../../src/common/log.js';
+import type { QmpClient } from '../../src/qemu/qmp/client.js';
+import { bar0Of, rewindXhciDequeues, usbAddressOf } from '../../src/client/bridge/xhci-dequeue.js';
+
+const INFO_USB = `  Device 0.0, Port 1, Speed 12 Mb/s, Product QEMU USB Tablet
+  Device 0.2, Port 5, Speed 480 Mb/s, Product usb-redir, ID: usbroam-acm
+  Device 0.1, Port 6, Speed 5000 Mb/s, Product usb-redir, ID: usbroam-msc
+`;
+const INFO_PCI = `  Bus  0, device   0, function 0:
+    Host bridge: PCI device 8086:1237
+      PCI subsystem 1af4:1100
+      id ""
+  Bus  0, device   3, function 0:
+    USB controller: PCI device 8086:24cd
+      PCI subsystem 1af4:1100
+      IRQ 11, pin A
+      BAR0: 32 bit memory at 0xfebf1000 [0xfebf1fff].
+      id "ehci"
+  Bus  0, device   4, function 0:
+    USB controller: PCI device 1b36:000d
+      PCI subsystem 1af4:1100
+      IRQ 10, pin A
+      BAR0: 64 bit memory at 0xfebf0000 [0xfebf3fff].
+      id "xhci"
+`;
+
+class FakeQemu {
+  readonly mem = new Map<bigint, number>(); // dword-aligned address -> value
+  readonly hmpLog: string[] = [];
+  gdb?: net.Server;
+  gdbWrites: string[] = [];
+  constructor(readonly dir: string) {}
+  dw(addr: bigint): number {
+    return this.mem.get(addr) ?? 0;
+  }
+  set(addr: bigint, ...vals: number[]): void {
+    vals.forEach((v, i) => this.mem.set(addr + BigInt(4 * i), v >>> 0));
+  }
+  qmp(): QmpClient {
+    return {
+      execute: async (cmd: string, args: { 'command-line': string }) => {
+        expect(cmd).to.equal('human-monitor-command');
+        const line = args['command-line'];
+        this.hmpLog.push(line);
+        if (line === 'info usb') return INFO_USB;
+        if (line === 'info pci') return INFO_PCI;
+        let m = /^xp \/(\d+)wx 0x([0-9a-f]+)$/.exec(line);
+        if (m) {
+          const n = Number(m[1]);
+          const a = BigInt(`0x${m[2]}`);
+          const words = Array.from({ length: n }, (_, i) => `0x${this.dw(a + BigInt(4 * i)).toString(16).padStart(8, '0')}`);
+          return `${a.toString(16).padStart(16, '0')}: ${words.join(' ')}\r\n`;
+        }
+        m = /^gdbserver unix:([^,]+),server=on,wait=off$/.exec(line);
+        if (m) {
+          await this.startGdb(m[1]!);
+          return `Waiting for gdb connection on device 'unix:${m[1]},server=on,wait=off'\r\n`;
+        }
+        if (line === 'gdbserver none') {
+          await new Promise<void>((r) => (this.gdb ? this.gdb.close(() => r()) : r()));
+          this.gdb = undefined;
+          return 'Disabled gdbserver\r\n';
+        }
+        throw new Error(`unexpected HMP ${line}`);
+      },
+    } as unknown as QmpClient;
+  }
+  private startGdb(p: string): Promise<void> {
+    let phys = false;
+    this.gdb = net.createServer((s) => {
+      let buf = '';
+      s.setEncoding('latin1');
+      s.on('data', (d: string) => {
+        buf += d;
+        for (;;) {
+          buf = buf.replace(/^\++/, '');
+          const m = /^\$([^#]*)#([0-9a-f]{2})/.exec(buf);
+          if (!m) return;
+          buf = buf.slice(m[0].length);
+          let sum = 0;
+          for (const c of m[1]!) sum = (sum + c.charCodeAt(0)) & 0xff;
+          expect(m[2]).to.equal(sum.toString(16).padStart(2, '0'));
+          const reply = (r: string) => {
+            let cs = 0;
+            for (const c of r) cs = (cs + c.charCodeAt(0)) & 0xff;
+            s.write(`+$${r}#${cs.toString(16).padStart(2, '0')}`);
+          };
+          const req = m[1]!;
+          if (req === 'Qqemu.PhyMemMode:1') {
+            phys = true;
+            reply('OK');
+          } else if (req.startsWith('M')) {
+            if (!phys) return reply('E22');
+            const w = /^M([0-9a-f]+),([0-9a-f]+):([0-9a-f]+)$/.exec(req)!;
+            const a = BigInt(`0x${w[1]}`);
+            const bytes = Buffer.from(w[3]!, 'hex');
+            expect(bytes.length).to.equal(parseInt(w[2]!, 16));
+            for (let i = 0; i < bytes.length; i += 4) this.mem.set(a + BigInt(i), bytes.readUInt32LE(i));
+            this.gdbWrites.push(req);
+            reply('OK');
+          } else reply('');
+        }
+      });
+    });
+    return new Promise((r) => this.gdb!.listen(p, () => r()));
+  }
+}
+
+// A guest layout: xHCI BAR at 0xfebf0000 (CAPLENGTH 0x40, 32-byte contexts), DCBAA at
+// 0x7000000, slot 2's device context at 0x7001000, a bulk IN ring (ep 0x81, DCI 3) at
+// 0x7002000 and a bulk OUT ring (ep 0x02, DCI 4) at 0x7003000.
+const BAR = 0xfebf0000n;
+const DCBAA = 0x7000000n;
+const DEVCTX = 0x7001000n;
+function layout(q: FakeQemu): void {
+  q.set(BAR, 0x01000040, 0, 0, 0, 0x0); // CAPLENGTH 0x40, HCCPARAMS1 CSZ=0
+  q.set(BAR + 0x40n + 0x30n, Number(DCBAA), 0);
+  q.set(DCBAA + 16n, Number(DEVCTX), 0);
+  // ep 0x81: running, bulk IN (type 6), dequeue at the 16th TRB, cycle 1
+  q.set(DEVCTX + 32n * 3n, 1, 6 << 3, 0x7002000 + 16 * 15 + 1, 0);
+  // ep 0x02: running, bulk OUT (type 2), dequeue at TRB 4, cycle 0
+  q.set(DEVCTX + 32n * 4n, 1, 2 << 3, 0x7003000 + 16 * 4, 0);
+  // Normal TRBs (type 1) with cycle 1 in the IN ring, cycle 0 in the OUT ring.
+  for (let i = 0; i < 32; i++) q.set(0x7002000n + BigInt(16 * i), 0, 0, 64, (1 << 10) | 1);
+  for (let i = 0; i < 32; i++) q.set(0x7003000n + BigInt(16 * i), 0, 0, 512, 1 << 10);
+}
+
+describe('xHCI dequeue rewind (pre-switchover work-around for QEMU xHCI migration)', () => {
+  let dir: string;
+  beforeEach(() => (dir = mkdtempSync(path.join(os.tmpdir(), 'uxd-'))));
+  afterEach(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('finds the slot of a usb device by its qdev id in `info usb`', () => {
+    expect(usbAddressOf(INFO_USB, 'usbroam-acm')).to.equal(2);
+    expect(usbAddressOf(INFO_USB, 'usbroam-msc')).to.equal(1);
+    expect(usbAddressOf(INFO_USB, 'usbroam')).to.equal(undefined);
+  });
+
+  it('finds BAR0 of a controller by its qdev id in `info pci`, and whether it is xHCI', () => {
+    expect(bar0Of(INFO_PCI, 'xhci')).to.deep.equal({ bar: 0xfebf0000n, xhci: true });
+    expect(bar0Of(INFO_PCI, 'ehci')).to.deep.equal({ bar: 0xfebf1000n, xhci: false });
+    expect(bar0Of(INFO_PCI, 'xhc')).to.equal(undefined);
+  });
+
+  it('points each endpoint context at the oldest TD in flight (address | its cycle bit), through the gdbstub, and stops the gdbstub', async () => {
+    const q = new FakeQemu(dir);
+    layout(q);
+    const res = await rewindXhciDequeues(q.qmp(), {
+      controllerId: 'xhci',
+      deviceId: 'usbroam-acm',
+      endpoints: [
+        { endpoint: 0x81, oldestId: 0x7002000n + 16n * 2n, count: 14 },
+        { endpoint: 0x02, oldestId: 0x7003000n + 16n * 3n, count: 1 },
+      ],
+      runDir: dir,
+      log: silentLogger,
+    });
+    expect(res.skipped).to.deep.equal([]);
+    expect(res.patched.map((p) => p.endpoint)).to.deep.equal([0x81, 0x02]);
+    expect(q.dw(DEVCTX + 32n * 3n + 8n)).to.equal(0x7002000 + 32 + 1);
+    expect(q.dw(DEVCTX + 32n * 3n + 12n)).to.equal(0);
+    expect(q.dw(DEVCTX + 32n * 4n + 8n)).to.equal(0x7003000 + 48);
+    // Dwords 0, 1 and 4 untouched.
+    expect(q.dw(DEVCTX + 32n * 3n)).to.equal(1);
+    expect(q.dw(DEVCTX + 32n * 3n + 4n)).to.equal(6 << 3);
+    expect(q.gdbWrites).to.have.length(2);
+    expect(q.hmpLog.at(-1)).to.match(/^xp /); // read back after the write
+    expect(q.hmpLog).to.include('gdbserver none');
+    expect(q.gdb).to.equal(undefined);
+  });
+
+  it('leaves a context that already points at the oldest TD alone (no gdbstub at all)', async () => {
+    const q = new FakeQemu(dir);
+    layout(q);
+    const res = await rewindXhciDequeues(q.qmp(), {
+      controllerId: 'xhci',
+      deviceId: 'usbroam-acm',
+      endpoints: [{ endpoint: 0x81, oldestId: 0x7002000n + 16n * 15n, count: 1 }],
+      runDir: dir,
+      log: silentLogger,
+    });
+    expect(res.unchanged).to.deep.equal([0x81]);
+    expect(res.patched).to.deep.equal([]);
+    expect(q.hmpLog.some((l) => l.startsWith('gdbserver'))).to.equal(false);
+  });
+
+  it('skips (and says why) an endpoint that is not running, of another type, or whose TD is not a Normal TRB; refuses a non-xHCI controller', async () => {
+    const q = new FakeQemu(dir);
+    layout(q);
+    q.set(DEVCTX + 32n * 4n, 2); // ep 0x02 halted
+    q.set(0x7002000n + 16n * 5n + 12n, (6 << 10) | 1); // a Status TRB
+    const res = await rewindXhciDequeues(q.qmp(), {
+      controllerId: 'xhci',
+      deviceId: 'usbroam-acm',
+      endpoints: [
+        { endpoint: 0x81, oldestId: 0x7002000n + 16n * 5n, count: 3 },
+        { endpoint: 0x02, oldestId: 0x7003000n, count: 1 },
+        { endpoint: 0x83, oldestId: 0x7002000n, count: 1 },
+      ],
+      runDir: dir,
+      log: silentLogger,
+    });
+    expect(res.patched).to.deep.equal([]);
+    expect(res.skipped.map((s) => s.endpoint)).to.deep.equal([0x81, 0x02, 0x83]);
+    expect(res.skipped[0]!.why).to.match(/not Normal/);
+    expect(res.skipped[1]!.why).to.match(/state 2/);
+    expect(res.skipped[2]!.why).to.match(/state 0/);
+    let err: Error | undefined;
+    await rewindXhciDequeues(q.qmp(), { controllerId: 'ehci', deviceId: 'usbroam-acm', endpoints: [{ endpoint: 0x81, oldestId: 0x7002000n, count: 1 }], runDir: dir, log: silentLogger }).catch((e: Error) => (err = e));
+    expect(err?.message).to.match(/not an xHCI controller/);
+  });
+});
