@@ -10,7 +10,7 @@
 //    JSON lines on stdin; events and answers as JSON lines on stdout; kill -9 it at will.
 //  - guest workload scripts (slot writer with verification), dmesg classification.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { once } from 'node:events';
+import { EventEmitter, once } from 'node:events';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -18,6 +18,8 @@ import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import type { Logger } from '../../src/common/log.js';
 import { QmpClient } from '../../src/qemu/qmp/client.js';
+import type { AttachRequest, AttachmentInfo } from '../../src/client/bridge/bridge.js';
+import type { HostBridge } from './migration-rig.js';
 import { startGuest, type Guest, type GuestImage } from '../e2e/harness/guest.js';
 import { XHCI } from './migration-rig.js';
 
@@ -349,6 +351,8 @@ export interface ChildMessage {
 export class BridgeChild {
   readonly child: ChildProcess;
   readonly events: ChildMessage[] = [];
+  /** Each event also as an EventEmitter event (name, data). */
+  readonly emitter = new EventEmitter();
   readonly stderr: string[] = [];
   private nextId = 0;
   private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
@@ -379,7 +383,10 @@ export class BridgeChild {
           this.pending.delete(m.id);
           if (m.error !== undefined) p?.reject(new Error(m.error));
           else p?.resolve(m.result);
-        } else this.events.push(m);
+        } else {
+          this.events.push(m);
+          if (m.event) this.emitter.emit(m.event, m.data);
+        }
       }
     });
     this.child.stderr!.on('data', (d: Buffer) => this.stderr.push(d.toString()));
@@ -401,6 +408,38 @@ export class BridgeChild {
     });
   }
 
+  /**
+   * This child as a migration rig host bridge (migrateWithHandOff): addVm, prepareIncoming (its
+   * `attached` resolves on the child's 'attached' event), and its 'handOff' events.
+   */
+  host(): HostBridge & { attach(req: AttachRequest): Promise<AttachmentInfo> } {
+    return {
+      addVm: (spec) => this.call('addVm', spec),
+      attach: (req) => this.call<AttachmentInfo>('attach', req),
+      prepareIncoming: async (req) => {
+        let resolve!: (a: AttachmentInfo) => void;
+        let reject!: (e: Error) => void;
+        const attached = new Promise<AttachmentInfo>((res, rej) => ((resolve = res), (reject = rej)));
+        const on = (d: { id: string; vm: string; info?: AttachmentInfo; error?: string }) => {
+          if (d.id !== req.id || d.vm !== req.vm) return;
+          this.emitter.off('attached', on);
+          if (d.info) resolve(d.info);
+          else reject(new Error(d.error ?? 'no take-over'));
+        };
+        this.emitter.on('attached', on);
+        try {
+          await this.call('prepareIncoming', req);
+        } catch (err) {
+          this.emitter.off('attached', on);
+          throw err;
+        }
+        return { attached };
+      },
+      on: (event, fn) => this.emitter.on(event, fn),
+      off: (event, fn) => this.emitter.off(event, fn),
+    };
+  }
+
   kill(signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
     if (this.child.exitCode !== null || this.child.signalCode !== null) return Promise.resolve();
     const p = once(this.child, 'exit').then(() => {});
@@ -419,6 +458,14 @@ async function bridgeChildMain(runDir: string): Promise<void> {
   const methods: Record<string, (...a: never[]) => unknown> = {
     addVm: (spec: { name: string; qmpSocket: string }) => bridge.addVm(spec),
     attach: (req: Parameters<typeof bridge.attach>[0]) => bridge.attach(req),
+    prepareIncoming: async (req: Parameters<typeof bridge.prepareIncoming>[0]) => {
+      const inc = await bridge.prepareIncoming(req);
+      inc.attached.then(
+        (info) => out({ event: 'attached', data: { id: inc.id, vm: inc.vm, info } }),
+        (err: Error) => out({ event: 'attached', data: { id: inc.id, vm: inc.vm, error: err.message } }),
+      );
+      return { id: inc.id, vm: inc.vm, sessionId: inc.sessionId, socketPath: inc.socketPath };
+    },
     list: () => bridge.list(),
     close: () => bridge.close(),
   };

@@ -3,7 +3,7 @@
 // the current guest to a fresh destination with the bridge hand-off.
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { Bridge, type AttachmentInfo, type HandOffEvent } from '../../src/client/bridge/bridge.js';
+import { Bridge, type AttachmentInfo, type HandOffEvent, type PrepareIncomingRequest } from '../../src/client/bridge/bridge.js';
 import type { Logger } from '../../src/common/log.js';
 import { startGuest, type Guest, type GuestImage } from '../e2e/harness/guest.js';
 
@@ -22,6 +22,19 @@ export interface MigrationResult {
 export interface Host {
   name: string;
   bridge: Bridge;
+}
+
+/** What the migration rig needs of a bridge: the in-process Bridge or one in a child process (BridgeChild.host()). */
+export interface HostBridge {
+  addVm(spec: { name: string; qmpSocket: string }): void | Promise<unknown>;
+  prepareIncoming(req: PrepareIncomingRequest): Promise<{ attached: Promise<AttachmentInfo> }>;
+  on(event: 'handOff', fn: (ev: HandOffEvent) => void): unknown;
+  off(event: 'handOff', fn: (ev: HandOffEvent) => void): unknown;
+}
+
+export interface MigrationHost {
+  name: string;
+  bridge: HostBridge;
 }
 
 let seq = 0;
@@ -68,35 +81,38 @@ export async function migrateWithHandOff(opts: {
   dir: string;
   src: Guest;
   srcVm: string;
-  srcHost: Host;
-  dstHost: Host;
+  srcHost: MigrationHost;
+  dstHost: MigrationHost;
   dstVm: string;
-  attachment: AttachmentInfo;
+  /** The attachment, or several (all on this VM: each is prepared on the destination and handed off). */
+  attachment: AttachmentInfo | AttachmentInfo[];
   server: { address: string; ca: string; cert: string; key: string };
   memoryMb?: number;
   cancelAfterMs?: number;
   log?: Logger;
-}): Promise<MigrationResult & { attached?: AttachmentInfo }> {
+}): Promise<MigrationResult & { attached?: AttachmentInfo; handOffs?: HandOffEvent[]; attachedAll?: AttachmentInfo[] }> {
+  const atts = Array.isArray(opts.attachment) ? opts.attachment : [opts.attachment];
   const { guest: dst, bridgeQmp } = await startVmGuest({ image: opts.image, dir: opts.dir, name: opts.dstVm, incoming: true, memoryMb: opts.memoryMb });
-  opts.dstHost.bridge.addVm({ name: opts.dstVm, qmpSocket: bridgeQmp });
-  const inc = await opts.dstHost.bridge.prepareIncoming({
-    vm: opts.dstVm,
-    server: opts.server,
-    sessionId: opts.attachment.sessionId,
-    id: opts.attachment.id,
-    bus: opts.attachment.bus,
-  });
+  await opts.dstHost.bridge.addVm({ name: opts.dstVm, qmpSocket: bridgeQmp });
+  const incs: { attached: Promise<AttachmentInfo> }[] = [];
+  for (const a of atts) {
+    incs.push(await opts.dstHost.bridge.prepareIncoming({ vm: opts.dstVm, server: opts.server, sessionId: a.sessionId, id: a.id, bus: a.bus }));
+  }
+  for (const i of incs) i.attached.catch(() => {});
   for (const g of [opts.src, dst]) await g.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
   const uri = `unix:${path.join(dst.dir, 'migrate.sock')}`;
   await dst.qmp.execute('migrate-incoming', { uri });
-  const handOff = new Promise<HandOffEvent>((resolve) => {
-    const on = (ev: HandOffEvent) => {
-      if (ev.attachment !== opts.attachment.id) return;
-      opts.srcHost.bridge.off('handOff', on);
-      resolve(ev);
-    };
-    opts.srcHost.bridge.on('handOff', on);
-  });
+  const handOffs = atts.map(
+    (a) =>
+      new Promise<HandOffEvent>((resolve) => {
+        const on = (ev: HandOffEvent) => {
+          if (ev.attachment !== a.id) return;
+          opts.srcHost.bridge.off('handOff', on);
+          resolve(ev);
+        };
+        opts.srcHost.bridge.on('handOff', on);
+      }),
+  );
   const srcDone = opts.src.events.waitForEvent<{ status: string }>('MIGRATION', (ev) => ['completed', 'failed', 'cancelled'].includes(ev.data.status), { timeoutMs: 300_000 });
   const t0 = Date.now();
   await opts.src.qmp.execute('migrate', { uri });
@@ -106,10 +122,12 @@ export async function migrateWithHandOff(opts: {
   }
   const done = await srcDone;
   const info = await opts.src.qmp.execute<{ status: string; 'total-time'?: number; downtime?: number }>('query-migrate');
-  const res: MigrationResult & { attached?: AttachmentInfo } = { totalMs: info['total-time'] ?? Date.now() - t0, downtimeMs: info.downtime ?? -1, status: done.data.status, dst };
+  const res: MigrationResult & { attached?: AttachmentInfo; handOffs?: HandOffEvent[]; attachedAll?: AttachmentInfo[] } = { totalMs: info['total-time'] ?? Date.now() - t0, downtimeMs: info.downtime ?? -1, status: done.data.status, dst };
   if (done.data.status === 'completed') {
-    res.handOff = await handOff;
-    res.attached = await inc.attached;
+    res.handOffs = await Promise.all(handOffs);
+    res.handOff = res.handOffs[0];
+    res.attachedAll = await Promise.all(incs.map((i) => i.attached));
+    res.attached = res.attachedAll[0];
     res.attachedMs = Date.now() - t0;
   }
   return res;
