@@ -797,6 +797,12 @@ export class Attachment extends EventEmitter {
    * the newest ones on the endpoint (everything older was answered and read). Used to point
    * xHCI's endpoint context at the oldest (xhci-dequeue.ts).
    */
+  /** Bulk requests of QEMU in flight at the server now (a hint that qemuBulkInFlight() will have some). */
+  hasBulkInFlight(): boolean {
+    for (const e of this.inFlight.values()) if (e.kind === 'bulk' && !e.cancelled) return true;
+    return false;
+  }
+
   qemuBulkInFlight(): { endpoint: number; ids: bigint[]; contiguous: boolean; streams: boolean }[] {
     if (!this.frozen) return [];
     const heldBytes = (this.held ?? []).reduce((a, p) => a + p.length, 0);

@@ -13,7 +13,7 @@ import type { ConnectionOptions } from '../sdk/credentials.js';
 import type { RemoteDevice } from '../sdk/remote-device.js';
 import { Attachment, HandOffRefusedError, type AttachmentCloseInfo, type AttachmentStats, type HandOffInfo } from './attachment.js';
 import { releaseStandby, sourceLostReplug } from './migration.js';
-import { rewindXhciDequeues } from './xhci-dequeue.js';
+import { GdbWriter, locateXhciDevice, rewindXhciDequeues, type XhciDeviceLocation } from './xhci-dequeue.js';
 import { connectChardev, hotplugRedir, qemuArgsFor, redirIds, unplugRedir, type ColdPlugArgs, type RedirPlug } from './qemu-attach.js';
 
 export interface VmSpec {
@@ -249,6 +249,19 @@ export class Bridge extends EventEmitter {
     let barrier: Promise<unknown> | undefined;
     const once = () => (barrier ??= qmp.execute('query-status'));
     const timeout = new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), this.switchoverFreezeTimeoutMs).unref?.());
+    // The xHCI lookups (and the gdbstub, if bulk requests are in flight) run while the freeze
+    // drains: the rewind after it then costs a read and a write.
+    const xhci = new Map<string, Promise<XhciDeviceLocation>>();
+    let gdbP: Promise<GdbWriter> | undefined;
+    const gdb = () => (gdbP ??= GdbWriter.open(qmp, this.runDir));
+    if (this.rewindXhciOnSwitchover) {
+      for (const e of entries) {
+        const p = locateXhciDevice(qmp, e.info.bus.replace(/\.\d+$/, ''), e.info.id);
+        p.catch(() => {});
+        xhci.set(e.info.id, p);
+      }
+      if (entries.some((e) => e.att.hasBulkInFlight())) gdb().catch(() => {});
+    }
     const frozen = Promise.allSettled(entries.map((e) => e.att.freeze({ barrier: once })));
     const r = await Promise.race([frozen, timeout]);
     if (r === 'timeout') this.log.error({ vm: vmName }, 'freeze at pre-switchover timed out; continuing the migration');
@@ -260,7 +273,7 @@ export class Bridge extends EventEmitter {
     if (r !== 'timeout' && this.rewindXhciOnSwitchover) {
       const ok = entries.filter((_, i) => r[i]!.status === 'fulfilled');
       const left = this.switchoverFreezeTimeoutMs - (performance.now() - t0);
-      const rewound = Promise.allSettled(ok.map((e) => this.rewindXhci(vmName, qmp, e, vm.lastXhciRewind!)));
+      const rewound = Promise.allSettled(ok.map((e) => this.rewindXhci(vmName, qmp, e, vm.lastXhciRewind!, xhci.get(e.info.id), gdb)));
       if ((await Promise.race([rewound, new Promise<'timeout'>((res) => setTimeout(() => res('timeout'), Math.max(left, 500)).unref?.())])) === 'timeout') {
         this.log.error({ vm: vmName }, 'xHCI endpoint rewind at pre-switchover timed out; continuing the migration');
       }
@@ -273,6 +286,7 @@ export class Bridge extends EventEmitter {
     } catch (err) {
       this.log.warn({ vm: vmName, err: (err as Error).message }, 'migrate-continue failed (continued by someone else?)');
     }
+    if (gdbP) void gdbP.then((g) => g.close()).catch((err: Error) => this.log.warn({ vm: vmName, err: err.message }, 'gdbstub for the xHCI rewind failed'));
   }
 
   /**
@@ -280,7 +294,14 @@ export class Bridge extends EventEmitter {
    * with TDs in flight at the oldest of them, so the destination fetches them again instead of
    * losing them (QEMU's xHCI does not migrate its transfers; see xhci-dequeue.ts). Never throws.
    */
-  private async rewindXhci(vmName: string, qmp: QmpClient, e: Entry, out: Map<string, NonNullable<HandOffEvent['xhciRewind']>>): Promise<void> {
+  private async rewindXhci(
+    vmName: string,
+    qmp: QmpClient,
+    e: Entry,
+    out: Map<string, NonNullable<HandOffEvent['xhciRewind']>>,
+    location: Promise<XhciDeviceLocation> | undefined,
+    gdb: () => Promise<GdbWriter>,
+  ): Promise<void> {
     const log = this.log.child({ vm: vmName, attachment: e.info.id });
     const eps = e.att.qemuBulkInFlight();
     const rec: NonNullable<HandOffEvent['xhciRewind']> = { inFlight: eps.reduce((a, x) => a + x.ids.length, 0), patched: 0, unchanged: 0, skipped: [], tookMs: 0 };
@@ -303,6 +324,8 @@ export class Bridge extends EventEmitter {
         endpoints: usable.map((x) => ({ endpoint: x.endpoint, oldestId: x.ids[0]!, count: x.ids.length })),
         runDir: this.runDir,
         log,
+        location,
+        gdb,
       });
       rec.patched = res.patched.length;
       rec.unchanged = res.unchanged.length;

@@ -151,30 +151,83 @@ class GdbLink {
   }
 }
 
-/** Write guest-physical memory through a temporary gdbstub. */
-export async function writePhys(qmp: QmpClient, runDir: string, writes: { addr: bigint; bytes: Uint8Array }[]): Promise<void> {
-  const sockPath = path.join(runDir, `gdb-${process.pid}-${Date.now() % 100000}.sock`);
-  const started = await hmp(qmp, `gdbserver unix:${sockPath},server=on,wait=off`);
-  if (/error|could not|failed/i.test(started)) throw new Error(`gdbserver: ${started.trim()}`);
-  let sock: net.Socket | undefined;
-  try {
-    sock = await new Promise<net.Socket>((resolve, reject) => {
-      const s = net.connect(sockPath);
-      s.once('connect', () => resolve(s));
-      s.once('error', reject);
-    });
-    sock.on('error', () => {});
-    const link = new GdbLink(sock);
-    const mode = await link.request('Qqemu.PhyMemMode:1');
-    if (mode !== 'OK') throw new Error(`gdbstub refused physical memory mode: ${mode}`);
-    for (const w of writes) {
-      const r = await link.request(`M${w.addr.toString(16)},${w.bytes.length.toString(16)}:${hex(w.bytes)}`);
-      if (r !== 'OK') throw new Error(`gdbstub memory write at 0x${w.addr.toString(16)}: ${r}`);
+/**
+ * A temporary gdbstub on a unix socket, connected, in physical-memory mode: write() guest RAM,
+ * then close() (closes the connection and stops the gdbstub; never sends continue or detach).
+ */
+export class GdbWriter {
+  private constructor(
+    private readonly qmp: QmpClient,
+    private readonly sock: net.Socket,
+    private readonly link: GdbLink,
+  ) {}
+
+  static async open(qmp: QmpClient, runDir: string): Promise<GdbWriter> {
+    const sockPath = path.join(runDir, `gdb-${process.pid}-${Date.now() % 100000}.sock`);
+    const started = await hmp(qmp, `gdbserver unix:${sockPath},server=on,wait=off`);
+    if (/error|could not|failed/i.test(started)) throw new Error(`gdbserver: ${started.trim()}`);
+    let sock: net.Socket | undefined;
+    try {
+      sock = await new Promise<net.Socket>((resolve, reject) => {
+        const s = net.connect(sockPath);
+        s.once('connect', () => resolve(s));
+        s.once('error', reject);
+      });
+      sock.on('error', () => {});
+      const link = new GdbLink(sock);
+      const mode = await link.request('Qqemu.PhyMemMode:1');
+      if (mode !== 'OK') throw new Error(`gdbstub refused physical memory mode: ${mode}`);
+      return new GdbWriter(qmp, sock, link);
+    } catch (err) {
+      sock?.destroy();
+      await hmp(qmp, 'gdbserver none').catch(() => {});
+      throw err;
     }
-  } finally {
-    sock?.destroy();
-    await hmp(qmp, 'gdbserver none').catch(() => {});
   }
+
+  async write(addr: bigint, bytes: Uint8Array): Promise<void> {
+    const r = await this.link.request(`M${addr.toString(16)},${bytes.length.toString(16)}:${hex(bytes)}`);
+    if (r !== 'OK') throw new Error(`gdbstub memory write at 0x${addr.toString(16)}: ${r}`);
+  }
+
+  async close(): Promise<void> {
+    this.sock.destroy();
+    await hmp(this.qmp, 'gdbserver none').catch(() => {});
+  }
+}
+
+/** Where a usb device's contexts are in guest RAM. */
+export interface XhciDeviceLocation {
+  slot: number;
+  /** Guest-physical address of the device context. */
+  devCtx: bigint;
+  /** 32 or 64 (HCCPARAMS1.CSZ). */
+  ctxSize: number;
+}
+
+/**
+ * Find the device context of usb device `deviceId` (its qdev id) on xHCI controller
+ * `controllerId` (qdev id): its slot is its USB address (`info usb`), DCBAAP is in the
+ * controller's operational registers (BAR0 from `info pci`), the device context pointer in DCBAA.
+ */
+export async function locateXhciDevice(qmp: QmpClient, controllerId: string, deviceId: string): Promise<XhciDeviceLocation> {
+  const [infoUsb, infoPci] = await Promise.all([hmp(qmp, 'info usb'), hmp(qmp, 'info pci')]);
+  const slot = usbAddressOf(infoUsb, deviceId);
+  if (!slot) throw new Error(`no usb device ${deviceId} in 'info usb'`);
+  const pci = bar0Of(infoPci, controllerId);
+  if (pci === undefined) throw new Error(`no PCI device "${controllerId}" with a memory BAR0 in 'info pci'`);
+  if (!pci.xhci) throw new Error(`PCI device "${controllerId}" is not an xHCI controller`);
+  const bar = pci.bar;
+  const [capWord, , , , hcc1] = await readPhys(qmp, bar, 5);
+  const capLength = capWord! & 0xff;
+  const ctxSize = hcc1! & 0x4 ? 64 : 32;
+  const [dcLo, dcHi] = await readPhys(qmp, bar + BigInt(capLength) + 0x30n, 2);
+  const dcbaap = ((BigInt(dcHi!) << 32n) | BigInt(dcLo!)) & ~0x3fn;
+  if (dcbaap === 0n) throw new Error('xHCI DCBAAP is 0');
+  const [ctxLo, ctxHi] = await readPhys(qmp, dcbaap + 8n * BigInt(slot), 2);
+  const devCtx = ((BigInt(ctxHi!) << 32n) | BigInt(ctxLo!)) & ~0x3fn;
+  if (devCtx === 0n) throw new Error(`xHCI slot ${slot} has no device context`);
+  return { slot, devCtx, ctxSize };
 }
 
 function le32(a: number, b: number): Uint8Array {
@@ -191,35 +244,37 @@ function le32(a: number, b: number): Uint8Array {
  * for a usb device `deviceId` on the xHCI controller `controllerId`; anything unexpected (not
  * xHCI, a stream endpoint, a TRB that is not a Normal TRB, an endpoint not running) skips
  * that endpoint with the reason. Never throws for an endpoint; throws if the lookup fails.
+ * `location` and `gdb` may be started beforehand (in parallel with the freeze: less downtime);
+ * a gdb writer given is not closed here.
  */
 export async function rewindXhciDequeues(
   qmp: QmpClient,
-  opts: { controllerId: string; deviceId: string; endpoints: EndpointInFlight[]; runDir: string; log: Logger },
+  opts: {
+    controllerId: string;
+    deviceId: string;
+    endpoints: EndpointInFlight[];
+    runDir: string;
+    log: Logger;
+    location?: Promise<XhciDeviceLocation>;
+    gdb?: () => Promise<GdbWriter>;
+  },
 ): Promise<RewindResult> {
   const t0 = performance.now();
   const res: RewindResult = { patched: [], unchanged: [], skipped: [], tookMs: 0 };
   if (!opts.endpoints.length) return res;
-  const [infoUsb, infoPci] = await Promise.all([hmp(qmp, 'info usb'), hmp(qmp, 'info pci')]);
-  const slot = usbAddressOf(infoUsb, opts.deviceId);
-  if (!slot) throw new Error(`no usb device ${opts.deviceId} in 'info usb'`);
-  const pci = bar0Of(infoPci, opts.controllerId);
-  if (pci === undefined) throw new Error(`no PCI device "${opts.controllerId}" with a memory BAR0 in 'info pci'`);
-  if (!pci.xhci) throw new Error(`PCI device "${opts.controllerId}" is not an xHCI controller`);
-  const bar = pci.bar;
-  const [capWord, , , , hcc1] = await readPhys(qmp, bar, 5);
-  const capLength = capWord! & 0xff;
-  const ctxSize = hcc1! & 0x4 ? 64 : 32;
-  const [dcLo, dcHi] = await readPhys(qmp, bar + BigInt(capLength) + 0x30n, 2);
-  const dcbaap = ((BigInt(dcHi!) << 32n) | BigInt(dcLo!)) & ~0x3fn;
-  if (dcbaap === 0n) throw new Error('xHCI DCBAAP is 0');
-  const [ctxLo, ctxHi] = await readPhys(qmp, dcbaap + 8n * BigInt(slot), 2);
-  const devCtx = ((BigInt(ctxHi!) << 32n) | BigInt(ctxLo!)) & ~0x3fn;
-  if (devCtx === 0n) throw new Error(`xHCI slot ${slot} has no device context`);
+  const { slot, devCtx, ctxSize } = await (opts.location ?? locateXhciDevice(qmp, opts.controllerId, opts.deviceId));
+  const reads = await Promise.all(
+    opts.endpoints.map(async (ep) => {
+      const dci = (ep.endpoint & 0x0f) * 2 + (ep.endpoint & 0x80 ? 1 : 0);
+      const ctxAddr = devCtx + BigInt(ctxSize * dci);
+      const okId = ep.oldestId !== 0n && (ep.oldestId & 0xfn) === 0n;
+      const [ctx, trb] = await Promise.all([readPhys(qmp, ctxAddr, 4), okId ? readPhys(qmp, ep.oldestId, 4) : Promise.resolve(undefined)]);
+      return { ep, ctxAddr, ctx, trb };
+    }),
+  );
   const writes: { addr: bigint; bytes: Uint8Array }[] = [];
-  for (const ep of opts.endpoints) {
-    const dci = (ep.endpoint & 0x0f) * 2 + (ep.endpoint & 0x80 ? 1 : 0);
-    const ctxAddr = devCtx + BigInt(ctxSize * dci);
-    const [d0, d1, d2, d3] = await readPhys(qmp, ctxAddr, 4);
+  for (const { ep, ctxAddr, ctx, trb } of reads) {
+    const [d0, d1, d2, d3] = ctx;
     const state = d0! & 0x7;
     const type = (d1! >> 3) & 0x7;
     const wantType = ep.endpoint & 0x80 ? 6 : 2;
@@ -235,21 +290,21 @@ export async function rewindXhciDequeues(
       res.skipped.push({ endpoint: ep.endpoint, why: 'endpoint with streams' });
       continue;
     }
-    const trb = ep.oldestId;
-    if (trb & 0xfn || trb === 0n) {
-      res.skipped.push({ endpoint: ep.endpoint, why: `packet id 0x${trb.toString(16)} is not a TRB address` });
+    const id = ep.oldestId;
+    if (!trb) {
+      res.skipped.push({ endpoint: ep.endpoint, why: `packet id 0x${id.toString(16)} is not a TRB address` });
       continue;
     }
-    const [, , , ctl] = await readPhys(qmp, trb, 4);
-    const trbType = (ctl! >> 10) & 0x3f;
+    const ctl = trb[3]!;
+    const trbType = (ctl >> 10) & 0x3f;
     if (trbType !== 1) {
-      res.skipped.push({ endpoint: ep.endpoint, why: `TRB at 0x${trb.toString(16)} has type ${trbType}, not Normal` });
+      res.skipped.push({ endpoint: ep.endpoint, why: `TRB at 0x${id.toString(16)} has type ${trbType}, not Normal` });
       continue;
     }
-    const lo = Number(trb & 0xfffffff0n) | (ctl! & 1);
-    const hi = Number(trb >> 32n);
+    const lo = Number(id & 0xfffffff0n) | (ctl & 1);
+    const hi = Number(id >> 32n);
     const cur = (BigInt(d3!) << 32n) | BigInt(d2! & ~0xf);
-    if (cur === trb && (d2! & 1) === (ctl! & 1)) {
+    if (cur === id && (d2! & 1) === (ctl & 1)) {
       res.unchanged.push(ep.endpoint);
       continue;
     }
@@ -257,11 +312,18 @@ export async function rewindXhciDequeues(
     res.patched.push({ endpoint: ep.endpoint, slot, ctxAddr, before: [d2!, d3!], after: [lo >>> 0, hi >>> 0] });
   }
   if (writes.length) {
-    await writePhys(qmp, opts.runDir, writes);
-    for (const p of res.patched) {
-      const [, , d2, d3] = await readPhys(qmp, p.ctxAddr, 4);
-      if (d2 !== p.after[0] || d3 !== p.after[1]) throw new Error(`endpoint context at 0x${p.ctxAddr.toString(16)} reads back ${d2}/${d3}`);
+    const own = !opts.gdb;
+    const gdb = await (opts.gdb ? opts.gdb() : GdbWriter.open(qmp, opts.runDir));
+    try {
+      for (const w of writes) await gdb.write(w.addr, w.bytes);
+    } finally {
+      if (own) await gdb.close();
     }
+    const back = await Promise.all(res.patched.map((p) => readPhys(qmp, p.ctxAddr + 8n, 2)));
+    res.patched.forEach((p, i) => {
+      const [d2, d3] = back[i]!;
+      if (d2 !== p.after[0] || d3 !== p.after[1]) throw new Error(`endpoint context at 0x${p.ctxAddr.toString(16)} reads back ${d2}/${d3}`);
+    });
   }
   res.tookMs = performance.now() - t0;
   return res;
