@@ -7,6 +7,7 @@ import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { UsbHostClient } from '../src/client/sdk/client.js';
+import { tuneGcForBulkTransfers } from '../src/common/gc-tuning.js';
 import { TransferType, UrbStatus } from '../src/gen/usbroam/v1/usbhost.js';
 import { ensureCerts, measureCeilings } from './ceilings/client.js';
 
@@ -54,6 +55,7 @@ function percentile(sorted: number[], p: number): number {
 }
 
 async function main() {
+  tuneGcForBulkTransfers(); // as the usbroam CLI (server, bridge) does
   const certs = process.env.USBROAM_CERTS_DIR ?? path.join(root, 'certs/out');
   ensureCerts(certs);
   const srv = await startServer(certs);

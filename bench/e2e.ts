@@ -26,12 +26,16 @@ import { closeSync, fsyncSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
+import { tuneGcForBulkTransfers } from '../src/common/gc-tuning.js';
 import { Bridge } from '../src/client/bridge/bridge.js';
 import { UsbHostClient } from '../src/client/sdk/client.js';
 import { clientTls } from '../test/helpers/certs.js';
 import { startServerProcess, type ServerProcess } from '../test/helpers/server-process.js';
 import { HOST_CONTROLLERS, MiB, guestSha256, startBridgeGuest, timedDd, waitForDisk, waitGoneInGuest, type HcName } from '../test/helpers/bridge-e2e.js';
 import { ensureGuestImage, type Guest, type GuestImage } from '../test/e2e/harness/guest.js';
+
+// The bridge runs in this process: tune the GC as `usbroam bridge` does.
+tuneGcForBulkTransfers();
 
 const { values: flags } = parseArgs({
   options: {

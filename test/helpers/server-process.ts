@@ -14,6 +14,8 @@ export async function startServerProcess(args: string[] = []): Promise<ServerPro
   const child = spawn(
     process.execPath,
     [
+      // e.g. USBROAM_SERVER_NODE_ARGS='--cpu-prof --cpu-prof-dir=/tmp/prof' to profile the server
+      ...(process.env.USBROAM_SERVER_NODE_ARGS?.split(' ').filter(Boolean) ?? []),
       'bin/usbroam.js',
       'serve',
       '--listen',

@@ -1,5 +1,6 @@
 // The usbroam CLI: one file per subcommand, like usbip's tools.
 import { Command } from 'commander';
+import { tuneGcForBulkTransfers } from '../../common/gc-tuning.js';
 import { attachCommand } from './attach.js';
 import { attachmentsCommand } from './attachments.js';
 import { bridgeCommand } from './bridge.js';
@@ -11,6 +12,8 @@ import { qemuArgsCommand } from './qemu-args.js';
 import { serveCommand } from './serve.js';
 import { sessionsCommand } from './sessions.js';
 import { watchCommand } from './watch.js';
+
+tuneGcForBulkTransfers();
 
 const program = new Command('usbroam')
   .description('remote USB for virtual machines: a device on a USB host, used by a VM elsewhere, kept across live migration')
