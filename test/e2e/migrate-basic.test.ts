@@ -1,21 +1,21 @@
 // Live migration with the device attached (issue 4): a USB host server process with a disk,
 // the source guest (QEMU A) using it through bridge A, a destination QEMU B (-incoming defer)
-// prepared by bridge B (prepareIncoming), then QEMU's migrate. The source bridge follows the
+// prepared by bridge B (prepareIncoming), then QEMU's migrate. The server and the two bridges
+// (one per "host") run as separate processes. The source bridge follows the
 // migration on its own QMP socket and hands the session off at 'completed'. In the guest (now
 // on B) the disk keeps working, the data reads back, and dmesg shows no disconnect/reset/error.
 import { expect } from 'chai';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Bridge, type AttachmentInfo } from '../../src/client/bridge/bridge.js';
-import { createLogger, silentLogger } from '../../src/common/log.js';
+import type { AttachmentInfo } from '../../src/client/bridge/bridge.js';
 import { clientTls } from '../helpers/certs.js';
-import { migrateWithHandOff, startVmGuest, type Host } from '../helpers/migration-rig.js';
+import { BridgeChild, delay } from '../helpers/migration-faults.js';
+import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../helpers/migration-rig.js';
 import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
 import { type Guest, type GuestImage } from './harness/guest.js';
 import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
 
-const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
 const BAD = /USB disconnect|reset (low|full|high|super|SuperSpeed)[^\n]*USB device|error -110|I\/O error|DID_NO_CONNECT/;
 
 async function dmesgBad(g: Guest): Promise<string[]> {
@@ -44,11 +44,13 @@ describe('e2e migration: the remote disk stays attached across live migration', 
   let server: ServerProcess | undefined;
   let dir: string;
   let serverOpts: { address: string; ca: string; cert: string; key: string };
-  const hostA: Host = { name: 'A', bridge: undefined as unknown as Bridge };
-  const hostB: Host = { name: 'B', bridge: undefined as unknown as Bridge };
+  let childA: BridgeChild | undefined;
+  let childB: BridgeChild | undefined;
+  let hostA: MigrationHost;
+  let hostB: MigrationHost;
   const guests: Guest[] = [];
   let cur: Guest;
-  let curHost: Host;
+  let curHost: MigrationHost;
   let att: AttachmentInfo;
   let vmSeq = 0;
 
@@ -58,13 +60,20 @@ describe('e2e migration: the remote disk stays attached across live migration', 
     dir = mkdtempSync(path.join(os.tmpdir(), 'umig-'));
     server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', path.join(dir, 'disk.img'), '--disk-size-mib', '64']);
     serverOpts = { address: server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
-    hostA.bridge = new Bridge({ log: log.child({ host: 'A' }), runDir: path.join(dir, 'A') });
-    hostB.bridge = new Bridge({ log: log.child({ host: 'B' }), runDir: path.join(dir, 'B') });
+    // Each bridge in its own process (USBROAM_CHILD_LOG=info for its log on stderr).
+    childA = new BridgeChild(path.join(dir, 'A'));
+    childB = new BridgeChild(path.join(dir, 'B'));
+    await Promise.all([childA.ready(), childB.ready()]);
+    hostA = { name: 'A', bridge: childA.host() };
+    hostB = { name: 'B', bridge: childB.host() };
   });
 
   after(async () => {
-    await hostA.bridge?.close().catch(() => {});
-    await hostB.bridge?.close().catch(() => {});
+    for (const c of [childA, childB]) {
+      if (!c) continue;
+      await Promise.race([c.call('close').catch(() => {}), delay(10_000)]);
+      await c.kill('SIGTERM');
+    }
     await Promise.allSettled(guests.map((g) => g.stop()));
     await server?.stop();
     if (dir && !process.env.USBROAM_E2E_KEEP) rmSync(dir, { recursive: true, force: true });
@@ -84,7 +93,6 @@ describe('e2e migration: the remote disk stays attached across live migration', 
       attachment: att,
       server: serverOpts,
       cancelAfterMs: opts.cancelAfterMs,
-      log,
     });
     guests.push(r.dst);
     if (r.status === 'completed') {
@@ -105,8 +113,8 @@ describe('e2e migration: the remote disk stays attached across live migration', 
     guests.push(guest);
     cur = guest;
     curHost = hostA;
-    hostA.bridge.addVm({ name: 'vm0', qmpSocket: bridgeQmp });
-    att = await hostA.bridge.attach({ vm: 'vm0', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: 'xhci.0' });
+    await hostA.bridge.addVm({ name: 'vm0', qmpSocket: bridgeQmp });
+    att = await childA!.host().attach({ vm: 'vm0', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: 'xhci.0' });
     await guest.waitForPath('/sys/block/sda', { timeoutMs: 120_000 });
     await guest.waitForPath('/dev/sda');
     await guest.sh('dd if=/dev/urandom of=/tmp/x bs=1M count=4 2>/dev/null; dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync 2>/dev/null; sha256sum /tmp/x > /tmp/x.sha');
