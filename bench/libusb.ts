@@ -5,12 +5,15 @@
 // data to the disk with O_DIRECT and fsync, drop caches, dd it back with O_DIRECT, both timed in
 // the VM (/proc/uptime); the read-back is checksummed. Rounds alternate the order; medians.
 //
-//   npm run bench:libusb [-- --rounds N] [--size-mib N]
+//   npm run bench:libusb [-- --rounds N] [--size-mib N] [--only usbroam|usbredirect]
 //   env: USBROAM_BENCH_ROUNDS (default 1), USBROAM_BENCH_SIZE_MIB (default 16)
+//   USBROAM_BENCH_PROF=DIR: the server runs with --cpu-prof; its .cpuprofile is copied to DIR at the
+//   end (open it in Chrome DevTools, or summarise it with `node bench/cpuprofile-top.mjs FILE`).
 //
 // Progress on stderr; the last stdout line is JSON: usbroam_write_MBps, usbroam_read_MBps,
 // usbredirect_write_MBps, usbredirect_read_MBps, write_ratio, read_ratio (usbroam / usbredirect).
-import { closeSync, mkdtempSync, openSync, rmSync, truncateSync } from 'node:fs';
+import { closeSync, mkdirSync, mkdtempSync, openSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -20,7 +23,12 @@ import { MiB, guestSha256, testLog, timedDd, waitForDisk, waitGoneInGuest } from
 import { ensureGuestImage, startGuest, type Guest } from '../test/e2e/harness/guest.js';
 import { startUsbHostGuest, type UsbHostGuest } from '../test/e2e/harness/usbhost-guest.js';
 
-const { values: flags } = parseArgs({ options: { rounds: { type: 'string' }, 'size-mib': { type: 'string' } } });
+
+const { values: flags } = parseArgs({ options: { rounds: { type: 'string' }, 'size-mib': { type: 'string' }, only: { type: 'string' } } });
+const only = flags.only as 'usbroam' | 'usbredirect' | undefined;
+if (only && only !== 'usbroam' && only !== 'usbredirect') throw new Error(`--only usbroam|usbredirect, not ${only}`);
+const profDir = process.env.USBROAM_BENCH_PROF;
+const PROF_PORT = 4001;
 const rounds = Number(flags.rounds ?? process.env.USBROAM_BENCH_ROUNDS ?? 1);
 const sizeMiB = Number(flags['size-mib'] ?? process.env.USBROAM_BENCH_SIZE_MIB ?? 16);
 const REDIR_PORT = 4000;
@@ -69,7 +77,13 @@ async function main(): Promise<void> {
   try {
     progress('starting the USB host guest (usbroam serve --libusb) and the VM guest');
     [host, vm] = await Promise.all([
-      startUsbHostGuest({ image, storage: { image: stick, serial: 'BENCH0001' }, forwardPorts: [REDIR_PORT], log: quiet }),
+      startUsbHostGuest({
+        image,
+        storage: { image: stick, serial: 'BENCH0001' },
+        forwardPorts: [REDIR_PORT, PROF_PORT],
+        nodeArgs: profDir ? ['--cpu-prof', '--cpu-prof-dir=/run/prof'] : [],
+        log: quiet,
+      }),
       startGuest({ name: 'bench-vm', image, memoryMb: 256, extraArgs: ['-device', 'qemu-xhci,id=xhci', '-qmp', `unix:${vmQmp},server=on,wait=off`], log: quiet }),
     ]);
     progress(`USB host guest serving on ${host.address}`);
@@ -114,12 +128,14 @@ async function main(): Promise<void> {
     for (let i = 0; i < rounds; i++) {
       const order: Array<'usbroam' | 'usbredirect'> = i % 2 ? ['usbredirect', 'usbroam'] : ['usbroam', 'usbredirect'];
       for (const t of order) {
+        if (only && t !== only) continue;
         const x = t === 'usbroam' ? await viaUsbroam() : await viaUsbredirect();
         res[t].w.push(x.w);
         res[t].r.push(x.r);
         progress(`round ${i + 1} ${t}: write ${x.w.toFixed(2)} MB/s, read ${x.r.toFixed(2)} MB/s`);
       }
     }
+    if (profDir) await fetchProfile(host, profDir);
     const uw = median(res.usbroam.w), ur = median(res.usbroam.r), rw = median(res.usbredirect.w), rr = median(res.usbredirect.r);
     console.log(JSON.stringify({
       bench: 'libusb', size_mib: sizeMiB, rounds,
@@ -133,6 +149,44 @@ async function main(): Promise<void> {
     await host?.stop().catch(() => {});
     rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/** Stop the server in the USB host guest (its --cpu-prof profile is written at exit) and copy the profile out over a forwarded port. */
+async function fetchProfile(host: UsbHostGuest, dir: string): Promise<void> {
+  const g = host.guest;
+  await g.run('kill -INT $(pidof node) 2>/dev/null; true');
+  let file = '';
+  const deadline = Date.now() + 120_000;
+  while (!file) {
+    const out = (await g.run('pidof node >/dev/null || ls /host/run/prof/*.cpuprofile 2>/dev/null')).output.trim();
+    file = out.split('\n').find((l) => l.endsWith('.cpuprofile')) ?? '';
+    if (!file) {
+      if (Date.now() > deadline) throw new Error('no .cpuprofile from the server');
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  }
+  const size = Number((await g.sh(`stat -c %s ${file}`)).trim());
+  await g.sh(`(nc -l -p ${PROF_PORT} < ${file} > /dev/null 2>&1 &) ; sleep 1`);
+  const chunks: Buffer[] = [];
+  let got = 0;
+  await new Promise<void>((resolve, reject) => {
+    const s = net.connect(host.forwards[PROF_PORT]!, '127.0.0.1');
+    const t = setTimeout(() => (s.destroy(), reject(new Error(`profile: ${got} of ${size} bytes`))), 300_000);
+    s.on('data', (d: Buffer) => {
+      chunks.push(d);
+      got += d.length;
+      if (got >= size) {
+        clearTimeout(t);
+        s.destroy();
+        resolve();
+      }
+    });
+    s.on('error', (e) => (clearTimeout(t), reject(e)));
+  });
+  mkdirSync(dir, { recursive: true });
+  const out = path.join(dir, `usbroam-serve-${Date.now()}.cpuprofile`);
+  writeFileSync(out, Buffer.concat(chunks).subarray(0, size));
+  progress(`server CPU profile: ${out} (${size} bytes)`);
 }
 
 main().then(

@@ -109,37 +109,65 @@ export function dd(vid: number, pid: number, cls = 0) {
   return { bLength: 18, bDescriptorType: 1, bcdUSB: 0x0200, bDeviceClass: cls, bDeviceSubClass: 0, bDeviceProtocol: 0, bMaxPacketSize0: 64, idVendor: vid, idProduct: pid, bcdDevice: 0x0102, iManufacturer: 1, iProduct: 2, iSerialNumber: 3, bNumConfigurations: 1 };
 }
 
+/** A node-usb Transfer the backend created (one per pooled transfer: reused for many submissions). */
+export interface FakeTransferObject {
+  endpoint: number;
+  type: number;
+  timeoutMs: number;
+  /** Submitted and its callback not yet delivered (node-usb: "Transfer is already active"). */
+  active: boolean;
+  submissions: number;
+}
+
 export function fakeUsb(devices: FakeDevice[]) {
-  const transfers: FakeTransfer[] = [];
+  const transfers: FakeTransferObject[] = [];
   const submitted: FakeTransfer[] = [];
-  const mod: UsbModuleLike & { devices: FakeDevice[]; transfers: FakeTransfer[]; submitted: FakeTransfer[]; failSubmit?: number; submitErrors: Array<number | undefined> } = {
+  const mod: UsbModuleLike & {
+    devices: FakeDevice[];
+    /** Transfers created (new Transfer). */
+    transfers: FakeTransferObject[];
+    /** Every submission, in order; complete() them by hand. */
+    submitted: FakeTransfer[];
+    failSubmit?: number;
+    /** errnos for the next submits (undefined: that one succeeds). */
+    submitErrors: Array<number | undefined>;
+  } = {
     devices,
     transfers,
     submitted,
     submitErrors: [],
     getDeviceList: () => [...mod.devices],
     newTransfer: (device, endpoint, type, timeoutMs, cb) => {
-      const t: FakeTransfer = {
-        endpoint, type, timeoutMs, cancelled: false, done: false,
-        complete(errno, actual, fill) {
-          if (t.done) return;
-          t.done = true;
-          if (fill && t.buf) t.buf.set(fill, type === TransferType.Control ? 8 : 0);
-          setImmediate(() => cb(errno === undefined ? undefined : libusbErr(errno), t.buf!, actual));
-        },
-      };
-      transfers.push(t);
+      const obj: FakeTransferObject = { endpoint, type, timeoutMs, active: false, submissions: 0 };
+      transfers.push(obj);
+      let current: FakeTransfer | undefined;
       return {
         submit(buf: Buffer) {
+          if (obj.active) throw new Error('Transfer is already active');
           if (mod.failSubmit !== undefined) throw libusbErr(mod.failSubmit);
           const e = mod.submitErrors.shift();
           if (e !== undefined) throw libusbErr(e);
           if ((device as FakeDevice).gone) throw libusbErr(-4);
-          t.buf = buf;
+          const t: FakeTransfer = {
+            endpoint, type, timeoutMs, buf, cancelled: false, done: false,
+            complete(errno, actual, fill) {
+              if (t.done) return;
+              t.done = true;
+              if (fill) buf.set(fill, type === TransferType.Control ? 8 : 0);
+              setImmediate(() => {
+                obj.active = false;
+                cb(errno === undefined ? undefined : libusbErr(errno), buf, actual);
+              });
+            },
+          };
+          obj.active = true;
+          obj.submissions++;
+          current = t;
           submitted.push(t);
         },
         cancel() {
-          if (t.done) return false;
+          const t = current;
+          if (!t || t.done) return false;
           t.cancelled = true;
           t.complete(3, 0);
           return true;
@@ -149,4 +177,3 @@ export function fakeUsb(devices: FakeDevice[]) {
   };
   return mod;
 }
-

@@ -79,7 +79,7 @@ describe('libusb backend (fake usb module)', () => {
     expect(removed).to.deep.equal(['usb-1-2-W0001']);
     await tick();
     expect(goneReason).to.equal('device unplugged');
-    mod.transfers.at(-1)!.complete(5, 0); // LIBUSB_TRANSFER_NO_DEVICE
+    mod.submitted.at(-1)!.complete(5, 0); // LIBUSB_TRANSFER_NO_DEVICE
     expect((await inflight).status).to.equal(UrbStatus.IoError);
     expect((await submit(h, urb({ endpoint: 0x81, length: 8 }))).status).to.equal(UrbStatus.IoError);
     await h.close();
@@ -109,13 +109,13 @@ describe('libusb backend (fake usb module)', () => {
 
   it('many bulk URBs in flight on one endpoint; each completes once with its data; cancel', async () => {
     const h = await backend.open('usb-1-2-W0001');
-    const base = mod.transfers.length;
+    const base = mod.submitted.length;
     const us = [1, 2, 3].map(() => urb({ endpoint: 0x81, length: 16 }));
     const ps = us.map((u) => submit(h, u));
-    expect(mod.transfers.length - base).to.equal(3);
-    mod.transfers[base]!.complete(undefined, 4, Uint8Array.from([1, 2, 3, 4]));
+    expect(mod.submitted.length - base).to.equal(3);
+    mod.submitted[base]!.complete(undefined, 4, Uint8Array.from([1, 2, 3, 4]));
     expect(h.cancel(us[1]!.id)).to.equal(true);
-    mod.transfers[base + 2]!.complete(4, 0); // STALL
+    mod.submitted[base + 2]!.complete(4, 0); // STALL
     const [r0, r1, r2] = await Promise.all(ps);
     expect(r0).to.deep.include({ status: UrbStatus.Success, actualLength: 4 });
     expect([...r0!.data!]).to.deep.equal([1, 2, 3, 4]);
@@ -123,7 +123,7 @@ describe('libusb backend (fake usb module)', () => {
     expect(r2!.status).to.equal(UrbStatus.Stall);
     expect(h.cancel(us[0]!.id)).to.equal(false);
     const out = submit(h, urb({ endpoint: 0x02, data: Uint8Array.from([9, 9]), length: 2 }));
-    const t = mod.transfers.at(-1)!;
+    const t = mod.submitted.at(-1)!;
     expect([...t.buf!]).to.deep.equal([9, 9]);
     t.complete(2, 2);
     expect((await out).status).to.equal(UrbStatus.Timeout);
@@ -139,14 +139,14 @@ describe('libusb backend (fake usb module)', () => {
   it('control: raw setup packets; SET_CONFIGURATION / SET_INTERFACE / CLEAR_FEATURE(HALT) go through libusb calls', async () => {
     const h = await backend.open('usb-1-2-W0001');
     const get = submit(h, urb({ endpoint: 0x80, type: TransferType.Control, setup: Uint8Array.from([0x80, 6, 0, 1, 0, 0, 18, 0]), length: 18 }));
-    const t = mod.transfers.at(-1)!;
+    const t = mod.submitted.at(-1)!;
     expect(t.endpoint).to.equal(0);
     expect(t.buf!.length).to.equal(8 + 18);
     t.complete(undefined, 2, Uint8Array.from([18, 1]));
     const r = await get;
     expect(r).to.deep.include({ status: UrbStatus.Success, actualLength: 2 });
     expect([...r.data!]).to.deep.equal([18, 1]);
-    const n = mod.transfers.length;
+    const n = mod.submitted.length;
     const setIf = await submit(h, urb({ endpoint: 0x00, type: TransferType.Control, setup: Uint8Array.from([0x01, 0x0b, 1, 0, 0, 0, 0, 0]), length: 0 }));
     expect(setIf.status).to.equal(UrbStatus.Success);
     expect(widget.calls).to.include('setinterface 0 1');
@@ -158,7 +158,7 @@ describe('libusb backend (fake usb module)', () => {
     expect((await submit(h, urb({ endpoint: 0x00, type: TransferType.Control, setup: Uint8Array.from([0x00, 0x09, 1, 0, 0, 0, 0, 0]), length: 0 }))).status).to.equal(UrbStatus.Success);
     expect(widget.calls).to.deep.equal(['release 0', 'setconfig 1', 'claim 0']);
     expect(h.info.endpoints.map((e) => e.address), 'alt settings back to 0').to.deep.equal([0x81, 0x02]);
-    expect(mod.transfers.length, 'no raw transfers for those').to.equal(n);
+    expect(mod.submitted.length, 'no raw transfers for those').to.equal(n);
     await h.reset();
     expect(widget.calls).to.include('reset');
     await h.close();
@@ -166,12 +166,12 @@ describe('libusb backend (fake usb module)', () => {
 
   it('isochronous URBs, bulk streams: Inval, errors naming device, endpoint and what usb@2 lacks; iso paced, cancellable', async () => {
     const h = await backend.open('usb-1-2-W0001');
-    const n = mod.transfers.length;
+    const n = mod.submitted.length;
     const t0 = performance.now();
     const r = await submit(h, urb({ endpoint: 0x81, type: TransferType.Isochronous, length: 64, isoPackets: [{ length: 64, status: 0, actualLength: 0 }] }));
     expect(r.status).to.equal(UrbStatus.Inval);
     expect(r.isoPackets![0]!.status).to.equal(UrbStatus.Inval);
-    expect(mod.transfers.length, 'no libusb transfer for an iso URB').to.equal(n);
+    expect(mod.submitted.length, 'no libusb transfer for an iso URB').to.equal(n);
     expect(ISO_UNIMPLEMENTED).to.match(/isochronous transfers are not implemented by the libusb backend: usb@2 .*no binding for libusb_alloc_transfer\(iso_packets\)/);
     // Paced at the URB's bus time: a receiving stream resubmitting on every completion does not spin.
     const info = { ...h.info, speed: Speed.Full, endpoints: [{ ...h.info.endpoints[0]!, interval: 1 }] };
@@ -185,7 +185,7 @@ describe('libusb backend (fake usb module)', () => {
     expect((await pending).status, 'a cancelled iso URB completes at once as cancelled').to.equal(UrbStatus.Cancelled);
     // Bulk streams: a URB with a stream id is Inval; the ops throw a UsbError naming device and endpoints.
     expect((await submit(h, urb({ endpoint: 0x81, streamId: 3, length: 8 }))).status).to.equal(UrbStatus.Inval);
-    expect(mod.transfers.length, 'no libusb transfer for a stream URB').to.equal(n);
+    expect(mod.submitted.length, 'no libusb transfer for a stream URB').to.equal(n);
     for (const op of [() => h.allocBulkStreams([0x81, 0x02], 4), () => h.freeBulkStreams([0x81, 0x02])]) {
       await op().then(
         () => expect.fail('streams'),
@@ -244,6 +244,48 @@ describe('libusb backend (fake usb module)', () => {
     mod.submitted.at(-1)!.complete(undefined, 512);
     expect(await e).to.deep.equal({ status: UrbStatus.IoError, actualLength: 512 });
     await h.close();
+  });
+
+  it('libusb transfers are reused per endpoint, type and timeout (never while active); dropped on close', async () => {
+    const h = await backend.open('usb-1-2-W0001');
+    const made = mod.transfers.length;
+    const seq = async (ep: number, timeoutMs = 0) => {
+      const p = submit(h, urb({ endpoint: ep, length: 8, data: ep & 0x80 ? undefined : new Uint8Array(8), timeoutMs }));
+      mod.submitted.at(-1)!.complete(undefined, 8, ep & 0x80 ? new Uint8Array(8).fill(ep) : undefined);
+      const r = await p;
+      expect(r.status).to.equal(UrbStatus.Success);
+      return r;
+    };
+    for (let i = 0; i < 5; i++) expect([...(await seq(0x81)).data!]).to.deep.equal(new Array(8).fill(0x81));
+    expect(mod.transfers.length - made, 'one transfer for 5 sequential URBs').to.equal(1);
+    await seq(0x02);
+    await seq(0x81, 500);
+    expect(mod.transfers.length - made, 'another endpoint, another timeout: new transfers').to.equal(3);
+    // Three in flight at once need three transfers; afterwards they are all reused.
+    const ps = [0, 1, 2].map(() => submit(h, urb({ endpoint: 0x81, length: 4 })));
+    expect(mod.transfers.length - made).to.equal(5);
+    for (const t of mod.submitted.slice(-3)) t.complete(undefined, 4);
+    await Promise.all(ps);
+    const ps2 = [0, 1, 2].map(() => submit(h, urb({ endpoint: 0x81, length: 4 })));
+    expect(mod.transfers.length - made, 'reused').to.equal(5);
+    // A cancelled URB's transfer comes back too; a completed URB's id no longer cancels anything.
+    const last = mod.submitted.slice(-3);
+    last[0]!.complete(undefined, 4);
+    await ps2[0];
+    expect(h.cancel(nextId - 3)).to.equal(false);
+    expect(last[1]!.cancelled || last[2]!.cancelled, 'no other transfer cancelled').to.equal(false);
+    for (const t of last.slice(1)) t.complete(undefined, 4);
+    await Promise.all(ps2);
+    expect(mod.transfers.every((t) => !t.active)).to.equal(true);
+    expect(Math.max(...mod.transfers.map((t) => t.submissions))).to.be.greaterThan(1);
+    await h.close();
+    const h2 = await backend.open('usb-1-2-W0001');
+    const before = mod.transfers.length;
+    const p = submit(h2, urb({ endpoint: 0x81, length: 4 }));
+    mod.submitted.at(-1)!.complete(undefined, 4);
+    await p;
+    expect(mod.transfers.length - before, 'a new handle makes its own').to.equal(1);
+    await h2.close();
   });
 
   it('URB_SHORT_NOT_OK on IN: a short transfer is an error (data kept), a full one is not', async () => {

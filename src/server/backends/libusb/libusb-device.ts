@@ -137,15 +137,43 @@ export type TransferFactory = (
   cb: (err: LibusbErrorLike | undefined, buf: Buffer, actual: number) => void,
 ) => UsbTransferLike;
 
-interface InFlight {
-  urb: Urb;
-  done: (r: UrbResult) => void;
-  transfer?: UsbTransferLike;
+/** One URB in flight: plain fields, no closures (this runs for every URB). */
+class InFlight {
+  transfer: UsbTransferLike | undefined = undefined;
   /** URB_ZERO_PACKET emulation: the zero-length transfer queued right behind the data transfer. */
-  zlp?: UsbTransferLike;
-  cancelRequested: boolean;
-  completed: boolean;
+  zlp: UsbTransferLike | undefined = undefined;
+  cancelRequested = false;
+  completed = false;
+  /** The transfer buffer; IN data starts at inOffset (8 for control: after the setup packet); -1: OUT. */
+  buf: Buffer = EMPTY_BUFFER;
+  inOffset = -1;
+  /** IN: the length asked for (URB_SHORT_NOT_OK). */
+  wanted = 0;
+  /** Transfers still to complete (2 with a zero-length packet). */
+  pending = 0;
+  errno: number | undefined = undefined;
+  zlpErrno: number | undefined = undefined;
+  actual = 0;
+  constructor(
+    readonly urb: Urb,
+    readonly done: (r: UrbResult) => void,
+  ) {}
 }
+
+/**
+ * A node-usb Transfer kept for reuse: creating one (a native object, libusb_alloc_transfer, a
+ * persistent callback) cost about as much as submitting it in profiles. Its callback is bound
+ * once, to the slot; `f` is the URB it currently serves.
+ */
+interface Slot {
+  transfer: UsbTransferLike;
+  f: InFlight | undefined;
+  zlp: boolean;
+  key: number;
+}
+
+/** Idle transfers kept per (endpoint, type, timeout); more than this are dropped. */
+const POOL_MAX = 64;
 
 const EMPTY_BUFFER = Buffer.alloc(0);
 
@@ -184,6 +212,8 @@ function cbToPromise(fn: (cb: (err?: LibusbErrorLike) => void) => void): Promise
 export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
   private _info: DeviceInfo;
   private readonly inflight = new Map<number, InFlight>();
+  /** Idle transfers by (timeout, type, endpoint): see takeSlot. */
+  private readonly pools = new Map<number, Slot[]>();
   /** Claimed interface numbers, and those whose kernel driver we detached. */
   private readonly claimed = new Set<number>();
   private readonly detached = new Set<number>();
@@ -362,7 +392,7 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
   }
 
   submit(urb: Urb, done: (result: UrbResult) => void): void {
-    const f: InFlight = { urb, done, cancelRequested: false, completed: false };
+    const f = new InFlight(urb, done);
     if (this.inflight.has(urb.id)) {
       // Not ours to track twice: complete it on its own, as invalid.
       setImmediate(() => done({ status: UrbStatus.Inval, actualLength: 0 }));
@@ -442,7 +472,10 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     buf.set(setup, 0);
     buf.writeUInt16LE(dataLen, 6);
     if (!isIn && urb.data) buf.set(urb.data.subarray(0, dataLen), 8);
-    this.startTransfer(f, 0, TransferType.Control, buf, isIn ? 8 : -1, isIn ? wLength : 0, false);
+    f.buf = buf;
+    f.inOffset = isIn ? 8 : -1;
+    f.wanted = isIn ? wLength : 0;
+    this.startTransfer(f, 0, TransferType.Control, false);
   }
 
   private submitData(f: InFlight): void {
@@ -455,14 +488,20 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
       return this.finishAsync(f, { status: UrbStatus.Inval, actualLength: 0 });
     }
     const isIn = (urb.endpoint & 0x80) !== 0;
-    if (isIn) return this.startTransfer(f, urb.endpoint, urb.type, Buffer.allocUnsafe(urb.length), 0, urb.length, false);
+    if (isIn) {
+      f.buf = Buffer.allocUnsafe(urb.length);
+      f.inOffset = 0;
+      f.wanted = urb.length;
+      return this.startTransfer(f, urb.endpoint, urb.type, false);
+    }
     const d = urb.data;
     const buf = d ? Buffer.from(d.buffer, d.byteOffset, d.byteLength) : EMPTY_BUFFER;
+    f.buf = buf;
     // URB_ZERO_PACKET: usb@2 never sets LIBUSB_TRANSFER_ADD_ZERO_PACKET, so a zero-length transfer
     // is queued right behind the data (same endpoint, submitted back to back: nothing gets between).
     const mps = ep.maxPacketSize & 0x7ff;
     const zlp = (urb.flags & URB_ZERO_PACKET) !== 0 && buf.length > 0 && mps > 0 && buf.length % mps === 0;
-    this.startTransfer(f, urb.endpoint, urb.type, buf, -1, 0, zlp);
+    this.startTransfer(f, urb.endpoint, urb.type, zlp);
   }
 
   /** The active setting's endpoint with this address (the list is short: a loop, no closure). */
@@ -472,58 +511,91 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     return undefined;
   }
 
+  /** A transfer for (endpoint, type, this URB's timeout): an idle one from the pool, or a new one. */
+  private takeSlot(endpoint: number, type: TransferType, timeoutMs: number): Slot {
+    // timeout (ms, < 2^32) * 1024 + type * 256 + endpoint: exact in a double.
+    const key = timeoutMs * 1024 + type * 256 + endpoint;
+    const idle = this.pools.get(key)?.pop();
+    if (idle) return idle;
+    const slot: Slot = { transfer: undefined as unknown as UsbTransferLike, f: undefined, zlp: false, key };
+    slot.transfer = this.newTransfer(this.device, endpoint, type, timeoutMs, (err, _b, actual) => this.onTransferDone(slot, err, actual));
+    return slot;
+  }
+
+  private releaseSlot(slot: Slot): void {
+    if (this.closed) return;
+    let pool = this.pools.get(slot.key);
+    if (!pool) this.pools.set(slot.key, (pool = []));
+    if (pool.length < POOL_MAX) pool.push(slot);
+  }
+
   /**
-   * Submit one libusb transfer for `f`. `inOffset` >= 0: an IN transfer whose data starts there in
-   * the buffer (8 for control, after the setup packet); -1: OUT. `wanted`: the IN length asked for
-   * (URB_SHORT_NOT_OK). `zlp`: queue a zero-length transfer behind it.
+   * Submit one libusb transfer for `f` (buffer and IN/OUT shape already in f), and with `zlp` a
+   * zero-length transfer right behind it.
    */
-  private startTransfer(f: InFlight, endpoint: number, type: TransferType, buf: Buffer, inOffset: number, wanted: number, zlp: boolean): void {
-    let pending = zlp ? 2 : 1;
-    let first: { errno: number | undefined; actual: number } | undefined;
-    let zlpErrno: number | undefined;
-    const settle = () => {
-      const errno = first!.errno ?? zlpErrno;
-      const actual = first!.actual;
-      if (errno === TRANSFER_NO_DEVICE) this.markGone('device vanished during a transfer');
-      let status = transferStatusToUrb(errno);
-      if (this.isGone && status !== UrbStatus.Success && status !== UrbStatus.Cancelled) status = UrbStatus.IoError;
-      if (f.cancelRequested && status === UrbStatus.Success && actual === 0) status = UrbStatus.Cancelled;
-      if (status === UrbStatus.Success && inOffset >= 0 && actual < wanted && (f.urb.flags & URB_SHORT_NOT_OK) !== 0) status = UrbStatus.IoError;
-      this.finish(
-        f,
-        inOffset >= 0 ? { status, data: new Uint8Array(buf.buffer, buf.byteOffset + inOffset, actual), actualLength: actual } : { status, actualLength: actual },
-      );
-    };
-    let transfer: UsbTransferLike;
+  private startTransfer(f: InFlight, endpoint: number, type: TransferType, zlp: boolean): void {
+    f.pending = zlp ? 2 : 1;
+    let slot: Slot;
     try {
-      transfer = this.newTransfer(this.device, endpoint, type, f.urb.timeoutMs, (err, _b, actual) => {
-        first = { errno: err?.errno, actual: actual ?? 0 };
-        // The data transfer failed: the zero-length one behind it must not go out on its own.
-        if (f.zlp && err && err.errno !== TRANSFER_COMPLETED) cancelQuietly(f.zlp);
-        if (--pending === 0) settle();
-      });
-      f.transfer = transfer;
-      transfer.submit(buf);
+      slot = this.takeSlot(endpoint, type, f.urb.timeoutMs);
+      slot.f = f;
+      slot.zlp = false;
+      f.transfer = slot.transfer;
+      slot.transfer.submit(f.buf);
     } catch (err) {
+      // A slot whose submit threw is not reused (its state is unknown).
       return this.submitFailed(f, endpoint, err);
     }
     if (!zlp) return;
     try {
-      const z = this.newTransfer(this.device, endpoint, type, f.urb.timeoutMs, (err) => {
-        zlpErrno = err?.errno;
-        if (--pending === 0) settle();
-      });
-      f.zlp = z;
-      z.submit(EMPTY_BUFFER);
+      const z = this.takeSlot(endpoint, type, f.urb.timeoutMs);
+      z.f = f;
+      z.zlp = true;
+      f.zlp = z.transfer;
+      z.transfer.submit(EMPTY_BUFFER);
     } catch (err) {
       // The data is on its way; without its zero-length packet the URB fails once the data is done.
       f.zlp = undefined;
       const errno = (err as LibusbErrorLike).errno;
       if (errno === ERROR_NO_DEVICE) this.markGone('device vanished');
       this.log.debug({ endpoint, err: errText(err) }, 'zero-length packet submit failed');
-      zlpErrno = TRANSFER_ERROR;
-      if (--pending === 0) settle();
+      f.zlpErrno = TRANSFER_ERROR;
+      if (--f.pending === 0) this.settle(f);
     }
+  }
+
+  /** A libusb transfer completed (node-usb's callback): back to the pool, then to its URB. */
+  private onTransferDone(slot: Slot, err: LibusbErrorLike | undefined, actual: number): void {
+    const f = slot.f;
+    slot.f = undefined;
+    this.releaseSlot(slot);
+    if (!f) return;
+    if (slot.zlp) {
+      f.zlp = undefined;
+      f.zlpErrno = err?.errno;
+    } else {
+      f.transfer = undefined;
+      f.errno = err?.errno;
+      f.actual = actual ?? 0;
+      // The data transfer failed: the zero-length one behind it must not go out on its own.
+      if (f.zlp && err && err.errno !== TRANSFER_COMPLETED) cancelQuietly(f.zlp);
+    }
+    if (--f.pending === 0) this.settle(f);
+  }
+
+  private settle(f: InFlight): void {
+    const errno = f.errno ?? f.zlpErrno;
+    const actual = f.actual;
+    if (errno === TRANSFER_NO_DEVICE) this.markGone('device vanished during a transfer');
+    let status = transferStatusToUrb(errno);
+    if (this.isGone && status !== UrbStatus.Success && status !== UrbStatus.Cancelled) status = UrbStatus.IoError;
+    if (f.cancelRequested && status === UrbStatus.Success && actual === 0) status = UrbStatus.Cancelled;
+    if (status === UrbStatus.Success && f.inOffset >= 0 && actual < f.wanted && (f.urb.flags & URB_SHORT_NOT_OK) !== 0) status = UrbStatus.IoError;
+    const buf = f.buf;
+    this.finish(
+      f,
+      f.inOffset >= 0 ? { status, data: new Uint8Array(buf.buffer, buf.byteOffset + f.inOffset, actual), actualLength: actual } : { status, actualLength: actual },
+    );
   }
 
   private submitFailed(f: InFlight, endpoint: number, err: unknown): void {
@@ -655,6 +727,7 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     this.cancelAll();
     await this.drain(2000);
     this.closed = true;
+    this.pools.clear();
     await this.releaseAll(true);
     // node-usb refuses to close while a request is pending; give late completions a moment.
     for (let i = 0; i < 50; i++) {
