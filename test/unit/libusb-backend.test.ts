@@ -367,8 +367,18 @@ describe('libusb backend (fake usb module)', () => {
     const h = (await backend.open('usb-1-2-W0001')) as LibusbDeviceHandle;
     const k = await backend.open('usb-2-1.4-K1');
     let gone = '';
-    h.on('gone', (r: string) => (gone = r));
-    const a = submit(h, urb({ endpoint: 0x81, length: 512 }));
+    const order: string[] = [];
+    h.on('gone', (r: string) => {
+      gone = r;
+      order.push('gone');
+    });
+    // Observed in the completion callback itself (a promise would always resolve after the emit).
+    const a = new Promise<UrbResult>((resolve) =>
+      h.submit(urb({ endpoint: 0x81, length: 512 }), (r) => {
+        order.push(`urb ${UrbStatus[r.status]}`);
+        resolve(r);
+      }),
+    );
     const b = submit(h, urb({ endpoint: 0x81, length: 512 }));
     const [ta, tb] = mod.submitted.slice(-2);
     widget.gone = true;
@@ -376,6 +386,7 @@ describe('libusb backend (fake usb module)', () => {
     expect((await a).status).to.equal(UrbStatus.IoError);
     await tick();
     expect(gone).to.equal('device vanished during a transfer');
+    expect(order, 'the client learns of the unplug before the failed URB').to.deep.equal(['gone', 'urb IoError']);
     expect(h.isGone).to.equal(true);
     tb!.complete(1, 0); // LIBUSB_TRANSFER_ERROR: after gone, every failure is IoError
     expect((await b).status).to.equal(UrbStatus.IoError);

@@ -592,10 +592,12 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     if (f.cancelRequested && status === UrbStatus.Success && actual === 0) status = UrbStatus.Cancelled;
     if (status === UrbStatus.Success && f.inOffset >= 0 && actual < f.wanted && (f.urb.flags & URB_SHORT_NOT_OK) !== 0) status = UrbStatus.IoError;
     const buf = f.buf;
-    this.finish(
-      f,
-      f.inOffset >= 0 ? { status, data: new Uint8Array(buf.buffer, buf.byteOffset + f.inOffset, actual), actualLength: actual } : { status, actualLength: actual },
-    );
+    const result: UrbResult =
+      f.inOffset >= 0 ? { status, data: new Uint8Array(buf.buffer, buf.byteOffset + f.inOffset, actual), actualLength: actual } : { status, actualLength: actual };
+    // The URB that found the device gone completes after 'gone' (emitted on a microtask): the client
+    // learns of the unplug before the error, and its guest sees a disconnect rather than an I/O error.
+    if (errno === TRANSFER_NO_DEVICE) queueMicrotask(() => this.finish(f, result));
+    else this.finish(f, result);
   }
 
   private submitFailed(f: InFlight, endpoint: number, err: unknown): void {
