@@ -202,15 +202,27 @@ describe('e2e libusb backend: a USB host guest exports QEMU usb-storage and usb-
     if (keyEvents.length > 1) expect(keyEvents[1]).to.deep.equal({ type: 1, code: 30, value: 0 });
   });
 
-  it('QMP device_del of the stick in the USB host guest: a clean disconnect in the VM; the server carries on', async () => {
+  it('QMP device_del of the stick in the USB host guest mid-transfer: a clean disconnect in the VM; the server carries on', async () => {
     const g = vm!;
     const before = (await g.dmesg()).split('\n').length;
+    // Keep bulk transfers in flight while the stick goes: the VM reads it in a loop.
+    await g.sh('rm -f /tmp/rd; (while dd if=/dev/sda of=/dev/null bs=1M count=8 iflag=direct 2>/dev/null; do echo r >> /tmp/rd; done; echo END >> /tmp/rd) >/dev/null 2>&1 &');
+    const t0 = Date.now();
+    while (!(await g.sh('cat /tmp/rd 2>/dev/null || true')).includes('r')) {
+      if (Date.now() - t0 > 120_000) throw new Error('the reader loop in the VM did not get going');
+      await new Promise((r) => setTimeout(r, 200));
+    }
     const gone = host!.guest.qmp.waitForEvent('DEVICE_DELETED', (e) => e.data?.device === 'stick0', { timeoutMs: 60_000 });
     await host!.guest.qmp.execute('device_del', { id: 'stick0' });
     await gone;
     const deadline = Date.now() + 120_000;
     while ((await g.run('test -e /sys/block/sda')).exitCode === 0) {
       if (Date.now() > deadline) throw new Error('sda still present in the VM after the stick was removed');
+      await new Promise((r) => setTimeout(r, 500));
+    }
+    const rd = Date.now() + 60_000;
+    while (!(await g.sh('cat /tmp/rd')).includes('END')) {
+      if (Date.now() > rd) throw new Error('the reader loop in the VM did not end with the stick');
       await new Promise((r) => setTimeout(r, 500));
     }
     const after = (await g.dmesg()).split('\n').slice(before - 1);
