@@ -41,6 +41,7 @@ import {
 import { startServerProcess } from '../test/helpers/server-process.js';
 import { ensureGuestImage, type Guest, type GuestImage } from '../test/e2e/harness/guest.js';
 
+
 process.env.USBROAM_E2E_QUIET ??= '1';
 
 function arg(name: string): string | undefined {
@@ -50,6 +51,7 @@ function arg(name: string): string | undefined {
 const N = Number(arg('migrations') ?? process.env.USBROAM_BENCH_MIGRATIONS ?? 20);
 const NB = Number(arg('baseline') ?? process.env.USBROAM_BENCH_BASELINE ?? N);
 const SETTLE = Number(arg('settle-ms') ?? 2000);
+const CONTROL = process.env.USBROAM_BENCH_CONTROL === '1';
 const SERIAL = 'USBROAM-MSC-0001';
 const log = process.env.USBROAM_BENCH_LOG ? createLogger({ level: process.env.USBROAM_BENCH_LOG }) : silentLogger;
 const say = (s: string) => process.stderr.write(`${s}\n`);
@@ -69,6 +71,20 @@ interface Run {
   in_flight?: number;
   /** The guest's I/O never resumed (120 s). */
   unrecovered?: boolean;
+  /**
+   * Where the stall went (ms, relative to the source VM's STOP, from QEMU's own event
+   * timestamps and host timestamps of the guest's marks): the last completed write before the
+   * stop, pre-switchover, the source's 'completed', the destination's RESUME, the hand-off
+   * confirmed at the source bridge, the destination attachment running, the first completed
+   * write after.
+   */
+  timeline?: Record<string, number>;
+  /**
+   * USBROAM_BENCH_CONTROL=1: the longest gap of a second guest loop that never touches USB
+   * (64 KiB dd + fsync to the guest's tmpfs, its own marks): the stall the VM itself shows
+   * across the migration (TCG starts the destination with an empty translation cache).
+   */
+  control_stall_ms?: number;
 }
 
 interface Summary {
@@ -89,6 +105,9 @@ interface Summary {
   median_excess_stall_ms: number;
   /** Median gap between two completed writes outside migrations (the loop's own pace). */
   typical_write_gap_ms: number;
+  max_control_stall_ms?: number;
+  median_control_stall_ms?: number;
+  typical_control_gap_ms?: number;
   runs: Run[];
   error?: string;
 }
@@ -132,6 +151,7 @@ async function scenario(opts: { image: GuestImage; dir: string; server: { addres
       max_excess_stall_ms: r1(Math.max(0, ...ok.map((r) => r.excess_stall_ms))),
       median_excess_stall_ms: r1(median(ok.map((r) => r.excess_stall_ms))),
       typical_write_gap_ms: r1(marks.medianGap()),
+      ...(CONTROL ? { max_control_stall_ms: r1(Math.max(0, ...ok.map((r) => r.control_stall_ms ?? 0))), median_control_stall_ms: r1(median(ok.map((r) => r.control_stall_ms ?? 0))), typical_control_gap_ms: r1(marks.medianGap(/^T /)) } : {}),
       runs,
       ...extra,
     };
@@ -150,8 +170,28 @@ async function scenario(opts: { image: GuestImage; dir: string; server: { addres
     await cur.guest.waitForPath('/dev/sda');
     await cur.guest.sh('dmesg -c > /dev/null');
     await startSlotWriter(cur.guest, { marks: true });
+    if (CONTROL) {
+      await cur.guest.sh(
+        `(exec 3>/dev/ttyS1; i=0; while [ ! -e /tmp/stop ]; do dd if=/tmp/pool.0 of=/tmp/ctl bs=65536 count=1 conv=fsync 2>/dev/null; echo "T $i" >&3; i=$((i + 1)); done) > /dev/null 2>&1 &`,
+      );
+    }
     await delay(3000);
     say(`[${tag}] guest writer running; ${opts.n} migrations`);
+    if (CONTROL && opts.handOff) {
+      // The same pause without a migration (stop, 25 ms, cont on the same QEMU): what the
+      // guest's loops show when only the downtime happens.
+      const pauses: string[] = [];
+      for (let k = 0; k < 3; k++) {
+        const t0 = performance.now();
+        await cur.guest.qmp.execute('stop');
+        await delay(25);
+        await cur.guest.qmp.execute('cont');
+        const t1 = performance.now();
+        await delay(1500);
+        pauses.push(`paused ${r1(t1 - t0)} ms: write stall ${r1(marks.maxGap(t0 - 200, t1 + 1000).gapMs)} ms, control stall ${r1(marks.maxGap(t0 - 200, t1 + 1000, /^T /).gapMs)} ms`);
+      }
+      say(`[${tag}] stop/cont without migration: ${pauses.join('; ')}`);
+    }
     for (let i = 0; i < opts.n; i++) {
       const src = cur;
       const srcBridge = bridges[curBridge]!;
@@ -172,6 +212,14 @@ async function scenario(opts: { image: GuestImage; dir: string; server: { addres
           srcBridge.on('handOff', on);
         });
       }
+      // QMP events of both QEMUs with QEMU's own timestamps (wall clock, ms).
+      const qevents: { vm: 'src' | 'dst'; event: string; status?: string; t: number }[] = [];
+      const evTime = (ev: { timestamp?: { seconds: number; microseconds: number } }) => (ev.timestamp ? ev.timestamp.seconds * 1000 + ev.timestamp.microseconds / 1000 : Date.now());
+      const srcEv = (ev: { event: string; data?: { status?: string }; timestamp?: { seconds: number; microseconds: number } }) =>
+        qevents.push({ vm: 'src', event: ev.event, status: ev.data?.status, t: evTime(ev) });
+      src.guest.events.on('event', srcEv);
+      let tHandOffWall: number | undefined;
+      let tAttachedWall: number | undefined;
       const m = await runMigration({
         image: opts.image,
         dir: sdir,
@@ -183,6 +231,10 @@ async function scenario(opts: { image: GuestImage; dir: string; server: { addres
             await attachQmp(dstBridge, dstName, dst);
             const inc = await dstBridge.prepareIncoming({ vm: dstName, server: opts.server, sessionId: att.sessionId, id: att.id, bus: att.bus });
             attached = inc.attached;
+            attached.then(() => (tAttachedWall = Date.now())).catch(() => {});
+            dst.guest.events.on('event', (ev: { event: string; data?: { status?: string }; timestamp?: { seconds: number; microseconds: number } }) =>
+              qevents.push({ vm: 'dst', event: ev.event, status: ev.data?.status, t: evTime(ev) }),
+            );
           } else {
             // The same usb-redir on the destination, and a peer connected to its chardev (as
             // seamless migration needs) that knows nothing of the session: a reconnecting
@@ -203,6 +255,7 @@ async function scenario(opts: { image: GuestImage; dir: string; server: { addres
       let ho: HandOffEvent | undefined;
       let tRecovered: number;
       if (opts.handOff) {
+        handOff!.then(() => (tHandOffWall = Date.now())).catch(() => {});
         ho = await Promise.race([handOff!, delay(60_000).then(() => undefined)]);
         att = await Promise.race([attached!, delay(60_000).then(() => Promise.reject(new Error('destination not attached within 60 s')))]);
         tRecovered = m.tEnd;
@@ -229,7 +282,30 @@ async function scenario(opts: { image: GuestImage; dir: string; server: { addres
         tRecovered = performance.now();
       }
       await delay(SETTLE);
+      src.guest.events.off('event', srcEv);
       const stall = marks.maxGap(m.tStart, tRecovered + SETTLE / 2);
+      let timeline: Record<string, number> | undefined;
+      const stop = qevents.find((e) => e.vm === 'src' && e.event === 'STOP');
+      if (stop) {
+        const rel = (t: number | undefined) => (t === undefined ? NaN : r1(t - stop.t));
+        const wall = (t: number) => performance.timeOrigin + t;
+        const ws = marks.marks.filter((x) => /^W /.test(x.line)).map((x) => wall(x.t));
+        timeline = {
+          last_write_before_stop: rel(ws.filter((t) => t <= stop.t).at(-1)),
+          pre_switchover: rel(qevents.find((e) => e.vm === 'src' && e.status === 'pre-switchover')?.t),
+          completed: rel(qevents.find((e) => e.vm === 'src' && e.status === 'completed')?.t),
+          dst_resume: rel(qevents.find((e) => e.vm === 'dst' && e.event === 'RESUME')?.t),
+          hand_off_confirmed: rel(tHandOffWall),
+          dst_attached: rel(tAttachedWall),
+          first_write_after: rel(ws.find((t) => t > stop.t)),
+          second_write_after: rel(ws.filter((t) => t > stop.t)[1]),
+        };
+        if (CONTROL) {
+          const cs = marks.marks.filter((x) => /^T /.test(x.line)).map((x) => wall(x.t));
+          timeline.last_control_before_stop = rel(cs.filter((t) => t <= stop.t).at(-1));
+          timeline.first_control_after = rel(cs.find((t) => t > stop.t));
+        }
+      }
       const dm = classifyDmesg(await m.dst.guest.sh('dmesg -c', { timeoutMs: 60_000 }));
       const eTotal = marks.count(/^E /);
       const failedW = eTotal - eSeen;
@@ -246,6 +322,8 @@ async function scenario(opts: { image: GuestImage; dir: string; server: { addres
         io_errors: dm.ioErrors,
         failed_writes: failedW,
         ...(ho ? { hand_off_ms: r1(ho.sinceCompletedMs ?? -1), in_flight: ho.info?.inFlight } : {}),
+        ...(timeline ? { timeline } : {}),
+        ...(CONTROL ? { control_stall_ms: r1(marks.maxGap(m.tStart, tRecovered + SETTLE / 2, /^T /).gapMs) } : {}),
       };
       if (unrecovered) run.unrecovered = true;
       runs.push(run);
@@ -254,7 +332,8 @@ async function scenario(opts: { image: GuestImage; dir: string; server: { addres
         cur = m.dst;
         break;
       }
-      say(`[${tag}] ${i + 1}/${opts.n}: downtime ${run.downtime_ms} ms, stall ${run.stall_ms} ms (excess ${run.excess_stall_ms} ms), total ${run.total_ms} ms` +
+      if (timeline) say(`[${tag}] ${i + 1}/${opts.n} timeline (ms from the source's STOP): ${Object.entries(timeline).map(([k, v]) => `${k} ${v}`).join(', ')}`);
+      say(`[${tag}] ${i + 1}/${opts.n}: downtime ${run.downtime_ms} ms, stall ${run.stall_ms} ms (excess ${run.excess_stall_ms} ms)${CONTROL ? `, control loop (no USB) stall ${run.control_stall_ms} ms` : ''}, total ${run.total_ms} ms` +
         `${ho ? `, hand-off ${ho.ok ? `+${run.hand_off_ms} ms, in flight ${run.in_flight}` : `FAILED ${ho.error}`}` : ''}; dmesg: ${dm.disconnects} disc, ${dm.resets} resets, ${dm.ioErrors} I/O err; failed writes ${run.failed_writes}`);
       cur = m.dst;
       curBridge = 1 - curBridge;
