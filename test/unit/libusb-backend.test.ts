@@ -196,6 +196,11 @@ describe('libusb backend (fake usb module)', () => {
         },
       );
     }
+    // The same reasons, up front, for a session that refuses such URBs before submitting them.
+    expect(h.unsupported!({ endpoint: 0x83, type: TransferType.Isochronous, streamId: 0 })).to.equal(`device usb-1-2-W0001 endpoint 0x83: ${ISO_UNIMPLEMENTED}`);
+    expect(h.unsupported!({ endpoint: 0x81, type: TransferType.Bulk, streamId: 5 })).to.equal(`device usb-1-2-W0001 endpoint 0x81 stream 5: ${STREAMS_UNIMPLEMENTED}`);
+    expect(h.unsupported!({ endpoint: 0x81, type: TransferType.Bulk, streamId: 0 })).to.equal(undefined);
+    expect(h.unsupported!({ endpoint: 0x83, type: TransferType.Interrupt, streamId: 0 })).to.equal(undefined);
     expect(STREAMS_UNIMPLEMENTED).to.match(/no binding for libusb_alloc_streams \/ libusb_free_streams \/ libusb_transfer_set_stream_id/);
     await h.close();
   });

@@ -159,6 +159,12 @@ export interface DeviceHandle extends EventEmitter {
   clearHalt(endpoint: number): Promise<void>;
   /** Port reset: cancels everything in flight, back to the default state. */
   reset(): Promise<void>;
+  /**
+   * Optional: why this backend cannot execute such a URB at all (isochronous, bulk streams...),
+   * naming device, endpoint and what is missing; undefined when it can. A session may refuse
+   * such URBs (and receiving streams) up front with that message instead of submitting them.
+   */
+  unsupported?(urb: Pick<Urb, 'endpoint' | 'type' | 'streamId'>): string | undefined;
   allocBulkStreams(endpoints: number[], numStreams: number): Promise<number>;
   freeBulkStreams(endpoints: number[]): Promise<void>;
   /** Cancel everything, release interfaces; the handle is unusable afterwards. */

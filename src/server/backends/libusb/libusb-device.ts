@@ -413,6 +413,13 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     }
   }
 
+  /** Isochronous URBs and bulk streams: what usb@2 lacks (see DeviceHandle.unsupported). */
+  unsupported(urb: Pick<Urb, 'endpoint' | 'type' | 'streamId'>): string | undefined {
+    if (urb.type === TransferType.Isochronous) return isoUnimplemented(this._info.id, urb.endpoint);
+    if (urb.streamId && urb.type === TransferType.Bulk) return streamsUnimplemented(this._info.id, [urb.endpoint], urb.streamId);
+    return undefined;
+  }
+
   private warnOnce(kind: string, endpoint: number, message: string): void {
     const key = `${kind}:${endpoint}`;
     if (this.warnedEndpoints.has(key)) return;
