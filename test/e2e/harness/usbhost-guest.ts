@@ -34,6 +34,8 @@ export interface UsbHostGuestOptions {
   startTimeoutMs?: number;
   /** node flags for the server (e.g. ["--cpu-prof", "--cpu-prof-dir=/run/prof"]). */
   nodeArgs?: string[];
+  /** More QEMU arguments (other emulated devices, e.g. usb-audio). */
+  extraQemuArgs?: string[];
   /** More guest TCP ports to forward to free host ports (see `forwards`). */
   forwardPorts?: number[];
   log?: (line: string) => void;
@@ -80,6 +82,7 @@ export async function startUsbHostGuest(opts: UsbHostGuestOptions = {}): Promise
     );
   }
   if (opts.keyboard) args.push('-device', 'usb-kbd,id=kbd0,bus=xhci.0');
+  if (opts.extraQemuArgs) args.push(...opts.extraQemuArgs);
   if (opts.usbSerial) args.push('-chardev', 'ringbuf,id=rb0,size=65536', '-device', 'usb-serial,id=serial0,chardev=rb0,bus=xhci.0');
   args.push(
     '-virtfs', 'local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap',
