@@ -14,20 +14,29 @@
 // (usbroam_high_*), one USB host server process per speed, the same image file. EHCI is USB 2
 // only (a SuperSpeed usb-redir device does not enumerate there): always high speed.
 //
-//   npm run bench:e2e [-- --bus xhci|ehci] [--rounds N] [--size-mib N] [--no-ehci] [--disk-speed super|high|both]
+//   npm run bench:e2e [-- --bus xhci|ehci] [--rounds N] [--size-mib N] [--no-ehci] [--disk-speed super|high|both] [--no-floor]
 //   env: USBROAM_BENCH_BUS, USBROAM_BENCH_ROUNDS, USBROAM_BENCH_SIZE_MIB, USBROAM_BENCH_EHCI=0,
-//        USBROAM_BENCH_DISK_SPEED
+//        USBROAM_BENCH_DISK_SPEED, USBROAM_BENCH_FLOOR=0
 //
 // Progress goes to stderr; the last stdout line is JSON: usbroam_write_MBps, usbroam_read_MBps
 // (the disk at disk_speed), local_write_MBps, local_read_MBps, write_ratio, read_ratio
 // (usbroam / local), the cache=none figures (local_direct_*), with "both" the other speed's
 // usbroam_<speed>_* figures and ratios, and with the default xHCI bus the same over EHCI (ehci_*).
+// Also (unless --no-floor) the "usb-redir floor": the same image behind the bridge's usbredir
+// device side in this process with no URB channel (floor_*_MBps, floor_*_ratio vs local, and
+// write_vs_floor / read_vs_floor = what the channel costs).
 import { closeSync, fsyncSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { tuneGcForBulkTransfers } from '../src/common/gc-tuning.js';
+import { Attachment } from '../src/client/bridge/attachment.js';
 import { Bridge } from '../src/client/bridge/bridge.js';
+import { connectChardev, hotplugRedir, unplugRedir } from '../src/client/bridge/qemu-attach.js';
+import { silentLogger } from '../src/common/log.js';
+import { EmulatedBackend, parseEmulatedSpeed } from '../src/server/backends/emulated/emulated-backend.js';
+import { MassStorageDevice } from '../src/server/backends/emulated/mass-storage.js';
+import { InProcessDevice } from './support/in-process-device.js';
 import { UsbHostClient } from '../src/client/sdk/client.js';
 import { clientTls } from '../test/helpers/certs.js';
 import { startServerProcess, type ServerProcess } from '../test/helpers/server-process.js';
@@ -44,17 +53,19 @@ const { values: flags } = parseArgs({
     'size-mib': { type: 'string' },
     'no-ehci': { type: 'boolean' },
     'disk-speed': { type: 'string' },
+    'no-floor': { type: 'boolean' },
     help: { type: 'boolean', short: 'h' },
   },
 });
 if (flags.help) {
-  process.stderr.write('usage: npm run bench:e2e [-- --bus xhci|ehci] [--rounds N] [--size-mib N] [--no-ehci] [--disk-speed super|high|both]\n');
+  process.stderr.write('usage: npm run bench:e2e [-- --bus xhci|ehci] [--rounds N] [--size-mib N] [--no-ehci] [--disk-speed super|high|both] [--no-floor]\n');
   process.exit(0);
 }
 const bus = (flags.bus ?? process.env.USBROAM_BENCH_BUS ?? 'xhci').toLowerCase() as HcName;
 if (!(bus in HOST_CONTROLLERS)) throw new Error(`--bus must be xhci or ehci, not ${bus}`);
 const rounds = Number(flags.rounds ?? process.env.USBROAM_BENCH_ROUNDS ?? 3);
 const sizeMiB = Number(flags['size-mib'] ?? process.env.USBROAM_BENCH_SIZE_MIB ?? 32);
+const withFloor = !flags['no-floor'] && process.env.USBROAM_BENCH_FLOOR !== '0';
 const withEhci = bus === 'xhci' && !flags['no-ehci'] && process.env.USBROAM_BENCH_EHCI !== '0';
 const DISK_MIB = Math.max(64, sizeMiB * 2);
 type DiskSpeed = 'super' | 'high';
@@ -86,6 +97,28 @@ interface Figures {
   read: number[];
 }
 
+/**
+ * The usb-redir floor: the same disk image behind the bridge's Attachment in this process, with
+ * no URB channel (bench/support/in-process-device.ts): what usb-redir costs by itself.
+ */
+async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: string, dir: string, n: number): Promise<() => Promise<void>> {
+  const backend = new EmulatedBackend();
+  const disk = await MassStorageDevice.create({ bus: 9, portPath: [n], speed: parseEmulatedSpeed(speed), imagePath: diskPath, serial: 'USBROAM-FLOOR-0001' });
+  backend.add(disk);
+  const handle = await backend.open(disk.info.id);
+  const ids = { id: `bench-floor${n}`, chardevId: `bench-floor${n}-chr` };
+  const socketPath = path.join(dir, `floor${n}.sock`);
+  await hotplugRedir(g.qmp, { ...ids, socketPath, bus });
+  const att = new Attachment({ device: new InProcessDevice(handle).asRemoteDevice(), socket: await connectChardev(socketPath), log: silentLogger, id: ids.id }).start();
+  await waitForDisk(g);
+  return async () => {
+    await unplugRedir(g.qmp, ids);
+    await att.close('bench target done');
+    await backend.close();
+    await waitGoneInGuest(g, '/sys/block/sda');
+  };
+}
+
 async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed, ServerProcess>, diskPath: string, dir: string): Promise<Record<Target, Figures>> {
   const H = HOST_CONTROLLERS[hc];
   const speeds = diskSpeedsFor(hc);
@@ -96,7 +129,7 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
   const bridge = new Bridge({ runDir: path.join(dir, `bridge-${hc}`) });
   bridge.addVm({ name: 'vm', qmpSocket: bridgeQmp });
   const g: Guest = guest;
-  const targets: Target[] = [...usbroamTargets.keys(), 'local', 'local_direct'];
+  const targets: Target[] = [...usbroamTargets.keys(), 'local', 'local_direct', ...(withFloor ? ['usbredir_floor'] : [])];
   const out: Record<Target, Figures> = Object.fromEntries(targets.map((t) => [t, { write: [], read: [] }]));
   let localSeq = 0;
   try {
@@ -115,6 +148,7 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
           await waitGoneInGuest(g, '/sys/block/sda');
         };
       }
+      if (t === 'usbredir_floor') return plugFloor(g, H.bus, speeds[0]!, diskPath, dir, ++localSeq);
       const n = ++localSeq;
       const node = `bench-local${n}`;
       const id = `bench-usb${n}`;
@@ -205,6 +239,15 @@ async function main(): Promise<void> {
         result[`${prefix}${t}_read_MBps`] = r2(m(t, 'read'));
         result[`${prefix}${t}_write_ratio`] = r3(m(t, 'write') / m('local', 'write'));
         result[`${prefix}${t}_read_ratio`] = r3(m(t, 'read') / m('local', 'read'));
+      }
+      if (f['usbredir_floor']) {
+        // QEMU's usb-redir with a zero-cost peer: the most any usb-redir based path can reach here.
+        result[`${prefix}floor_write_MBps`] = r2(m('usbredir_floor', 'write'));
+        result[`${prefix}floor_read_MBps`] = r2(m('usbredir_floor', 'read'));
+        result[`${prefix}floor_write_ratio`] = r3(m('usbredir_floor', 'write') / m('local', 'write'));
+        result[`${prefix}floor_read_ratio`] = r3(m('usbredir_floor', 'read') / m('local', 'read'));
+        result[`${prefix}write_vs_floor`] = r3(m('usbroam', 'write') / m('usbredir_floor', 'write'));
+        result[`${prefix}read_vs_floor`] = r3(m('usbroam', 'read') / m('usbredir_floor', 'read'));
       }
       result[`${prefix}samples`] = Object.fromEntries(Object.entries(f).map(([t, v]) => [t, { write: v.write.map(r2), read: v.read.map(r2) }]));
     };
