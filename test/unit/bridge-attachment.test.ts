@@ -167,6 +167,35 @@ describe('bridge Attachment (usbredir device side)', function () {
     expect((await qemu.waitFor('bulk_packet', (p) => p.id === j)).length).to.equal(64);
   });
 
+  it('frozen: qemuBulkInFlight() lists the bulk TDs QEMU still has in flight, oldest first (pending, or answered with bytes QEMU has not read)', async () => {
+    const { qemu, att } = await rig('USBROAM-ACM-0001');
+    await setConfig(qemu);
+    expect(att.qemuBulkInFlight(), 'not frozen').to.deep.equal([]);
+    const reads = [id(), id(), id(), id()];
+    for (const i of reads) qemu.send({ type: 'bulk_packet', id: i, endpoint: 0x81, status: 0, length: 64, streamId: 0, data: new Uint8Array(0) });
+    await new Promise((r) => setTimeout(r, 100));
+    // One read answered (the echo of an OUT) and read by the (fake) QEMU.
+    const out1 = id();
+    qemu.send({ type: 'bulk_packet', id: out1, endpoint: 0x01, status: 0, length: 1, streamId: 0, data: Buffer.from('a') });
+    await qemu.waitFor('bulk_packet', (p) => p.id === reads[0]);
+    await qemu.waitFor('bulk_packet', (p) => p.id === out1);
+    expect(att.hasBulkInFlight()).to.equal(true);
+    await att.freeze();
+    expect(att.qemuBulkInFlight()).to.deep.equal([{ endpoint: 0x81, ids: reads.slice(1), contiguous: true, streams: false }]);
+    // While frozen, the next read completes: its answer is held (QEMU has not read it), so it is still in flight for QEMU.
+    const out2 = id();
+    qemu.send({ type: 'bulk_packet', id: out2, endpoint: 0x01, status: 0, length: 1, streamId: 0, data: Buffer.from('b') });
+    const deadline = Date.now() + 5000;
+    while (att.qemuBulkInFlight().find((x) => x.endpoint === 0x01) === undefined && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    await new Promise((r) => setTimeout(r, 200));
+    const got = att.qemuBulkInFlight();
+    expect(got.find((x) => x.endpoint === 0x81)).to.deep.equal({ endpoint: 0x81, ids: reads.slice(1), contiguous: true, streams: false });
+    expect(got.find((x) => x.endpoint === 0x01)).to.deep.equal({ endpoint: 0x01, ids: [out2], contiguous: true, streams: false });
+    expect(att.stats.inFlight, 'the second read completed at the server').to.equal(2);
+    att.unfreeze();
+    expect(Buffer.from((await qemu.waitFor('bulk_packet', (p) => p.id === reads[1])).data).toString()).to.equal('b');
+  });
+
   it('cancel_data_packet returns the packet with status cancelled (serial bulk IN stays pending)', async () => {
     const { qemu, att } = await rig('USBROAM-ACM-0001');
     await setConfig(qemu);
