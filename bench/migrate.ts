@@ -28,6 +28,7 @@ import { createLogger, silentLogger } from '../src/common/log.js';
 import { clientTls } from '../test/helpers/certs.js';
 import {
   MarkListener,
+  capturingLogger,
   classifyDmesg,
   delay,
   qmpWithoutMigrationEvents,
@@ -53,7 +54,12 @@ const NB = Number(arg('baseline') ?? process.env.USBROAM_BENCH_BASELINE ?? N);
 const SETTLE = Number(arg('settle-ms') ?? 2000);
 const CONTROL = process.env.USBROAM_BENCH_CONTROL === '1';
 const SERIAL = 'USBROAM-MSC-0001';
-const log = process.env.USBROAM_BENCH_LOG ? createLogger({ level: process.env.USBROAM_BENCH_LOG }) : silentLogger;
+// USBROAM_BENCH_TRAIL=1: the bridges log at debug level into memory, and the timeline adds when
+// the destination QEMU sent its first usbredir request after the hand-off and when the first
+// answer went back (from the attachment's packet trail; use --settle-ms 3500 or more).
+const TRAIL = process.env.USBROAM_BENCH_TRAIL === '1';
+const captured = TRAIL ? capturingLogger('debug') : undefined;
+const log = captured ? captured.log : process.env.USBROAM_BENCH_LOG ? createLogger({ level: process.env.USBROAM_BENCH_LOG }) : silentLogger;
 const say = (s: string) => process.stderr.write(`${s}\n`);
 
 interface Run {
@@ -300,6 +306,17 @@ async function scenario(opts: { image: GuestImage; dir: string; server: { addres
           first_write_after: rel(ws.find((t) => t > stop.t)),
           second_write_after: rel(ws.filter((t) => t > stop.t)[1]),
         };
+        if (captured) {
+          // Trail entries: "<perf.now % 1e6><dir><type>:<id>..." ('<' from QEMU, '>' to QEMU).
+          const rec = captured.records.filter((r) => r.msg === 'the first usbredir packets after the hand-off' && r.vm === dstName).at(-1);
+          const stopPerf = (stop.t - performance.timeOrigin) % 1e6;
+          const first = (dir: '<' | '>') => {
+            const m = String(rec?.trail ?? '').split(' ').map((x) => /^([0-9.]+)([<>])/.exec(x)).find((x) => x && x[2] === dir);
+            return m ? r1(Number(m[1]) - stopPerf) : NaN;
+          };
+          timeline.dst_first_request = first('<');
+          timeline.dst_first_answer = first('>');
+        }
         if (CONTROL) {
           const cs = marks.marks.filter((x) => /^T /.test(x.line)).map((x) => wall(x.t));
           timeline.last_control_before_stop = rel(cs.filter((t) => t <= stop.t).at(-1));

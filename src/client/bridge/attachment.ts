@@ -373,6 +373,8 @@ export class Attachment extends EventEmitter {
   private freezing?: Promise<{ unread: number; measureMs: number; tookMs: number }>;
   /** The last packets in and out (type:id, for the hand-off logs). */
   private readonly trail: string[] = [];
+  /** Destination of a hand-off, debug level: the first packets after it. */
+  private firstTrail?: string[];
   private readonly trailOn: boolean;
   private trailNote(dir: '<' | '>', p: Packet): void {
     if (!this.trailOn) return;
@@ -380,8 +382,10 @@ export class Attachment extends EventEmitter {
     const ep = (p as { endpoint?: number }).endpoint;
     const st = (p as { status?: number }).status;
     const len = (p as { length?: number }).length;
-    this.trail.push(`${(performance.now() % 1e6).toFixed(1)}${dir}${p.type}:${id ?? ''}${ep !== undefined ? `@${ep.toString(16)}` : ''}${st !== undefined && dir === '>' ? `/s${st}` : ''}${len !== undefined ? `/${len}` : ''}`);
+    const entry = `${(performance.now() % 1e6).toFixed(1)}${dir}${p.type}:${id ?? ''}${ep !== undefined ? `@${ep.toString(16)}` : ''}${st !== undefined && dir === '>' ? `/s${st}` : ''}${len !== undefined ? `/${len}` : ''}`;
+    this.trail.push(entry);
     if (this.trail.length > 64) this.trail.shift();
+    if (this.firstTrail && this.firstTrail.length < 64) this.firstTrail.push(entry);
   }
 
   private readonly onDataBound = (chunk: Buffer) => this.onData(chunk);
@@ -1557,7 +1561,8 @@ export class Attachment extends EventEmitter {
       'resumed the usbredir streams from the hand-off state',
     );
     if (this.log.isLevelEnabled?.('debug')) {
-      const t = setTimeout(() => this.log.debug({ attachment: this.id, trail: this.trail.join(' ') }, 'the first usbredir packets after the hand-off'), 3000);
+      const first = (this.firstTrail = []);
+      const t = setTimeout(() => this.log.debug({ attachment: this.id, trail: first.join(' ') }, 'the first usbredir packets after the hand-off'), 3000);
       t.unref?.();
     }
   }
