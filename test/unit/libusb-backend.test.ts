@@ -7,6 +7,7 @@ import { LibusbBackend } from '../../src/server/backends/libusb/libusb-backend.j
 import { ISO_UNIMPLEMENTED, STREAMS_UNIMPLEMENTED, isoDurationMs, type LibusbDeviceHandle } from '../../src/server/backends/libusb/libusb-device.js';
 import { Speed, TransferType, URB_SHORT_NOT_OK, URB_ZERO_PACKET, UrbStatus, UsbError, type DeviceHandle, type DeviceInfo, type Urb, type UrbResult } from '../../src/server/backends/types.js';
 import { FakeDevice, dd, fakeUsb } from '../helpers/fake-usb.js';
+import type { IsoEngine, IsoTransferDone } from '../../src/server/backends/libusb/iso-koffi.js';
 
 const NOSYS = '/nonexistent-sysfs';
 let nextId = 1;
@@ -409,5 +410,66 @@ describe('libusb backend (fake usb module)', () => {
     expect(kGone).to.equal('device vanished');
     await h.close();
     await k.close();
+  });
+
+  it('isochronous through a koffi engine (opt-in): iso interfaces claimed and alt-switched there, iso URBs submitted there with their packets', async () => {
+    class IsoWidget extends FakeDevice {
+      override get configDescriptor() {
+        const c = super.configDescriptor;
+        for (const alt of c?.interfaces[0] ?? []) for (const e of alt.endpoints) if (e.bEndpointAddress === 0x83) e.bmAttributes = 1;
+        return c;
+      }
+      override get allConfigDescriptors() {
+        return [this.configDescriptor!];
+      }
+    }
+    const calls: string[] = [];
+    const isoSubs: Array<{ endpoint: number; data?: Uint8Array; lengths: number[]; done: (r: IsoTransferDone) => void; cancelled: boolean }> = [];
+    const engine: IsoEngine = {
+      open(bus, ports) {
+        calls.push(`open ${bus} ${ports.join('.')}`);
+        return {
+          claim: (n) => calls.push(`claim ${n}`),
+          release: (n) => calls.push(`release ${n}`),
+          setAlt: (n, alt) => calls.push(`alt ${n} ${alt}`),
+          clearHalt: (ep) => calls.push(`clearhalt ${ep.toString(16)}`),
+          submitIso(endpoint, data, lengths, _t, done) {
+            const sub = { endpoint, data, lengths, done, cancelled: false };
+            isoSubs.push(sub);
+            return { cancel: () => ((sub.cancelled = true), setImmediate(() => done({ status: 3, packets: lengths.map(() => ({ actualLength: 0, status: 3 })) }))) };
+          },
+          close: () => calls.push('close'),
+        };
+      },
+    };
+    const dev = new IsoWidget(3, 9, [7], dd(0x46f4, 0x0002), ['', 'QEMU', 'Audio', 'A1']);
+    const m = fakeUsb([dev]);
+    const b = await LibusbBackend.create({ allow: [{}], usb: m, pollMs: 0, sysfsRoot: NOSYS, iso: engine });
+    const h = await b.open('usb-3-7-A1');
+    expect(calls).to.deep.equal(['open 3 7', 'claim 0']);
+    expect(dev.calls, 'usb@2 claims nothing of the iso interface').to.deep.equal([]);
+    await h.setInterface(0, 1);
+    expect(calls.at(-1)).to.equal('alt 0 1');
+    expect(h.info.endpoints.map((e) => [e.address, e.type])).to.deep.equal([[0x83, TransferType.Isochronous]]);
+    expect(h.unsupported!({ endpoint: 0x83, type: TransferType.Isochronous, streamId: 0 })).to.equal(undefined);
+    const inUrb = submit(h, urb({ endpoint: 0x83, type: TransferType.Isochronous, length: 16, isoPackets: [{ length: 8, status: 0, actualLength: 0 }, { length: 8, status: 0, actualLength: 0 }] }));
+    expect(isoSubs.map((x) => [x.endpoint, x.lengths])).to.deep.equal([[0x83, [8, 8]]]);
+    isoSubs[0]!.done({ status: 0, packets: [{ actualLength: 3, status: 0 }, { actualLength: 8, status: 4 }], data: Uint8Array.from([1, 2, 3]) });
+    const r = await inUrb;
+    expect(r.status).to.equal(UrbStatus.Success);
+    expect(r.isoPackets).to.deep.equal([{ length: 8, status: UrbStatus.Success, actualLength: 3 }, { length: 8, status: UrbStatus.Stall, actualLength: 8 }]);
+    expect(r.actualLength).to.equal(3);
+    expect([...r.data!]).to.deep.equal([1, 2, 3]);
+    const c = urb({ endpoint: 0x83, type: TransferType.Isochronous, length: 8, isoPackets: [{ length: 8, status: 0, actualLength: 0 }] });
+    const cp = submit(h, c);
+    expect(h.cancel(c.id)).to.equal(true);
+    expect((await cp).status).to.equal(UrbStatus.Cancelled);
+    expect(isoSubs[1]!.cancelled).to.equal(true);
+    await h.clearHalt(0x83);
+    expect(calls.at(-1)).to.equal('clearhalt 83');
+    expect(m.submitted.length, 'no usb@2 transfer for iso').to.equal(0);
+    await h.close();
+    expect(calls.slice(-2)).to.deep.equal(['release 0', 'close']);
+    await b.close();
   });
 });

@@ -34,6 +34,8 @@ export interface UsbHostGuestOptions {
   startTimeoutMs?: number;
   /** node flags for the server (e.g. ["--cpu-prof", "--cpu-prof-dir=/run/prof"]). */
   nodeArgs?: string[];
+  /** Environment for `usbroam serve` (e.g. { USBROAM_LIBUSB_ISO: 'koffi' }). */
+  serveEnv?: Record<string, string>;
   /** More QEMU arguments (other emulated devices, e.g. usb-audio). */
   extraQemuArgs?: string[];
   /** More guest TCP ports to forward to free host ports (see `forwards`). */
@@ -117,7 +119,7 @@ export async function startUsbHostGuest(opts: UsbHostGuestOptions = {}): Promise
     ].map(q).join(' ');
     // The certs live in the host's /tmp: readable through 9p. The guest's writable places are /run (tmpfs).
     await guest.sh(
-      `chroot /host /bin/sh -c ${q(`cd /run && export TMPDIR=/run/tmp HOME=/run/home; exec ${serve} >/run/serve.log 2>&1`)} </dev/null >/dev/null 2>&1 &`,
+      `chroot /host /bin/sh -c ${q(`cd /run && export TMPDIR=/run/tmp HOME=/run/home${Object.entries(opts.serveEnv ?? {}).map(([k, v]) => ` ${k}=${q(v)}`).join('')}; exec ${serve} >/run/serve.log 2>&1`)} </dev/null >/dev/null 2>&1 &`,
     );
     const deadline = Date.now() + (opts.startTimeoutMs ?? 300_000);
     for (;;) {

@@ -13,6 +13,7 @@ import { Speed, UrbStatus, UsbError, type DeviceHandle, type DeviceInfo, type Us
 import { buildDeviceInfo, readSysfs, speedFromSysfs, sysfsName, type DeviceStrings } from './info.js';
 import { LibusbDeviceHandle, type TransferFactory, type UsbOpenDeviceLike } from './libusb-device.js';
 import { isExported, isHub, type LibusbAllowRule } from './policy.js';
+import { koffiIsoEngine, type IsoEngine } from './iso-koffi.js';
 
 /** The parts of the `usb` module the backend uses (a fake in unit tests). */
 export interface UsbModuleLike {
@@ -37,6 +38,11 @@ export interface LibusbBackendOptions {
   sysfsRoot?: string;
   /** A device whose descriptors could not be read is described again after this long (default 5000 ms). */
   describeRetryMs?: number;
+  /**
+   * Isochronous transfers through koffi + libusb-1.0 (experimental; usb@2 has none). Default: on
+   * when env USBROAM_LIBUSB_ISO=koffi. An engine may be given (unit tests).
+   */
+  iso?: boolean | IsoEngine;
 }
 
 const require = createRequire(import.meta.url);
@@ -263,6 +269,19 @@ export class LibusbBackend extends EventEmitter implements UsbBackend {
     return [...this.known.values()].filter((k) => k.exported && k.info).map((k) => this.handles.get(k.info!.id)?.info ?? k.info!);
   }
 
+  private isoEngine(): IsoEngine | undefined {
+    const want = this.opts.iso ?? process.env.USBROAM_LIBUSB_ISO === 'koffi';
+    if (!want) return undefined;
+    if (typeof want === 'object') return want;
+    const { engine, error } = koffiIsoEngine();
+    if (!engine && !this.isoWarned) {
+      this.isoWarned = true;
+      this.log.warn({ err: error }, 'isochronous transfers through koffi unavailable');
+    }
+    return engine;
+  }
+  private isoWarned = false;
+
   async open(deviceId: string): Promise<DeviceHandle> {
     if (this.closed) throw new UsbError('libusb backend closed', UrbStatus.IoError);
     const entry = this.findExported(deviceId);
@@ -270,6 +289,7 @@ export class LibusbBackend extends EventEmitter implements UsbBackend {
     if (this.handles.has(deviceId)) throw new UsbError(`device ${deviceId} is already open`, UrbStatus.Inval);
     const handle = new LibusbDeviceHandle(entry.device, entry.info, this.usb.newTransfer, {
       logger: this.log,
+      iso: this.isoEngine(),
       onClose: () => {
         if (this.handles.get(deviceId) === handle) this.handles.delete(deviceId);
       },

@@ -20,6 +20,7 @@ import {
 } from '../types.js';
 import type { ConfigDescriptor } from 'usb/dist/usb/descriptors.js';
 import { currentSetting, type UsbDeviceLike } from './info.js';
+import type { IsoDevice, IsoEngine, IsoTransferDone } from './iso-koffi.js';
 
 /** libusb_transfer_status values (node-usb puts them in LibUSBException.errno for completions). */
 export const TRANSFER_COMPLETED = 0;
@@ -194,6 +195,13 @@ export function isoDurationMs(info: DeviceInfo, urb: Urb): number {
   return Math.min(1000, Math.max(1, Math.ceil(packets * period)));
 }
 
+/** Interface numbers with an isochronous endpoint in any of their alt settings. */
+function isoInterfaces(cfg: ConfigDescriptor): Set<number> {
+  const out = new Set<number>();
+  for (const group of cfg.interfaces) for (const alt of group) if (alt.endpoints.some((e) => (e.bmAttributes & 3) === 1)) out.add(alt.bInterfaceNumber);
+  return out;
+}
+
 function errText(err: unknown): string {
   const e = err as LibusbErrorLike;
   return e?.message ?? String(err);
@@ -229,15 +237,21 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     private readonly device: UsbOpenDeviceLike,
     info: DeviceInfo,
     private readonly newTransfer: TransferFactory,
-    opts: { logger?: Logger; onClose?: () => void } = {},
+    opts: { logger?: Logger; onClose?: () => void; iso?: IsoEngine } = {},
   ) {
     super();
+    this.isoEngine = opts.iso;
     this._info = info;
     this.activeConfig = info.activeConfiguration;
     this.log = (opts.logger ?? silentLogger).child({ device: info.id });
     this.onClose = opts.onClose;
   }
   private readonly onClose: (() => void) | undefined;
+  /** Isochronous transfers through koffi (opt-in): a second open of the device for its iso interfaces. */
+  private readonly isoEngine: IsoEngine | undefined;
+  private isoDev: IsoDevice | undefined;
+  /** Interfaces claimed through isoDev (those with an isochronous endpoint in some alt setting). */
+  private readonly isoClaimed = new Set<number>();
 
   get info(): DeviceInfo {
     return this._info;
@@ -294,8 +308,27 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
   /** Detach kernel drivers and claim each interface of `cfg` (the active configuration). */
   private claimAll(cfg: ConfigDescriptor | undefined): void {
     const numbers = cfg ? cfg.interfaces.map((g) => g[0]?.bInterfaceNumber).filter((n): n is number => n !== undefined) : [];
+    const iso = this.isoEngine && cfg ? isoInterfaces(cfg) : new Set<number>();
+    if (iso.size && !this.isoDev && this.isoEngine) {
+      try {
+        this.isoDev = this.isoEngine.open(this._info.bus, this._info.portPath);
+        this.log.info({ interfaces: [...iso] }, 'isochronous interfaces opened through koffi + libusb');
+      } catch (err) {
+        this.log.warn({ err: errText(err) }, 'cannot open the device through koffi for isochronous transfers; they stay unimplemented');
+      }
+    }
     for (const n of numbers) {
-      if (this.claimed.has(n)) continue;
+      if (this.claimed.has(n) || this.isoClaimed.has(n)) continue;
+      if (this.isoDev && iso.has(n)) {
+        try {
+          this.isoDev.claim(n);
+        } catch (err) {
+          throw new UsbError(`${this._info.id}: cannot claim interface ${n} (isochronous, through koffi): ${errText(err)}`, UrbStatus.IoError);
+        }
+        this.isoClaimed.add(n);
+        this.alts.set(n, 0);
+        continue;
+      }
       let active = false;
       try {
         active = this.device.__isKernelDriverActive(n);
@@ -325,7 +358,19 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     }
   }
 
+  private releaseIso(): void {
+    for (const n of [...this.isoClaimed]) {
+      try {
+        this.isoDev?.release(n);
+      } catch (err) {
+        if (!this.isGone) this.log.warn({ interface: n, err: errText(err) }, 'release interface (koffi) failed');
+      }
+      this.isoClaimed.delete(n);
+    }
+  }
+
   private async releaseAll(reattach: boolean): Promise<void> {
+    this.releaseIso();
     for (const n of [...this.claimed]) {
       await cbToPromise((cb) => this.device.__releaseInterface(n, cb)).catch((err) => {
         if (!this.isGone) this.log.warn({ interface: n, err: errText(err) }, 'release interface failed');
@@ -336,6 +381,7 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
   }
 
   private releaseAllSync(): void {
+    this.releaseIso();
     for (const n of [...this.claimed]) {
       try {
         this.device.__releaseInterface(n, () => {});
@@ -407,15 +453,45 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
       case TransferType.Interrupt:
         return this.submitData(f);
       case TransferType.Isochronous:
-        return this.refuseIso(f);
+        return this.isoInterfaceOf(urb.endpoint) !== undefined ? this.submitIso(f) : this.refuseIso(f);
       default:
         return this.finishAsync(f, { status: UrbStatus.Inval, actualLength: 0 });
     }
   }
 
+  /** The interface of an isochronous endpoint claimed through koffi, if it is one. */
+  private isoInterfaceOf(endpoint: number): number | undefined {
+    if (!this.isoDev) return undefined;
+    const ep = this.endpoint(endpoint);
+    return ep && ep.type === TransferType.Isochronous && this.isoClaimed.has(ep.interfaceNumber) ? ep.interfaceNumber : undefined;
+  }
+
+  /** An isochronous URB through koffi + libusb (see iso-koffi.ts). */
+  private submitIso(f: InFlight): void {
+    const { urb } = f;
+    const lengths = (urb.isoPackets ?? []).map((p) => p.length);
+    if (!lengths.length) return this.finishAsync(f, { status: UrbStatus.Inval, actualLength: 0 });
+    try {
+      const s = this.isoDev!.submitIso(urb.endpoint, urb.data, lengths, urb.timeoutMs, (r) => this.isoDone(f, lengths, r));
+      f.transfer = { submit: () => undefined, cancel: () => (s.cancel(), true) };
+    } catch (err) {
+      this.submitFailed(f, urb.endpoint, err);
+    }
+  }
+
+  private isoDone(f: InFlight, lengths: number[], r: IsoTransferDone): void {
+    f.transfer = undefined;
+    if (r.status === TRANSFER_NO_DEVICE) this.markGone('device vanished during a transfer');
+    let status = transferStatusToUrb(r.status);
+    if (this.isGone && status !== UrbStatus.Success && status !== UrbStatus.Cancelled) status = UrbStatus.IoError;
+    const isoPackets = r.packets.map((p, i) => ({ length: lengths[i]!, status: transferStatusToUrb(p.status), actualLength: p.actualLength }));
+    const actualLength = isoPackets.reduce((a, p) => a + (p.status === UrbStatus.Success ? p.actualLength : 0), 0);
+    this.finish(f, r.data ? { status, data: r.data, actualLength, isoPackets } : { status, actualLength, isoPackets });
+  }
+
   /** Isochronous URBs and bulk streams: what usb@2 lacks (see DeviceHandle.unsupported). */
   unsupported(urb: Pick<Urb, 'endpoint' | 'type' | 'streamId'>): string | undefined {
-    if (urb.type === TransferType.Isochronous) return isoUnimplemented(this._info.id, urb.endpoint);
+    if (urb.type === TransferType.Isochronous) return this.isoInterfaceOf(urb.endpoint) !== undefined ? undefined : isoUnimplemented(this._info.id, urb.endpoint);
     if (urb.streamId && urb.type === TransferType.Bulk) return streamsUnimplemented(this._info.id, [urb.endpoint], urb.streamId);
     return undefined;
   }
@@ -680,9 +756,12 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
 
   async setInterface(interfaceNumber: number, alternateSetting: number): Promise<void> {
     this.checkUsable('set interface');
-    if (!this.claimed.has(interfaceNumber)) throw new UsbError(`${this._info.id}: interface ${interfaceNumber} is not in the active configuration`, UrbStatus.Inval);
+    if (!this.claimed.has(interfaceNumber) && !this.isoClaimed.has(interfaceNumber)) {
+      throw new UsbError(`${this._info.id}: interface ${interfaceNumber} is not in the active configuration`, UrbStatus.Inval);
+    }
     try {
-      await cbToPromise((cb) => this.device.__setInterface(interfaceNumber, alternateSetting, cb));
+      if (this.isoClaimed.has(interfaceNumber)) this.isoDev!.setAlt(interfaceNumber, alternateSetting);
+      else await cbToPromise((cb) => this.device.__setInterface(interfaceNumber, alternateSetting, cb));
     } catch (err) {
       throw this.opError(`set interface ${interfaceNumber} alt ${alternateSetting}`, err);
     }
@@ -692,14 +771,18 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
 
   async getInterface(interfaceNumber: number): Promise<number> {
     this.checkUsable('get interface');
-    if (!this.claimed.has(interfaceNumber)) throw new UsbError(`${this._info.id}: interface ${interfaceNumber} is not in the active configuration`, UrbStatus.Inval);
+    if (!this.claimed.has(interfaceNumber) && !this.isoClaimed.has(interfaceNumber)) {
+      throw new UsbError(`${this._info.id}: interface ${interfaceNumber} is not in the active configuration`, UrbStatus.Inval);
+    }
     return this.alts.get(interfaceNumber) ?? 0;
   }
 
   async clearHalt(endpoint: number): Promise<void> {
     this.checkUsable('clear halt');
     try {
-      await cbToPromise((cb) => this.device.__clearHalt(endpoint, cb));
+      const iface = this.endpoint(endpoint)?.interfaceNumber;
+      if (iface !== undefined && this.isoClaimed.has(iface)) this.isoDev!.clearHalt(endpoint);
+      else await cbToPromise((cb) => this.device.__clearHalt(endpoint, cb));
     } catch (err) {
       throw this.opError(`clear halt of endpoint 0x${endpoint.toString(16)}`, err);
     }
@@ -738,6 +821,12 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     this.closed = true;
     this.pools.clear();
     await this.releaseAll(true);
+    try {
+      this.isoDev?.close();
+    } catch (err) {
+      this.log.warn({ err: errText(err) }, 'close (koffi) failed');
+    }
+    this.isoDev = undefined;
     // node-usb refuses to close while a request is pending; give late completions a moment.
     for (let i = 0; i < 50; i++) {
       try {
