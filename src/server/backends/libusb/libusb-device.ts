@@ -52,7 +52,8 @@ export const ERROR_NOT_SUPPORTED = -12;
 export const ISO_UNIMPLEMENTED =
   'isochronous transfers are not implemented by the libusb backend: usb@2 (node-usb 2.x) has no binding for ' +
   'libusb_alloc_transfer(iso_packets) / libusb_fill_iso_transfer / iso_packet_desc, and the libusb_device_handle it holds ' +
-  'is not reachable from koffi (a koffi path would need to open the device itself with its own libusb context)';
+  'is not reachable from koffi (the experimental koffi path opens the device a second time in its own libusb context: ' +
+  'USBROAM_LIBUSB_ISO=koffi)';
 export const STREAMS_UNIMPLEMENTED =
   'bulk streams are not implemented by the libusb backend: usb@2 (node-usb 2.x) has no binding for ' +
   'libusb_alloc_streams / libusb_free_streams / libusb_transfer_set_stream_id, and the libusb_device_handle it holds ' +
