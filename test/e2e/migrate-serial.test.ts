@@ -18,6 +18,8 @@ import { startServerProcess, type ServerProcess } from '../helpers/server-proces
 import type { Guest, GuestImage } from './harness/guest.js';
 
 const TTY = '/dev/ttyACM0';
+/** Lines between the writer's 20 ms pauses (USBROAM_SERIAL_BURST: more writes in flight at the switchovers). */
+const LINES_PER_PAUSE = Number(process.env.USBROAM_SERIAL_BURST ?? 4);
 /** What the guest's xHCI driver says when the controller completes TDs it does not expect. */
 const XHCI_CONFUSED = /TRB DMA ptr not part of current TD|ERROR Transfer event|WARN Event TRB|Stopped on No-op/;
 
@@ -64,7 +66,7 @@ describe('e2e migration: the serial device across migrations, no byte lost or re
     await guest.sh(`cat > /tmp/s.sh <<'EOS'
 exec 3>${TTY}
 i=0
-while [ ! -e /tmp/stop ]; do printf 'L%06d\\n' $i >&3; i=$((i + 1)); [ $((i % 4)) = 0 ] && sleep 0.02; done
+while [ ! -e /tmp/stop ]; do printf 'L%06d\\n' $i >&3; i=$((i + 1)); [ $((i % ${LINES_PER_PAUSE})) = 0 ] && sleep 0.02; done
 printf 'END\\n' >&3
 echo $i > /tmp/sent
 EOS
