@@ -448,6 +448,7 @@ describe('libusb backend (fake usb module)', () => {
     const h = await b.open('usb-3-7-A1');
     expect(calls).to.deep.equal(['open 3 7', 'claim 0']);
     expect(dev.calls, 'usb@2 claims nothing of the iso interface').to.deep.equal([]);
+    expect(h.unsupported!({ endpoint: 0x83, type: TransferType.Isochronous, streamId: 0 })).to.equal('device usb-3-7-A1 endpoint 0x83: not an isochronous endpoint of the current alt settings');
     await h.setInterface(0, 1);
     expect(calls.at(-1)).to.equal('alt 0 1');
     expect(h.info.endpoints.map((e) => [e.address, e.type])).to.deep.equal([[0x83, TransferType.Isochronous]]);

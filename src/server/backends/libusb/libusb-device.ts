@@ -492,7 +492,11 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
 
   /** Isochronous URBs and bulk streams: what usb@2 lacks (see DeviceHandle.unsupported). */
   unsupported(urb: Pick<Urb, 'endpoint' | 'type' | 'streamId'>): string | undefined {
-    if (urb.type === TransferType.Isochronous) return this.isoInterfaceOf(urb.endpoint) !== undefined ? undefined : isoUnimplemented(this._info.id, urb.endpoint);
+    if (urb.type === TransferType.Isochronous) {
+      if (this.isoInterfaceOf(urb.endpoint) !== undefined) return undefined;
+      if (this.isoDev && this.isoClaimed.size) return `device ${this._info.id} endpoint ${hexEp(urb.endpoint)}: not an isochronous endpoint of the current alt settings`;
+      return isoUnimplemented(this._info.id, urb.endpoint);
+    }
     if (urb.streamId && urb.type === TransferType.Bulk) return streamsUnimplemented(this._info.id, [urb.endpoint], urb.streamId);
     return undefined;
   }
