@@ -303,7 +303,13 @@ export class Bridge extends EventEmitter {
     gdb: () => Promise<GdbWriter>,
   ): Promise<void> {
     const log = this.log.child({ vm: vmName, attachment: e.info.id });
-    const eps = e.att.qemuBulkInFlight();
+    let eps: ReturnType<Attachment['qemuBulkInFlight']>;
+    try {
+      eps = e.att.qemuBulkInFlight();
+    } catch (err) {
+      log.error({ err: (err as Error).message }, 'cannot tell which bulk TDs QEMU has in flight');
+      return;
+    }
     const rec: NonNullable<HandOffEvent['xhciRewind']> = { inFlight: eps.reduce((a, x) => a + x.ids.length, 0), patched: 0, unchanged: 0, skipped: [], tookMs: 0 };
     out.set(e.info.id, rec);
     const usable = eps.filter((x) => {
