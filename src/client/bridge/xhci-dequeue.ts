@@ -25,6 +25,11 @@
 // flight (bulk completes in order on an endpoint; checked by the caller), or they would run
 // twice.
 //
+// Not covered: control TDs (ep0 has one in flight at a time unless two drivers send control
+// requests at once; QEMU answers some requests itself, so the oldest is not always known here),
+// bulk streams, and endpoints QEMU serves by usbredir bulk receiving (quirked FTDI-like devices:
+// their TDs are never sent to us, so their addresses are unknown). Those are logged.
+//
 // QEMU has no QMP/HMP command that writes guest memory; its gdbstub does (physical addresses
 // with `Qqemu.PhyMemMode:1`). It is started on a unix socket for the write only and stopped
 // again; a gdb client connecting while the VM is stopped changes nothing in its run state
