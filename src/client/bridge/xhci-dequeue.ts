@@ -28,7 +28,7 @@
 // Not covered: control TDs (ep0 has one in flight at a time unless two drivers send control
 // requests at once; QEMU answers some requests itself, so the oldest is not always known here),
 // bulk streams, and endpoints QEMU serves by usbredir bulk receiving (quirked FTDI-like devices:
-// their TDs are never sent to us, so their addresses are unknown). Those are logged.
+// their TDs are never sent to us, so their addresses are unknown). Skipped endpoints are logged.
 //
 // QEMU has no QMP/HMP command that writes guest memory; its gdbstub does (physical addresses
 // with `Qqemu.PhyMemMode:1`). It is started on a unix socket for the write only and stopped
