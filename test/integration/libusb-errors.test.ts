@@ -3,6 +3,7 @@
 // and bulk streams (usb@2 has no binding for them), a kernel driver that refuses to detach, a
 // device whose descriptors cannot be read, and a device that vanishes mid-transfer. Each is a
 // clear error for that session only; the server and the other sessions carry on.
+import { status as grpcStatus } from '@grpc/grpc-js';
 import { expect } from 'chai';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
 import type { RemoteDevice } from '../../src/client/sdk/remote-device.js';
@@ -81,7 +82,7 @@ describe('libusb backend errors as a client sees them (server + SDK, fake usb mo
     return d;
   }
 
-  it('bulk streams: the op fails with INVAL and a message naming the device, the endpoints and what usb@2 lacks', async () => {
+  it('bulk streams: the op fails with INVAL and a message naming the device, the endpoints and what usb@2 lacks; a stream URB: INVAL + UNIMPLEMENTED once', async () => {
     const d = await openDevice('W0001');
     for (const [what, call] of [
       ['alloc bulk streams', () => d.allocBulkStreams([0x81, 0x02], 4)],
@@ -93,11 +94,20 @@ describe('libusb backend errors as a client sees them (server + SDK, fake usb mo
         (err) => expect((err as Error).message).to.equal(`${what} on device usb-1-2-W0001 failed: URB_STATUS_INVAL device usb-1-2-W0001 ${eps}: ${STREAMS_UNIMPLEMENTED}`),
       );
     }
-    // A bulk URB with a stream id: INVAL, and no libusb transfer was made for it.
+    // A bulk URB with a stream id: INVAL, no libusb transfer was made for it, and the client hears
+    // why as an UNIMPLEMENTED channel error (once per endpoint).
+    const errors: { code: number; message: string }[] = [];
+    d.on('channelError', (e: { code: number; message: string }) => errors.push(e));
     const n = mod.submitted.length;
-    const raw = await (d as unknown as { submit(r: object): Promise<{ status: UrbStatus }> }).submit({ endpoint: 0x81, type: 2, length: 8, streamId: 2 });
+    const submit = (d as unknown as { submit(r: object): Promise<{ status: UrbStatus }> }).submit.bind(d);
+    const raw = await submit({ endpoint: 0x81, type: 2, length: 8, streamId: 2 });
     expect(raw.status).to.equal(UrbStatus.URB_STATUS_INVAL);
+    expect((await submit({ endpoint: 0x81, type: 2, length: 8, streamId: 3 })).status).to.equal(UrbStatus.URB_STATUS_INVAL);
     expect(mod.submitted.length).to.equal(n);
+    await until('the UNIMPLEMENTED channel error', () => errors.length > 0);
+    expect(errors).to.have.length(1);
+    expect(errors[0]!.code).to.equal(grpcStatus.UNIMPLEMENTED);
+    expect(errors[0]!.message).to.include('device usb-1-2-W0001').and.include('0x81').and.include(STREAMS_UNIMPLEMENTED);
     // The session carries on: a plain bulk IN works.
     const p = d.transferIn(1, 4);
     await until('the bulk IN transfer', () => mod.submitted.length > n);
@@ -107,23 +117,27 @@ describe('libusb backend errors as a client sees them (server + SDK, fake usb mo
     expect([...r.data]).to.deep.equal([1, 2, 3, 4]);
   });
 
-  it('isochronous: an iso URB completes INVAL (packets too) and no libusb transfer is made; an iso receiving stream does not spin', async () => {
+  it('isochronous: an iso URB completes INVAL (packets too), no libusb transfer is made, the client hears UNIMPLEMENTED with the reason; an iso receiving stream is refused with it', async () => {
     const d = await openDevice('W0001');
     await d.selectAlternateInterface(0, 1);
+    const errors: { code: number; message: string }[] = [];
+    d.on('channelError', (e: { code: number; message: string }) => errors.push(e));
     const n = mod.submitted.length;
     const r = await d.isochronousTransferIn(3, [64, 64]);
     expect(r.status).to.equal(UrbStatus.URB_STATUS_INVAL);
     expect(r.isoPackets.map((p) => p.status)).to.deep.equal([UrbStatus.URB_STATUS_INVAL, UrbStatus.URB_STATUS_INVAL]);
-    // A receiving stream on the iso endpoint: each transfer ends INVAL after its bus time (32 packets
-    // at high speed, one per microframe: 4 ms), so 3 transfers in flight give ~750 per second at most
-    // (completing at once instead, the stream spins: ~7000 per second measured here).
+    await until('the UNIMPLEMENTED channel error', () => errors.length > 0);
+    expect(errors[0]!.code).to.equal(grpcStatus.UNIMPLEMENTED);
+    expect(errors[0]!.message).to.include('device usb-1-2-W0001').and.include('0x83').and.include('isochronous');
+    // A receiving stream on the iso endpoint is refused up front with the same reason.
     let received = 0;
     d.on('received', () => received++);
-    await d.startReceiving({ endpoint: 0x83, transferLength: 64, transfers: 3, isoPacketsPerTransfer: 32 });
-    await new Promise((res) => setTimeout(res, 500));
-    await d.stopReceiving(0x83);
-    expect(received, 'the stream reported its errors').to.be.greaterThan(0);
-    expect(received, 'paced at the bus time, not spinning').to.be.within(1, 500);
+    await d.startReceiving({ endpoint: 0x83, transferLength: 64, transfers: 3, isoPacketsPerTransfer: 32 }).then(
+      () => expect.fail('an iso receiving stream started on a backend without iso'),
+      (err: Error) => expect(err.message).to.include('URB_STATUS_INVAL').and.include('device usb-1-2-W0001').and.include('0x83').and.include('isochronous'),
+    );
+    await new Promise((res) => setTimeout(res, 100));
+    expect(received, 'no stream ran').to.equal(0);
     expect(mod.submitted.length, 'no libusb transfer for iso').to.equal(n);
   });
 

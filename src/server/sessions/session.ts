@@ -97,6 +97,8 @@ export class Session extends EventEmitter {
   private readonly rx = new SeqReceiver();
   private readonly inFlight = new Map<number, InFlight>();
   private readonly receivers = new Map<number, ReceivingStream>();
+  /** Endpoints whose URBs the backend cannot execute, already reported to the client (UNIMPLEMENTED). */
+  private readonly unsupportedTold = new Set<number>();
   private nextBackendId = 1;
   private readonly acks = new AckScheduler(() => this.scheduleFlush());
   private flushScheduled = false;
@@ -378,6 +380,15 @@ export class Session extends EventEmitter {
       return reject(`URB ${s.urbId} of ${Math.max(outLen, s.length)} bytes exceeds the limit of ${this.limits.maxUrbBytes}`);
     }
     if (type === TransferType.Isochronous && s.isoPackets.length === 0) return reject(`isochronous URB ${s.urbId} has no packets`);
+    // A backend that cannot execute such URBs at all (e.g. iso or bulk streams on usb@2): the URB
+    // still goes to it (it completes INVAL at the bus pace), and the client hears why, once per
+    // endpoint, as UNIMPLEMENTED: a URB completion has no room for a message.
+    const why = this.handle.unsupported?.({ endpoint: s.endpoint, type, streamId: s.streamId });
+    if (why && !this.unsupportedTold.has(s.endpoint)) {
+      this.unsupportedTold.add(s.endpoint);
+      this.log.warn({ urbId: s.urbId, endpoint: s.endpoint, seq }, why);
+      this.sendError(Status.UNIMPLEMENTED, why, seq);
+    }
     const backendId = this.nextBackendId++;
     const urb: Urb = {
       id: backendId,
@@ -482,6 +493,8 @@ export class Session extends EventEmitter {
     if (!ep || (s.endpoint & 0x80) === 0) throw new UsbError(`device ${this.device.id} has no IN endpoint 0x${s.endpoint.toString(16)}`, UrbStatus.Inval);
     if (ep.type === TransferType.Control) throw new UsbError(`endpoint 0x${s.endpoint.toString(16)} is a control endpoint`, UrbStatus.Inval);
     if (this.receivers.has(s.endpoint)) throw new UsbError(`endpoint 0x${s.endpoint.toString(16)} is already receiving`, UrbStatus.Inval);
+    const why = this.handle.unsupported?.({ endpoint: s.endpoint, type: ep.type, streamId: 0 });
+    if (why) throw new UsbError(why, UrbStatus.Inval);
     const length = s.transferLength || ep.maxPacketSize;
     const iso = ep.type === TransferType.Isochronous ? Math.max(1, s.isoPacketsPerTransfer || 8) : 0;
     if (length * Math.max(1, iso) > this.limits.maxUrbBytes) throw new UsbError(`receiving transfer size exceeds ${this.limits.maxUrbBytes}`, UrbStatus.Inval);
