@@ -391,6 +391,9 @@ export class Attachment extends EventEmitter {
   private readonly onDataBound = (chunk: Buffer) => this.onData(chunk);
   private readonly onReceivedBound = (r: ReceivedData) => this.guard('received', () => this.onReceived(r));
   private readonly onDeviceGoneBound = (reason: string) => this.guard('deviceGone', () => this.onDeviceGone(String(reason ?? 'device gone')));
+  /** The server's channel errors (e.g. UNIMPLEMENTED for iso on a backend without it): logged with this attachment. */
+  private readonly onChannelErrorBound = (e: { code: number; message: string; clientSeq: number }) =>
+    this.log.warn({ attachment: this.id, device: this.device.device?.id, session: this.device.sessionId, code: e.code, clientSeq: e.clientSeq, err: e.message }, 'URB channel error from the server');
   private readonly onDeviceClosedBound = (err?: Error) =>
     this.guard('closed', () => this.onDeviceGone(`URB channel closed${err ? `: ${err.message}` : ''}`));
 
@@ -454,6 +457,7 @@ export class Attachment extends EventEmitter {
     this.device.on('received', this.onReceivedBound);
     this.device.on('deviceGone', this.onDeviceGoneBound);
     this.device.on('closed', this.onDeviceClosedBound);
+    this.device.on('channelError', this.onChannelErrorBound);
     if (this.imported) this.resumeImported(this.imported);
     else if (!this.parser.noHello) this.send(this.parser.helloPacket());
     else this.scheduleDeviceConnect();
@@ -1492,6 +1496,7 @@ export class Attachment extends EventEmitter {
     this.device.off('received', this.onReceivedBound);
     this.device.off('deviceGone', this.onDeviceGoneBound);
     this.device.off('closed', this.onDeviceClosedBound);
+    this.device.off('channelError', this.onChannelErrorBound);
     this.socket.off('data', this.onDataBound);
     this.socket.destroy();
     this.resolveClosed(this.closeInfo);
@@ -1578,6 +1583,7 @@ export class Attachment extends EventEmitter {
     this.device.off('received', this.onReceivedBound);
     this.device.off('deviceGone', this.onDeviceGoneBound);
     this.device.off('closed', this.onDeviceClosedBound);
+    this.device.off('channelError', this.onChannelErrorBound);
     this.socket.off('data', this.onDataBound);
     const s = this.socket;
     if (!s.destroyed) {
