@@ -6,7 +6,7 @@
 // handle, never through usb@2's. Events of this context are handled from the event loop
 // (libusb_handle_events_timeout_completed with a zero timeout, every millisecond while
 // transfers are pending); completions come back through one koffi-registered callback.
-// Tried on QEMU usb-audio under a real kernel (bench/libusb-iso-probe.ts).
+// Tried on QEMU usb-audio under a real kernel (test/e2e/libusb-iso.test.ts).
 import { createRequire } from 'node:module';
 import path from 'node:path';
 
