@@ -799,18 +799,18 @@ export class Attachment extends EventEmitter {
     }
   }
 
-  /**
-   * While frozen at 'pre-switchover': per bulk endpoint, the TDs QEMU has in flight (requests
-   * not answered, or answered with bytes QEMU has not read), oldest first, with whether they are
-   * the newest ones on the endpoint (everything older was answered and read). Used to point
-   * xHCI's endpoint context at the oldest (xhci-dequeue.ts).
-   */
   /** Bulk requests of QEMU in flight at the server now (a hint that qemuBulkInFlight() will have some). */
   hasBulkInFlight(): boolean {
     for (const e of this.inFlight.values()) if (e.kind === 'bulk' && !e.cancelled) return true;
     return false;
   }
 
+  /**
+   * While frozen at 'pre-switchover': per bulk endpoint, the TDs QEMU has in flight (requests
+   * not answered, or answered with bytes QEMU has not read), oldest first, with whether they are
+   * the newest ones on the endpoint (everything older was answered and read). Used to point
+   * xHCI's endpoint context at the oldest (xhci-dequeue.ts).
+   */
   qemuBulkInFlight(): { endpoint: number; ids: bigint[]; contiguous: boolean; streams: boolean }[] {
     if (!this.frozen) return [];
     const heldBytes = (this.held ?? []).reduce((a, p) => a + p.length, 0);
