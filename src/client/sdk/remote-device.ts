@@ -27,6 +27,7 @@ import {
   type UrbComplete,
   type UrbSubmit,
 } from '../../gen/usbroam/v1/usbhost.js';
+import { FlushScheduler } from '../../common/flush-scheduler.js';
 
 export { TransferType, UrbStatus };
 
@@ -150,9 +151,7 @@ export class RemoteDevice extends EventEmitter {
   private nextOpId = 1;
   private current?: StreamState;
   private readonly acks = new AckScheduler(() => this.scheduleFlush());
-  private flushScheduled = false;
-  /** A message went out in this turn of the event loop: more frames wait for setImmediate. */
-  private flushedThisTurn = false;
+  private readonly flusher = new FlushScheduler(() => this.flush());
   private closed = false;
   private closeError?: Error;
   private slotWaiters: (() => void)[] = [];
@@ -427,34 +426,10 @@ export class RemoteDevice extends EventEmitter {
     return f.seq;
   }
 
-  /**
-   * Flush policy: the first message of a turn of the event loop goes out at
-   * the end of the current microtask run (a lone URB is not held back:
-   * per-URB latency); whatever comes later in the same turn is batched until
-   * setImmediate (throughput under load: few, full messages).
-   */
+  /** Send the queued frames soon (batching policy: FlushScheduler). */
   private scheduleFlush(): void {
-    if (this.flushScheduled) return;
-    this.flushScheduled = true;
-    if (this.flushedThisTurn) return; // the armed setImmediate flushes
-    queueMicrotask(this.flushTask);
+    this.flusher.schedule();
   }
-
-  private readonly flushTask = (): void => {
-    if (!this.flushScheduled) return;
-    this.flushScheduled = false;
-    if (this.flush() && !this.flushedThisTurn) {
-      this.flushedThisTurn = true;
-      setImmediate(this.turnEnd);
-    }
-  };
-
-  private readonly turnEnd = (): void => {
-    this.flushedThisTurn = false;
-    if (!this.flushScheduled) return;
-    this.flushScheduled = false;
-    this.flush();
-  };
 
   /** Sends what is due; true when a message went out. */
   private flush(): boolean {

@@ -30,6 +30,7 @@ import {
 } from '../backends/types.js';
 import { endpointToProto, interfaceToProto, pbIsoPackets, pbStatus } from '../convert.js';
 import { ReceivingStream } from './receiving-stream.js';
+import { FlushScheduler } from '../../common/flush-scheduler.js';
 
 export interface SessionLimits {
   /** Largest OUT payload or IN length of one URB. */
@@ -101,9 +102,7 @@ export class Session extends EventEmitter {
   private readonly unsupportedTold = new Set<number>();
   private nextBackendId = 1;
   private readonly acks = new AckScheduler(() => this.scheduleFlush());
-  private flushScheduled = false;
-  /** A message went out in this turn of the event loop: more frames wait for setImmediate. */
-  private flushedThisTurn = false;
+  private readonly flusher = new FlushScheduler(() => this.flush());
   private waitingDrain = false;
   private slotWaiters: (() => void)[] = [];
   private graceTimer?: NodeJS.Timeout;
@@ -558,34 +557,10 @@ export class Session extends EventEmitter {
     this.stream?.write({ frames: [{ seq: this.journal.highestSeq, kind: { $case: 'error', value: { code, message, clientSeq } } }] });
   }
 
-  /**
-   * Flush policy: the first message of a turn of the event loop goes out at
-   * the end of the current microtask run (a lone completion is not held
-   * back: per-URB latency); whatever comes later in the same turn is batched
-   * until setImmediate (throughput under load: few, full messages).
-   */
+  /** Send the queued frames soon (batching policy: FlushScheduler). */
   private scheduleFlush(): void {
-    if (this.flushScheduled) return;
-    this.flushScheduled = true;
-    if (this.flushedThisTurn) return; // the armed setImmediate flushes
-    queueMicrotask(this.flushTask);
+    this.flusher.schedule();
   }
-
-  private readonly flushTask = (): void => {
-    if (!this.flushScheduled) return;
-    this.flushScheduled = false;
-    if (this.flush() && !this.flushedThisTurn) {
-      this.flushedThisTurn = true;
-      setImmediate(this.turnEnd);
-    }
-  };
-
-  private readonly turnEnd = (): void => {
-    this.flushedThisTurn = false;
-    if (!this.flushScheduled) return;
-    this.flushScheduled = false;
-    this.flush();
-  };
 
   /** Sends what is due; true when a message went out. */
   private flush(): boolean {
