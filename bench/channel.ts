@@ -8,7 +8,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { UsbHostClient } from '../src/client/sdk/client.js';
 import { tuneGcForBulkTransfers } from '../src/common/gc-tuning.js';
-import { TransferType, UrbStatus } from '../src/gen/usbroam/v1/usbhost.js';
+import { UrbStatus } from '../src/gen/usbroam/v1/usbhost.js';
 import { ensureCerts, measureCeilings } from './ceilings/client.js';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');

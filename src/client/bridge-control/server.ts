@@ -109,15 +109,6 @@ export function attachmentToProto(info: AttachmentInfo, device?: Device): PbAtta
   };
 }
 
-function describeSelector(s: DeviceSelector): string {
-  return (
-    Object.entries(s)
-      .filter(([, v]) => v)
-      .map(([k, v]) => `${k}=${v}`)
-      .join(',') || '(empty)'
-  );
-}
-
 /** Any failure of an attach/detach -> a gRPC status code and a message a person can act on. */
 export function toControlError(err: unknown, ctx: { vm?: string; server?: string } = {}): ControlError {
   if (err instanceof ControlError) return err;

@@ -340,7 +340,6 @@ export class Attachment extends EventEmitter {
   private deviceGone = false;
   private waitingAck = false;
   private ackTimer?: NodeJS.Timeout;
-  private filterRules?: string;
 
   // --- write batching / backpressure ---
   private corked = false;
@@ -594,7 +593,6 @@ export class Attachment extends EventEmitter {
   }
 
   private onFilter(rules: string): void {
-    this.filterRules = rules;
     let verdict;
     try {
       verdict = checkDevice(parseFilterRules(rules), filterInfoOf(this.device.device));
