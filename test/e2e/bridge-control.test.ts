@@ -5,8 +5,7 @@
 // clean unplug; SIGTERM on the bridge detaches what is left and exits 0.
 import { expect } from 'chai';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -14,27 +13,9 @@ import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { clientTls } from '../helpers/certs.js';
 import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
 import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
-import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
+import { MiB, e2eImageOrSkip, sha256OfFileRange } from '../helpers/bridge-e2e.js';
 
-const MiB = 1024 * 1024;
 const run = promisify(execFile);
-
-function sha256OfFileRange(file: string, offset: number, length: number): string {
-  const fd = openSync(file, 'r');
-  try {
-    const h = createHash('sha256');
-    const buf = Buffer.alloc(length);
-    let got = 0;
-    while (got < length) {
-      const n = readSync(fd, buf, got, length - got, offset + got);
-      if (n <= 0) throw new Error(`short read of ${file}`);
-      got += n;
-    }
-    return h.update(buf).digest('hex');
-  } finally {
-    closeSync(fd);
-  }
-}
 
 async function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   try {

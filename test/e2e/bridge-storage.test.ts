@@ -3,8 +3,7 @@
 // enumerates it, writes 32 MiB with fsync, reads it back after dropping caches; the server's
 // image file holds the same bytes. Over xHCI and EHCI. Detach is a clean unplug; re-attach works.
 import { expect } from 'chai';
-import { createHash } from 'node:crypto';
-import { mkdtempSync, openSync, readSync, closeSync, rmSync } from 'node:fs';
+import { mkdtempSync, openSync, closeSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Bridge } from '../../src/client/bridge/bridge.js';
@@ -13,38 +12,9 @@ import { createLogger, silentLogger } from '../../src/common/log.js';
 import { clientTls } from '../helpers/certs.js';
 import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
 import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
-import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
+import { MiB, e2eImageOrSkip, sha256OfFileRange, timedDd } from '../helpers/bridge-e2e.js';
 
-const MiB = 1024 * 1024;
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
-
-function sha256OfFileRange(file: string, offset: number, length: number): string {
-  const fd = openSync(file, 'r');
-  try {
-    const h = createHash('sha256');
-    const buf = Buffer.alloc(MiB);
-    let pos = offset;
-    const end = offset + length;
-    while (pos < end) {
-      const n = readSync(fd, buf, 0, Math.min(buf.length, end - pos), pos);
-      if (n <= 0) throw new Error(`short read of ${file} at ${pos}`);
-      h.update(buf.subarray(0, n));
-      pos += n;
-    }
-    return h.digest('hex');
-  } finally {
-    closeSync(fd);
-  }
-}
-
-/** Run a dd in the guest, timed by the guest's /proc/uptime; returns MB/s (1e6 bytes). */
-async function timedDd(g: Guest, cmd: string, bytes: number): Promise<number> {
-  const out = await g.sh(`a=$(cut -d' ' -f1 /proc/uptime); ${cmd} 2>&1; b=$(cut -d' ' -f1 /proc/uptime); echo "T $a $b"`, { timeoutMs: 300_000 });
-  const m = /T ([\d.]+) ([\d.]+)/.exec(out);
-  if (!m) throw new Error(`no timing in: ${out}`);
-  const secs = Number(m[2]) - Number(m[1]);
-  return bytes / 1e6 / Math.max(secs, 0.01);
-}
 
 export const ddFigures: Record<string, { writeMBps: number; readMBps: number }> = {};
 

@@ -9,8 +9,7 @@
 // the VM, and the server carries on.
 import { expect } from 'chai';
 import { execFile } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readSync, rmSync, truncateSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync, truncateSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -19,37 +18,11 @@ import { createLogger, silentLogger } from '../../src/common/log.js';
 import { clientTls } from '../helpers/certs.js';
 import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
 import { startUsbHostGuest, type UsbHostGuest } from './harness/usbhost-guest.js';
-import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
+import { MiB, e2eImageOrSkip, sha256OfFileRange, timedDd } from '../helpers/bridge-e2e.js';
 
-const MiB = 1024 * 1024;
 const IO_MIB = Number(process.env.USBROAM_LIBUSB_IO_MIB ?? 16);
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
 const run = promisify(execFile);
-
-function sha256OfFileRange(file: string, offset: number, length: number): string {
-  const fd = openSync(file, 'r');
-  try {
-    const h = createHash('sha256');
-    const buf = Buffer.alloc(MiB);
-    let pos = offset;
-    while (pos < offset + length) {
-      const n = readSync(fd, buf, 0, Math.min(buf.length, offset + length - pos), pos);
-      if (n <= 0) throw new Error(`short read of ${file} at ${pos}`);
-      h.update(buf.subarray(0, n));
-      pos += n;
-    }
-    return h.digest('hex');
-  } finally {
-    closeSync(fd);
-  }
-}
-
-async function timedDd(g: Guest, cmd: string, bytes: number): Promise<number> {
-  const out = await g.sh(`a=$(cut -d' ' -f1 /proc/uptime); ${cmd} 2>&1; b=$(cut -d' ' -f1 /proc/uptime); echo "T $a $b"`, { timeoutMs: 600_000 });
-  const m = /T ([\d.]+) ([\d.]+)/.exec(out);
-  if (!m) throw new Error(`no timing in: ${out}`);
-  return bytes / 1e6 / Math.max(Number(m[2]) - Number(m[1]), 0.01);
-}
 
 /** The sysfs directory (under /sys/bus/usb/devices) of the device with this vid:pid, in a guest. */
 async function sysfsDir(g: Guest, vid: string, pid: string): Promise<string> {
@@ -150,9 +123,9 @@ describe('e2e libusb backend: a USB host guest exports QEMU usb-storage and usb-
     await g.waitForPath('/dev/sda');
     await g.sh(`dd if=/dev/urandom of=/tmp/x bs=1M count=${IO_MIB} 2>/dev/null`);
     const want = (await g.sh('sha256sum /tmp/x')).split(/\s+/)[0]!;
-    const w = await timedDd(g, `dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync`, IO_MIB * MiB);
+    const w = await timedDd(g, `dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync`, IO_MIB * MiB, 600_000);
     await g.sh('sync; echo 3 > /proc/sys/vm/drop_caches');
-    const r = await timedDd(g, `dd if=/dev/sda of=/tmp/y bs=1M count=${IO_MIB} iflag=direct`, IO_MIB * MiB);
+    const r = await timedDd(g, `dd if=/dev/sda of=/tmp/y bs=1M count=${IO_MIB} iflag=direct`, IO_MIB * MiB, 600_000);
     const got = (await g.sh('sha256sum /tmp/y')).split(/\s+/)[0]!;
     console.log(`      VM dd through usbroam + libusb backend: write ${w.toFixed(2)} MB/s, read ${r.toFixed(2)} MB/s`);
     expect(got).to.equal(want);

@@ -91,8 +91,8 @@ export async function timedInGuest(g: Guest, cmd: string, timeoutMs = 300_000): 
 }
 
 /** A dd in the guest, timed in the guest; MB/s (1e6 bytes). */
-export async function timedDd(g: Guest, cmd: string, bytes: number): Promise<number> {
-  return bytes / 1e6 / (await timedInGuest(g, cmd));
+export async function timedDd(g: Guest, cmd: string, bytes: number, timeoutMs?: number): Promise<number> {
+  return bytes / 1e6 / (await timedInGuest(g, cmd, timeoutMs));
 }
 
 /** The guest's sha256 of a file or device range. */
