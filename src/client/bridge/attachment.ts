@@ -159,16 +159,6 @@ function jsonReviver(_k: string, v: unknown): unknown {
   if (v && typeof v === 'object' && '$big' in (v as object) && Object.keys(v as object).length === 1) return BigInt((v as { $big: string }).$big);
   return v;
 }
-function concat(parts: Uint8Array[]): Uint8Array {
-  const n = parts.reduce((a, p) => a + p.length, 0);
-  const out = new Uint8Array(n);
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
-}
 
 export interface AttachmentStats {
   bytesFromQemu: number;
@@ -1460,14 +1450,14 @@ export class Attachment extends EventEmitter {
   }
 
   private exportState(unreadInSocket: number): { bytes: Uint8Array; toQemuBytes: number; partial: number; inFlight: number } {
-    const toQemu = concat([this.sentTail(unreadInSocket), ...(this.held ?? [])]);
+    const toQemu = Buffer.concat([this.sentTail(unreadInSocket), ...(this.held ?? [])]);
     const partial = this.parser.pendingBytes();
     const st: HandOffStateV1 = {
       v: 1,
       id: this.id,
       ourCaps: [...this.parser.ourCaps],
       peerCaps: [...(this.parser.peerCaps ?? [])],
-      toQemu: Buffer.from(toQemu).toString('base64'),
+      toQemu: toQemu.toString('base64'),
       fromQemuPartial: Buffer.from(partial).toString('base64'),
       inFlight: [...this.inFlight].map(([urbId, e]) => [urbId, JSON.parse(JSON.stringify(e, jsonReplacer))]),
       byRedirId: [...this.byRedirId].map(([id, urbId]) => [id.toString(), urbId]),
@@ -1485,17 +1475,22 @@ export class Attachment extends EventEmitter {
     return { bytes, toQemuBytes: toQemu.length, partial: partial.length, inFlight: this.inFlight.size };
   }
 
+  /** Stop hearing from the session and from QEMU (closing or handed off). */
+  private stopListening(): void {
+    this.device.off('received', this.onReceivedBound);
+    this.device.off('deviceGone', this.onDeviceGoneBound);
+    this.device.off('closed', this.onDeviceClosedBound);
+    this.device.off('channelError', this.onChannelErrorBound);
+    this.socket.off('data', this.onDataBound);
+  }
+
   /** After a hand-off: close without a word to QEMU or the server (the session moved on). */
   private async closeHandedOff(): Promise<void> {
     this.held = null;
     this._state = 'closed';
     this.closeInfo = { reason: 'handed off' };
     clearTimeout(this.ackTimer);
-    this.device.off('received', this.onReceivedBound);
-    this.device.off('deviceGone', this.onDeviceGoneBound);
-    this.device.off('closed', this.onDeviceClosedBound);
-    this.device.off('channelError', this.onChannelErrorBound);
-    this.socket.off('data', this.onDataBound);
+    this.stopListening();
     this.socket.destroy();
     this.resolveClosed(this.closeInfo);
     this.emit('closed', this.closeInfo);
@@ -1578,11 +1573,7 @@ export class Attachment extends EventEmitter {
     this._state = 'closed';
     this.closeInfo = { reason, error };
     clearTimeout(this.ackTimer);
-    this.device.off('received', this.onReceivedBound);
-    this.device.off('deviceGone', this.onDeviceGoneBound);
-    this.device.off('closed', this.onDeviceClosedBound);
-    this.device.off('channelError', this.onChannelErrorBound);
-    this.socket.off('data', this.onDataBound);
+    this.stopListening();
     const s = this.socket;
     if (!s.destroyed) {
       if (this.corked) {
