@@ -13,7 +13,7 @@ import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { clientTls } from '../helpers/certs.js';
 import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
 import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
-import { MiB, e2eImageOrSkip, sha256OfFileRange } from '../helpers/bridge-e2e.js';
+import { MiB, e2eImageOrSkip, sha256OfFileRange, waitGoneInGuest } from '../helpers/bridge-e2e.js';
 
 const run = promisify(execFile);
 
@@ -65,14 +65,6 @@ async function startBridgeProcess(args: string[]): Promise<BridgeProcess> {
     });
   });
   return { child, logs, exited };
-}
-
-async function waitGone(g: Guest, p: string, timeoutMs = 60_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while ((await g.run(`test -e ${p}`)).exitCode === 0) {
-    if (Date.now() > deadline) throw new Error(`${p} still present`);
-    await new Promise((r) => setTimeout(r, 250));
-  }
 }
 
 describe('e2e bridge control API: usbroam bridge + attach/attachments/detach with a QEMU guest', function () {
@@ -187,7 +179,7 @@ describe('e2e bridge control API: usbroam bridge + attach/attachments/detach wit
     const before = (await g.dmesg()).split('\n').length;
     const r = await cli(['detach', '--control', control, '--vm', 'guest', attachmentId]);
     expect(r.code, r.stderr).to.equal(0);
-    await waitGone(g, '/sys/block/sda');
+    await waitGoneInGuest(g, '/sys/block/sda');
     const after = (await g.dmesg()).split('\n').slice(before - 1);
     expect(after.some((l) => /USB disconnect, device number/.test(l)), after.join('\n')).to.equal(true);
     const list = await cli(['attachments', '--control', control, '--json']);
@@ -207,7 +199,7 @@ describe('e2e bridge control API: usbroam bridge + attach/attachments/detach wit
     const before = (await g.dmesg()).split('\n').length;
     bridge!.child.kill('SIGTERM');
     expect(await bridge!.exited).to.equal(0);
-    await waitGone(g, '/sys/block/sda');
+    await waitGoneInGuest(g, '/sys/block/sda');
     const after = (await g.dmesg()).split('\n').slice(before - 1);
     expect(after.some((l) => /USB disconnect, device number/.test(l)), after.join('\n')).to.equal(true);
     // The server released the claim.
