@@ -198,9 +198,18 @@ done < /etc/modules.order
 # No echo: the harness sends commands and reads only their output.
 stty -F /dev/ttyS0 -echo 2>/dev/null
 echo "USBROAM-GUEST-READY $(cut -d' ' -f1 /proc/uptime)"
+# The console shell: a session leader with ttyS0 as its controlling tty (cttyhack), interactive
+# (-i: job control, ^C interrupts only the running command, errors do not end it), reading its
+# commands from ttyS0 opened as a script file, NOT from stdin. An interactive ash that reads
+# stdin with tty echo off (and ICANON on) skips line editing and reads with stdio fgets(), and a
+# read interrupted by a signal (ash installs its handlers without SA_RESTART) comes back as
+# end of input: the shell exits (status 0). SIGCHLD from a background job (`cat /dev/ttyACM0 &`)
+# that ends while the shell waits for its next command was enough, and as the exiting shell
+# leads the tty's session, the kernel hangs ttyS0 up, flushing the harness's next command that
+# was already on its way. A script file is read with EINTR-retrying read(2) instead.
 while true; do
-  PS1= PS2= setsid cttyhack /bin/sh 2>&1 || PS1= PS2= /bin/sh </dev/ttyS0 >/dev/ttyS0 2>&1
-  echo "USBROAM-GUEST-SHELL-RESTART"
+  PS1= PS2= setsid cttyhack /bin/sh -i /dev/ttyS0 2>&1
+  echo "USBROAM-GUEST-SHELL-RESTART status=$?"
   stty -F /dev/ttyS0 -echo 2>/dev/null
 done
 INIT

@@ -14,8 +14,8 @@ import type { Guest } from './harness/guest.js';
 
 const TTY = '/dev/ttyACM0';
 
-/** A byte count from `wc -c` output (the interactive guest shell may add job-status lines). */
-function countOf(out: string): number {
+/** The number on a line of its own, e.g. `wc -c` output (the interactive guest shell may add job-status lines). */
+function numberIn(out: string): number {
   const m = /^\s*(\d+)\s*$/m.exec(out);
   return m ? Number(m[1]) : NaN;
 }
@@ -66,8 +66,18 @@ describe('e2e bridge: CDC-ACM serial echo device in a QEMU guest', function () {
     await new Promise((r) => setTimeout(r, 200));
   }
 
+  /**
+   * Stop the reader and wait until it is gone, so that the file it wrote is final. The kill is
+   * sent from the background a moment later, so that the reader (and the killer) end while the
+   * console shell waits for its next command, which is when a plain `kill` often took effect
+   * under load: the shell must survive the SIGCHLDs (the detach test checks the transcript for a
+   * shell restart).
+   */
   async function stopReader(g: Guest): Promise<void> {
-    await g.run('kill $(cat /tmp/cat.pid) 2>/dev/null; rm -f /tmp/cat.pid; true');
+    const pid = numberIn(await g.sh('cat /tmp/cat.pid'));
+    expect(pid, "the reader's pid").to.be.greaterThan(1);
+    await g.sh(`rm -f /tmp/cat.pid; (usleep 300000; kill ${pid}) >/dev/null 2>&1 &`);
+    await until('the reader gone', async () => (await g.run(`kill -0 ${pid} 2>/dev/null`)).exitCode !== 0, 30_000, 100);
   }
 
   it('attaches; the guest binds cdc_acm and /dev/ttyACM0 appears', async () => {
@@ -92,7 +102,7 @@ describe('e2e bridge: CDC-ACM serial echo device in a QEMU guest', function () {
     await stopReader(g);
     // Exactly the line, nothing more (no tty echo, no CR/LF translation).
     expect((await g.run(`[ "$(cat /tmp/echo)" = 'hello-usbroam-123' ]`)).exitCode, await g.sh('od -c /tmp/echo')).to.equal(0);
-    expect(countOf(await g.sh('wc -c < /tmp/echo'))).to.equal('hello-usbroam-123\n'.length);
+    expect(numberIn(await g.sh('wc -c < /tmp/echo'))).to.equal('hello-usbroam-123\n'.length);
   });
 
   it('echoes a 64 KiB random payload byte for byte', async () => {
@@ -105,12 +115,12 @@ describe('e2e bridge: CDC-ACM serial echo device in a QEMU guest', function () {
     await g.sh(`dd if=/tmp/payload of=${TTY} bs=4096 2>/dev/null`, { timeoutMs: 120_000 });
     await until('the whole payload back', async () => {
       const r = await g.run('wc -c < /tmp/echo64');
-      return countOf(r.output) >= size;
+      return numberIn(r.output) >= size;
     }, 120_000, 250);
     console.log(`      64 KiB echoed in ${Date.now() - t0} ms`);
     await new Promise((r) => setTimeout(r, 300)); // nothing extra may follow
     await stopReader(g);
-    expect(countOf(await g.sh('wc -c < /tmp/echo64'))).to.equal(size);
+    expect(numberIn(await g.sh('wc -c < /tmp/echo64'))).to.equal(size);
     expect(await guestSha256(g, 'cat /tmp/echo64')).to.equal(want);
     const bad = badKernelLines(await dmesgLines(g));
     expect(bad, bad.join('\n')).to.deep.equal([]);
@@ -123,7 +133,7 @@ describe('e2e bridge: CDC-ACM serial echo device in a QEMU guest', function () {
     await until('ttyACM0 gone', async () => (await g.run(`test -e ${TTY}`)).exitCode !== 0, 60_000, 250);
     const lines = await dmesgLines(g);
     expect(lines.some((l) => /USB disconnect, device number/.test(l))).to.equal(true);
-    expect(g.console.transcript(), 'the guest shell survived the tty going away').to.not.include('USBROAM-GUEST-SHELL-RESTART');
+    expect(g.console.transcript(), 'the guest shell survived the readers ending and the tty going away').to.not.include('USBROAM-GUEST-SHELL-RESTART');
     const bad = badKernelLines(lines);
     expect(bad, bad.join('\n')).to.deep.equal([]);
   });

@@ -2,9 +2,12 @@
 // transcript of everything the guest printed, regex waits, and run(), which
 // executes one shell command and returns its output and exit status.
 //
-// The guest's /init turns tty echo off and runs a prompt-less shell, but run()
-// does not rely on that: its markers are written split by quotes ('__UR''B_')
-// so the echoed command line can never match the printed marker.
+// The guest's /init turns tty echo off and runs a prompt-less interactive shell
+// that reads its commands from ttyS0 as a script file (see build-guest.sh: a
+// shell reading them from stdin with echo off exits when a background job ends
+// while it waits for input). run() does not rely on the echo being off: its
+// markers are written split by quotes ('__UR''B_') so the echoed command line
+// can never match the printed marker.
 import type net from 'node:net';
 import fs from 'node:fs';
 
