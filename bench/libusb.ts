@@ -9,6 +9,8 @@
 //   env: USBROAM_BENCH_ROUNDS (default 1), USBROAM_BENCH_SIZE_MIB (default 16)
 //   USBROAM_BENCH_PROF=DIR: the server runs with --cpu-prof; its .cpuprofile is copied to DIR at the
 //   end (open it in Chrome DevTools, or summarise it with `node bench/cpuprofile-top.mjs FILE`).
+//   USBROAM_BENCH_SERVER_NODE_ARGS='--flag ...': extra node flags for the server in the USB host guest;
+//   USBROAM_BENCH_SERVER_ENV='K=V ...': extra environment for it.
 //
 // Progress on stderr; the last stdout line is JSON: usbroam_write_MBps, usbroam_read_MBps,
 // usbredirect_write_MBps, usbredirect_read_MBps, write_ratio, read_ratio (usbroam / usbredirect).
@@ -81,7 +83,8 @@ async function main(): Promise<void> {
         image,
         storage: { image: stick, serial: 'BENCH0001' },
         forwardPorts: [REDIR_PORT, PROF_PORT],
-        nodeArgs: profDir ? ['--cpu-prof', '--cpu-prof-dir=/run/prof'] : [],
+        nodeArgs: [...(profDir ? ['--cpu-prof', '--cpu-prof-dir=/run/prof'] : []), ...(process.env.USBROAM_BENCH_SERVER_NODE_ARGS ?? '').split(' ').filter(Boolean)],
+        serveEnv: Object.fromEntries((process.env.USBROAM_BENCH_SERVER_ENV ?? '').split(' ').filter(Boolean).map((kv) => [kv.slice(0, kv.indexOf('=')), kv.slice(kv.indexOf('=') + 1)])),
         log: quiet,
       }),
       startGuest({ name: 'bench-vm', image, memoryMb: 256, extraArgs: ['-device', 'qemu-xhci,id=xhci', '-qmp', `unix:${vmQmp},server=on,wait=off`], log: quiet }),

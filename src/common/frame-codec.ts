@@ -142,8 +142,12 @@ const SERVER_FRAMES: FrameCodec<ServerFrame, SKind> = {
   slow: (f) => ServerFrame.encode(f).finish(),
 };
 
-export function encodeServerMessage(m: ServerMessage): Buffer {
-  return encodeFrames(m.frames, SERVER_FRAMES, 'encodeServerMessage');
+/**
+ * `into`: write into that reusable buffer instead of a new one (see ScratchBuffer); the result is
+ * then only valid until the next encode into it.
+ */
+export function encodeServerMessage(m: ServerMessage, into?: ScratchBuffer): Buffer {
+  return encodeFrames(m.frames, SERVER_FRAMES, 'encodeServerMessage', into);
 }
 
 // ------------------------------------------------------------------ client
@@ -221,7 +225,7 @@ interface FrameCodec<F extends { seq: number; kind?: K }, K extends { $case: str
 }
 
 /** A ClientMessage / ServerMessage: `repeated frame = 1`, measured first, written once. */
-function encodeFrames<F extends { seq: number; kind?: K }, K extends { $case: string }>(frames: F[], c: FrameCodec<F, K>, what: string): Buffer {
+function encodeFrames<F extends { seq: number; kind?: K }, K extends { $case: string }>(frames: F[], c: FrameCodec<F, K>, what: string, into?: ScratchBuffer): Buffer {
   const n = frames.length;
   const kindSizes = new Array<number>(n);
   const frameSizes = new Array<number>(n);
@@ -242,7 +246,7 @@ function encodeFrames<F extends { seq: number; kind?: K }, K extends { $case: st
     frameSizes[i] = size;
     total += mField(size);
   }
-  const buf = Buffer.allocUnsafe(total);
+  const buf = into ? into.take(total) : Buffer.allocUnsafe(total);
   let pos = 0;
   for (let i = 0; i < n; i++) {
     buf[pos++] = tag(1, LEN);
@@ -262,4 +266,26 @@ function encodeFrames<F extends { seq: number; kind?: K }, K extends { $case: st
   }
   if (pos !== total) throw new Error(`${what}: wrote ${pos} of ${total} bytes`);
   return buf;
+}
+
+/**
+ * One buffer for large encodes, reused from message to message. Writing a big URB into freshly
+ * allocated memory costs a page fault per 4 KiB (about 0.6-0.9 ms per MiB on these machines against
+ * 0.03 ms into memory already mapped); only for a caller that is done with each result before the
+ * next encode (grpc-js's server copies a serialized message into its own frame at once).
+ */
+export class ScratchBuffer {
+  private buf: Buffer = Buffer.alloc(0);
+
+  /** minBytes: smaller messages get a fresh buffer (Node pools those); maxBytes: never kept larger. */
+  constructor(
+    private readonly minBytes = 64 * 1024,
+    private readonly maxBytes = 16 * 1024 * 1024,
+  ) {}
+
+  take(size: number): Buffer {
+    if (size < this.minBytes || size > this.maxBytes) return Buffer.allocUnsafe(size);
+    if (this.buf.length < size) this.buf = Buffer.allocUnsafe(Math.min(this.maxBytes, Math.max(size, this.buf.length * 2)));
+    return this.buf.subarray(0, size);
+  }
 }

@@ -2,7 +2,8 @@
 // server (plain grpc-js, for health and reflection) and the nice-grpc client
 // share one source: protos/.
 import type * as grpc from '@grpc/grpc-js';
-import { encodeClientMessage, encodeServerMessage } from './frame-codec.js';
+import type { ServerMessage } from '../gen/usbroam/v1/usbhost.js';
+import { ScratchBuffer, encodeClientMessage, encodeServerMessage } from './frame-codec.js';
 
 interface MessageType<T> {
   encode(message: T): { finish(): Uint8Array };
@@ -37,7 +38,11 @@ export function grpcJsServiceDefinition(def: { fullName: string; methods: Record
   const connect = out.Connect;
   if (def.fullName === 'usbroam.v1.UsbHost' && connect) {
     connect.requestSerialize = encodeClientMessage as (v: unknown) => Buffer;
-    connect.responseSerialize = encodeServerMessage as (v: unknown) => Buffer;
+    // grpc-js's server copies what a serializer returns into its own frame before write() returns
+    // (BaseServerInterceptingCall.serializeMessage), so the server encodes into one reused buffer.
+    // Its client copies later, after a promise turn: requests get a buffer each.
+    const scratch = new ScratchBuffer();
+    connect.responseSerialize = ((v: ServerMessage) => encodeServerMessage(v, scratch)) as (v: unknown) => Buffer;
   }
   return out;
 }

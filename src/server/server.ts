@@ -6,6 +6,7 @@ import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation, protoPath as healthProtoPath } from 'grpc-health-check';
 import { readFileSync } from 'node:fs';
 import type * as http2 from 'node:http2';
+import type * as net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Logger } from '../common/log.js';
@@ -153,6 +154,9 @@ function raiseReceiveWindows(server: grpc.Server, bytes: number): void {
   for (const h of servers?.keys() ?? []) {
     if ((h as { usbroamWindow?: boolean }).usbroamWindow) continue;
     (h as { usbroamWindow?: boolean }).usbroamWindow = true;
+    // Nagle is on for accepted sockets (only grpc-js's client side sets TCP_NODELAY): the tail of
+    // each completion then waits for the peer's delayed ACK.
+    h.on('connection', (socket: net.Socket) => socket.setNoDelay(true));
     h.on('session', (session: http2.ServerHttp2Session) => {
       try {
         session.setLocalWindowSize(bytes);

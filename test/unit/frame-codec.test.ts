@@ -2,7 +2,7 @@
 // read back exactly as they read ts-proto's own encoding.
 import { expect } from 'chai';
 import fc from 'fast-check';
-import { encodeClientMessage, encodeServerMessage } from '../../src/common/frame-codec.js';
+import { ScratchBuffer, encodeClientMessage, encodeServerMessage } from '../../src/common/frame-codec.js';
 import { ClientMessage, ServerMessage, type ClientFrame, type ServerFrame } from '../../src/gen/usbroam/v1/usbhost.js';
 
 const u32 = fc.integer({ min: 0, max: 0xffffffff });
@@ -60,5 +60,22 @@ describe('URB-channel frame encoders', () => {
     const data = new Uint8Array(65536).fill(7);
     const b = encodeServerMessage({ frames: [{ seq: 9, kind: { $case: 'complete', value: { urbId: 3, status: 0, data, actualLength: 65536, isoPackets: [] } } }] });
     expect(b.length).to.equal(ServerMessage.encode({ frames: [{ seq: 9, kind: { $case: 'complete', value: { urbId: 3, status: 0, data, actualLength: 65536, isoPackets: [] } } }] }).finish().length);
+  });
+
+  it('encodes large messages into one reused buffer, small and oversized ones into fresh buffers', () => {
+    const scratch = new ScratchBuffer(64 * 1024, 1024 * 1024);
+    const msg = (fill: number, n: number): ServerMessage => ({
+      frames: [{ seq: fill, kind: { $case: 'complete', value: { urbId: fill, status: 0, data: new Uint8Array(n).fill(fill), actualLength: n, isoPackets: [] } } }],
+    });
+    const a = encodeServerMessage(msg(1, 200_000), scratch);
+    expect(ServerMessage.decode(a)).to.deep.equal(msg(1, 200_000));
+    const b = encodeServerMessage(msg(2, 100_000), scratch);
+    expect(ServerMessage.decode(b)).to.deep.equal(msg(2, 100_000));
+    expect(b.buffer, 'the second large message reuses the first one\'s memory').to.equal(a.buffer);
+    const small = encodeServerMessage(msg(3, 1000), scratch);
+    expect(small.buffer).to.not.equal(a.buffer);
+    const big = encodeServerMessage(msg(4, 2 * 1024 * 1024), scratch);
+    expect(big.buffer, 'never kept above its bound').to.not.equal(a.buffer);
+    expect(ServerMessage.decode(big)).to.deep.equal(msg(4, 2 * 1024 * 1024));
   });
 });
