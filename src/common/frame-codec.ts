@@ -15,6 +15,7 @@ import {
   type IsoPacket,
   type ServerMessage,
 } from '../gen/usbroam/v1/usbhost.js';
+import type { EncodeTarget } from './encode-buffers.js';
 
 const LEN = 2; // wire type: length-delimited
 const tag = (field: number, wire: number) => (field << 3) | wire;
@@ -142,11 +143,8 @@ const SERVER_FRAMES: FrameCodec<ServerFrame, SKind> = {
   slow: (f) => ServerFrame.encode(f).finish(),
 };
 
-/**
- * `into`: write into that reusable buffer instead of a new one (see ScratchBuffer); the result is
- * then only valid until the next encode into it.
- */
-export function encodeServerMessage(m: ServerMessage, into?: ScratchBuffer): Buffer {
+/** `into`: where the bytes go (encode-buffers.ts: reused memory); default a new buffer. */
+export function encodeServerMessage(m: ServerMessage, into?: EncodeTarget): Buffer {
   return encodeFrames(m.frames, SERVER_FRAMES, 'encodeServerMessage', into);
 }
 
@@ -209,8 +207,8 @@ const CLIENT_FRAMES: FrameCodec<ClientFrame, CKind> = {
   slow: (f) => ClientFrame.encode(f).finish(),
 };
 
-export function encodeClientMessage(m: ClientMessage): Buffer {
-  return encodeFrames(m.frames, CLIENT_FRAMES, 'encodeClientMessage');
+export function encodeClientMessage(m: ClientMessage, into?: EncodeTarget): Buffer {
+  return encodeFrames(m.frames, CLIENT_FRAMES, 'encodeClientMessage', into);
 }
 
 // ------------------------------------------------------------------ framing
@@ -225,7 +223,7 @@ interface FrameCodec<F extends { seq: number; kind?: K }, K extends { $case: str
 }
 
 /** A ClientMessage / ServerMessage: `repeated frame = 1`, measured first, written once. */
-function encodeFrames<F extends { seq: number; kind?: K }, K extends { $case: string }>(frames: F[], c: FrameCodec<F, K>, what: string, into?: ScratchBuffer): Buffer {
+function encodeFrames<F extends { seq: number; kind?: K }, K extends { $case: string }>(frames: F[], c: FrameCodec<F, K>, what: string, into?: EncodeTarget): Buffer {
   const n = frames.length;
   const kindSizes = new Array<number>(n);
   const frameSizes = new Array<number>(n);
@@ -268,24 +266,3 @@ function encodeFrames<F extends { seq: number; kind?: K }, K extends { $case: st
   return buf;
 }
 
-/**
- * One buffer for large encodes, reused from message to message. Writing a big URB into freshly
- * allocated memory costs a page fault per 4 KiB (about 0.6-0.9 ms per MiB on these machines against
- * 0.03 ms into memory already mapped); only for a caller that is done with each result before the
- * next encode (grpc-js's server copies a serialized message into its own frame at once).
- */
-export class ScratchBuffer {
-  private buf: Buffer = Buffer.alloc(0);
-
-  /** minBytes: smaller messages get a fresh buffer (Node pools those); maxBytes: never kept larger. */
-  constructor(
-    private readonly minBytes = 64 * 1024,
-    private readonly maxBytes = 16 * 1024 * 1024,
-  ) {}
-
-  take(size: number): Buffer {
-    if (size < this.minBytes || size > this.maxBytes) return Buffer.allocUnsafe(size);
-    if (this.buf.length < size) this.buf = Buffer.allocUnsafe(Math.min(this.maxBytes, Math.max(size, this.buf.length * 2)));
-    return this.buf.subarray(0, size);
-  }
-}

@@ -3,7 +3,8 @@
 // share one source: protos/.
 import type * as grpc from '@grpc/grpc-js';
 import type { ServerMessage } from '../gen/usbroam/v1/usbhost.js';
-import { ScratchBuffer, encodeClientMessage, encodeServerMessage } from './frame-codec.js';
+import { ScratchBuffer } from './encode-buffers.js';
+import { encodeClientMessage, encodeServerMessage } from './frame-codec.js';
 
 interface MessageType<T> {
   encode(message: T): { finish(): Uint8Array };
@@ -40,7 +41,8 @@ export function grpcJsServiceDefinition(def: { fullName: string; methods: Record
     connect.requestSerialize = encodeClientMessage as (v: unknown) => Buffer;
     // grpc-js's server copies what a serializer returns into its own frame before write() returns
     // (BaseServerInterceptingCall.serializeMessage), so the server encodes into one reused buffer.
-    // Its client copies later, after a promise turn: requests get a buffer each.
+    // Its client copies later, after promise turns: the SDK encodes requests into a BufferPool and
+    // gives each buffer back in the write callback (src/client/sdk/client.ts).
     const scratch = new ScratchBuffer();
     connect.responseSerialize = ((v: ServerMessage) => encodeServerMessage(v, scratch)) as (v: unknown) => Buffer;
   }

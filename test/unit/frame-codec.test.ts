@@ -2,7 +2,8 @@
 // read back exactly as they read ts-proto's own encoding.
 import { expect } from 'chai';
 import fc from 'fast-check';
-import { ScratchBuffer, encodeClientMessage, encodeServerMessage } from '../../src/common/frame-codec.js';
+import { BufferPool, ScratchBuffer } from '../../src/common/encode-buffers.js';
+import { encodeClientMessage, encodeServerMessage } from '../../src/common/frame-codec.js';
 import { ClientMessage, ServerMessage, type ClientFrame, type ServerFrame } from '../../src/gen/usbroam/v1/usbhost.js';
 
 const u32 = fc.integer({ min: 0, max: 0xffffffff });
@@ -63,7 +64,7 @@ describe('URB-channel frame encoders', () => {
   });
 
   it('encodes large messages into one reused buffer, small and oversized ones into fresh buffers', () => {
-    const scratch = new ScratchBuffer(64 * 1024, 1024 * 1024);
+    const scratch = new ScratchBuffer(1024 * 1024);
     const msg = (fill: number, n: number): ServerMessage => ({
       frames: [{ seq: fill, kind: { $case: 'complete', value: { urbId: fill, status: 0, data: new Uint8Array(n).fill(fill), actualLength: n, isoPackets: [] } } }],
     });
@@ -77,5 +78,23 @@ describe('URB-channel frame encoders', () => {
     const big = encodeServerMessage(msg(4, 2 * 1024 * 1024), scratch);
     expect(big.buffer, 'never kept above its bound').to.not.equal(a.buffer);
     expect(ServerMessage.decode(big)).to.deep.equal(msg(4, 2 * 1024 * 1024));
+  });
+
+  it('lends pooled buffers for large messages and reuses only what was given back', () => {
+    const pool = new BufferPool(2, 1024 * 1024);
+    const msg = (fill: number, n: number): ClientMessage => ({
+      frames: [{ seq: fill, kind: { $case: 'submit', value: { urbId: fill, endpoint: 1, type: 2, data: new Uint8Array(n).fill(fill), length: 0, setup: new Uint8Array(0), flags: 0, isoPackets: [], streamId: 0, timeoutMs: 0 } } }],
+    });
+    const a = encodeClientMessage(msg(1, 300_000), pool);
+    const b = encodeClientMessage(msg(2, 300_000), pool);
+    expect(b.buffer, 'a buffer still lent out is not handed out again').to.not.equal(a.buffer);
+    expect(ClientMessage.decode(a)).to.deep.equal(ClientMessage.decode(ClientMessage.encode(msg(1, 300_000)).finish()));
+    pool.release(a);
+    pool.release(a); // twice: kept once
+    const c = encodeClientMessage(msg(3, 200_000), pool);
+    expect(c.buffer, 'a given-back buffer is reused').to.equal(a.buffer);
+    const d = encodeClientMessage(msg(4, 200_000), pool);
+    expect(d.buffer).to.not.equal(a.buffer);
+    expect(ClientMessage.decode(c)).to.deep.equal(ClientMessage.decode(ClientMessage.encode(msg(3, 200_000)).finish()));
   });
 });

@@ -3,13 +3,31 @@
 // the transport and the device: every hop there is per-URB latency).
 import * as grpc from '@grpc/grpc-js';
 import { createChannel, createClient, type Channel, type Client } from 'nice-grpc';
+import { BufferPool } from '../../common/encode-buffers.js';
+import { encodeClientMessage } from '../../common/frame-codec.js';
 import { grpcJsServiceDefinition } from '../../common/grpc-definition.js';
 import type { Logger } from '../../common/log.js';
-import { UsbHostDefinition, type Device, type DeviceEvent, type Session } from '../../gen/usbroam/v1/usbhost.js';
+import { UsbHostDefinition, type ClientMessage, type Device, type DeviceEvent, type Session } from '../../gen/usbroam/v1/usbhost.js';
 import { channelCredentials, resolveConnection, type ConnectionOptions } from './credentials.js';
 import { RemoteDevice, type ChannelCallHandlers, type RemoteDeviceOptions, type StreamOpener } from './remote-device.js';
 
 const CONNECT = grpcJsServiceDefinition(UsbHostDefinition).Connect;
+
+// Requests are encoded into pooled buffers (encode-buffers.ts), each given back when grpc-js calls
+// the write's callback: by then it has copied the message into its own frame.
+const requestBuffers = new BufferPool();
+const lent = new WeakMap<ClientMessage, Buffer>();
+const serializeRequest = (m: ClientMessage): Buffer => {
+  const b = encodeClientMessage(m, requestBuffers);
+  lent.set(m, b);
+  return b;
+};
+const giveBack = (m: ClientMessage): void => {
+  const b = lent.get(m);
+  if (!b) return;
+  lent.delete(m);
+  requestBuffers.release(b);
+};
 
 export const CLIENT_CHANNEL_OPTIONS = {
   'grpc.max_receive_message_length': 64 * 1024 * 1024,
@@ -56,7 +74,7 @@ export class UsbHostClient {
 
   /** Opens one Connect stream for a RemoteDevice. */
   private readonly openStream: StreamOpener = (h: ChannelCallHandlers) => {
-    const call = this.raw.makeBidiStreamRequest(CONNECT.path, CONNECT.requestSerialize, CONNECT.responseDeserialize, new grpc.Metadata());
+    const call = this.raw.makeBidiStreamRequest(CONNECT.path, serializeRequest, CONNECT.responseDeserialize, new grpc.Metadata());
     let over = false;
     const end = (error?: { code?: number; message: string }) => {
       if (over) return;
@@ -68,7 +86,7 @@ export class UsbHostClient {
     call.on('error', (e: grpc.ServiceError) => end({ code: e.code, message: e.details || e.message }));
     call.on('end', () => end()); // after the last message; an error status comes as 'error' first
     return {
-      write: (m) => call.write(m),
+      write: (m) => call.write(m, () => giveBack(m)),
       end: () => {
         try {
           call.end();
