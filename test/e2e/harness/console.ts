@@ -20,7 +20,12 @@ export interface RunResult {
 export interface RunOptions {
   /** Default 60 s. On timeout a Ctrl-C is sent and GuestCommandTimeoutError thrown. */
   timeoutMs?: number;
+  /** No output at all for this long after sending: send a bare newline (up to 3 times). Default 10 s. */
+  nudgeAfterMs?: number;
 }
+
+/** Default for how long run() waits for any output before it sends a bare newline. */
+const NUDGE_AFTER_MS = 10_000;
 
 export interface WaitForOptions {
   /** Default 60 s. */
@@ -42,8 +47,9 @@ export class GuestCommandTimeoutError extends GuestConsoleError {
     readonly command: string,
     readonly partialOutput: string,
     timeoutMs: number,
+    readonly why: string,
   ) {
-    super(`guest command timed out after ${timeoutMs} ms: ${command}\n--- output so far ---\n${partialOutput.slice(-2000)}`);
+    super(`guest command timed out after ${timeoutMs} ms (${why}): ${command}\n--- output so far ---\n${partialOutput.slice(-2000)}`);
   }
 }
 
@@ -59,7 +65,14 @@ export class GuestConsole {
   private queue: Promise<unknown> = Promise.resolve();
   private readonly logStream: fs.WriteStream | null;
 
-  constructor(logFile?: string) {
+  /**
+   * @param logFile the transcript, written as it arrives
+   * @param warn told when a command got no output at all for a while and the console was nudged
+   */
+  constructor(
+    logFile?: string,
+    private readonly warn: (line: string) => void = () => {},
+  ) {
     this.logStream = logFile ? fs.createWriteStream(logFile) : null;
   }
 
@@ -156,6 +169,22 @@ export class GuestConsole {
     const deadline = Date.now() + timeoutMs;
     return new Promise<RunResult>((resolve, reject) => {
       let timer: NodeJS.Timeout | undefined;
+      // A guest that printed nothing at all since the command went out gets one bare newline (an
+      // empty command to a shell that is reading; new receive data for a UART whose interrupt
+      // was missed). Seen once after live migration under TCG: not a byte for 60 s. The warning
+      // says it happened, and the command's result is still only what its markers frame.
+      let nudges = 0;
+      const nudgeAfterMs = options.nudgeAfterMs ?? NUDGE_AFTER_MS;
+      const nudgeTimer = setInterval(() => {
+        if (this.text.length !== startLen || nudges >= 3) return;
+        nudges++;
+        this.warn(`console: no output ${((nudgeAfterMs * nudges) / 1000).toFixed(0)} s after sending a command; sending a newline (nudge ${nudges})`);
+        try {
+          this.socket?.write('\n');
+        } catch {
+          /* reported by the timeout */
+        }
+      }, nudgeAfterMs);
       const check = () => {
         const hay = this.text.slice(startLen);
         const b = hay.indexOf(begin);
@@ -178,6 +207,7 @@ export class GuestConsole {
       };
       const done = () => {
         if (timer) clearTimeout(timer);
+        clearInterval(nudgeTimer);
         this.listeners.delete(check);
       };
       if (check()) return;
@@ -192,7 +222,13 @@ export class GuestConsole {
         } catch {
           /* ignore */
         }
-        reject(new GuestCommandTimeoutError(command, partial, timeoutMs));
+        const why =
+          hay.length === 0
+            ? `no output at all since the command was sent (${nudges} newline nudges); console tail before it:\n${this.text.slice(Math.max(0, startLen - 1000), startLen)}`
+            : b < 0
+              ? 'the command was never started (no begin marker)'
+              : 'the command did not finish';
+        reject(new GuestCommandTimeoutError(command, partial, timeoutMs, why));
       }, Math.max(1, deadline - Date.now()));
     });
   }

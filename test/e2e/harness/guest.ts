@@ -19,7 +19,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { QmpClient } from '../../../src/qemu/qmp/client.js';
-import { GuestConsole, type RunOptions, type RunResult } from './console.js';
+import { GuestCommandTimeoutError, GuestConsole, type RunOptions, type RunResult } from './console.js';
 import { QBOOT_ROM, QEMU_BINARY, ensureGuestImage, findGuestImage, type GuestImage } from './image.js';
 
 export * from './image.js';
@@ -124,7 +124,7 @@ export async function startGuest(options: StartGuestOptions = {}): Promise<Guest
   const consolePath = path.join(dir, 'console.sock');
   if (consolePath.length > 100) throw new Error(`socket path too long for AF_UNIX: ${consolePath}`);
 
-  const cons = new GuestConsole(path.join(dir, 'console.log'));
+  const cons = new GuestConsole(path.join(dir, 'console.log'), (line) => log(`[${name}] ${line}`));
   const consoleServer = net.createServer();
   const consoleConnected = new Promise<void>((resolve) => {
     consoleServer.once('connection', (sock) => {
@@ -221,7 +221,30 @@ export async function startGuest(options: StartGuestOptions = {}): Promise<Guest
   });
   failOnExit.catch(() => {}); // only meaningful while raced; never unhandled
 
-  const run = (command: string, o?: RunOptions) => cons.run(command, o);
+  /** What QEMU says of a guest whose console stopped answering: run state and where the vCPU is. */
+  const consoleDiagnostics = async (): Promise<string> => {
+    const part = async (what: string, f: () => Promise<string>) => {
+      try {
+        return `${what}: ${await f()}`;
+      } catch (err) {
+        return `${what}: (${(err as Error).message})`;
+      }
+    };
+    const status = await part('QEMU status', async () => JSON.stringify(await events.execute('query-status', undefined, { timeoutMs: 5000 })));
+    const regs = await part('vCPU', async () => {
+      const r = await events.execute<string>('human-monitor-command', { 'command-line': 'info registers' }, { timeoutMs: 5000 });
+      return (r.match(/RIP=\S+|HLT=\d|EFL=\S+/g) ?? [r.slice(0, 200)]).join(' ');
+    });
+    return `${status}; ${regs}`;
+  };
+  const run = async (command: string, o?: RunOptions): Promise<RunResult> => {
+    try {
+      return await cons.run(command, o);
+    } catch (err) {
+      if (err instanceof GuestCommandTimeoutError && !hasExited) err.message = `[${name}] ${err.message}\n--- ${await consoleDiagnostics()}`;
+      throw err;
+    }
+  };
   let bootMs: number | undefined;
   const waitForBoot = async (timeoutMs = bootTimeoutMs): Promise<number> => {
     const tb = Date.now();
