@@ -118,6 +118,7 @@ describe('e2e harness: guest console run()', () => {
       );
       expect(err).to.be.instanceOf(GuestCommandTimeoutError);
       expect((err as GuestCommandTimeoutError).why).to.match(/^no output at all since the command was sent \(3 newline nudges\)/);
+      expect((err as GuestCommandTimeoutError).silent).to.equal(true);
       await new Promise((r) => setTimeout(r, 100));
       expect(c.received.join('')).to.match(/\x03$/);
     } finally {
@@ -132,7 +133,53 @@ describe('e2e harness: guest console run()', () => {
     try {
       const err = (await c.cons.run('cat /dev/zero', { timeoutMs: 500, nudgeAfterMs: 100 }).catch((e: unknown) => e)) as GuestCommandTimeoutError;
       expect(err.why).to.equal('the command did not finish');
+      expect(err.silent).to.equal(false);
       expect(err.partialOutput).to.equal('partial\n');
+    } finally {
+      c.close();
+    }
+  });
+
+  it('after a timed-out command (^C), the next command waits for the shell to answer a sync line, re-sent until one comes back', async () => {
+    // A line-by-line fake shell: silent until ^C, then it loses the first line after the ^C (as a
+    // tty flush or a SIGINT in the shell can), then answers markers and `echo WORD`.
+    let silent = true;
+    let dropNext = false;
+    let pending = '';
+    const syncs: string[] = [];
+    const c = await connect((g, chunk) => {
+      if (chunk.includes('\x03')) {
+        silent = false;
+        dropNext = true;
+        chunk = chunk.slice(chunk.indexOf('\x03') + 1);
+      }
+      if (silent) return;
+      pending += chunk;
+      let nl: number;
+      while ((nl = pending.indexOf('\n')) >= 0) {
+        const line = pending.slice(0, nl);
+        pending = pending.slice(nl + 1);
+        if (dropNext) {
+          dropNext = false;
+          continue;
+        }
+        let m: RegExpExecArray | null;
+        if ((m = /^echo '__UR''S_(\S+)'$/.exec(line))) {
+          syncs.push(m[1]!);
+          g.answer(`__URS_${m[1]}\n`);
+        } else if ((m = /^echo '__UR''B_(\S+)'$/.exec(line))) g.answer(`__URB_${m[1]}\n`);
+        else if ((m = /^echo "__UR""E_(\S+)_\$\?"$/.exec(line))) g.answer(`__URE_${m[1]}_0\n`);
+        else if ((m = /^\{ echo (\w+)$/.exec(line))) g.answer(`${m[1]}\n`);
+      }
+    });
+    try {
+      const err = await c.cons.run('echo lost', { timeoutMs: 300, nudgeAfterMs: 10_000 }).catch((e: unknown) => e);
+      expect(err).to.be.instanceOf(GuestCommandTimeoutError);
+      const r = await c.cons.run('echo second', { timeoutMs: 10_000 });
+      expect(r).to.deep.equal({ output: 'second\n', exitCode: 0 });
+      // The first sync line was the one lost; a re-sent copy came back.
+      expect(syncs.length).to.be.greaterThan(0);
+      expect(c.received.filter((x) => x.includes("__UR''S_")).length).to.be.greaterThan(1);
     } finally {
       c.close();
     }

@@ -7,7 +7,9 @@
 // shell reading them from stdin with echo off exits when a background job ends
 // while it waits for input). run() does not rely on the echo being off: its
 // markers are written split by quotes ('__UR''B_') so the echoed command line
-// can never match the printed marker.
+// can never match the printed marker. A command that gets no output at all is
+// nudged with a bare newline; one that times out is interrupted with ^C, and the
+// next command first waits for the shell to answer a sync line.
 import type net from 'node:net';
 import fs from 'node:fs';
 
@@ -48,6 +50,8 @@ export class GuestCommandTimeoutError extends GuestConsoleError {
     readonly partialOutput: string,
     timeoutMs: number,
     readonly why: string,
+    /** Nothing at all came from the guest after the command was sent. */
+    readonly silent: boolean,
   ) {
     super(`guest command timed out after ${timeoutMs} ms (${why}): ${command}\n--- output so far ---\n${partialOutput.slice(-2000)}`);
   }
@@ -63,6 +67,8 @@ export class GuestConsole {
   private closedError: Error | null = null;
   private listeners = new Set<() => void>();
   private queue: Promise<unknown> = Promise.resolve();
+  /** Set when a command timed out (and got ^C): the next run() first waits for the shell. */
+  private interrupted = false;
   private readonly logStream: fs.WriteStream | null;
 
   /**
@@ -161,6 +167,7 @@ export class GuestConsole {
 
   private async runNow(command: string, options: RunOptions): Promise<RunResult> {
     const timeoutMs = options.timeoutMs ?? 60_000;
+    if (this.interrupted) await this.resync(timeoutMs);
     const id = `${process.pid}x${++markerSeq}x${Math.random().toString(36).slice(2, 8)}`;
     const begin = `__URB_${id}\n`;
     const endRx = new RegExp(`__URE_${id}_(\\d+)\n`);
@@ -217,6 +224,7 @@ export class GuestConsole {
         const hay = this.text.slice(startLen);
         const b = hay.indexOf(begin);
         const partial = b >= 0 ? hay.slice(b + begin.length) : hay;
+        this.interrupted = true;
         try {
           this.socket?.write('\x03'); // Ctrl-C the stuck command
         } catch {
@@ -228,9 +236,34 @@ export class GuestConsole {
             : b < 0
               ? 'the command was never started (no begin marker)'
               : 'the command did not finish';
-        reject(new GuestCommandTimeoutError(command, partial, timeoutMs, why));
+        reject(new GuestCommandTimeoutError(command, partial, timeoutMs, why, hay.length === 0));
       }, Math.max(1, deadline - Date.now()));
     });
+  }
+
+  /**
+   * After a ^C: the tty flushes its input queue and the shell drops what it had buffered when
+   * the SIGINT lands, which can be the first lines of the next command (seen when the guest was
+   * paused at the time). Echo a sync marker every 2 s until one comes back, so the next command
+   * goes to a shell that is reading again.
+   */
+  private async resync(timeoutMs: number): Promise<void> {
+    const id = `${process.pid}s${++markerSeq}x${Math.random().toString(36).slice(2, 8)}`;
+    const send = () => {
+      try {
+        this.socket?.write(`echo '__UR''S_${id}'\n`);
+      } catch {
+        /* the wait below reports it */
+      }
+    };
+    send();
+    const resend = setInterval(send, 2000);
+    try {
+      await this.waitFor(new RegExp(`__URS_${id}\n`), { timeoutMs });
+      this.interrupted = false; // later copies of the sync line print before the next command's markers
+    } finally {
+      clearInterval(resend);
+    }
   }
 
   /** Detach and stop logging. */

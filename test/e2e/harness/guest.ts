@@ -20,6 +20,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { QmpClient } from '../../../src/qemu/qmp/client.js';
 import { GuestCommandTimeoutError, GuestConsole, type RunOptions, type RunResult } from './console.js';
+import { kernelLinesInMemoryDump } from './memory-dump-log.js';
 import { QBOOT_ROM, QEMU_BINARY, ensureGuestImage, findGuestImage, type GuestImage } from './image.js';
 
 export * from './image.js';
@@ -221,8 +222,11 @@ export async function startGuest(options: StartGuestOptions = {}): Promise<Guest
   });
   failOnExit.catch(() => {}); // only meaningful while raced; never unhandled
 
-  /** What QEMU says of a guest whose console stopped answering: run state and where the vCPU is. */
-  const consoleDiagnostics = async (): Promise<string> => {
+  /**
+   * What QEMU says of a guest whose console stopped answering: run state and where the vCPU is;
+   * for a console silent from the start, also kernel messages found in a dump of guest memory.
+   */
+  const consoleDiagnostics = async (silent: boolean): Promise<string> => {
     const part = async (what: string, f: () => Promise<string>) => {
       try {
         return `${what}: ${await f()}`;
@@ -235,13 +239,24 @@ export async function startGuest(options: StartGuestOptions = {}): Promise<Guest
       const r = await events.execute<string>('human-monitor-command', { 'command-line': 'info registers' }, { timeoutMs: 5000 });
       return (r.match(/RIP=\S+|HLT=\d|EFL=\S+/g) ?? [r.slice(0, 200)]).join(' ');
     });
-    return `${status}; ${regs}`;
+    if (!silent) return `${status}; ${regs}`;
+    const dumped = await part('kernel messages in guest memory', async () => {
+      const file = path.join(dir, 'memory.dump');
+      try {
+        await events.execute('dump-guest-memory', { paging: false, protocol: `file:${file}` }, { timeoutMs: 120_000 });
+        const lines = kernelLinesInMemoryDump(fs.readFileSync(file));
+        return lines.length ? `\n  ${lines.join('\n  ')}` : 'none found';
+      } finally {
+        fs.rmSync(file, { force: true });
+      }
+    });
+    return `${status}; ${regs}\n--- ${dumped}`;
   };
   const run = async (command: string, o?: RunOptions): Promise<RunResult> => {
     try {
       return await cons.run(command, o);
     } catch (err) {
-      if (err instanceof GuestCommandTimeoutError && !hasExited) err.message = `[${name}] ${err.message}\n--- ${await consoleDiagnostics()}`;
+      if (err instanceof GuestCommandTimeoutError && !hasExited) err.message = `[${name}] ${err.message}\n--- ${await consoleDiagnostics(err.silent)}`;
       throw err;
     }
   };
