@@ -265,4 +265,3 @@ function encodeFrames<F extends { seq: number; kind?: K }, K extends { $case: st
   if (pos !== total) throw new Error(`${what}: wrote ${pos} of ${total} bytes`);
   return buf;
 }
-
