@@ -1,6 +1,9 @@
 #!/usr/bin/env node
-// The usbroam CLI. Runs the TypeScript sources through tsx's loader.
-import { register } from 'tsx/esm/api';
+// The usbroam CLI: build/usbroam.mjs (the bundle `npm run build` makes; npm ci runs it) while it is
+// newer than every source file, otherwise the TypeScript sources through tsx's loader.
+// USBROAM_FROM_SOURCE=1 always runs the sources.
+import { pathToFileURL } from 'node:url';
+import { BUNDLE, bundleIsCurrent } from '../scripts/cli-bundle.mjs';
 
 // grpc-js passes an IP address as TLS SNI when the server is named by IP
 // (127.0.0.1:7470); Node warns about that on every connection. The
@@ -10,5 +13,12 @@ process.on('warning', (w) => {
   if (w.code !== 'DEP0123') process.stderr.write(`${w.name}: ${w.message}\n`);
 });
 
-register();
-await import('../src/client/cli/main.ts');
+if (process.env.USBROAM_FROM_SOURCE !== '1' && bundleIsCurrent()) {
+  globalThis.usbroamRunsFrom = 'build/usbroam.mjs';
+  await import(pathToFileURL(BUNDLE).href);
+} else {
+  globalThis.usbroamRunsFrom = 'sources through tsx';
+  const { register } = await import('tsx/esm/api');
+  register();
+  await import('../src/client/cli/main.ts');
+}

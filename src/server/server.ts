@@ -8,8 +8,8 @@ import { readFileSync } from 'node:fs';
 import type * as http2 from 'node:http2';
 import type * as net from 'node:net';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import type { Logger } from '../common/log.js';
+import { REPO_ROOT } from '../common/repo-root.js';
 import { grpcJsServiceDefinition } from '../common/grpc-definition.js';
 import { UsbHostDefinition } from '../gen/usbroam/v1/usbhost.js';
 import { Acl, type AclConfig } from './acl.js';
@@ -19,7 +19,7 @@ import { createUsbHostHandlers } from './service.js';
 import { SessionManager } from './sessions/manager.js';
 import { defaultLimits, type SessionLimits } from './sessions/session.js';
 
-export const PROTO_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../protos');
+export const PROTO_DIR = path.join(REPO_ROOT, 'protos');
 export const USBHOST_SERVICE = 'usbroam.v1.UsbHost';
 
 export interface TlsFiles {

@@ -10,9 +10,9 @@ import { HealthImplementation, protoPath as healthProtoPath } from 'grpc-health-
 import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, unlinkSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { grpcJsServiceDefinition } from '../../common/grpc-definition.js';
 import { silentLogger, type Logger } from '../../common/log.js';
+import { REPO_ROOT } from '../../common/repo-root.js';
 import { QmpConnectError, QmpDisconnectedError, QmpError, QmpTimeoutError } from '../../qemu/qmp/client.js';
 import {
   AttachmentState,
@@ -39,7 +39,7 @@ import { isLoopbackHost, parseControlAddress, type ControlAddress } from './addr
 export { defaultControlSocket, defaultRunDir, isLoopbackHost, parseControlAddress, type ControlAddress } from './address.js';
 
 export const BRIDGE_SERVICE = 'usbroam.v1.Bridge';
-const PROTO_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../protos');
+const PROTO_DIR = path.join(REPO_ROOT, 'protos');
 const S = grpc.status;
 
 export interface ControlTlsFiles {

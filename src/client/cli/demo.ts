@@ -12,13 +12,13 @@ import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, openSync, readSync } from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { REPO_ROOT } from '../../common/repo-root.js';
 import type { Device } from '../../gen/usbroam/v1/usbhost.js';
 import { UsbHostClient } from '../sdk/client.js';
 import { describeDevice } from './common.js';
 import { runServer } from './serve.js';
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+const root = REPO_ROOT;
 const MiB = 1024 * 1024;
 const DEMO_MIB = 8;
 

@@ -1,6 +1,9 @@
 // The usbroam CLI: one file per subcommand, like usbip's tools.
 import { Command } from 'commander';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
 import { tuneGcForBulkTransfers } from '../../common/gc-tuning.js';
+import { REPO_ROOT } from '../../common/repo-root.js';
 import { attachCommand } from './attach.js';
 import { attachmentsCommand } from './attachments.js';
 import { bridgeCommand } from './bridge.js';
@@ -15,8 +18,13 @@ import { watchCommand } from './watch.js';
 
 tuneGcForBulkTransfers();
 
+// bin/usbroam.js says which it started: the bundle (build/usbroam.mjs) or the sources through tsx.
+const runsFrom = (globalThis as { usbroamRunsFrom?: string }).usbroamRunsFrom ?? 'sources';
+const version = (JSON.parse(readFileSync(path.join(REPO_ROOT, 'package.json'), 'utf8')) as { version: string }).version;
+
 const program = new Command('usbroam')
   .description('remote USB for virtual machines: a device on a USB host, used by a VM elsewhere, kept across live migration')
+  .version(`${version} (${runsFrom})`)
   .addCommand(serveCommand())
   .addCommand(devicesCommand())
   .addCommand(watchCommand())

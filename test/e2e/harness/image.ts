@@ -2,9 +2,9 @@
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { REPO_ROOT } from '../../../src/common/repo-root.js';
 
-export const REPO_ROOT = fileURLToPath(new URL('../../../', import.meta.url));
+export { REPO_ROOT };
 export const BUILD_SCRIPT = path.join(REPO_ROOT, 'scripts/guest/build-guest.sh');
 export const QEMU_BINARY = process.env.USBROAM_QEMU ?? 'qemu-system-x86_64';
 export const QBOOT_ROM = '/usr/share/qemu/qboot.rom';

@@ -10,10 +10,11 @@
 //   await h.guest.qmp.execute('device_del', { id: 'stick0' });
 //   await h.stop();
 import net from 'node:net';
+import { REPO_ROOT } from '../../../src/common/repo-root.js';
 import { testCerts } from '../../helpers/certs.js';
 import { startGuest, type Guest, type GuestImage } from './guest.js';
 
-export const REPO_ROOT = new URL('../../..', import.meta.url).pathname.replace(/\/$/, '');
+export { REPO_ROOT };
 
 export interface UsbHostGuestOptions {
   image?: GuestImage;
