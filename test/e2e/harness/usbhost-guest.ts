@@ -31,7 +31,7 @@ export interface UsbHostGuestOptions {
   acl?: string[];
   memoryMb?: number;
   extraServeArgs?: string[];
-  /** How long `usbroam serve` may take to listen (node under TCG: 60-110 s seen). Default 300 s. */
+  /** How long `usbroam serve` may take to listen (node under TCG: about 40 s from the bundle, 60-110 s from the sources). Default 300 s. */
   startTimeoutMs?: number;
   /** node flags for the server (e.g. ["--cpu-prof", "--cpu-prof-dir=/run/prof"]). */
   nodeArgs?: string[];
