@@ -8,10 +8,8 @@
 // grpc-health-check, @grpc/reflection, @grpc/proto-loader), which a bundle would break.
 import { build } from 'esbuild';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { BUNDLE } from './cli-bundle.mjs';
+import { BUNDLE, ROOT as root } from './cli-bundle.mjs';
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const ifPossible = process.argv.includes('--if-possible'); // npm ci's prepare: a failed build is not fatal
 const t0 = Date.now();
 const result = await build({

@@ -5,9 +5,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-export const BUNDLE = path.join(root, 'build', 'usbroam.mjs');
-export const SOURCES = path.join(root, 'src');
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+export const BUNDLE = path.join(ROOT, 'build', 'usbroam.mjs');
+export const SOURCES = path.join(ROOT, 'src');
 
 /** The newest modification time (ms) of a file under `dir`. */
 function newestMtime(dir) {

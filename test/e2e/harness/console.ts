@@ -58,6 +58,8 @@ export class GuestCommandTimeoutError extends GuestConsoleError {
 }
 
 let markerSeq = 0;
+/** A marker id no other command, console or test process uses. */
+const newMarkerId = (kind: string) => `${process.pid}${kind}${++markerSeq}x${Math.random().toString(36).slice(2, 8)}`;
 
 export class GuestConsole {
   private text = '';
@@ -168,7 +170,7 @@ export class GuestConsole {
   private async runNow(command: string, options: RunOptions): Promise<RunResult> {
     const timeoutMs = options.timeoutMs ?? 60_000;
     if (this.interrupted) await this.resync(timeoutMs);
-    const id = `${process.pid}x${++markerSeq}x${Math.random().toString(36).slice(2, 8)}`;
+    const id = newMarkerId('x');
     const begin = `__URB_${id}\n`;
     const endRx = new RegExp(`__URE_${id}_(\\d+)\n`);
     const startLen = this.text.length;
@@ -176,7 +178,7 @@ export class GuestConsole {
     const deadline = Date.now() + timeoutMs;
     return new Promise<RunResult>((resolve, reject) => {
       let timer: NodeJS.Timeout | undefined;
-      // A guest that printed nothing at all since the command went out gets one bare newline (an
+      // A guest that printed nothing at all since the command went out gets a bare newline (an
       // empty command to a shell that is reading; new receive data for a UART whose interrupt
       // was missed). Seen once after live migration under TCG: not a byte for 60 s. The warning
       // says it happened, and the command's result is still only what its markers frame.
@@ -186,11 +188,7 @@ export class GuestConsole {
         if (this.text.length !== startLen || nudges >= 3) return;
         nudges++;
         this.warn(`console: no output ${((nudgeAfterMs * nudges) / 1000).toFixed(0)} s after sending a command; sending a newline (nudge ${nudges})`);
-        try {
-          this.socket?.write('\n');
-        } catch {
-          /* reported by the timeout */
-        }
+        this.writeIfConnected('\n'); // a lost console: reported by the timeout
       }, nudgeAfterMs);
       const check = () => {
         const hay = this.text.slice(startLen);
@@ -225,11 +223,7 @@ export class GuestConsole {
         const b = hay.indexOf(begin);
         const partial = b >= 0 ? hay.slice(b + begin.length) : hay;
         this.interrupted = true;
-        try {
-          this.socket?.write('\x03'); // Ctrl-C the stuck command
-        } catch {
-          /* ignore */
-        }
+        this.writeIfConnected('\x03'); // Ctrl-C the stuck command
         const why =
           hay.length === 0
             ? `no output at all since the command was sent (${nudges} newline nudges); console tail before it:\n${this.text.slice(Math.max(0, startLen - 1000), startLen)}`
@@ -248,14 +242,8 @@ export class GuestConsole {
    * goes to a shell that is reading again.
    */
   private async resync(timeoutMs: number): Promise<void> {
-    const id = `${process.pid}s${++markerSeq}x${Math.random().toString(36).slice(2, 8)}`;
-    const send = () => {
-      try {
-        this.socket?.write(`echo '__UR''S_${id}'\n`);
-      } catch {
-        /* the wait below reports it */
-      }
-    };
+    const id = newMarkerId('s');
+    const send = () => this.writeIfConnected(`echo '__UR''S_${id}'\n`); // a lost console: the wait below reports it
     send();
     const resend = setInterval(send, 2000);
     try {
@@ -263,6 +251,15 @@ export class GuestConsole {
       this.interrupted = false; // later copies of the sync line print before the next command's markers
     } finally {
       clearInterval(resend);
+    }
+  }
+
+  /** Write to the guest if the console is still there; a write on a closing socket is not an error here. */
+  private writeIfConnected(data: string): void {
+    try {
+      this.socket?.write(data);
+    } catch {
+      /* the caller's wait reports a lost console */
     }
   }
 
