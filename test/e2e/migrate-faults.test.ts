@@ -225,13 +225,14 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
 ( (while [ ! -e /tmp/stop ]; do dd if=/dev/sda of=/dev/null bs=2M count=8 iflag=direct 2>/dev/null; done) > /dev/null 2>&1 &)`);
     await delay(3000);
     // Whether a bulk request is outstanding at the switchover is timing: migrate on (A -> B -> A ...)
-    // until a hand-off carried one (in flight, or its completion unread by QEMU), at most 10 times
-    // (on a quiet machine the emulated disk answers so fast that several switchovers can find nothing pending).
+    // until a hand-off carried one (in flight, or its completion unread by QEMU), at most 20 times
+    // (usb-storage has one command at a time, and under TCG the guest spends most of its time between
+    // URBs, so a switchover finds one pending only now and then: 1-5 migrations were needed, once more than 10).
     const hosts = [{ name: 'A', bridge: bridgeA }, { name: 'B', bridge: bridgeB }];
     let cur = { guest, vm: 'b0', att };
     let r!: Awaited<ReturnType<typeof migrateWithHandOff>>;
     let migrations = 0;
-    for (let i = 1; i <= 10; i++) {
+    for (let i = 1; i <= 20; i++) {
       r = await migrateWithHandOff({ image, dir, src: cur.guest, srcVm: cur.vm, srcHost: hosts[(i - 1) % 2]!, dstHost: hosts[i % 2]!, dstVm: `b${i}`, attachment: cur.att, server: serverOpts, log, memoryMb });
       migrations = i;
       guests.push(r.dst);
