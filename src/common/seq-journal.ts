@@ -63,14 +63,28 @@ export class SeqJournal<F> {
    * size). Throws JournalOverflowError when the bound would be exceeded.
    */
   append(makeFrame: (seq: number) => F, bytes: number): F {
-    if (this.byteCount + bytes > this.maxBytes && this.length > 0) {
-      throw new JournalOverflowError(this.byteCount + bytes, this.maxBytes);
-    }
+    this.checkRoom(bytes);
     const seq = ++this.lastSeq;
     const frame = makeFrame(seq);
     this.entries.push({ seq, frame, bytes });
     this.byteCount += bytes;
     return frame;
+  }
+
+  /** As append, for a frame that carries its seq: numbers `frame` in place (no closure per frame). */
+  push(frame: F & { seq: number }, bytes: number): number {
+    this.checkRoom(bytes);
+    const seq = ++this.lastSeq;
+    frame.seq = seq;
+    this.entries.push({ seq, frame, bytes });
+    this.byteCount += bytes;
+    return seq;
+  }
+
+  private checkRoom(bytes: number): void {
+    if (this.byteCount + bytes > this.maxBytes && this.length > 0) {
+      throw new JournalOverflowError(this.byteCount + bytes, this.maxBytes);
+    }
   }
 
   /**

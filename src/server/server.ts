@@ -1,16 +1,13 @@
 // The USB host server: a grpc-js server with UsbHost, grpc.health.v1 and
 // server reflection (v1 and v1alpha), mutual TLS unless told otherwise.
 import * as grpc from '@grpc/grpc-js';
-import * as protoLoader from '@grpc/proto-loader';
-import { ReflectionService } from '@grpc/reflection';
-import { HealthImplementation, protoPath as healthProtoPath } from 'grpc-health-check';
-import { readFileSync } from 'node:fs';
 import type * as http2 from 'node:http2';
 import type * as net from 'node:net';
 import path from 'node:path';
 import type { Logger } from '../common/log.js';
 import { REPO_ROOT } from '../common/repo-root.js';
 import { grpcJsServiceDefinition } from '../common/grpc-definition.js';
+import { bindServer, callLogInterceptor, HealthAndReflection, mutualTlsCredentials, stopServer, type TlsFiles } from '../common/grpc-server-kit.js';
 import { UsbHostDefinition } from '../gen/usbroam/v1/usbhost.js';
 import { Acl, type AclConfig } from './acl.js';
 import type { UsbBackend } from './backends/types.js';
@@ -22,11 +19,7 @@ import { defaultLimits, type SessionLimits } from './sessions/session.js';
 export const PROTO_DIR = path.join(REPO_ROOT, 'protos');
 export const USBHOST_SERVICE = 'usbroam.v1.UsbHost';
 
-export interface TlsFiles {
-  ca: string;
-  cert: string;
-  key: string;
-}
+export type { TlsFiles } from '../common/grpc-server-kit.js';
 
 export interface ServerOptions {
   /** host:port, or unix:/path. */
@@ -66,7 +59,7 @@ export class UsbHostServer {
   readonly registry: DeviceRegistry;
   readonly sessions: SessionManager;
   private readonly grpcServer: grpc.Server;
-  private readonly health = new HealthImplementation({ '': 'NOT_SERVING', [USBHOST_SERVICE]: 'NOT_SERVING' });
+  private readonly health: HealthAndReflection;
   private accepting = true;
   /** The bound address (with the real port when 0 was asked). */
   address = '';
@@ -80,10 +73,11 @@ export class UsbHostServer {
     const acl = new Acl(opts.acl);
     this.registry = new DeviceRegistry(opts.backends);
     this.sessions = new SessionManager(this.registry, acl, limits, opts.log);
-    this.grpcServer = new grpc.Server({ ...GRPC_CHANNEL_OPTIONS, interceptors: [callLogInterceptor(opts.log)] });
+    this.grpcServer = new grpc.Server({ ...GRPC_CHANNEL_OPTIONS, interceptors: [callLogInterceptor(opts.log, 'call', true)] });
+    const definition = grpcJsServiceDefinition(UsbHostDefinition);
     this.grpcServer.addService(
-      grpcJsServiceDefinition(UsbHostDefinition),
-      createUsbHostHandlers({
+      definition,
+      createUsbHostHandlers(definition, {
         registry: this.registry,
         sessions: this.sessions,
         acl,
@@ -91,11 +85,9 @@ export class UsbHostServer {
         insecureIdentity: opts.insecure ? (opts.insecureIdentity ?? 'anonymous') : undefined,
         log: opts.log,
         accepting: () => this.accepting,
-      }) as unknown as grpc.UntypedServiceImplementation,
+      }),
     );
-    this.health.addToServer(this.grpcServer);
-    const pkg = protoLoader.loadSync([path.join(PROTO_DIR, 'usbroam/v1/usbhost.proto'), healthProtoPath], { includeDirs: [PROTO_DIR] });
-    new ReflectionService(pkg).addToServer(this.grpcServer);
+    this.health = new HealthAndReflection(this.grpcServer, USBHOST_SERVICE, path.join(PROTO_DIR, 'usbroam/v1/usbhost.proto'), PROTO_DIR);
   }
 
   async start(): Promise<string> {
@@ -105,16 +97,12 @@ export class UsbHostServer {
       opts.log.warn({ listen: opts.listen }, 'INSECURE: serving plaintext without client authentication; every client is "' + (opts.insecureIdentity ?? 'anonymous') + '"');
       creds = grpc.ServerCredentials.createInsecure();
     } else {
-      const t = opts.tls!;
-      creds = grpc.ServerCredentials.createSsl(readFileSync(t.ca), [{ cert_chain: readFileSync(t.cert), private_key: readFileSync(t.key) }], true);
+      creds = mutualTlsCredentials(opts.tls!);
     }
-    const port = await new Promise<number>((resolve, reject) =>
-      this.grpcServer.bindAsync(opts.listen, creds, (err, p) => (err ? reject(err) : resolve(p))),
-    );
+    const port = await bindServer(this.grpcServer, opts.listen, creds);
     raiseReceiveWindows(this.grpcServer, RECEIVE_WINDOW_BYTES);
     this.address = opts.listen.startsWith('unix:') ? opts.listen : opts.listen.replace(/:\d+$/, `:${port}`);
-    this.health.setStatus('', 'SERVING');
-    this.health.setStatus(USBHOST_SERVICE, 'SERVING');
+    this.health.setServing(true);
     opts.log.info({ address: this.address, tls: !opts.insecure, devices: this.registry.list().length }, 'USB host server listening');
     return this.address;
   }
@@ -122,19 +110,9 @@ export class UsbHostServer {
   /** Stop accepting, end sessions (cancel in flight, release claims), stop. */
   async stop(why = 'shutdown'): Promise<void> {
     this.accepting = false;
-    this.health.setStatus('', 'NOT_SERVING');
-    this.health.setStatus(USBHOST_SERVICE, 'NOT_SERVING');
+    this.health.setServing(false);
     await this.sessions.closeAll(why);
-    await new Promise<void>((resolve) => {
-      const t = setTimeout(() => {
-        this.grpcServer.forceShutdown();
-        resolve();
-      }, 3000);
-      this.grpcServer.tryShutdown(() => {
-        clearTimeout(t);
-        resolve();
-      });
-    });
+    await stopServer(this.grpcServer);
     await this.registry.close();
     this.opts.log.info({ why }, 'USB host server stopped');
   }
@@ -166,19 +144,4 @@ function raiseReceiveWindows(server: grpc.Server, bytes: number): void {
       }
     });
   }
-}
-
-/** Middleware: one structured log line per call, with peer and outcome. */
-function callLogInterceptor(log: Logger): grpc.ServerInterceptor {
-  return (method, call) => {
-    const started = Date.now();
-    return new grpc.ServerInterceptingCall(call, {
-      sendStatus: (status, next) => {
-        const fields = { method: method.path, peer: call.getPeer(), code: grpc.status[status.code], ms: Date.now() - started };
-        if (status.code === grpc.status.OK) log.debug(fields, 'call ended');
-        else log.info({ ...fields, details: status.details }, 'call ended with an error');
-        next(status);
-      },
-    });
-  };
 }

@@ -1,6 +1,8 @@
-// The UsbHost gRPC service: thin handlers that authenticate, then hand over
-// to the registry (devices) and the session manager (URB channels).
+// The UsbHost gRPC service: thin handlers. Every one runs behind the identity middleware
+// (grpc-server-kit.ts); devices come from the registry, URB channels are pumped into sessions
+// by connect-stream.ts.
 import * as grpc from '@grpc/grpc-js';
+import { identityOf, serviceError, withIdentity, type BidiHandler, type ServerStreamHandler, type UnaryHandler } from '../common/grpc-server-kit.js';
 import type { Logger } from '../common/log.js';
 import {
   DeviceEvent_Kind,
@@ -19,9 +21,9 @@ import {
 import type { Acl } from './acl.js';
 import { deviceToProto } from './convert.js';
 import type { DeviceRegistry, RegistryEvent } from './devices/registry.js';
-import { identityOf } from './identity.js';
+import { runConnectStream } from './sessions/connect-stream.js';
 import type { SessionManager } from './sessions/manager.js';
-import { ChannelProtocolError, type Session, type SessionStream } from './sessions/session.js';
+import type { Session } from './sessions/session.js';
 
 const S = grpc.status;
 
@@ -38,25 +40,16 @@ export interface ServiceDeps {
   accepting: () => boolean;
 }
 
-function fail(code: grpc.status, details: string): grpc.ServiceError {
-  return Object.assign(new Error(details), { code, details, metadata: new grpc.Metadata() });
-}
-
-export function createUsbHostHandlers(deps: ServiceDeps) {
-  const { registry, sessions, acl, log } = deps;
-  const who = (call: Parameters<typeof identityOf>[0]) => identityOf(call, deps.insecureIdentity);
+export function createUsbHostHandlers(def: grpc.ServiceDefinition, deps: ServiceDeps): grpc.UntypedServiceImplementation {
+  const { registry, sessions, acl } = deps;
   const visible = (identity: string) => registry.list().filter((d) => acl.allows(identity, d));
   const withClaim = (id: string) => registry.claimOf(id);
 
-  const listDevices: grpc.handleUnaryCall<ListDevicesRequest, ListDevicesResponse> = (call, cb) => {
-    const identity = who(call);
-    if (!identity) return cb(fail(S.UNAUTHENTICATED, 'no client identity: a client certificate is required'));
-    cb(null, { devices: visible(identity).map((d) => deviceToProto(d, withClaim(d.id))) });
-  };
+  const listDevices: UnaryHandler<ListDevicesRequest, ListDevicesResponse> = (_call, identity) => ({
+    devices: visible(identity).map((d) => deviceToProto(d, withClaim(d.id))),
+  });
 
-  const watchDevices: grpc.handleServerStreamingCall<WatchDevicesRequest, DeviceEvent> = (call) => {
-    const identity = who(call);
-    if (!identity) return call.emit('error', fail(S.UNAUTHENTICATED, 'no client identity: a client certificate is required'));
+  const watchDevices: ServerStreamHandler<WatchDevicesRequest, DeviceEvent> = (call, identity) => {
     const kinds: Record<RegistryEvent['kind'], DeviceEvent_Kind> = {
       added: DeviceEvent_Kind.KIND_ADDED,
       removed: DeviceEvent_Kind.KIND_REMOVED,
@@ -77,187 +70,7 @@ export function createUsbHostHandlers(deps: ServiceDeps) {
     call.on('error', stop);
   };
 
-  const connect: grpc.handleBidiStreamingCall<ClientMessage, ServerMessage> = (call) => {
-    void runChannel(call);
-  };
-
-  /**
-   * One Connect stream. Frames are handled synchronously as messages arrive
-   * (submits, cancels and acks need no turn of the event loop); only opening
-   * a session, device ops, close, and a full in-flight window make the
-   * following frames wait. While they wait, or while a few messages are
-   * queued, the call is paused: backpressure through HTTP/2 flow control.
-   */
-  function runChannel(call: grpc.ServerDuplexStream<ClientMessage, ServerMessage>): void {
-    const peer = call.getPeer();
-    const identity = who(call);
-    let ended = false;
-    const stream: SessionStream = {
-      peer,
-      write: (m) => (ended ? true : call.write(m)),
-      onceDrain: (cb) => call.once('drain', cb),
-      end: (code, message) => {
-        if (ended) return;
-        ended = true;
-        if (code === S.OK) call.end();
-        else call.emit('error', fail(code, message));
-      },
-    };
-    if (!identity) return stream.end(S.UNAUTHENTICATED, 'no client identity: a client certificate is required');
-    if (!deps.accepting()) return stream.end(S.UNAVAILABLE, 'server is shutting down');
-    let session: Session | undefined;
-    const queue: ClientMessage[] = [];
-    let index = 0; // next frame of queue[0]
-    let waiting = false; // an async step is running: frames wait for it
-    let inputDone = false;
-    let inputError: Error | undefined;
-    let finished = false;
-    let paused = false;
-    const HIGH_WATER = 4;
-
-    const onError = (err: unknown): void => {
-      if (finished) return;
-      finished = true;
-      const e = err as Error & { code?: number };
-      if (err instanceof ChannelProtocolError) {
-        const l = session ? session.log : log.child({ identity, peer });
-        l.warn({ code: S[err.code], err: err.message }, 'URB channel refused');
-        stream.write({ frames: [{ seq: session?.highestServerSeq ?? 0, kind: { $case: 'error', value: { code: err.code, message: err.message, clientSeq: err.clientSeq } } }] });
-        stream.end(err.code, err.message);
-      } else if (ended || e.code === S.CANCELLED || call.cancelled) {
-        // the client went away
-      } else {
-        log.error({ err: e.message, stack: e.stack, identity, peer }, 'URB channel failed');
-        stream.end(S.INTERNAL, `internal error: ${e.message}`);
-      }
-      if (session && session.state !== 'closed') session.detach(stream, e.message);
-    };
-    const finish = (): void => {
-      if (finished) return;
-      finished = true;
-      if (session && session.state !== 'closed') session.detach(stream, 'client ended its stream without close');
-    };
-    const wait = (p: Promise<unknown>): void => {
-      waiting = true;
-      p.then(
-        () => {
-          waiting = false;
-          pump();
-        },
-        (err) => {
-          waiting = false;
-          onError(err);
-        },
-      );
-    };
-
-    /** Handle queued frames until they run out or one has to wait. */
-    const pump = (): void => {
-      if (waiting || finished) return;
-      try {
-        while (queue.length) {
-          const frames = queue[0].frames;
-          if (!session) {
-            const first = frames[0];
-            if (!first || first.kind?.$case !== 'open') {
-              throw new ChannelProtocolError(S.INVALID_ARGUMENT, 'the first frame of a URB channel must be open');
-            }
-            index = 1;
-            return wait(
-              openSession(identity, peer, first.kind.value, stream).then((s) => {
-                session = s;
-              }),
-            );
-          }
-          while (index < frames.length) {
-            const f = frames[index];
-            if (!session.isCurrent(stream)) {
-              // A standby only listens until it takes over; its acks carry nothing yet.
-              if (session.isStandby(stream) && f.kind?.$case === 'ack') {
-                index++;
-                continue;
-              }
-              if (session.isStandby(stream)) throw new ChannelProtocolError(S.FAILED_PRECONDITION, `a standby for session ${session.id} may not send ${f.kind?.$case ?? 'frames'} before it takes over`, f.seq);
-              index = frames.length; // superseded or handed over: this stream is done
-              break;
-            }
-            if (f.kind?.$case === 'submit' && !session.hasSlot()) return wait(session.waitForSlot());
-            if (ended) break;
-            index++;
-            const r = session.handleFrame(f);
-            if (r) return wait(r);
-          }
-          queue.shift();
-          index = 0;
-          if (ended || session.state === 'closed') {
-            finish();
-            return;
-          }
-        }
-        if (paused && queue.length < HIGH_WATER) {
-          paused = false;
-          call.resume();
-        }
-        if (inputDone) {
-          if (inputError) onError(inputError);
-          else finish();
-        }
-      } catch (err) {
-        onError(err);
-      }
-    };
-
-    call.on('data', (m: ClientMessage) => {
-      if (finished) return;
-      queue.push(m);
-      if (queue.length >= HIGH_WATER && !paused) {
-        paused = true;
-        call.pause();
-      }
-      pump();
-    });
-    const endInput = (err?: Error) => {
-      if (inputDone) return;
-      inputDone = true;
-      inputError = err;
-      if (!queue.length) pump();
-    };
-    call.on('end', () => endInput());
-    call.on('error', (e: Error) => endInput(e));
-    call.on('close', () => endInput());
-  }
-
-  async function openSession(
-    identity: string,
-    peer: string,
-    open: NonNullable<ClientMessage['frames'][number]['kind'] & { $case: 'open' }>['value'],
-    stream: SessionStream,
-  ): Promise<Session> {
-    const t = open.target;
-    if (t?.$case === 'device') {
-      const s = await sessions.create(identity, peer, t.value);
-      s.attach(stream, 0, (seq) => ({ seq, kind: { $case: 'opened', value: { sessionId: s.id, device: deviceToProto(s.device, withClaim(s.device.id)), lastClientSeq: 0, resumed: false, standby: false } } }));
-      return s;
-    }
-    if (t?.$case === 'resume') {
-      const s = sessions.resume(identity, t.value.sessionId);
-      s.attach(stream, t.value.lastServerSeq, (seq) => ({
-        seq,
-        kind: { $case: 'opened', value: { sessionId: s.id, device: deviceToProto(s.device, withClaim(s.device.id)), lastClientSeq: s.lastClientSeq, resumed: true, standby: false } },
-      }));
-      s.log.info({ peer, lastServerSeq: t.value.lastServerSeq, lastClientSeq: s.lastClientSeq }, 'session resumed');
-      return s;
-    }
-    if (t?.$case === 'standby') {
-      const s = sessions.standby(identity, t.value.sessionId);
-      s.addStandby(stream, identity, (seq) => ({
-        seq,
-        kind: { $case: 'opened', value: { sessionId: s.id, device: deviceToProto(s.device, withClaim(s.device.id)), lastClientSeq: s.lastClientSeq, resumed: false, standby: true } },
-      }));
-      return s;
-    }
-    throw new ChannelProtocolError(S.INVALID_ARGUMENT, 'open names neither a device, a session to resume nor one to stand by for');
-  }
+  const connect: BidiHandler<ClientMessage, ServerMessage> = (call, identity) => runConnectStream(call, identity, deps);
 
   const toPb = (s: Session): PbSession => ({
     id: s.id,
@@ -273,27 +86,25 @@ export function createUsbHostHandlers(deps: ServiceDeps) {
     detachedUnixMs: s.state === 'detached' ? s.detachedAt : 0,
   });
 
-  const listSessions: grpc.handleUnaryCall<ListSessionsRequest, ListSessionsResponse> = (call, cb) => {
-    const identity = who(call);
-    if (!identity) return cb(fail(S.UNAUTHENTICATED, 'no client identity: a client certificate is required'));
+  const listSessions: UnaryHandler<ListSessionsRequest, ListSessionsResponse> = (_call, identity) => {
     const admin = deps.admins.includes(identity);
-    cb(null, { sessions: sessions.list().filter((s) => admin || s.identity === identity).map(toPb) });
+    return { sessions: sessions.list().filter((s) => admin || s.identity === identity).map(toPb) };
   };
 
-  const closeSession: grpc.handleUnaryCall<CloseSessionRequest, CloseSessionResponse> = (call, cb) => {
-    const identity = who(call);
-    if (!identity) return cb(fail(S.UNAUTHENTICATED, 'no client identity: a client certificate is required'));
+  const closeSession: UnaryHandler<CloseSessionRequest, CloseSessionResponse> = async (call, identity) => {
     const s = sessions.get(call.request.sessionId);
-    if (!s) return cb(fail(S.NOT_FOUND, `session ${call.request.sessionId} is unknown or has ended`));
+    if (!s) throw serviceError(S.NOT_FOUND, `session ${call.request.sessionId} is unknown or has ended`);
     if (s.identity !== identity && !deps.admins.includes(identity)) {
-      return cb(fail(S.PERMISSION_DENIED, `identity "${identity}" may not close session ${s.id} of "${s.identity}"`));
+      throw serviceError(S.PERMISSION_DENIED, `identity "${identity}" may not close session ${s.id} of "${s.identity}"`);
     }
     s.log.info({ by: identity }, 'session closed by admin request');
-    s.close(`closed by ${identity}`, { reset: true, code: S.ABORTED, message: `session ${s.id} closed by ${identity}` }).then(
-      () => cb(null, {}),
-      (err) => cb(fail(S.INTERNAL, (err as Error).message)),
-    );
+    await s.close(`closed by ${identity}`, { reset: true, code: S.ABORTED, message: `session ${s.id} closed by ${identity}` });
+    return {};
   };
 
-  return { ListDevices: listDevices, WatchDevices: watchDevices, Connect: connect, ListSessions: listSessions, CloseSession: closeSession };
+  return withIdentity(
+    def,
+    { identify: (call) => identityOf(call, deps.insecureIdentity) },
+    { ListDevices: listDevices, WatchDevices: watchDevices, Connect: connect, ListSessions: listSessions, CloseSession: closeSession },
+  );
 }
