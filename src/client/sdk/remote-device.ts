@@ -8,56 +8,28 @@
 // executes once and completes once.
 import { EventEmitter } from 'node:events';
 import { Status } from 'nice-grpc';
-import { AckScheduler } from '../../common/ack-scheduler.js';
 import { silentLogger, type Logger } from '../../common/log.js';
-import { SeqJournal, SeqReceiver } from '../../common/seq-journal.js';
+import { SeqChannel } from '../../common/seq-channel.js';
+import { ChannelClosedError, FINAL_CODES, StreamState, type StreamOpener } from './channel-call.js';
+import { encodeSetup, type ControlSetup } from './control-setup.js';
 import {
   TransferType,
   UrbStatus,
   type ClientFrame,
-  type ClientMessage,
   type Device,
   type DeviceOp,
   type IsoPacket,
   type OpResult,
   type ReceivedData,
   type ServerFrame,
-  type ServerMessage,
   type StartReceiving,
   type UrbComplete,
   type UrbSubmit,
 } from '../../gen/usbroam/v1/usbhost.js';
-import { FlushScheduler } from '../../common/flush-scheduler.js';
 
 export { TransferType, UrbStatus };
-
-/** One Connect stream, as a RemoteDevice drives it (see UsbHostClient). */
-export interface ChannelCall {
-  /** false: the transport is full, wait for `drain`. */
-  write(msg: ClientMessage): boolean;
-  /** Half-close: no more client messages. */
-  end(): void;
-  /** Break the stream (as a lost connection would). */
-  cancel(): void;
-}
-
-/** What a Connect stream reports to its RemoteDevice. */
-export interface ChannelCallHandlers {
-  message(msg: ServerMessage): void;
-  drain(): void;
-  /** Called once when the stream is over: without `error` when it ended with OK after its last message. */
-  end(error?: { code?: number; message: string }): void;
-}
-
-/** Opens a Connect stream; given by UsbHostClient. */
-export type StreamOpener = (handlers: ChannelCallHandlers) => ChannelCall;
-
-/** The state of one Connect stream. */
-interface StreamState {
-  call?: ChannelCall;
-  waitingDrain: boolean;
-  ended: boolean;
-}
+export { ChannelClosedError, type ChannelCall, type ChannelCallHandlers, type StreamOpener } from './channel-call.js';
+export { encodeSetup, type ControlSetup } from './control-setup.js';
 
 export interface RemoteDeviceOptions {
   log?: Logger;
@@ -68,38 +40,8 @@ export interface RemoteDeviceOptions {
   maxJournalBytes?: number;
 }
 
-/** Status codes after which reconnecting cannot help. */
-const FINAL_CODES = new Set([
-  Status.NOT_FOUND,
-  Status.PERMISSION_DENIED,
-  Status.UNAUTHENTICATED,
-  Status.INVALID_ARGUMENT,
-  Status.FAILED_PRECONDITION,
-  Status.RESOURCE_EXHAUSTED,
-  Status.ABORTED,
-  Status.OUT_OF_RANGE,
-]);
-
-export class ChannelClosedError extends Error {
-  constructor(
-    message: string,
-    readonly code?: Status,
-  ) {
-    super(message);
-    this.name = 'ChannelClosedError';
-  }
-}
-
 export type UrbRequest = Omit<UrbSubmit, 'urbId' | 'data' | 'setup' | 'isoPackets' | 'streamId' | 'flags' | 'timeoutMs' | 'length'> &
   Partial<Pick<UrbSubmit, 'data' | 'setup' | 'isoPackets' | 'streamId' | 'flags' | 'timeoutMs' | 'length'>>;
-
-export interface ControlSetup {
-  requestType: 'standard' | 'class' | 'vendor';
-  recipient: 'device' | 'interface' | 'endpoint' | 'other';
-  request: number;
-  value: number;
-  index: number;
-}
 
 export interface TakeOverInfo {
   /** What the handing-over side passed on (empty when it was lost). */
@@ -122,36 +64,18 @@ interface Pending<T> {
   reject: (e: Error) => void;
 }
 
-export function encodeSetup(s: ControlSetup, dirIn: boolean, length: number): Uint8Array {
-  const type = { standard: 0, class: 1, vendor: 2 }[s.requestType];
-  const rcpt = { device: 0, interface: 1, endpoint: 2, other: 3 }[s.recipient];
-  const b = new Uint8Array(8);
-  b[0] = (dirIn ? 0x80 : 0) | (type << 5) | rcpt;
-  b[1] = s.request;
-  b[2] = s.value & 0xff;
-  b[3] = s.value >> 8;
-  b[4] = s.index & 0xff;
-  b[5] = s.index >> 8;
-  b[6] = length & 0xff;
-  b[7] = length >> 8;
-  return b;
-}
-
 export class RemoteDevice extends EventEmitter {
   /** The device as the server described it on open (updated by configuration changes). */
   device!: Device;
   sessionId = '';
   private readonly log: Logger;
-  private readonly journal: SeqJournal<ClientFrame>;
-  private rx = new SeqReceiver();
+  private readonly channel: SeqChannel<ClientFrame>;
   private readonly urbs = new Map<number, Pending<UrbComplete>>();
   private readonly ops = new Map<number, Pending<OpResult>>();
   private nextUrbId = 1;
   private readonly orphans = new Map<number, UrbComplete>();
   private nextOpId = 1;
   private current?: StreamState;
-  private readonly acks = new AckScheduler(() => this.scheduleFlush());
-  private readonly flusher = new FlushScheduler(() => this.flush());
   private closed = false;
   private closeError?: Error;
   private slotWaiters: (() => void)[] = [];
@@ -174,7 +98,7 @@ export class RemoteDevice extends EventEmitter {
   ) {
     super();
     this.log = opts.log ?? silentLogger;
-    this.journal = new SeqJournal(opts.maxJournalBytes ?? 512 * 1024 * 1024);
+    this.channel = new SeqChannel({ maxJournalBytes: opts.maxJournalBytes ?? 512 * 1024 * 1024 });
     this.maxInFlight = opts.maxInFlight ?? 256;
     this.reconnectWindowMs = opts.reconnectWindowMs ?? 25_000;
   }
@@ -190,7 +114,7 @@ export class RemoteDevice extends EventEmitter {
   static async resume(openStream: StreamOpener, sessionId: string, lastServerSeq: number, opts: RemoteDeviceOptions = {}): Promise<RemoteDevice> {
     const d = new RemoteDevice(openStream, opts);
     d.sessionId = sessionId;
-    d.rx = new SeqReceiver(lastServerSeq);
+    d.channel.receiveAfter(lastServerSeq);
     await d.connect({ $case: 'resume', value: { sessionId, lastServerSeq } });
     return d;
   }
@@ -215,26 +139,23 @@ export class RemoteDevice extends EventEmitter {
     return this.urbs.size;
   }
   get lastServerSeq(): number {
-    return this.rx.lastSeq;
+    return this.channel.lastReceived;
   }
 
   // ------------------------------------------------------------ stream lifecycle
 
   private connect(target: NonNullable<ClientFrame['kind'] & { $case: 'open' }>['value']['target']): Promise<void> {
-    const st: StreamState = { waitingDrain: false, ended: false };
+    const st = new StreamState();
     this.current = st;
-    this.acks.reset();
+    this.channel.detach(); // frames wait in the journal until the session is open on this stream
     const opened = new Promise<void>((resolve, reject) => (this.opened = { resolve, reject }));
     st.call = this.openStream({
       message: (msg) => {
         if (this.current !== st) return;
         for (const f of msg.frames) this.onFrame(f);
-        this.scheduleFlush();
       },
       drain: () => {
-        if (this.current !== st || !st.waitingDrain) return;
-        st.waitingDrain = false;
-        this.flush();
+        if (this.current === st) st.drained();
       },
       end: (error) => {
         if (st.ended) return;
@@ -242,18 +163,14 @@ export class RemoteDevice extends EventEmitter {
         void this.streamEnded(st, error);
       },
     });
-    this.writeTo(st, { frames: [{ seq: this.journal.highestSeq, kind: { $case: 'open', value: { target } } }] });
+    st.write({ frames: [{ seq: this.channel.highestSeq, kind: { $case: 'open', value: { target } } }] });
     return opened;
-  }
-
-  private writeTo(st: StreamState, msg: ClientMessage): void {
-    if (st.ended || !st.call) return;
-    if (!st.call.write(msg)) st.waitingDrain = true;
   }
 
   private async streamEnded(st: StreamState, error?: { code?: number; message: string }): Promise<void> {
     st.call?.end();
     if (this.current !== st) return; // superseded
+    this.channel.detach(st);
     if (this.handedOff) {
       const h = this.handedOff;
       this.handedOff = undefined;
@@ -294,9 +211,9 @@ export class RemoteDevice extends EventEmitter {
       await new Promise((r) => setTimeout(r, delay));
       if (this.closed) return;
       try {
-        await this.connect({ $case: 'resume', value: { sessionId: this.sessionId, lastServerSeq: this.rx.lastSeq } });
+        await this.connect({ $case: 'resume', value: { sessionId: this.sessionId, lastServerSeq: this.channel.lastReceived } });
         this.reconnects++;
-        this.log.info({ session: this.sessionId, lastServerSeq: this.rx.lastSeq }, 'URB channel resumed');
+        this.log.info({ session: this.sessionId, lastServerSeq: this.channel.lastReceived }, 'URB channel resumed');
         this.emit('resumed');
         return;
       } catch (err) {
@@ -342,21 +259,21 @@ export class RemoteDevice extends EventEmitter {
         this.sessionId = k.value.sessionId;
         if (k.value.device) this.device = k.value.device;
         // Resend everything the server has not seen (a standby has sent nothing yet).
-        if (!k.value.standby) this.journal.rewindTo(k.value.lastClientSeq);
+        if (!k.value.standby) this.channel.attach(this.current!, k.value.lastClientSeq);
         const o = this.opened;
         this.opened = undefined;
         o?.resolve();
-        this.scheduleFlush();
         return;
       }
       case 'ack':
-        if (k.value.seq <= this.journal.highestSeq) this.journal.ack(k.value.seq);
+        if (k.value.seq <= this.channel.highestSeq) this.channel.peerAcked(k.value.seq);
         return;
       case 'takeOver': {
         const t = k.value;
-        this.rx = new SeqReceiver(t.lastServerSeq);
-        this.journal.continueAfter(t.lastClientSeq);
+        this.channel.receiveAfter(t.lastServerSeq);
+        this.channel.continueAfter(t.lastClientSeq);
         this.standbyMode = false;
+        this.channel.attach(this.current!);
         this.log.info({ session: this.sessionId, lastServerSeq: t.lastServerSeq, lastClientSeq: t.lastClientSeq, sourceLost: t.sourceLost }, 'took the session over');
         this.takeOverWaiter?.resolve({ state: t.state, sourceLost: t.sourceLost, lastServerSeq: t.lastServerSeq });
         this.takeOverWaiter = undefined;
@@ -377,7 +294,7 @@ export class RemoteDevice extends EventEmitter {
         return;
     }
     if (this.frozen) return; // handed off: the taker gets these frames from the journal
-    if (this.rx.accept(f.seq) !== 'new') return; // a replayed duplicate, or out of order
+    if (this.channel.receive(f.seq) !== 'new') return; // a replayed duplicate, or out of order
     switch (k.$case) {
       case 'complete': {
         const p = this.urbs.get(k.value.urbId);
@@ -421,30 +338,7 @@ export class RemoteDevice extends EventEmitter {
     if (this.closed) throw this.closeError ?? new ChannelClosedError(`session ${this.sessionId} is closed`);
     if (this.standbyMode) throw new ChannelClosedError(`session ${this.sessionId}: this standby has not taken over yet`);
     if (this.frozen) throw new ChannelClosedError(`session ${this.sessionId} was handed off`);
-    const f = this.journal.append((seq) => ({ seq, kind }), bytes + 32);
-    this.scheduleFlush();
-    return f.seq;
-  }
-
-  /** Send the queued frames soon (batching policy: FlushScheduler). */
-  private scheduleFlush(): void {
-    this.flusher.schedule();
-  }
-
-  /** Sends what is due; true when a message went out. */
-  private flush(): boolean {
-    const st = this.current;
-    if (!st || st.ended || st.waitingDrain || this.opened || this.standbyMode) return false; // not open yet: frames wait in the journal
-    let wrote = false;
-    for (;;) {
-      const frames = this.journal.takeUnsent(1024, 256 * 1024);
-      const ack = this.acks.take(this.rx.lastSeq, frames.length > 0);
-      if (ack !== undefined) frames.push({ seq: this.journal.highestSeq, kind: { $case: 'ack', value: { seq: ack } } });
-      if (!frames.length) return wrote;
-      this.writeTo(st, { frames });
-      wrote = true;
-      if (st.waitingDrain) return wrote;
-    }
+    return this.channel.send(kind, bytes);
   }
 
   private async slot(): Promise<void> {
@@ -640,10 +534,10 @@ export class RemoteDevice extends EventEmitter {
    */
   handOff(state: Uint8Array): Promise<{ lastServerSeq: number }> {
     this.frozen = true;
-    const lastServerSeq = this.rx.lastSeq;
+    const lastServerSeq = this.channel.lastReceived;
     const done = new Promise<void>((resolve, reject) => (this.handedOff = { resolve, reject }));
-    this.journal.append((seq) => ({ seq, kind: { $case: 'handOff', value: { state, lastServerSeq } } }), state.length);
-    this.flush();
+    this.channel.send({ $case: 'handOff', value: { state, lastServerSeq } }, state.length);
+    this.channel.flush();
     return done.then(() => ({ lastServerSeq }));
   }
 
