@@ -4,13 +4,22 @@
 // loopback with `insecure`). The bridge's own credentials for USB host servers come from its
 // configuration, never from a control request. grpc.health.v1 and reflection are served too.
 import * as grpc from '@grpc/grpc-js';
-import * as protoLoader from '@grpc/proto-loader';
-import { ReflectionService } from '@grpc/reflection';
-import { HealthImplementation, protoPath as healthProtoPath } from 'grpc-health-check';
-import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, unlinkSync } from 'node:fs';
+import { chmodSync, existsSync, lstatSync, mkdirSync, unlinkSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { grpcJsServiceDefinition } from '../../common/grpc-definition.js';
+import {
+  bindServer,
+  callLogInterceptor,
+  HealthAndReflection,
+  identityOf,
+  mutualTlsCredentials,
+  serviceError,
+  stopServer,
+  withIdentity,
+  type TlsFiles,
+  type UnaryHandler,
+} from '../../common/grpc-server-kit.js';
 import { silentLogger, type Logger } from '../../common/log.js';
 import { REPO_ROOT } from '../../common/repo-root.js';
 import { QmpConnectError, QmpDisconnectedError, QmpError, QmpTimeoutError } from '../../qemu/qmp/client.js';
@@ -42,11 +51,7 @@ export const BRIDGE_SERVICE = 'usbroam.v1.Bridge';
 const PROTO_DIR = path.join(REPO_ROOT, 'protos');
 const S = grpc.status;
 
-export interface ControlTlsFiles {
-  ca: string;
-  cert: string;
-  key: string;
-}
+export type ControlTlsFiles = TlsFiles;
 
 export interface BridgeControlOptions {
   bridge: Bridge;
@@ -133,22 +138,11 @@ export function toControlError(err: unknown, ctx: { vm?: string; server?: string
   return new ControlError(S.INTERNAL, msg);
 }
 
-function identityOf(call: grpc.ServerUnaryCall<unknown, unknown>): string | undefined {
-  const cert = call.getAuthContext?.().sslPeerCertificate;
-  if (cert && Object.keys(cert).length > 0) {
-    const cn = cert.subject?.CN;
-    if (typeof cn === 'string' && cn) return cn;
-    const san = cert.subjectaltname?.split(',')[0]?.trim();
-    if (san) return san.replace(/^(DNS|URI|IP Address):/, '');
-  }
-  return undefined;
-}
-
 export class BridgeControlServer {
   readonly bridge: Bridge;
   private readonly log: Logger;
   private readonly grpcServer: grpc.Server;
-  private readonly health = new HealthImplementation({ '': 'NOT_SERVING', [BRIDGE_SERVICE]: 'NOT_SERVING' });
+  private readonly health: HealthAndReflection;
   private readonly listenAt: ControlAddress;
   private readonly vms = new Map<string, string | undefined>();
   private accepting = true;
@@ -165,17 +159,35 @@ export class BridgeControlServer {
       }
       if (!opts.insecure && !opts.tls) throw new Error(`control over TCP (${this.listenAt.hostPort}) needs mutual TLS: --control-ca, --control-cert and --control-key (or --insecure on loopback)`);
     }
-    this.grpcServer = new grpc.Server({ interceptors: [callLog(this.log)] });
-    this.grpcServer.addService(grpcJsServiceDefinition(BridgeDefinition), {
-      attachDevice: this.unary('AttachDevice', (r: AttachDeviceRequest) => this.attachDevice(r)),
-      detachDevice: this.unary('DetachDevice', (r: DetachDeviceRequest) => this.detachDevice(r)),
-      listAttachments: this.unary('ListAttachments', (r: ListAttachmentsRequest) => this.listAttachments(r)),
-      prepareIncoming: this.unary('PrepareIncoming', (r: PrepareIncomingRequest) => this.prepareIncoming(r)),
-      cancelIncoming: this.unary('CancelIncoming', (r: CancelIncomingRequest) => this.cancelIncoming(r)),
-    } as grpc.UntypedServiceImplementation);
-    this.health.addToServer(this.grpcServer);
-    const pkg = protoLoader.loadSync([path.join(PROTO_DIR, 'usbroam/v1/bridge.proto'), healthProtoPath], { includeDirs: [PROTO_DIR] });
-    new ReflectionService(pkg).addToServer(this.grpcServer);
+    this.grpcServer = new grpc.Server({ interceptors: [callLogInterceptor(this.log, 'control call', false)] });
+    const definition = grpcJsServiceDefinition(BridgeDefinition);
+    const unix = this.listenAt.kind === 'unix';
+    this.grpcServer.addService(
+      definition,
+      withIdentity(
+        definition,
+        {
+          identify: (call) => (unix ? 'local' : opts.insecure ? 'anonymous' : identityOf(call)),
+          refuse: (id) => {
+            const allow = unix || opts.insecure ? [] : (opts.allow ?? []);
+            return allow.length && !allow.includes(id) ? serviceError(S.PERMISSION_DENIED, `identity ${id} may not use this bridge's control API`) : undefined;
+          },
+          toStatus: (err, method, identity) => {
+            const ce = toControlError(err);
+            if (ce.code === S.INTERNAL) this.log.error({ method, identity, err: (err as Error)?.stack ?? String(err) }, 'control call failed');
+            return serviceError(ce.code, ce.message);
+          },
+        },
+        {
+          AttachDevice: this.unary((r: AttachDeviceRequest) => this.attachDevice(r)),
+          DetachDevice: this.unary((r: DetachDeviceRequest) => this.detachDevice(r)),
+          ListAttachments: this.unary((r: ListAttachmentsRequest) => this.listAttachments(r)),
+          PrepareIncoming: this.unary((r: PrepareIncomingRequest) => this.prepareIncoming(r)),
+          CancelIncoming: this.unary((r: CancelIncomingRequest) => this.cancelIncoming(r)),
+        },
+      ),
+    );
+    this.health = new HealthAndReflection(this.grpcServer, BRIDGE_SERVICE, path.join(PROTO_DIR, 'usbroam/v1/bridge.proto'), PROTO_DIR);
   }
 
   /** Register a VM (name -> QMP socket) with the bridge. */
@@ -190,30 +202,12 @@ export class BridgeControlServer {
     return new Map(this.vms);
   }
 
-  private unary<Req, Res>(method: string, fn: (req: Req, identity: string) => Promise<Res>): grpc.handleUnaryCall<Req, Res> {
-    return (call, cb) => {
-      const identity = this.authenticate(call as grpc.ServerUnaryCall<unknown, unknown>);
-      if (typeof identity !== 'string') return cb(identity);
-      if (!this.accepting) return cb(serviceError(new ControlError(S.UNAVAILABLE, 'the bridge is shutting down')));
-      fn(call.request, identity).then(
-        (res) => cb(null, res),
-        (err) => {
-          const ce = toControlError(err);
-          if (ce.code === S.INTERNAL) this.log.error({ method, identity, err: (err as Error)?.stack ?? String(err) }, 'control call failed');
-          cb(serviceError(ce));
-        },
-      );
+  /** A control call: refused while the bridge shuts down. */
+  private unary<Req, Res>(fn: (req: Req) => Promise<Res>): UnaryHandler<Req, Res> {
+    return (call) => {
+      if (!this.accepting) throw new ControlError(S.UNAVAILABLE, 'the bridge is shutting down');
+      return fn(call.request);
     };
-  }
-
-  private authenticate(call: grpc.ServerUnaryCall<unknown, unknown>): string | grpc.ServiceError {
-    if (this.listenAt.kind === 'unix') return 'local';
-    if (this.opts.insecure) return 'anonymous';
-    const id = identityOf(call);
-    if (!id) return serviceError(new ControlError(S.UNAUTHENTICATED, 'no client identity: a client certificate is required'));
-    const allow = this.opts.allow ?? [];
-    if (allow.length && !allow.includes(id)) return serviceError(new ControlError(S.PERMISSION_DENIED, `identity ${id} may not use this bridge's control API`));
-    return id;
   }
 
   private knownVm(vm: string): void {
@@ -363,22 +357,20 @@ export class BridgeControlServer {
       creds = grpc.ServerCredentials.createInsecure();
       target = at.hostPort;
     } else {
-      const t = opts.tls!;
-      creds = grpc.ServerCredentials.createSsl(readFileSync(t.ca), [{ cert_chain: readFileSync(t.cert), private_key: readFileSync(t.key) }], true);
+      creds = mutualTlsCredentials(opts.tls!);
       target = at.hostPort;
     }
     // The socket file is created by bind: make it owner-only from birth, then chmod to be sure.
     const oldMask = at.kind === 'unix' ? process.umask(0o177) : undefined;
     let port: number;
     try {
-      port = await new Promise<number>((resolve, reject) => this.grpcServer.bindAsync(target, creds, (err, p) => (err ? reject(err) : resolve(p))));
+      port = await bindServer(this.grpcServer, target, creds);
     } finally {
       if (oldMask !== undefined) process.umask(oldMask);
     }
     if (at.kind === 'unix') chmodSync(at.path, 0o600);
     this.address = at.kind === 'unix' ? target : at.hostPort.replace(/:\d+$/, `:${port}`);
-    this.health.setStatus('', 'SERVING');
-    this.health.setStatus(BRIDGE_SERVICE, 'SERVING');
+    this.health.setServing(true);
     this.log.info({ address: this.address, tls: at.kind === 'tcp' && !opts.insecure, vms: [...this.vms.keys()] }, 'bridge control API listening');
     return this.address;
   }
@@ -386,19 +378,9 @@ export class BridgeControlServer {
   /** Refuse new calls, detach everything (clean unplugs), stop the server, remove the socket. */
   async stop(why = 'shutdown'): Promise<void> {
     this.accepting = false;
-    this.health.setStatus('', 'NOT_SERVING');
-    this.health.setStatus(BRIDGE_SERVICE, 'NOT_SERVING');
+    this.health.setServing(false);
     await this.bridge.close();
-    await new Promise<void>((resolve) => {
-      const t = setTimeout(() => {
-        this.grpcServer.forceShutdown();
-        resolve();
-      }, 3000);
-      this.grpcServer.tryShutdown(() => {
-        clearTimeout(t);
-        resolve();
-      });
-    });
+    await stopServer(this.grpcServer);
     if (this.listenAt.kind === 'unix') {
       try {
         unlinkSync(this.listenAt.path);
@@ -431,23 +413,4 @@ async function prepareUnixSocket(p: string): Promise<void> {
   });
   if (live) throw new Error(`another bridge is listening on ${p}`);
   unlinkSync(p);
-}
-
-function serviceError(e: ControlError): grpc.ServiceError {
-  return Object.assign(new Error(e.message), { code: e.code, details: e.message, metadata: new grpc.Metadata() });
-}
-
-/** One structured log line per control call. */
-function callLog(log: Logger): grpc.ServerInterceptor {
-  return (method, call) => {
-    const started = Date.now();
-    return new grpc.ServerInterceptingCall(call, {
-      sendStatus: (status, next) => {
-        const fields = { method: method.path, code: grpc.status[status.code], ms: Date.now() - started };
-        if (status.code === grpc.status.OK) log.debug(fields, 'control call ended');
-        else log.info({ ...fields, details: status.details }, 'control call ended with an error');
-        next(status);
-      },
-    });
-  };
 }
