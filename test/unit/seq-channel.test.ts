@@ -106,17 +106,21 @@ describe('SeqChannel (one end of the sequenced URB channel)', () => {
     expect(ch.attached).to.equal(true);
   });
 
-  it('drops duplicates by seq, reports a gap, and takes up a position it is given', () => {
-    const { ch } = channel();
-    expect(ch.receive(1)).to.equal('new');
-    expect(ch.receive(2)).to.equal('new');
-    expect(ch.receive(1)).to.equal('duplicate');
+  it('drops a replayed frame by seq without acknowledging it again, and takes up a position it is given', async () => {
+    const { ch, link } = channel();
+    ch.attach(link, 0);
+    const verdicts = [1, 2, 1, 2, 4].map((seq) => ch.receive(seq));
+    expect(verdicts).to.deep.equal(['new', 'new', 'duplicate', 'duplicate', 'gap']);
+    ch.send(data(1), 0);
+    await turn();
+    expect(link.acks()).to.deep.equal([2]); // the position, not the gap
     expect(ch.receive(2)).to.equal('duplicate');
-    expect(ch.receive(4)).to.equal('gap');
-    expect(ch.lastReceived).to.equal(2);
+    await ms(30);
+    expect(link.acks()).to.deep.equal([2]); // a duplicate makes no new ack due
     ch.receiveAfter(10);
-    expect(ch.receive(10)).to.equal('duplicate');
-    expect(ch.receive(11)).to.equal('new');
+    expect([ch.receive(10), ch.receive(11)]).to.deep.equal(['duplicate', 'new']);
+    await ms(30);
+    expect(link.acks()).to.deep.equal([2, 11]);
   });
 
   it('splits a backlog into messages of at most MAX_FRAMES_PER_MESSAGE frames and about MAX_BYTES_PER_MESSAGE bytes', async () => {
