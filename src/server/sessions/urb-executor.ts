@@ -26,6 +26,8 @@ interface InFlight {
 }
 
 const EMPTY = new Uint8Array(0);
+/** An endpoint address as a message shows it (built only for a refusal: no string per URB). */
+const hexOf = (endpoint: number) => `0x${endpoint.toString(16)}`;
 
 export class UrbExecutor {
   private readonly inFlight = new Map<number, InFlight>();
@@ -111,16 +113,15 @@ export class UrbExecutor {
   private invalid(s: UrbSubmit): string | undefined {
     if (this.inFlight.has(s.urbId)) return `URB id ${s.urbId} is already in flight`;
     const epNum = s.endpoint & 0x0f;
-    const hex = `0x${s.endpoint.toString(16)}`;
-    if (s.endpoint & 0x70) return `endpoint ${hex} is not a valid endpoint address`;
+    if (s.endpoint & 0x70) return `endpoint ${hexOf(s.endpoint)} is not a valid endpoint address`;
     const type = s.type as number as TransferType;
     if (epNum === 0) {
       if (type !== TransferType.Control) return `endpoint 0 takes control transfers only`;
       if (!s.setup || s.setup.length !== 8) return `control URB ${s.urbId} needs an 8-byte setup packet`;
     } else {
       const ep = this.handle.info.endpoints.find((e) => e.address === s.endpoint);
-      if (!ep) return `device ${this.handle.info.id} has no endpoint ${hex} in its active configuration`;
-      if (ep.type !== type) return `endpoint ${hex} is ${TransferType[ep.type]}, not ${TransferType[type] ?? type}`;
+      if (!ep) return `device ${this.handle.info.id} has no endpoint ${hexOf(s.endpoint)} in its active configuration`;
+      if (ep.type !== type) return `endpoint ${hexOf(s.endpoint)} is ${TransferType[ep.type]}, not ${TransferType[type] ?? type}`;
     }
     const outLen = s.data?.length ?? 0;
     if (outLen > this.limits.maxUrbBytes || s.length > this.limits.maxUrbBytes) {
