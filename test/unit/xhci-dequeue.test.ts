@@ -1,4 +1,4 @@
-// The xHCI endpoint-context rewind at pre-switchover (src/client/bridge/xhci-dequeue.ts) against
+// The xHCI endpoint-context rewind at pre-switchover (src/client/bridge/handoff/xhci-dequeue.ts) against
 // a fake QEMU: HMP `info usb` / `info pci` / `xp` over a fake QMP client reading a simulated
 // guest memory, and `gdbserver unix:...` starting a fake gdbstub (real unix socket, gdb remote
 // protocol) that writes that memory.

@@ -106,7 +106,7 @@ export interface BridgeOptions {
    * Turn QEMU's migration capability pause-before-switchover on in the VMs we serve, and at
    * 'pre-switchover' freeze every attachment (exact position in the host->guest stream) before
    * continuing the migration (migrate-continue). Default true. Without it a hand-off can lose
-   * what QEMU reads after saving its state (see Attachment.freeze). The orchestrator must then
+   * what QEMU reads after saving its state (see AttachmentHandOff.freeze in handoff/). The orchestrator must then
    * leave migrate-continue to the bridge; if the bridge is gone, a migration of such a VM waits
    * at 'pre-switchover' until the orchestrator continues or cancels it.
    */
@@ -116,7 +116,7 @@ export interface BridgeOptions {
   /**
    * At 'pre-switchover', point the xHCI endpoint contexts of bulk endpoints with TDs in flight
    * at the oldest of them, so that the destination fetches them again (QEMU's xHCI loses them
-   * otherwise; see xhci-dequeue.ts). Default true; false only to show what it fixes.
+   * otherwise; see handoff/xhci-dequeue.ts). Default true; false only to show what it fixes.
    */
   rewindXhciOnSwitchover?: boolean;
 }

@@ -151,7 +151,7 @@ export class VmMigrations {
     const t0 = performance.now();
     const entries = this.d.attachmentsOf(vmName).filter((e) => e.att.state !== 'closed');
     // One QMP round trip after the VM stopped: QEMU's main loop has iterated since, so a read
-    // armed while the VM ran has happened (see Attachment.freeze).
+    // armed while the VM ran has happened (see AttachmentHandOff.freeze).
     let barrier: Promise<unknown> | undefined;
     const once = () => (barrier ??= qmp.execute('query-status'));
     const timeout = new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), this.d.switchoverFreezeTimeoutMs).unref?.());
