@@ -3,7 +3,7 @@
 // back; the VM migrates A -> B -> A -> B meanwhile (xHCI). The cdc-acm driver keeps 16 bulk IN
 // reads queued on the device at all times, so TDs are in flight at every switchover; QEMU's xHCI
 // does not migrate them (the bridge points the endpoint context at the oldest one, see
-// src/client/bridge/xhci-dequeue.ts). Afterwards the echoed stream is exactly the lines sent,
+// src/client/bridge/handoff/xhci-dequeue.ts). Afterwards the echoed stream is exactly the lines sent,
 // in order, every byte compared: none lost, none repeated; dmesg clean.
 import { expect } from 'chai';
 import { mkdtempSync, rmSync } from 'node:fs';

@@ -4,7 +4,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { parseSsUnix, socketInode, unixQueues, unixQueuesNetlink, unixQueuesSs, unreadByPeer } from '../../src/client/bridge/unix-socket-queue.js';
+import { parseSsUnix, socketInode, unixQueues, unixQueuesNetlink, unixQueuesSs, unreadByPeer } from '../../src/client/bridge/handoff/unix-socket-queue.js';
 
 describe('bridge: unix socket queue lengths', () => {
   let dir: string;

@@ -1,4 +1,4 @@
-// The xHCI endpoint-context rewind at pre-switchover (src/client/bridge/xhci-dequeue.ts) against
+// The xHCI endpoint-context rewind at pre-switchover (src/client/bridge/handoff/xhci-dequeue.ts) against
 // a fake QEMU: HMP `info usb` / `info pci` / `xp` over a fake QMP client reading a simulated
 // guest memory, and `gdbserver unix:...` starting a fake gdbstub (real unix socket, gdb remote
 // protocol) that writes that memory.
@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { silentLogger } from '../../src/common/log.js';
 import type { QmpClient } from '../../src/qemu/qmp/client.js';
-import { bar0Of, rewindXhciDequeues, usbAddressOf } from '../../src/client/bridge/xhci-dequeue.js';
+import { bar0Of, rewindXhciDequeues, usbAddressOf } from '../../src/client/bridge/handoff/xhci-dequeue.js';
 
 const INFO_USB = `  Device 0.0, Port 1, Speed 12 Mb/s, Product QEMU USB Tablet
   Device 0.2, Port 5, Speed 480 Mb/s, Product usb-redir, ID: usbroam-acm

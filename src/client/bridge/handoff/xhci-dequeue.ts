@@ -1,4 +1,4 @@
-// Work-around for QEMU's xHCI live migration losing transfers that are in flight (issue 4).
+// Work-around for QEMU's xHCI live migration losing transfers that are in flight.
 //
 // QEMU (hw/usb/hcd-xhci.c, 7.2 and still upstream) keeps one pointer per transfer ring: the
 // FETCH pointer (`ring.dequeue`, advanced as TRBs are fetched and submitted to the device), and
@@ -36,8 +36,8 @@
 // (vm_stop on a stopped VM is a no-op) and we never send a continue or detach packet.
 import net from 'node:net';
 import path from 'node:path';
-import type { Logger } from '../../common/log.js';
-import type { QmpClient } from '../../qemu/qmp/client.js';
+import type { Logger } from '../../../common/log.js';
+import type { QmpClient } from '../../../qemu/qmp/client.js';
 
 /** The TDs QEMU has in flight on one bulk endpoint (oldest first). */
 export interface EndpointInFlight {

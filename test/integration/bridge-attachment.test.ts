@@ -1,4 +1,5 @@
-// Attachment (usbredir device side) against a fake QEMU peer and a real in-process server.
+// Attachment (usbredir device side) against a fake QEMU peer on a unix socket pair and a real
+// in-process server over mutual TLS. The usbredir host alone is unit-tested in test/unit/redir-host.test.ts.
 import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
 import { Attachment } from '../../src/client/bridge/attachment.js';
@@ -9,6 +10,15 @@ import { Cap, Status, capsHas, type Packet } from '../../src/qemu/usbredir/index
 import { socketPair, type FakeQemu } from '../helpers/bridge-fake-qemu.js';
 import { clientTls } from '../helpers/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
+
+/** Poll a condition the attachment reaches by itself (bounded; no fixed sleep). */
+async function until(what: string, fn: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!fn()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setImmediate(r));
+  }
+}
 
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
 
@@ -155,9 +165,15 @@ describe('bridge Attachment (usbredir device side)', function () {
     expect(pos.unread).to.equal(0); // the fake QEMU reads everything
     expect(await att.freeze()).to.equal(pos); // idempotent while frozen
     const i = id();
+    const completed = att.stats.urbsCompleted;
+    const written = att.socket.bytesWritten;
+    const produced = att.bytesToQemu;
     qemu.send({ type: 'bulk_packet', id: i, endpoint: 0x81, status: 0, length: 512, streamId: 0, data: new Uint8Array(0) });
-    await new Promise((r) => setTimeout(r, 300));
+    await until('the URB to complete at the server', () => att.stats.urbsCompleted > completed);
+    await new Promise((r) => setImmediate(r));
     expect(qemu.packets.some((p) => p.type === 'bulk_packet' && p.id === i), 'nothing written while frozen').to.equal(false);
+    expect(att.bytesToQemu, 'the answer was produced').to.be.greaterThan(produced);
+    expect(att.socket.bytesWritten, 'and held, not written').to.equal(written);
     att.unfreeze();
     const r = await qemu.waitFor('bulk_packet', (p) => p.id === i);
     expect(r).to.include({ status: Status.success, length: 512 });
@@ -173,7 +189,7 @@ describe('bridge Attachment (usbredir device side)', function () {
     expect(att.qemuBulkInFlight(), 'not frozen').to.deep.equal([]);
     const reads = [id(), id(), id(), id()];
     for (const i of reads) qemu.send({ type: 'bulk_packet', id: i, endpoint: 0x81, status: 0, length: 64, streamId: 0, data: new Uint8Array(0) });
-    await new Promise((r) => setTimeout(r, 100));
+    await until('4 reads in flight', () => att.stats.inFlight === 4);
     // One read answered (the echo of an OUT) and read by the (fake) QEMU.
     const out1 = id();
     qemu.send({ type: 'bulk_packet', id: out1, endpoint: 0x01, status: 0, length: 1, streamId: 0, data: Buffer.from('a') });
@@ -185,9 +201,7 @@ describe('bridge Attachment (usbredir device side)', function () {
     // While frozen, the next read completes: its answer is held (QEMU has not read it), so it is still in flight for QEMU.
     const out2 = id();
     qemu.send({ type: 'bulk_packet', id: out2, endpoint: 0x01, status: 0, length: 1, streamId: 0, data: Buffer.from('b') });
-    const deadline = Date.now() + 5000;
-    while (att.qemuBulkInFlight().find((x) => x.endpoint === 0x01) === undefined && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-    await new Promise((r) => setTimeout(r, 200));
+    await until('the write and the read it feeds to complete at the server', () => att.stats.inFlight === 2 && att.qemuBulkInFlight().some((x) => x.endpoint === 0x01));
     const got = att.qemuBulkInFlight();
     expect(got.find((x) => x.endpoint === 0x81)).to.deep.equal({ endpoint: 0x81, ids: reads.slice(1), contiguous: true, streams: false });
     expect(got.find((x) => x.endpoint === 0x01)).to.deep.equal({ endpoint: 0x01, ids: [out2], contiguous: true, streams: false });
@@ -201,13 +215,13 @@ describe('bridge Attachment (usbredir device side)', function () {
     await setConfig(qemu);
     const i = id();
     qemu.send({ type: 'bulk_packet', id: i, endpoint: 0x81, status: 0, length: 512, streamId: 0, data: new Uint8Array(0) });
-    await new Promise((r) => setTimeout(r, 200));
+    await until('the read in flight', () => att.stats.inFlight === 1);
     expect(qemu.packets.some((p) => p.type === 'bulk_packet' && p.id === i)).to.equal(false);
     qemu.send({ type: 'cancel_data_packet', id: i });
     const r = await qemu.waitFor('bulk_packet', (p) => p.id === i);
     expect(r.status).to.equal(Status.cancelled);
     expect(r.length).to.equal(0);
-    await new Promise((r) => setTimeout(r, 300));
+    await until('the cancelled URB to end at the server', () => att.stats.inFlight === 0);
     // Exactly one answer, and the URB is gone at the server side too.
     expect(qemu.packets.filter((p) => p.type === 'bulk_packet' && p.id === i)).to.have.length(1);
     expect(att.stats.inFlight).to.equal(0);
@@ -240,7 +254,7 @@ describe('bridge Attachment (usbredir device side)', function () {
   });
 
   it('alt setting: set/get, ep_info re-sent; iso IN stream delivers iso packets; iso OUT accepted', async () => {
-    const { qemu } = await rig('USBROAM-LOOP-0001');
+    const { qemu, att } = await rig('USBROAM-LOOP-0001');
     await setConfig(qemu);
     let i = id();
     qemu.send({ type: 'get_configuration', id: i });
@@ -265,8 +279,9 @@ describe('bridge Attachment (usbredir device side)', function () {
     // iso OUT
     qemu.send({ type: 'start_iso_stream', id: 0n, endpoint: 0x03, pktsPerUrb: 4, noUrbs: 2 });
     expect(await qemu.waitFor('iso_stream_status', (p) => p.endpoint === 0x03)).to.include({ status: Status.success });
+    const isoFrom = att.stats.urbsCompleted;
     for (let k = 0; k < 8; k++) qemu.send({ type: 'iso_packet', id: BigInt(k), endpoint: 0x03, status: 0, length: 16, data: new Uint8Array(16).fill(k) });
-    await new Promise((r) => setTimeout(r, 300));
+    await until('8 iso OUT URBs to complete', () => att.stats.urbsCompleted >= isoFrom + 8);
     const cnt = await control(qemu, 0xc0, 0x01, 0, 0, 36);
     expect(Number(Buffer.from(cnt.data).readBigUInt64LE(28))).to.equal(8 * 16);
     // No per-packet answers for iso OUT, and no error status.
@@ -296,7 +311,7 @@ describe('bridge Attachment (usbredir device side)', function () {
     const full = qemu.parser.encode({ type: 'control_packet', id: i, endpoint: 0x80, request: 6, requesttype: 0x80, status: 0, value: 0x100, index: 0, length: 18, data: new Uint8Array(0) });
     const before = att.bytesFromQemu;
     qemu.sendRaw(full.subarray(0, 10));
-    await new Promise((r) => setTimeout(r, 100));
+    await until('10 bytes read', () => att.bytesFromQemu - before >= 10);
     expect(att.bytesFromQemu - before).to.equal(10);
     expect(att.parser.bytesConsumed + att.parser.pendingPartial).to.equal(att.bytesFromQemu);
     qemu.sendRaw(full.subarray(10));
