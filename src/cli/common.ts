@@ -1,8 +1,8 @@
 // What every client subcommand shares: connection flags and output.
 import { Option, type Command } from 'commander';
-import type { Device } from '../../gen/usbroam/v1/usbhost.js';
-import { UsbHostClient } from '../sdk/client.js';
-import { speedName } from '../sdk/format.js';
+import type { Device } from '../gen/usbroam/v1/usbhost.js';
+import { UsbHostClient } from '../client/sdk/client.js';
+import { speedName } from '../client/sdk/format.js';
 
 export interface ConnectionFlags {
   server?: string;

@@ -1,9 +1,9 @@
 // What the bridge-control subcommands (attach, detach, attachments) share: how to reach the
 // bridge, the device selector syntax, and how an attachment is printed.
 import { Option, type Command } from 'commander';
-import { AttachmentState, type Attachment } from '../../gen/usbroam/v1/bridge.js';
-import type { DeviceSelector } from '../sdk/client.js';
-import { BridgeControlClient } from './client.js';
+import { AttachmentState, type Attachment } from '../gen/usbroam/v1/bridge.js';
+import type { DeviceSelector } from '../client/sdk/client.js';
+import { BridgeControlClient } from '../client/bridge-control/client.js';
 
 export interface ControlFlags {
   control?: string;
