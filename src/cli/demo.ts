@@ -120,8 +120,8 @@ async function runDemo(f: DemoFlags): Promise<number | undefined> {
 
   // The guest comes from the end-to-end test harness (kernel + busybox initramfs built from
   // Debian packages and cached; QEMU installed with apt-get when running as root).
-  const harness = await import('../../test/e2e/harness/guest.js');
-  const helpers = await import('../../test/helpers/bridge-e2e.js');
+  const harness = await import('../devkit/guest/guest.js');
+  const helpers = await import('../devkit/bridge-guest.js');
   const { Bridge } = await import('../client/bridge/bridge.js');
   phase('guest image: kernel and initramfs (built and cached on first use, a few minutes)');
   let image: Awaited<ReturnType<typeof harness.ensureGuestImage>>;
@@ -138,7 +138,7 @@ async function runDemo(f: DemoFlags): Promise<number | undefined> {
   if (!avail.qemu) return serverOnly(avail.reason ?? `${harness.QEMU_BINARY} not found`);
   phase(`guest image ready: Linux ${image.kernelVersion}`);
 
-  let guest: import('../../test/e2e/harness/guest.js').Guest | undefined;
+  let guest: import('../devkit/guest/guest.js').Guest | undefined;
   let bridge: InstanceType<typeof Bridge> | undefined;
   let ticker: NodeJS.Timeout | undefined;
   try {

@@ -9,10 +9,10 @@ import path from 'node:path';
 import { ClientError, Status } from 'nice-grpc';
 import { Bridge } from '../../src/client/bridge/bridge.js';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
-import { clientTls } from '../helpers/certs.js';
+import { clientTls } from '../../src/devkit/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
-import { MiB, badKernelLines, delay, sha256OfFileRange, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog, until, waitForDisk } from '../helpers/bridge-e2e.js';
-import type { Guest } from './harness/guest.js';
+import { MiB, badKernelLines, delay, sha256OfFileRange, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog, until, waitForDisk } from '../../src/devkit/bridge-guest.js';
+import type { Guest } from '../../src/devkit/guest/guest.js';
 
 async function refusal(p: Promise<{ close(): Promise<unknown> }>): Promise<{ code: number | undefined; message: string }> {
   try {

@@ -9,8 +9,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { Bridge } from '../../src/client/bridge/bridge.js';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
-import { clientTls } from '../helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
 import {
   MiB,
   badKernelLines,
@@ -23,8 +23,8 @@ import {
   timedDd,
   waitForDisk,
   waitGoneInGuest,
-} from '../helpers/bridge-e2e.js';
-import type { Guest } from './harness/guest.js';
+} from '../../src/devkit/bridge-guest.js';
+import type { Guest } from '../../src/devkit/guest/guest.js';
 
 describe('e2e bridge: a cold-plugged usb-redir device (QEMU command line / libvirt redirdev)', function () {
   this.timeout(600_000);

@@ -10,10 +10,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
-import { clientTls } from '../helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
-import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
-import { MiB, e2eImageOrSkip, sha256OfFileRange, waitGoneInGuest } from '../helpers/bridge-e2e.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
+import { startGuest, type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
+import { MiB, e2eImageOrSkip, sha256OfFileRange, waitGoneInGuest } from '../../src/devkit/bridge-guest.js';
 
 const run = promisify(execFile);
 

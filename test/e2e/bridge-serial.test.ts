@@ -7,10 +7,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { Bridge } from '../../src/client/bridge/bridge.js';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
-import { clientTls } from '../helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
-import { badKernelLines, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog, until } from '../helpers/bridge-e2e.js';
-import type { Guest } from './harness/guest.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
+import { badKernelLines, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog, until } from '../../src/devkit/bridge-guest.js';
+import type { Guest } from '../../src/devkit/guest/guest.js';
 
 const TTY = '/dev/ttyACM0';
 

@@ -9,10 +9,10 @@ import path from 'node:path';
 import { Bridge } from '../../src/client/bridge/bridge.js';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { createLogger, silentLogger } from '../../src/common/log.js';
-import { clientTls } from '../helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
-import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
-import { MiB, e2eImageOrSkip, sha256OfFileRange, timedDd } from '../helpers/bridge-e2e.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
+import { startGuest, type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
+import { MiB, e2eImageOrSkip, sha256OfFileRange, timedDd } from '../../src/devkit/bridge-guest.js';
 
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
 

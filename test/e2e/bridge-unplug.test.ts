@@ -9,10 +9,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { Bridge } from '../../src/client/bridge/bridge.js';
 import type { EmulatedDevice } from '../../src/server/backends/emulated/emulated-device.js';
-import { clientTls } from '../helpers/certs.js';
+import { clientTls } from '../../src/devkit/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
-import { badKernelLines, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog, until, waitForDisk, waitGoneInGuest } from '../helpers/bridge-e2e.js';
-import type { Guest } from './harness/guest.js';
+import { badKernelLines, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog, until, waitForDisk, waitGoneInGuest } from '../../src/devkit/bridge-guest.js';
+import type { Guest } from '../../src/devkit/guest/guest.js';
 
 describe('e2e bridge: the device vanishes on the USB host', function () {
   this.timeout(600_000);

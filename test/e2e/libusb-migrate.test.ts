@@ -19,12 +19,12 @@ import { createHash } from 'node:crypto';
 import os from 'node:os';
 import path from 'node:path';
 import { Bridge, type AttachmentInfo } from '../../src/client/bridge/bridge.js';
-import { clientTls } from '../helpers/certs.js';
-import { e2eImageOrSkip, testLog as log } from '../helpers/bridge-e2e.js';
-import { BAD_LINE, delay } from '../helpers/migration-faults.js';
-import { migrateWithHandOff, startVmGuest, type Host } from '../helpers/migration-rig.js';
-import { type Guest, type GuestImage } from './harness/guest.js';
-import { startUsbHostGuest, type UsbHostGuest } from './harness/usbhost-guest.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { e2eImageOrSkip, testLog as log } from '../../src/devkit/bridge-guest.js';
+import { BAD_LINE, delay } from '../../src/devkit/migration-faults.js';
+import { migrateWithHandOff, startVmGuest, type Host } from '../../src/devkit/migration-rig.js';
+import { type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
+import { startUsbHostGuest, type UsbHostGuest } from '../../src/devkit/guest/usbhost-guest.js';
 
 const MiB = 1024 * 1024;
 const BLOCK = 65536;

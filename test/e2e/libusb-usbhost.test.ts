@@ -15,10 +15,10 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { Bridge } from '../../src/client/bridge/bridge.js';
 import { createLogger, silentLogger } from '../../src/common/log.js';
-import { clientTls } from '../helpers/certs.js';
-import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
-import { startUsbHostGuest, type UsbHostGuest } from './harness/usbhost-guest.js';
-import { MiB, e2eImageOrSkip, sha256OfFileRange, timedDd } from '../helpers/bridge-e2e.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { startGuest, type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
+import { startUsbHostGuest, type UsbHostGuest } from '../../src/devkit/guest/usbhost-guest.js';
+import { MiB, e2eImageOrSkip, sha256OfFileRange, timedDd } from '../../src/devkit/bridge-guest.js';
 
 const IO_MIB = Number(process.env.USBROAM_LIBUSB_IO_MIB ?? 16);
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;

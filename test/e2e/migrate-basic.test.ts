@@ -9,12 +9,12 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { AttachmentInfo } from '../../src/client/bridge/bridge.js';
-import { clientTls } from '../helpers/certs.js';
-import { BridgeChild, delay } from '../helpers/migration-faults.js';
-import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../helpers/migration-rig.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
-import { type Guest, type GuestImage } from './harness/guest.js';
-import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { BridgeChild, delay } from '../../src/devkit/migration-faults.js';
+import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../../src/devkit/migration-rig.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
+import { type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
+import { e2eImageOrSkip } from '../../src/devkit/bridge-guest.js';
 
 const BAD = /USB disconnect|reset (low|full|high|super|SuperSpeed)[^\n]*USB device|error -110|I\/O error|DID_NO_CONNECT/;
 

@@ -15,8 +15,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { Bridge, type AttachmentInfo } from '../../src/client/bridge/bridge.js';
 import { createLogger, silentLogger } from '../../src/common/log.js';
-import { clientTls } from '../helpers/certs.js';
-import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { e2eImageOrSkip } from '../../src/devkit/bridge-guest.js';
 import {
   BridgeChild,
   capturingLogger,
@@ -27,11 +27,11 @@ import {
   startSlotWriter,
   stopSlotWriter,
   verifySlots,
-} from '../helpers/migration-faults.js';
-import { migrateWithHandOff, startVmGuest } from '../helpers/migration-rig.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
+} from '../../src/devkit/migration-faults.js';
+import { migrateWithHandOff, startVmGuest } from '../../src/devkit/migration-rig.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
 import { TcpProxy } from '../helpers/tcp-proxy.js';
-import { type Guest, type GuestImage } from './harness/guest.js';
+import { type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
 
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
 const SERIAL = 'USBROAM-MSC-0001';

@@ -10,12 +10,12 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { AttachmentInfo } from '../../src/client/bridge/bridge.js';
-import { clientTls } from '../helpers/certs.js';
-import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
-import { BridgeChild, classifyDmesg, delay } from '../helpers/migration-faults.js';
-import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../helpers/migration-rig.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
-import type { Guest, GuestImage } from './harness/guest.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { e2eImageOrSkip } from '../../src/devkit/bridge-guest.js';
+import { BridgeChild, classifyDmesg, delay } from '../../src/devkit/migration-faults.js';
+import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../../src/devkit/migration-rig.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
+import type { Guest, GuestImage } from '../../src/devkit/guest/guest.js';
 
 const TTY = '/dev/ttyACM0';
 

@@ -18,7 +18,7 @@ import { BridgeControlServer } from '../../src/client/bridge-control/server.js';
 import { createLogger, silentLogger } from '../../src/common/log.js';
 import { AttachmentState, BridgeDefinition } from '../../src/gen/usbroam/v1/bridge.js';
 import { FakeQemu } from '../helpers/bridge-fake-qemu.js';
-import { clientTls, testCerts } from '../helpers/certs.js';
+import { clientTls, testCerts } from '../../src/devkit/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
 
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;

@@ -8,8 +8,8 @@ import { promisify } from 'node:util';
 import { GrpcReflection } from 'grpc-js-reflection-client';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { DeviceEvent_Kind, type DeviceEvent } from '../../src/gen/usbroam/v1/usbhost.js';
-import { clientTls } from '../helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
 
 const run = promisify(execFile);
 

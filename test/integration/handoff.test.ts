@@ -8,7 +8,7 @@ import { UsbHostClient } from '../../src/client/sdk/client.js';
 import type { RemoteDevice } from '../../src/client/sdk/remote-device.js';
 import { TransferType, UrbStatus, type UrbComplete } from '../../src/gen/usbroam/v1/usbhost.js';
 import type { LoopbackDevice } from '../../src/server/backends/emulated/loopback.js';
-import { clientTls } from '../helpers/certs.js';
+import { clientTls } from '../../src/devkit/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
 
 describe('session hand-off to a standby', function () {

@@ -12,7 +12,7 @@ import { UrbStatus } from '../../src/gen/usbroam/v1/usbhost.js';
 import { LibusbBackend } from '../../src/server/backends/libusb/libusb-backend.js';
 import { STREAMS_UNIMPLEMENTED } from '../../src/server/backends/libusb/libusb-device.js';
 import { UsbHostServer } from '../../src/server/server.js';
-import { clientTls, testCerts } from '../helpers/certs.js';
+import { clientTls, testCerts } from '../../src/devkit/certs.js';
 import { FakeDevice, dd, fakeUsb } from '../helpers/fake-usb.js';
 
 const until = async (what: string, fn: () => boolean, ms = 5000) => {

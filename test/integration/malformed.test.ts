@@ -5,7 +5,7 @@ import * as grpc from '@grpc/grpc-js';
 import { readFileSync } from 'node:fs';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { ClientFrame, ClientMessage, ServerMessage, TransferType, UrbStatus, type ServerFrame } from '../../src/gen/usbroam/v1/usbhost.js';
-import { clientTls } from '../helpers/certs.js';
+import { clientTls } from '../../src/devkit/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
 
 /** A URB channel at the wire level: raw protobuf bytes in and out. */

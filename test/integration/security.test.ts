@@ -9,8 +9,8 @@ import { ChannelClosedError } from '../../src/client/sdk/remote-device.js';
 import { UsbHostDefinition } from '../../src/gen/usbroam/v1/usbhost.js';
 import { UsbHostServer } from '../../src/server/server.js';
 import { silentLogger } from '../../src/common/log.js';
-import { clientTls, testCerts } from '../helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
+import { clientTls, testCerts } from '../../src/devkit/certs.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
 import { TcpProxy } from '../helpers/tcp-proxy.js';
 

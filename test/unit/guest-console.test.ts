@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { GuestCommandTimeoutError, GuestConsole } from '../e2e/harness/console.js';
+import { GuestCommandTimeoutError, GuestConsole } from '../../src/devkit/guest/console.js';
 
 /** What the harness wrote, and a way to answer as the guest's shell would. */
 interface FakeGuest {

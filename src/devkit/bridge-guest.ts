@@ -4,8 +4,8 @@
 import { createHash } from 'node:crypto';
 import { closeSync, openSync, readSync } from 'node:fs';
 import path from 'node:path';
-import { createLogger, silentLogger, type Logger } from '../../src/common/log.js';
-import { ensureGuestImage, guestAvailability, startGuest, type Guest, type GuestImage, type StartGuestOptions } from '../e2e/harness/guest.js';
+import { createLogger, silentLogger, type Logger } from '../common/log.js';
+import { ensureGuestImage, guestAvailability, startGuest, type Guest, type GuestImage, type StartGuestOptions } from './guest/guest.js';
 
 export const MiB = 1024 * 1024;
 
