@@ -1,4 +1,4 @@
-// Live migration of the VM under I/O over the libusb backend (issue 5, verified as in issue 4):
+// Live migration of the VM under I/O over the libusb backend (the checks of migrate-basic):
 // a "USB host guest" serves its QEMU usb-storage through `usbroam serve --libusb` (real kernel
 // USB stack: xhci-hcd + usbfs under libusb), the VM guest uses it through bridge A, and the VM
 // live-migrates to a fresh destination QEMU served by bridge B (PrepareIncoming before

@@ -1,4 +1,4 @@
-// Live migration with the device attached (issue 4): a USB host server process with a disk,
+// Live migration with the device attached: a USB host server process with a disk,
 // the source guest (QEMU A) using it through bridge A, a destination QEMU B (-incoming defer)
 // prepared by bridge B (prepareIncoming), then QEMU's migrate. The server and the two bridges
 // (one per "host") run as separate processes. The source bridge follows the

@@ -1,4 +1,4 @@
-// Live migration under faults (issue 4), real QEMU guests, the USB host server in its own process:
+// Live migration under faults, real QEMU guests, the USB host server in its own process:
 //  1. a 3 s network outage between the bridge and the server during guest I/O (no migration):
 //     the session resumes by seq; the guest sees nothing (dmesg clean) and every write verifies;
 //  2. kill -9 of the source bridge (its own process) while QEMU migrates: the documented outcome

@@ -1,4 +1,4 @@
-// Several devices on one VM through live migrations (issue 4): the emulated disk and the CDC-ACM
+// Several devices on one VM through live migrations: the emulated disk and the CDC-ACM
 // echo device attached to the same VM (xHCI), each through its own session, both bridges and the
 // server in separate processes. While the VM migrates A -> B -> A, the guest writes tagged,
 // checksummed 64 KiB blocks to the disk (O_DIRECT + fsync) and sends numbered lines through

@@ -1,4 +1,4 @@
-// The CDC-ACM echo device across live migrations (issue 4): in the guest, a writer sends a
+// The CDC-ACM echo device across live migrations: in the guest, a writer sends a
 // stream of numbered lines through /dev/ttyACM0 while a reader collects what the device echoes
 // back; the VM migrates A -> B -> A -> B meanwhile (xHCI). The cdc-acm driver keeps 16 bulk IN
 // reads queued on the device at all times, so TDs are in flight at every switchover; QEMU's xHCI
