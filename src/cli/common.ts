@@ -1,4 +1,4 @@
-// What every client subcommand shares: connection flags and output.
+// What every client subcommand shares: endpoint flags, output and errors.
 import { Option, type Command } from 'commander';
 import type { Device } from '../gen/usbroam/v1/usbhost.js';
 import { UsbHostClient } from '../client/sdk/client.js';
@@ -13,14 +13,32 @@ export interface ConnectionFlags {
   json?: boolean;
 }
 
+/** A flag: its commander syntax, help text and the environment variable that sets it. */
+type FlagSpec = readonly [flags: string, description: string, env: string];
+
+/** How a subcommand reaches a gRPC endpoint: its address, the mutual-TLS files, plaintext. */
+export interface EndpointFlagSpec {
+  address: FlagSpec;
+  ca: FlagSpec;
+  cert: FlagSpec;
+  key: FlagSpec;
+  insecure: string;
+}
+
+/** Adds an endpoint's flags and --json: the one definition of the client subcommands' flag set. */
+export function withEndpointFlags(cmd: Command, s: EndpointFlagSpec): Command {
+  for (const [flags, description, env] of [s.address, s.ca, s.cert, s.key]) cmd.addOption(new Option(flags, description).env(env));
+  return cmd.option('--insecure', s.insecure).option('--json', 'machine-readable output');
+}
+
 export function withConnectionFlags(cmd: Command): Command {
-  return cmd
-    .addOption(new Option('-s, --server <address>', 'server address, host:port or unix:/path').env('USBROAM_SERVER'))
-    .addOption(new Option('--ca <file>', 'CA certificate that signed the server certificate').env('USBROAM_CA'))
-    .addOption(new Option('--cert <file>', 'client certificate (its CN is your identity)').env('USBROAM_CERT'))
-    .addOption(new Option('--key <file>', 'client private key').env('USBROAM_KEY'))
-    .option('--insecure', 'plaintext, for a server started with --insecure')
-    .option('--json', 'machine-readable output');
+  return withEndpointFlags(cmd, {
+    address: ['-s, --server <address>', 'server address, host:port or unix:/path', 'USBROAM_SERVER'],
+    ca: ['--ca <file>', 'CA certificate that signed the server certificate', 'USBROAM_CA'],
+    cert: ['--cert <file>', 'client certificate (its CN is your identity)', 'USBROAM_CERT'],
+    key: ['--key <file>', 'client private key', 'USBROAM_KEY'],
+    insecure: 'plaintext, for a server started with --insecure',
+  });
 }
 
 export function clientFrom(f: ConnectionFlags): UsbHostClient {
