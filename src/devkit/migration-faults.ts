@@ -23,6 +23,7 @@ import type { HostBridge } from './migration-rig.js';
 import { startGuest, type Guest, type GuestImage } from './guest/guest.js';
 import { XHCI } from './migration-rig.js';
 
+/** Resolves after `ms` (bench:migrate paces its rounds with it). */
 export const delay = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** dmesg lines a clean migration must never show. */

@@ -11,8 +11,9 @@ import { Bridge } from '../../src/client/bridge/bridge.js';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { clientTls } from '../../src/devkit/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
-import { MiB, badKernelLines, delay, sha256OfFileRange, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog, until, waitForDisk } from '../../src/devkit/bridge-guest.js';
+import { MiB, badKernelLines, sha256OfFileRange, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog, waitForDisk } from '../../src/devkit/bridge-guest.js';
 import type { Guest } from '../../src/devkit/guest/guest.js';
+import { sleep, until } from '../helpers/wait.js';
 
 async function refusal(p: Promise<{ close(): Promise<unknown> }>): Promise<{ code: number | undefined; message: string }> {
   try {
@@ -80,7 +81,7 @@ describe('e2e bridge: a second client cannot claim a device the guest is using',
       await until('guest I/O in progress', () => dev.stats.executed > executed + 10, 60_000, 20);
       tries.push(await refusal(viewer!.openDevice({ serial: 'USBROAM-MSC-0001' })));
       tries.push(await refusal(viewer!.openDevice({ id: 'emu-1-1' })));
-      await delay(500);
+      await sleep(500);
     }
     for (const t of tries) {
       expect(t.code, t.message).to.equal(Status.FAILED_PRECONDITION);

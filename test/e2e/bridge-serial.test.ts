@@ -9,8 +9,9 @@ import { Bridge } from '../../src/client/bridge/bridge.js';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { clientTls } from '../../src/devkit/certs.js';
 import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
-import { badKernelLines, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog, until } from '../../src/devkit/bridge-guest.js';
+import { badKernelLines, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog } from '../../src/devkit/bridge-guest.js';
 import type { Guest } from '../../src/devkit/guest/guest.js';
+import { sleep, until } from '../helpers/wait.js';
 
 const TTY = '/dev/ttyACM0';
 
@@ -63,7 +64,7 @@ describe('e2e bridge: CDC-ACM serial echo device in a QEMU guest', function () {
       // older busybox stty: fewer flags
       await g.sh(`stty -F ${TTY} raw -echo`);
     });
-    await new Promise((r) => setTimeout(r, 200));
+    await sleep(200);
   }
 
   /**
@@ -118,7 +119,7 @@ describe('e2e bridge: CDC-ACM serial echo device in a QEMU guest', function () {
       return numberIn(r.output) >= size;
     }, 120_000, 250);
     console.log(`      64 KiB echoed in ${Date.now() - t0} ms`);
-    await new Promise((r) => setTimeout(r, 300)); // nothing extra may follow
+    await sleep(300); // nothing extra may follow
     await stopReader(g);
     expect(numberIn(await g.sh('wc -c < /tmp/echo64'))).to.equal(size);
     expect(await guestSha256(g, 'cat /tmp/echo64')).to.equal(want);

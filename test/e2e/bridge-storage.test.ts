@@ -13,6 +13,7 @@ import { clientTls } from '../../src/devkit/certs.js';
 import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
 import { startGuest, type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
 import { MiB, e2eImageOrSkip, sha256OfFileRange, timedDd } from '../../src/devkit/bridge-guest.js';
+import { sleep } from '../helpers/wait.js';
 
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
 
@@ -110,7 +111,7 @@ for (const hc of [
       const deadline = Date.now() + 60_000;
       while ((await g.run('test -e /sys/block/sda')).exitCode === 0) {
         if (Date.now() > deadline) throw new Error('sda still present after detach');
-        await new Promise((r) => setTimeout(r, 250));
+        await sleep(250);
       }
       const img = path.join(dir, 'local.img');
       closeSync(openSync(img, 'w'));
@@ -130,7 +131,7 @@ for (const hc of [
       await g.qmp.execute('device_del', { id: 'local' });
       await gone;
       await g.qmp.execute('blockdev-del', { 'node-name': 'local0' });
-      while ((await g.run('test -e /sys/block/sda')).exitCode === 0) await new Promise((r) => setTimeout(r, 250));
+      while ((await g.run('test -e /sys/block/sda')).exitCode === 0) await sleep(250);
       attachmentId = (await bridge!.attach({ vm: 'vm1', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: hc.bus })).id;
       await g.waitForPath('/sys/block/sda', { timeoutMs: 120_000 });
     });
@@ -143,7 +144,7 @@ for (const hc of [
       const deadline = Date.now() + 60_000;
       while ((await g.run('test -e /sys/block/sda')).exitCode === 0) {
         if (Date.now() > deadline) throw new Error('sda still present after detach');
-        await new Promise((r) => setTimeout(r, 250));
+        await sleep(250);
       }
       const after = (await g.dmesg()).split('\n').slice(before - 1);
       expect(after.some((l) => /USB disconnect, device number/.test(l)), after.join('\n')).to.equal(true);

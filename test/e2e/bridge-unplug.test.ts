@@ -11,8 +11,9 @@ import { Bridge } from '../../src/client/bridge/bridge.js';
 import type { EmulatedDevice } from '../../src/server/backends/emulated/emulated-device.js';
 import { clientTls } from '../../src/devkit/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
-import { badKernelLines, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog, until, waitForDisk, waitGoneInGuest } from '../../src/devkit/bridge-guest.js';
+import { badKernelLines, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog, waitForDisk, waitGoneInGuest } from '../../src/devkit/bridge-guest.js';
 import type { Guest } from '../../src/devkit/guest/guest.js';
+import { until } from '../helpers/wait.js';
 
 describe('e2e bridge: the device vanishes on the USB host', function () {
   this.timeout(600_000);
