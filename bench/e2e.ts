@@ -38,10 +38,10 @@ import { EmulatedBackend, parseEmulatedSpeed } from '../src/server/backends/emul
 import { MassStorageDevice } from '../src/server/backends/emulated/mass-storage.js';
 import { InProcessDevice } from './support/in-process-device.js';
 import { UsbHostClient } from '../src/client/sdk/client.js';
-import { clientTls } from '../test/helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../test/helpers/server-process.js';
-import { HOST_CONTROLLERS, MiB, guestSha256, startBridgeGuest, timedDd, waitForDisk, waitGoneInGuest, type HcName } from '../test/helpers/bridge-e2e.js';
-import { ensureGuestImage, type Guest, type GuestImage } from '../test/e2e/harness/guest.js';
+import { clientTls } from '../src/devkit/certs.js';
+import { startServerProcess, type ServerProcess } from '../src/devkit/server-process.js';
+import { HOST_CONTROLLERS, MiB, guestSha256, startBridgeGuest, timedDd, waitForDisk, waitGoneInGuest, type HcName } from '../src/devkit/bridge-guest.js';
+import { ensureGuestImage, type Guest, type GuestImage } from '../src/devkit/guest/guest.js';
 
 // The bridge runs in this process: tune the GC as `usbroam bridge` does.
 tuneGcForBulkTransfers();

@@ -20,10 +20,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { Bridge } from '../src/client/bridge/bridge.js';
-import { clientTls } from '../test/helpers/certs.js';
-import { MiB, guestSha256, testLog, timedDd, waitForDisk, waitGoneInGuest } from '../test/helpers/bridge-e2e.js';
-import { ensureGuestImage, startGuest, type Guest } from '../test/e2e/harness/guest.js';
-import { startUsbHostGuest, type UsbHostGuest } from '../test/e2e/harness/usbhost-guest.js';
+import { clientTls } from '../src/devkit/certs.js';
+import { MiB, guestSha256, testLog, timedDd, waitForDisk, waitGoneInGuest } from '../src/devkit/bridge-guest.js';
+import { ensureGuestImage, startGuest, type Guest } from '../src/devkit/guest/guest.js';
+import { startUsbHostGuest, type UsbHostGuest } from '../src/devkit/guest/usbhost-guest.js';
 
 
 const { values: flags } = parseArgs({ options: { rounds: { type: 'string' }, 'size-mib': { type: 'string' }, only: { type: 'string' } } });

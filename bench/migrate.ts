@@ -25,7 +25,7 @@ import path from 'node:path';
 import { Bridge, type AttachmentInfo, type HandOffEvent } from '../src/client/bridge/bridge.js';
 import { connectChardev, hotplugRedir } from '../src/client/bridge/qemu-attach.js';
 import { createLogger, silentLogger } from '../src/common/log.js';
-import { clientTls } from '../test/helpers/certs.js';
+import { clientTls } from '../src/devkit/certs.js';
 import {
   MarkListener,
   capturingLogger,
@@ -38,9 +38,9 @@ import {
   stopSlotWriter,
   verifySlots,
   type MarkedVm,
-} from '../test/helpers/migration-faults.js';
-import { startServerProcess } from '../test/helpers/server-process.js';
-import { ensureGuestImage, type Guest, type GuestImage } from '../test/e2e/harness/guest.js';
+} from '../src/devkit/migration-faults.js';
+import { startServerProcess } from '../src/devkit/server-process.js';
+import { ensureGuestImage, type Guest, type GuestImage } from '../src/devkit/guest/guest.js';
 
 
 process.env.USBROAM_E2E_QUIET ??= '1';

@@ -20,5 +20,5 @@ if (process.env.USBROAM_FROM_SOURCE !== '1' && bundleIsCurrent()) {
   globalThis.usbroamRunsFrom = 'sources through tsx';
   const { register } = await import('tsx/esm/api');
   register();
-  await import('../src/client/cli/main.ts');
+  await import('../src/cli/main.ts');
 }

@@ -14,7 +14,7 @@ const ifPossible = process.argv.includes('--if-possible'); // npm ci's prepare: 
 const t0 = Date.now();
 const result = await build({
   absWorkingDir: root,
-  entryPoints: ['src/client/cli/main.ts'],
+  entryPoints: ['src/cli/main.ts'],
   outfile: BUNDLE,
   bundle: true,
   platform: 'node',

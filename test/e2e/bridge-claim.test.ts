@@ -3,16 +3,12 @@
 // with FAILED_PRECONDITION naming the holder; the guest's I/O carries on and completes with the
 // right checksums; its kernel log shows nothing bad; the bridge's session is the same one.
 import { expect } from 'chai';
-import { mkdtempSync, rmSync } from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
 import { ClientError, Status } from 'nice-grpc';
-import { Bridge } from '../../src/client/bridge/bridge.js';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
-import { clientTls } from '../helpers/certs.js';
-import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
-import { MiB, badKernelLines, delay, sha256OfFileRange, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog, until, waitForDisk } from '../helpers/bridge-e2e.js';
-import type { Guest } from './harness/guest.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { MiB, badKernelLines, sha256OfFileRange, dmesgLines, guestSha256, waitForDisk } from '../../src/devkit/bridge-guest.js';
+import { useBridgeGuest } from '../helpers/bridge-guest-fixture.js';
+import { sleep, until } from '../helpers/wait.js';
 
 async function refusal(p: Promise<{ close(): Promise<unknown> }>): Promise<{ code: number | undefined; message: string }> {
   try {
@@ -28,39 +24,24 @@ async function refusal(p: Promise<{ close(): Promise<unknown> }>): Promise<{ cod
 
 describe('e2e bridge: a second client cannot claim a device the guest is using', function () {
   this.timeout(600_000);
-  let guest: Guest | undefined;
-  let srv: InProcessServer | undefined;
-  let bridge: Bridge | undefined;
+  const rig = useBridgeGuest({
+    name: 'bridge-claim',
+    inProcessServer: { acl: { bridge: '*', viewer: '*' } },
+    beforeTeardown: async (r) => {
+      await r.guest.run('kill $(cat /tmp/io.pid 2>/dev/null) 2>/dev/null; true', { timeoutMs: 5000 });
+    },
+  });
   let viewer: UsbHostClient | undefined;
-  let dir: string;
-  let bus = 'xhci.0';
 
-  before(async function () {
-    this.timeout(900_000);
-    const image = await e2eImageOrSkip(this);
-    dir = mkdtempSync(path.join(os.tmpdir(), 'ubc-'));
-    srv = await startInProcessServer({ acl: { bridge: '*', viewer: '*' } });
-    const bg = await startBridgeGuest({ name: 'bridge-claim', image, dir });
-    guest = bg.guest;
-    bus = bg.bus;
-    bridge = new Bridge({ log: testLog, runDir: dir });
-    bridge.addVm({ name: 'vm1', qmpSocket: bg.bridgeQmp });
-    viewer = new UsbHostClient({ address: srv.address.replace('127.0.0.1', 'localhost'), ...clientTls('viewer') });
+  before(() => {
+    viewer = new UsbHostClient({ address: rig.serverOpts.address, ...clientTls('viewer') });
   });
 
-  after(async () => {
-    await guest?.run('kill $(cat /tmp/io.pid 2>/dev/null) 2>/dev/null; true', { timeoutMs: 5000 }).catch(() => {});
-    viewer?.close();
-    await bridge?.close().catch(() => {});
-    await guest?.stop();
-    await srv?.stop();
-    if (dir && !process.env.USBROAM_E2E_KEEP) rmSync(dir, { recursive: true, force: true });
-  });
+  after(() => viewer?.close());
 
   it('refuses the second claim with FAILED_PRECONDITION naming the holder; the guest I/O is untouched', async () => {
-    const g = guest!;
-    const serverOpts = { address: srv!.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
-    const info = await bridge!.attach({ vm: 'vm1', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus });
+    const g = rig.guest;
+    const info = await rig.bridge.attach({ vm: 'vm1', server: rig.serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: rig.bus });
     await waitForDisk(g);
     const before = (await dmesgLines(g)).length;
     const rounds = 6;
@@ -73,14 +54,14 @@ describe('e2e bridge: a second client cannot claim a device the guest is using',
         `dd if=/dev/sda of=/tmp/y bs=1M skip=$((i % 2 * 8)) count=8 iflag=direct 2>/dev/null || echo "read-failed $i" >> /tmp/sums; ` +
         `sha256sum /tmp/y >> /tmp/sums; i=$((i+1)); done; echo done > /tmp/io-done ) >/dev/null 2>&1 & echo $! > /tmp/io.pid`,
     );
-    const dev = srv!.backend.get('emu-1-1')!;
+    const dev = rig.srv!.backend.get('emu-1-1')!;
     const tries: Array<{ code: number | undefined; message: string }> = [];
     for (let k = 0; k < 3; k++) {
       const executed = dev.stats.executed;
       await until('guest I/O in progress', () => dev.stats.executed > executed + 10, 60_000, 20);
       tries.push(await refusal(viewer!.openDevice({ serial: 'USBROAM-MSC-0001' })));
       tries.push(await refusal(viewer!.openDevice({ id: 'emu-1-1' })));
-      await delay(500);
+      await sleep(500);
     }
     for (const t of tries) {
       expect(t.code, t.message).to.equal(Status.FAILED_PRECONDITION);
@@ -94,13 +75,13 @@ describe('e2e bridge: a second client cannot claim a device the guest is using',
     expect(sums).to.have.length(rounds);
     for (const line of sums) expect(line.split(/\s+/)[0], sums.join('\n')).to.equal(want);
     // And the server's image holds the data at both offsets.
-    expect(sha256OfFileRange(srv!.imagePath, 0, 8 * MiB)).to.equal(want);
-    expect(sha256OfFileRange(srv!.imagePath, 8 * MiB, 8 * MiB)).to.equal(want);
+    expect(sha256OfFileRange(rig.srv!.imagePath, 0, 8 * MiB)).to.equal(want);
+    expect(sha256OfFileRange(rig.srv!.imagePath, 8 * MiB, 8 * MiB)).to.equal(want);
     const after = (await dmesgLines(g)).slice(before);
     const bad = badKernelLines(after);
     expect(bad, after.join('\n')).to.deep.equal([]);
     expect(after.filter((l) => /USB disconnect|new (high|super|full)-speed USB device/.test(l)), after.join('\n')).to.deep.equal([]);
-    const [a] = bridge!.list();
+    const [a] = rig.bridge.list();
     expect(a).to.deep.include({ state: 'connected', sessionId: info.sessionId });
     console.log(`      ${tries.length} refusals during ${rounds} rounds of 8 MiB write+read; first: ${tries[0]!.message}`);
   });

@@ -4,80 +4,51 @@
 // sees the disk and writes/reads it (checksums both sides, the server's image too). Detach
 // disconnects the device but leaves the usb-redir device in QEMU; serving it again works.
 import { expect } from 'chai';
-import { mkdtempSync, rmSync } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { Bridge } from '../../src/client/bridge/bridge.js';
-import { UsbHostClient } from '../../src/client/sdk/client.js';
-import { clientTls } from '../helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
+import type { Bridge } from '../../src/client/bridge/bridge.js';
 import {
   MiB,
   badKernelLines,
   dmesgLines,
-  e2eImageOrSkip,
   guestSha256,
   sha256OfFileRange,
-  startBridgeGuest,
-  testLog,
   timedDd,
   waitForDisk,
   waitGoneInGuest,
-} from '../helpers/bridge-e2e.js';
-import type { Guest } from './harness/guest.js';
+} from '../../src/devkit/bridge-guest.js';
+import { servedDevice, useBridgeGuest } from '../helpers/bridge-guest-fixture.js';
 
 describe('e2e bridge: a cold-plugged usb-redir device (QEMU command line / libvirt redirdev)', function () {
   this.timeout(600_000);
-  let guest: Guest | undefined;
-  let server: ServerProcess | undefined;
-  let bridge: Bridge | undefined;
-  let dir: string;
-  let diskPath: string;
-  let serverOpts: { address: string; ca: string; cert: string; key: string };
   let deviceId = '';
   let product = '';
   let plug: ReturnType<Bridge['qemuArgs']>;
-
-  before(async function () {
-    this.timeout(900_000);
-    const image = await e2eImageOrSkip(this);
-    dir = mkdtempSync(path.join(os.tmpdir(), 'ubk-'));
-    diskPath = path.join(dir, 'disk.img');
-    server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', diskPath, '--disk-size-mib', '64']);
-    serverOpts = { address: server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
-    const c = new UsbHostClient(serverOpts);
-    const msc = (await c.listDevices()).find((d) => d.serial === 'USBROAM-MSC-0001');
-    c.close();
-    expect(msc, 'the server serves the emulated disk').to.not.equal(undefined);
-    deviceId = msc!.id;
-    product = msc!.product;
-    bridge = new Bridge({ log: testLog, runDir: dir });
-    plug = bridge.qemuArgs('vm1', deviceId, { bus: 'xhci.0' });
-    expect(plug.args[0]).to.equal('-chardev');
-    expect(plug.libvirtXml).to.include(`<source mode='bind' path='${plug.socketPath}'/>`);
-    const bg = await startBridgeGuest({ name: 'bridge-coldplug', image, dir, hc: 'xhci', extraArgs: plug.args });
-    guest = bg.guest;
-    bridge.addVm({ name: 'vm1', qmpSocket: bg.bridgeQmp });
-  });
-
-  after(async () => {
-    await bridge?.close().catch(() => {});
-    await guest?.stop();
-    await server?.stop();
-    if (dir && !process.env.USBROAM_E2E_KEEP) rmSync(dir, { recursive: true, force: true });
+  const rig = useBridgeGuest({
+    name: 'bridge-coldplug',
+    hc: 'xhci',
+    // The usb-redir device goes on QEMU's command line, so the bridge's plan comes before the guest.
+    beforeGuest: async (r) => {
+      const msc = await servedDevice(r, 'USBROAM-MSC-0001');
+      deviceId = msc.id;
+      product = msc.product;
+      plug = r.bridge.qemuArgs('vm1', deviceId, { bus: 'xhci.0' });
+      expect(plug.args[0]).to.equal('-chardev');
+      expect(plug.libvirtXml).to.include(`<source mode='bind' path='${plug.socketPath}'/>`);
+      return plug.args;
+    },
   });
 
   it('QEMU runs with the usb-redir device on its command line and no peer yet: no disk in the guest', async () => {
-    const g = guest!;
+    const g = rig.guest;
     const peripherals = (await g.qmp.execute<Array<{ name: string }>>('qom-list', { path: '/machine/peripheral' })).map((p) => p.name);
     expect(peripherals).to.include(plug.id);
     expect((await g.run('test -e /sys/block/sda')).exitCode).to.not.equal(0);
   });
 
   it('the bridge serves it: the guest enumerates the disk with the served strings', async () => {
-    const g = guest!;
+    const g = rig.guest;
     const t0 = Date.now();
-    const info = await bridge!.attach({ vm: 'vm1', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: plug.bus, coldPlugged: { socketPath: plug.socketPath } });
+    const info = await rig.bridge.attach({ vm: 'vm1', server: rig.serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: plug.bus, coldPlugged: { socketPath: plug.socketPath } });
     expect(info).to.deep.include({ id: plug.id, hotPlugged: false, socketPath: plug.socketPath });
     await waitForDisk(g);
     console.log(`      /dev/sda ${Date.now() - t0} ms after attach`);
@@ -88,24 +59,24 @@ describe('e2e bridge: a cold-plugged usb-redir device (QEMU command line / libvi
   });
 
   it('writes 16 MiB with fsync and reads it back; the server image matches', async () => {
-    const g = guest!;
+    const g = rig.guest;
     await g.sh('dd if=/dev/urandom of=/tmp/x bs=1M count=16 2>/dev/null');
     const want = await guestSha256(g, 'cat /tmp/x');
     const w = await timedDd(g, 'dd if=/tmp/x of=/dev/sda bs=1M seek=4 oflag=direct conv=fsync', 16 * MiB);
     await g.sh('sync; echo 3 > /proc/sys/vm/drop_caches');
     const r = await timedDd(g, 'dd if=/dev/sda of=/tmp/y bs=1M skip=4 count=16 iflag=direct', 16 * MiB);
     expect(await guestSha256(g, 'cat /tmp/y')).to.equal(want);
-    expect(sha256OfFileRange(diskPath, 4 * MiB, 16 * MiB)).to.equal(want);
+    expect(sha256OfFileRange(path.join(rig.dir, 'disk.img'), 4 * MiB, 16 * MiB)).to.equal(want);
     console.log(`      cold-plugged: write ${w.toFixed(1)} MB/s, read ${r.toFixed(1)} MB/s`);
     const bad = badKernelLines(await dmesgLines(g));
     expect(bad, bad.join('\n')).to.deep.equal([]);
   });
 
   it('detach disconnects the device (the usb-redir device stays); serving it again works', async () => {
-    const g = guest!;
+    const g = rig.guest;
     const before = (await dmesgLines(g)).length;
-    await bridge!.detach('vm1', plug.id);
-    expect(bridge!.list()).to.deep.equal([]);
+    await rig.bridge.detach('vm1', plug.id);
+    expect(rig.bridge.list()).to.deep.equal([]);
     await waitGoneInGuest(g, '/sys/block/sda', 60_000);
     const after = (await dmesgLines(g)).slice(before);
     expect(after.some((l) => /USB disconnect, device number/.test(l)), after.join('\n')).to.equal(true);
@@ -114,11 +85,11 @@ describe('e2e bridge: a cold-plugged usb-redir device (QEMU command line / libvi
     const peripherals = (await g.qmp.execute<Array<{ name: string }>>('qom-list', { path: '/machine/peripheral' })).map((p) => p.name);
     expect(peripherals).to.include(plug.id);
 
-    await bridge!.attach({ vm: 'vm1', server: serverOpts, selector: { id: deviceId }, bus: plug.bus, coldPlugged: { socketPath: plug.socketPath } });
+    await rig.bridge.attach({ vm: 'vm1', server: rig.serverOpts, selector: { id: deviceId }, bus: plug.bus, coldPlugged: { socketPath: plug.socketPath } });
     await waitForDisk(g);
     const head = await guestSha256(g, 'dd if=/dev/sda bs=1M skip=4 count=16 iflag=direct 2>/dev/null');
     expect(head).to.equal(await guestSha256(g, 'cat /tmp/x'));
-    await bridge!.detach('vm1', plug.id);
+    await rig.bridge.detach('vm1', plug.id);
     await waitGoneInGuest(g, '/sys/block/sda', 60_000);
   });
 });

@@ -5,15 +5,13 @@
 // clean unplug; SIGTERM on the bridge detaches what is left and exits 0.
 import { expect } from 'chai';
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, statSync } from 'node:fs';
-import os from 'node:os';
+import { statSync } from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
-import { clientTls } from '../helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
-import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
-import { MiB, e2eImageOrSkip, sha256OfFileRange, waitGoneInGuest } from '../helpers/bridge-e2e.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { MiB, sha256OfFileRange, waitGoneInGuest } from '../../src/devkit/bridge-guest.js';
+import { servedDevice, useBridgeGuest } from '../helpers/bridge-guest-fixture.js';
 
 const run = promisify(execFile);
 
@@ -69,43 +67,39 @@ async function startBridgeProcess(args: string[]): Promise<BridgeProcess> {
 
 describe('e2e bridge control API: usbroam bridge + attach/attachments/detach with a QEMU guest', function () {
   this.timeout(600_000);
-  let image: GuestImage;
-  let guest: Guest | undefined;
-  let server: ServerProcess | undefined;
   let bridge: BridgeProcess | undefined;
-  let dir: string;
-  let diskPath: string;
   let control: string;
   let serverAddress: string;
   let product = '';
   let serial = '';
   let attachmentId = '';
+  const rig = useBridgeGuest({
+    name: 'bridge-control',
+    hc: 'xhci',
+    noBridge: true,
+    beforeTeardown: async () => {
+      if (bridge && bridge.child.exitCode === null) {
+        bridge.child.kill('SIGTERM');
+        await bridge.exited;
+      }
+    },
+  });
 
   before(async function () {
-    this.timeout(900_000);
-    image = await e2eImageOrSkip(this);
-    dir = mkdtempSync(path.join(os.tmpdir(), 'ubce-'));
-    diskPath = path.join(dir, 'disk.img');
-    server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', diskPath, '--disk-size-mib', '64']);
-    serverAddress = server.address.replace('127.0.0.1', 'localhost');
-    const c = new UsbHostClient({ address: serverAddress, ...clientTls('bridge') });
-    const msc = (await c.listDevices()).find((d) => d.serial === 'USBROAM-MSC-0001');
-    c.close();
-    expect(msc, 'the server serves the emulated disk').to.not.equal(undefined);
-    product = msc!.product;
-    serial = msc!.serial;
-    // The harness holds the guest's first two QMP sockets; the bridge gets a third.
-    const bridgeQmp = path.join(dir, 'bridge-qmp.sock');
-    guest = await startGuest({ name: 'bridge-control', image, memoryMb: 256, extraArgs: ['-device', 'qemu-xhci,id=xhci', '-qmp', `unix:${bridgeQmp},server=on,wait=off`] });
-    control = path.join(dir, 'ctl', 'bridge.sock');
+    this.timeout(120_000);
+    serverAddress = rig.serverOpts.address;
+    const msc = await servedDevice(rig, 'USBROAM-MSC-0001');
+    product = msc.product;
+    serial = msc.serial;
+    control = path.join(rig.dir, 'ctl', 'bridge.sock');
     const tls = clientTls('bridge');
     bridge = await startBridgeProcess([
       '--control',
       control,
       '--run-dir',
-      path.join(dir, 'run'),
+      path.join(rig.dir, 'run'),
       '--vm',
-      `guest=${bridgeQmp}`,
+      `guest=${rig.bridgeQmp}`,
       '--server-ca',
       tls.ca,
       '--server-cert',
@@ -115,22 +109,12 @@ describe('e2e bridge control API: usbroam bridge + attach/attachments/detach wit
     ]);
   });
 
-  after(async () => {
-    if (bridge && bridge.child.exitCode === null) {
-      bridge.child.kill('SIGTERM');
-      await bridge.exited;
-    }
-    await guest?.stop();
-    await server?.stop();
-    if (dir && !process.env.USBROAM_E2E_KEEP) rmSync(dir, { recursive: true, force: true });
-  });
-
   it('the control socket is owner-only', () => {
     expect((statSync(control).mode & 0o777).toString(8)).to.equal('600');
   });
 
   it('usbroam attach: the guest enumerates the disk with the served strings', async () => {
-    const g = guest!;
+    const g = rig.guest;
     const t0 = Date.now();
     const r = await cli(['attach', '--control', control, '--vm', 'guest', '--server', serverAddress, '--device', 'serial=USBROAM-MSC-0001', '--json']);
     expect(r.code, r.stderr).to.equal(0);
@@ -150,14 +134,14 @@ describe('e2e bridge control API: usbroam bridge + attach/attachments/detach wit
   });
 
   it('the guest writes and reads 4 MiB through it; the server image holds the same bytes', async () => {
-    const g = guest!;
+    const g = rig.guest;
     await g.sh('dd if=/dev/urandom of=/tmp/x bs=1M count=4 2>/dev/null');
     const want = (await g.sh('sha256sum /tmp/x')).split(/\s+/)[0]!;
     await g.sh('dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync 2>/dev/null');
     await g.sh('sync; echo 3 > /proc/sys/vm/drop_caches');
     const got = (await g.sh('dd if=/dev/sda bs=1M count=4 iflag=direct 2>/dev/null | sha256sum')).split(/\s+/)[0]!;
     expect(got).to.equal(want);
-    expect(sha256OfFileRange(diskPath, 0, 4 * MiB)).to.equal(want);
+    expect(sha256OfFileRange(path.join(rig.dir, 'disk.img'), 0, 4 * MiB)).to.equal(want);
   });
 
   it('usbroam attachments lists it (JSON and text)', async () => {
@@ -175,7 +159,7 @@ describe('e2e bridge control API: usbroam bridge + attach/attachments/detach wit
   });
 
   it('usbroam detach: a clean USB disconnect in the guest; the disk disappears', async () => {
-    const g = guest!;
+    const g = rig.guest;
     const before = (await g.dmesg()).split('\n').length;
     const r = await cli(['detach', '--control', control, '--vm', 'guest', attachmentId]);
     expect(r.code, r.stderr).to.equal(0);
@@ -191,7 +175,7 @@ describe('e2e bridge control API: usbroam bridge + attach/attachments/detach wit
   });
 
   it('SIGTERM on the bridge: what is attached is unplugged cleanly, exit 0', async () => {
-    const g = guest!;
+    const g = rig.guest;
     const r = await cli(['attach', '--control', control, '--vm', 'guest', '--server', serverAddress, '--device', 'serial=USBROAM-MSC-0001']);
     expect(r.code, r.stderr).to.equal(0);
     expect(r.stdout).to.match(/^attached usbroam-/);

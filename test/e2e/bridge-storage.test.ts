@@ -3,73 +3,28 @@
 // enumerates it, writes 32 MiB with fsync, reads it back after dropping caches; the server's
 // image file holds the same bytes. Over xHCI and EHCI. Detach is a clean unplug; re-attach works.
 import { expect } from 'chai';
-import { mkdtempSync, openSync, closeSync, rmSync } from 'node:fs';
-import os from 'node:os';
+import { openSync, closeSync } from 'node:fs';
 import path from 'node:path';
-import { Bridge } from '../../src/client/bridge/bridge.js';
-import { UsbHostClient } from '../../src/client/sdk/client.js';
-import { createLogger, silentLogger } from '../../src/common/log.js';
-import { clientTls } from '../helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
-import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
-import { MiB, e2eImageOrSkip, sha256OfFileRange, timedDd } from '../helpers/bridge-e2e.js';
-
-const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
+import { HOST_CONTROLLERS, MiB, sha256OfFileRange, timedDd, waitGoneInGuest } from '../../src/devkit/bridge-guest.js';
+import { servedDevice, useBridgeGuest } from '../helpers/bridge-guest-fixture.js';
 
 export const ddFigures: Record<string, { writeMBps: number; readMBps: number }> = {};
 
-for (const hc of [
-  { name: 'xHCI', args: ['-device', 'qemu-xhci,id=xhci'], bus: 'xhci.0' },
-  { name: 'EHCI', args: ['-device', 'usb-ehci,id=ehci'], bus: 'ehci.0' },
-]) {
+for (const hc of (['xhci', 'ehci'] as const).map((key) => ({ key, ...HOST_CONTROLLERS[key] }))) {
   describe(`e2e bridge: emulated mass storage into a QEMU guest over ${hc.name}`, function () {
     this.timeout(600_000);
-    let image: GuestImage;
-    let guest: Guest | undefined;
-    let server: ServerProcess | undefined;
-    let bridge: Bridge | undefined;
-    let dir: string;
-    let diskPath: string;
+    const rig = useBridgeGuest({ name: `bridge-${hc.name.toLowerCase()}`, hc: hc.key });
     let product = '';
-    let serial = '';
-    let serverOpts: { address: string; ca: string; cert: string; key: string };
     let attachmentId = '';
 
-    before(async function () {
-      this.timeout(900_000);
-      image = await e2eImageOrSkip(this);
-      dir = mkdtempSync(path.join(os.tmpdir(), 'ubr-'));
-      diskPath = path.join(dir, 'disk.img');
-      server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', diskPath, '--disk-size-mib', '64']);
-      serverOpts = { address: server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
-      const c = new UsbHostClient(serverOpts);
-      const msc = (await c.listDevices()).find((d) => d.serial === 'USBROAM-MSC-0001');
-      c.close();
-      expect(msc, 'the server serves the emulated disk').to.not.equal(undefined);
-      product = msc!.product;
-      serial = msc!.serial;
-      const bridgeQmp = path.join(dir, 'bridge-qmp.sock');
-      guest = await startGuest({
-        name: `bridge-${hc.name.toLowerCase()}`,
-        image,
-        memoryMb: 256,
-        extraArgs: [...hc.args, '-qmp', `unix:${bridgeQmp},server=on,wait=off`],
-      });
-      bridge = new Bridge({ log, runDir: dir });
-      bridge.addVm({ name: 'vm1', qmpSocket: bridgeQmp });
-    });
-
-    after(async () => {
-      await bridge?.close().catch(() => {});
-      await guest?.stop();
-      await server?.stop();
-      if (dir && !process.env.USBROAM_E2E_KEEP) rmSync(dir, { recursive: true, force: true });
+    before(async () => {
+      product = (await servedDevice(rig, 'USBROAM-MSC-0001')).product;
     });
 
     it('attaches through QMP; the guest enumerates the disk with the served strings', async () => {
-      const g = guest!;
+      const g = rig.guest;
       const t0 = Date.now();
-      const info = await bridge!.attach({ vm: 'vm1', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: hc.bus });
+      const info = await rig.bridge.attach({ vm: 'vm1', server: rig.serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: hc.bus });
       attachmentId = info.id;
       expect(info.id).to.equal(`usbroam-${info.deviceId}`);
       await g.waitForPath('/sys/block/sda', { timeoutMs: 120_000 });
@@ -77,13 +32,13 @@ for (const hc of [
       expect((await g.sh('cat /sys/block/sda/size')).trim()).to.equal(String((64 * MiB) / 512));
       const dmesg = await g.dmesg();
       expect(dmesg).to.include(`Product: ${product}`);
-      expect(dmesg).to.include(`SerialNumber: ${serial}`);
-      expect(bridge!.list()).to.have.length(1);
-      expect(bridge!.list()[0]!.state).to.equal('connected');
+      expect(dmesg).to.include('SerialNumber: USBROAM-MSC-0001');
+      expect(rig.bridge.list()).to.have.length(1);
+      expect(rig.bridge.list()[0]!.state).to.equal('connected');
     });
 
     it('writes 32 MiB with fsync, reads it back after dropping caches; the server image matches', async () => {
-      const g = guest!;
+      const g = rig.guest;
       if (!(await g.run('test -b /dev/sda')).exitCode) {
         /* ok */
       } else await g.waitForPath('/dev/sda');
@@ -97,7 +52,7 @@ for (const hc of [
       ddFigures[hc.name] = { writeMBps, readMBps };
       console.log(`      ${hc.name} through the bridge: write ${writeMBps.toFixed(1)} MB/s, read ${readMBps.toFixed(1)} MB/s`);
       // The server's image holds the same bytes at offset 0.
-      expect(sha256OfFileRange(diskPath, 0, 32 * MiB)).to.equal(want);
+      expect(sha256OfFileRange(path.join(rig.dir, 'disk.img'), 0, 32 * MiB)).to.equal(want);
       await g.sh('rm -f /tmp/y');
       const errors = (await g.dmesg()).split('\n').filter((l) => /error -110|reset (high|super|full)[^\n]*USB device|DID_NO_CONNECT|USB disconnect/.test(l));
       expect(errors, errors.join('\n')).to.deep.equal([]);
@@ -105,14 +60,10 @@ for (const hc of [
 
     it('for scale: the same dd against a QEMU-local usb-storage on the same controller', async function () {
       if (process.env.USBROAM_BRIDGE_BASELINE === '0') this.skip();
-      const g = guest!;
-      await bridge!.detach('vm1', attachmentId);
-      const deadline = Date.now() + 60_000;
-      while ((await g.run('test -e /sys/block/sda')).exitCode === 0) {
-        if (Date.now() > deadline) throw new Error('sda still present after detach');
-        await new Promise((r) => setTimeout(r, 250));
-      }
-      const img = path.join(dir, 'local.img');
+      const g = rig.guest;
+      await rig.bridge.detach('vm1', attachmentId);
+      await waitGoneInGuest(g, '/sys/block/sda', 60_000);
+      const img = path.join(rig.dir, 'local.img');
       closeSync(openSync(img, 'w'));
       await import('node:fs').then((fs) => fs.truncateSync(img, 64 * MiB));
       await g.qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'local0', file: { driver: 'file', filename: img } });
@@ -130,21 +81,17 @@ for (const hc of [
       await g.qmp.execute('device_del', { id: 'local' });
       await gone;
       await g.qmp.execute('blockdev-del', { 'node-name': 'local0' });
-      while ((await g.run('test -e /sys/block/sda')).exitCode === 0) await new Promise((r) => setTimeout(r, 250));
-      attachmentId = (await bridge!.attach({ vm: 'vm1', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: hc.bus })).id;
+      await waitGoneInGuest(g, '/sys/block/sda', 60_000);
+      attachmentId = (await rig.bridge.attach({ vm: 'vm1', server: rig.serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: hc.bus })).id;
       await g.waitForPath('/sys/block/sda', { timeoutMs: 120_000 });
     });
 
     it('detach is a clean unplug in the guest; attaching again works', async () => {
-      const g = guest!;
+      const g = rig.guest;
       const before = (await g.dmesg()).split('\n').length;
-      await bridge!.detach('vm1', attachmentId);
-      expect(bridge!.list()).to.deep.equal([]);
-      const deadline = Date.now() + 60_000;
-      while ((await g.run('test -e /sys/block/sda')).exitCode === 0) {
-        if (Date.now() > deadline) throw new Error('sda still present after detach');
-        await new Promise((r) => setTimeout(r, 250));
-      }
+      await rig.bridge.detach('vm1', attachmentId);
+      expect(rig.bridge.list()).to.deep.equal([]);
+      await waitGoneInGuest(g, '/sys/block/sda', 60_000);
       const after = (await g.dmesg()).split('\n').slice(before - 1);
       expect(after.some((l) => /USB disconnect, device number/.test(l)), after.join('\n')).to.equal(true);
       // A surprise removal (like pulling the plug, or device_del of a QEMU-local usb-storage):
@@ -152,14 +99,14 @@ for (const hc of [
       const bad = after.filter((l) => /error -110|DID_NO_CONNECT|reset .*USB device/.test(l) && !/Synchronize Cache/.test(l));
       expect(bad, bad.join('\n')).to.deep.equal([]);
       // The server released the claim: attach again.
-      const info = await bridge!.attach({ vm: 'vm1', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: hc.bus });
+      const info = await rig.bridge.attach({ vm: 'vm1', server: rig.serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: hc.bus });
       expect(info.id).to.equal(attachmentId);
       await g.waitForPath('/sys/block/sda', { timeoutMs: 120_000 });
       await g.waitForPath('/dev/sda');
       // The data written before is still there.
       const head = await g.sh('dd if=/dev/sda bs=1M count=1 iflag=direct 2>/dev/null | sha256sum');
-      expect(head.split(/\s+/)[0]).to.equal(sha256OfFileRange(diskPath, 0, MiB));
-      await bridge!.detach('vm1', info.id);
+      expect(head.split(/\s+/)[0]).to.equal(sha256OfFileRange(path.join(rig.dir, 'disk.img'), 0, MiB));
+      await rig.bridge.detach('vm1', info.id);
     });
   });
 }

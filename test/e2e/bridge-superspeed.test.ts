@@ -12,8 +12,8 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Bridge } from '../../src/client/bridge/bridge.js';
-import { clientTls } from '../helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
 import {
   MiB,
   badKernelLines,
@@ -26,8 +26,8 @@ import {
   timedDd,
   waitForDisk,
   waitGoneInGuest,
-} from '../helpers/bridge-e2e.js';
-import type { Guest } from './harness/guest.js';
+} from '../../src/devkit/bridge-guest.js';
+import type { Guest } from '../../src/devkit/guest/guest.js';
 
 const SERIAL = 'USBROAM-MSC-0001';
 

@@ -4,45 +4,16 @@
 // 'deviceGone', the Bridge drops the attachment and removes its usb-redir device from QEMU.
 // Re-plugged on the server, the device can be attached again.
 import { expect } from 'chai';
-import { mkdtempSync, rmSync } from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
-import { Bridge } from '../../src/client/bridge/bridge.js';
 import type { EmulatedDevice } from '../../src/server/backends/emulated/emulated-device.js';
-import { clientTls } from '../helpers/certs.js';
-import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
-import { badKernelLines, dmesgLines, e2eImageOrSkip, guestSha256, startBridgeGuest, testLog, until, waitForDisk, waitGoneInGuest } from '../helpers/bridge-e2e.js';
-import type { Guest } from './harness/guest.js';
+import { badKernelLines, dmesgLines, guestSha256, waitForDisk, waitGoneInGuest } from '../../src/devkit/bridge-guest.js';
+import type { Guest } from '../../src/devkit/guest/guest.js';
+import { useBridgeGuest } from '../helpers/bridge-guest-fixture.js';
+import { until } from '../helpers/wait.js';
 
 describe('e2e bridge: the device vanishes on the USB host', function () {
   this.timeout(600_000);
-  let guest: Guest | undefined;
-  let srv: InProcessServer | undefined;
-  let bridge: Bridge | undefined;
-  let dir: string;
-  let bus = 'xhci.0';
-  let serverOpts: { address: string; ca: string; cert: string; key: string };
+  const rig = useBridgeGuest({ name: 'bridge-unplug', inProcessServer: { acl: { bridge: '*' } } });
   let removed: EmulatedDevice | undefined;
-
-  before(async function () {
-    this.timeout(900_000);
-    const image = await e2eImageOrSkip(this);
-    dir = mkdtempSync(path.join(os.tmpdir(), 'ubu-'));
-    srv = await startInProcessServer({ acl: { bridge: '*' } });
-    serverOpts = { address: srv.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
-    const bg = await startBridgeGuest({ name: 'bridge-unplug', image, dir });
-    guest = bg.guest;
-    bus = bg.bus;
-    bridge = new Bridge({ log: testLog, runDir: dir });
-    bridge.addVm({ name: 'vm1', qmpSocket: bg.bridgeQmp });
-  });
-
-  after(async () => {
-    await bridge?.close().catch(() => {});
-    await guest?.stop();
-    await srv?.stop();
-    if (dir && !process.env.USBROAM_E2E_KEEP) rmSync(dir, { recursive: true, force: true });
-  });
 
   async function peripherals(g: Guest): Promise<string[]> {
     const r = await g.qmp.execute<Array<{ name: string }>>('qom-list', { path: '/machine/peripheral' });
@@ -50,8 +21,8 @@ describe('e2e bridge: the device vanishes on the USB host', function () {
   }
 
   it('an emulated unplug on the server is a clean disconnect in the guest and a device-gone at the bridge', async () => {
-    const g = guest!;
-    const info = await bridge!.attach({ vm: 'vm1', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus });
+    const g = rig.guest;
+    const info = await rig.bridge.attach({ vm: 'vm1', server: rig.serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: rig.bus });
     await waitForDisk(g);
     expect(await peripherals(g)).to.include(info.id);
     // Some data through it first, so the device is in use (and its cache dirty) when it goes.
@@ -59,15 +30,15 @@ describe('e2e bridge: the device vanishes on the USB host', function () {
     expect(await guestSha256(g, 'dd if=/dev/sda bs=1M count=2 iflag=direct 2>/dev/null')).to.equal(await guestSha256(g, 'cat /tmp/x'));
     const before = (await dmesgLines(g)).length;
 
-    const att = bridge!.get(info.id)!;
+    const att = rig.bridge.get(info.id)!;
     const gone = new Promise<string>((resolve) => att.once('deviceGone', (r: string) => resolve(String(r))));
     const closed = new Promise<{ reason: string }>((resolve) => att.once('closed', (ci: { reason: string }) => resolve(ci)));
     const deleted = g.events.waitForEvent<{ device?: string }>('DEVICE_DELETED', (ev) => ev.data?.device === info.id, { timeoutMs: 60_000 });
     deleted.catch(() => {});
-    removed = srv!.backend.get('emu-1-1');
+    removed = rig.srv!.backend.get('emu-1-1');
     expect(removed, 'the emulated disk').to.not.equal(undefined);
     const t0 = Date.now();
-    expect(await srv!.backend.remove('emu-1-1', { dispose: false })).to.equal(true);
+    expect(await rig.srv!.backend.remove('emu-1-1', { dispose: false })).to.equal(true);
 
     const reason = await gone;
     console.log(`      deviceGone at the bridge after ${Date.now() - t0} ms: ${reason}`);
@@ -77,7 +48,7 @@ describe('e2e bridge: the device vanishes on the USB host', function () {
     console.log(`      /sys/block/sda gone after ${Date.now() - t0} ms`);
     await deleted;
     console.log(`      usb-redir device deleted from QEMU after ${Date.now() - t0} ms`);
-    await until('the bridge to drop the attachment', () => bridge!.list().length === 0, 30_000);
+    await until('the bridge to drop the attachment', () => rig.bridge.list().length === 0, 30_000);
     expect(await peripherals(g)).to.not.include(info.id);
 
     const after = (await dmesgLines(g)).slice(before);
@@ -87,13 +58,13 @@ describe('e2e bridge: the device vanishes on the USB host', function () {
   });
 
   it('re-plugged on the server, the device attaches again and holds the data', async function () {
-    const g = guest!;
+    const g = rig.guest;
     if (!removed) this.skip();
-    srv!.backend.add(removed);
-    const info = await bridge!.attach({ vm: 'vm1', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus });
+    rig.srv!.backend.add(removed);
+    const info = await rig.bridge.attach({ vm: 'vm1', server: rig.serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: rig.bus });
     await waitForDisk(g);
     expect(await guestSha256(g, 'dd if=/dev/sda bs=1M count=2 iflag=direct 2>/dev/null')).to.equal(await guestSha256(g, 'cat /tmp/x'));
-    await bridge!.detach('vm1', info.id);
+    await rig.bridge.detach('vm1', info.id);
     await waitGoneInGuest(g, '/sys/block/sda', 60_000);
   });
 });

@@ -6,7 +6,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { QmpError } from '../../src/qemu/qmp/client.js';
-import { ensureGuestImage, guestAvailability, startGuest, type Guest, type GuestImage } from './harness/guest.js';
+import { ensureGuestImage, guestAvailability, startGuest, type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
 
 describe('e2e harness: boot a guest, hot-plug usb-storage', function () {
   this.timeout(300_000);

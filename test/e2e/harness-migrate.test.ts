@@ -3,8 +3,8 @@
 // its console on the destination.
 import { expect } from 'chai';
 import path from 'node:path';
-import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
-import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
+import { startGuest, type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
+import { e2eImageOrSkip } from '../../src/devkit/bridge-guest.js';
 
 describe('e2e harness: live migration between two guests', function () {
   this.timeout(300_000);

@@ -7,9 +7,9 @@
 import { expect } from 'chai';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { UrbStatus } from '../../src/gen/usbroam/v1/usbhost.js';
-import { clientTls } from '../helpers/certs.js';
-import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
-import { startUsbHostGuest, type UsbHostGuest } from './harness/usbhost-guest.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { e2eImageOrSkip } from '../../src/devkit/bridge-guest.js';
+import { startUsbHostGuest, type UsbHostGuest } from '../../src/devkit/guest/usbhost-guest.js';
 
 describe('e2e libusb backend: isochronous OUT to a QEMU usb-audio through koffi + libusb', function () {
   this.timeout(900_000);

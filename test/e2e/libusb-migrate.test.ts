@@ -1,4 +1,4 @@
-// Live migration of the VM under I/O over the libusb backend (issue 5, verified as in issue 4):
+// Live migration of the VM under I/O over the libusb backend (the checks of migrate-basic):
 // a "USB host guest" serves its QEMU usb-storage through `usbroam serve --libusb` (real kernel
 // USB stack: xhci-hcd + usbfs under libusb), the VM guest uses it through bridge A, and the VM
 // live-migrates to a fresh destination QEMU served by bridge B (PrepareIncoming before
@@ -19,12 +19,13 @@ import { createHash } from 'node:crypto';
 import os from 'node:os';
 import path from 'node:path';
 import { Bridge, type AttachmentInfo } from '../../src/client/bridge/bridge.js';
-import { clientTls } from '../helpers/certs.js';
-import { e2eImageOrSkip, testLog as log } from '../helpers/bridge-e2e.js';
-import { BAD_LINE, delay } from '../helpers/migration-faults.js';
-import { migrateWithHandOff, startVmGuest, type Host } from '../helpers/migration-rig.js';
-import { type Guest, type GuestImage } from './harness/guest.js';
-import { startUsbHostGuest, type UsbHostGuest } from './harness/usbhost-guest.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { e2eImageOrSkip, testLog as log } from '../../src/devkit/bridge-guest.js';
+import { BAD_LINE } from '../../src/devkit/migration-faults.js';
+import { migrateWithHandOff, startVmGuest, type Host } from '../../src/devkit/migration-rig.js';
+import { type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
+import { startUsbHostGuest, type UsbHostGuest } from '../../src/devkit/guest/usbhost-guest.js';
+import { sleep } from '../helpers/wait.js';
 
 const MiB = 1024 * 1024;
 const BLOCK = 65536;
@@ -150,7 +151,7 @@ describe('e2e libusb backend: live migration of the VM under I/O (USB host guest
     const t0 = Date.now();
     while ((await wlogLines(cur)).length < 8) {
       if (Date.now() - t0 > 300_000) throw new Error('the writer wrote fewer than 8 blocks in 300 s');
-      await delay(1000);
+      await sleep(1000);
     }
     const figures: string[] = [];
     let writtenAtLast = 0;
@@ -187,7 +188,7 @@ describe('e2e libusb backend: live migration of the VM under I/O (USB host guest
       const t1 = Date.now();
       while ((await wlogLines(cur)).length < writtenAtLast + 8) {
         if (Date.now() - t1 > 300_000) throw new Error(`the writer made no progress on the destination (${writtenAtLast} blocks before)`);
-        await delay(1000);
+        await sleep(1000);
       }
     }
     const g = cur;
@@ -195,7 +196,7 @@ describe('e2e libusb backend: live migration of the VM under I/O (USB host guest
     const deadline = Date.now() + 300_000;
     while (!/DONE\s+DONE/.test(await g.sh('tail -n1 /tmp/wlog; tail -n1 /tmp/rlog'))) {
       if (Date.now() > deadline) throw new Error('the writer/reader did not stop');
-      await delay(1000);
+      await sleep(1000);
     }
     const wlog = await wlogLines(g);
     const notOk = wlog.filter((l) => !l.endsWith(' ok'));

@@ -15,10 +15,11 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { Bridge } from '../../src/client/bridge/bridge.js';
 import { createLogger, silentLogger } from '../../src/common/log.js';
-import { clientTls } from '../helpers/certs.js';
-import { startGuest, type Guest, type GuestImage } from './harness/guest.js';
-import { startUsbHostGuest, type UsbHostGuest } from './harness/usbhost-guest.js';
-import { MiB, e2eImageOrSkip, sha256OfFileRange, timedDd } from '../helpers/bridge-e2e.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { startGuest, type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
+import { startUsbHostGuest, type UsbHostGuest } from '../../src/devkit/guest/usbhost-guest.js';
+import { MiB, e2eImageOrSkip, sha256OfFileRange, timedDd } from '../../src/devkit/bridge-guest.js';
+import { sleep } from '../helpers/wait.js';
 
 const IO_MIB = Number(process.env.USBROAM_LIBUSB_IO_MIB ?? 16);
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
@@ -146,7 +147,7 @@ describe('e2e libusb backend: a USB host guest exports QEMU usb-storage and usb-
       ev = now.find((e) => !before.includes(e)) ?? '';
       if (!ev) {
         if (Date.now() > deadline) throw new Error('no new /dev/input/event* in the VM');
-        await new Promise((r) => setTimeout(r, 500));
+        await sleep(500);
       }
     }
     // Record raw input_events (24 bytes on x86_64) in the background.
@@ -157,12 +158,12 @@ describe('e2e libusb backend: a USB host guest exports QEMU usb-storage and usb-
         for (const down of [true, false]) {
           // No `device`: with -display none no console is bound; the usb-kbd is the active keyboard handler.
           await host!.guest.qmp.execute('input-send-event', { events: [{ type: 'key', data: { down, key: { type: 'qcode', data: k } } }] });
-          await new Promise((r) => setTimeout(r, 100));
+          await sleep(100);
         }
       }
       const size = Number((await g.sh('stat -c %s /tmp/ev 2>/dev/null || echo 0')).trim());
       if (size >= 24 * 8) break;
-      await new Promise((r) => setTimeout(r, 1000));
+      await sleep(1000);
     }
     const hex = (await g.sh('od -An -tx1 -v /tmp/ev | tr -d " \\n"')).trim();
     const bytes = Buffer.from(hex, 'hex');
@@ -183,7 +184,7 @@ describe('e2e libusb backend: a USB host guest exports QEMU usb-storage and usb-
     const t0 = Date.now();
     while (!(await g.sh('cat /tmp/rd 2>/dev/null || true')).includes('r')) {
       if (Date.now() - t0 > 120_000) throw new Error('the reader loop in the VM did not get going');
-      await new Promise((r) => setTimeout(r, 200));
+      await sleep(200);
     }
     const gone = host!.guest.qmp.waitForEvent('DEVICE_DELETED', (e) => e.data?.device === 'stick0', { timeoutMs: 60_000 });
     await host!.guest.qmp.execute('device_del', { id: 'stick0' });
@@ -191,12 +192,12 @@ describe('e2e libusb backend: a USB host guest exports QEMU usb-storage and usb-
     const deadline = Date.now() + 120_000;
     while ((await g.run('test -e /sys/block/sda')).exitCode === 0) {
       if (Date.now() > deadline) throw new Error('sda still present in the VM after the stick was removed');
-      await new Promise((r) => setTimeout(r, 500));
+      await sleep(500);
     }
     const rd = Date.now() + 60_000;
     while (!(await g.sh('cat /tmp/rd')).includes('END')) {
       if (Date.now() > rd) throw new Error('the reader loop in the VM did not end with the stick');
-      await new Promise((r) => setTimeout(r, 500));
+      await sleep(500);
     }
     const after = (await g.dmesg()).split('\n').slice(before - 1);
     expect(after.some((l) => /USB disconnect, device number/.test(l)), after.join('\n')).to.equal(true);
@@ -206,7 +207,7 @@ describe('e2e libusb backend: a USB host guest exports QEMU usb-storage and usb-
     const dl2 = Date.now() + 30_000;
     while (bridge!.list().some((a) => a.id === stickAttachment)) {
       if (Date.now() > dl2) throw new Error('the stick attachment is still listed');
-      await new Promise((r) => setTimeout(r, 250));
+      await sleep(250);
     }
     expect(bridge!.list().map((a) => a.vendorId)).to.deep.equal([0x0627]);
     const c = clientTls('bridge');

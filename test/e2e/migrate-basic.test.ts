@@ -1,4 +1,4 @@
-// Live migration with the device attached (issue 4): a USB host server process with a disk,
+// Live migration with the device attached: a USB host server process with a disk,
 // the source guest (QEMU A) using it through bridge A, a destination QEMU B (-incoming defer)
 // prepared by bridge B (prepareIncoming), then QEMU's migrate. The server and the two bridges
 // (one per "host") run as separate processes. The source bridge follows the
@@ -9,12 +9,13 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { AttachmentInfo } from '../../src/client/bridge/bridge.js';
-import { clientTls } from '../helpers/certs.js';
-import { BridgeChild, delay } from '../helpers/migration-faults.js';
-import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../helpers/migration-rig.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
-import { type Guest, type GuestImage } from './harness/guest.js';
-import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { BridgeChild } from '../../src/devkit/migration-faults.js';
+import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../../src/devkit/migration-rig.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
+import { type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
+import { e2eImageOrSkip } from '../../src/devkit/bridge-guest.js';
+import { sleep } from '../helpers/wait.js';
 
 const BAD = /USB disconnect|reset (low|full|high|super|SuperSpeed)[^\n]*USB device|error -110|I\/O error|DID_NO_CONNECT/;
 
@@ -71,7 +72,7 @@ describe('e2e migration: the remote disk stays attached across live migration', 
   after(async () => {
     for (const c of [childA, childB]) {
       if (!c) continue;
-      await Promise.race([c.call('close').catch(() => {}), delay(10_000)]);
+      await Promise.race([c.call('close').catch(() => {}), sleep(10_000)]);
       await c.kill('SIGTERM');
     }
     await Promise.allSettled(guests.map((g) => g.stop()));
@@ -148,7 +149,7 @@ describe('e2e migration: the remote disk stays attached across live migration', 
           `b=$(cut -d' ' -f1 /proc/uptime); echo "$s $a $b" >> /tmp/rlog; done; echo DONE >> /tmp/rlog) > /dev/null 2>&1 &`,
       );
     }
-    await new Promise((r) => setTimeout(r, 3000));
+    await sleep(3000);
     const n = Number(process.env.USBROAM_MIGRATIONS ?? 10);
     const figures: string[] = [];
     const downtimes: number[] = [];
@@ -162,14 +163,14 @@ describe('e2e migration: the remote disk stays attached across live migration', 
         `downtime ${r.downtimeMs} ms (pause ${r.handOff!.switchoverPauseMs?.toFixed(1)} ms), hand-off +${r.handOff!.sinceCompletedMs!.toFixed(1)} ms, ` +
           `in flight ${r.handOff!.info!.inFlight}, re-sent ${r.handOff!.info!.toQemuBytes} B`,
       );
-      await new Promise((res) => setTimeout(res, 2000));
+      await sleep(2000);
     }
     const g = cur;
     await g.sh('touch /tmp/stop');
     const deadline = Date.now() + 60_000;
     while (!(await g.sh('tail -n1 /tmp/wlog; tail -n1 /tmp/rlog')).match(/DONE\s+DONE/)) {
       if (Date.now() > deadline) throw new Error('writer did not stop');
-      await new Promise((res) => setTimeout(res, 500));
+      await sleep(500);
     }
     const wlog = (await g.sh('grep -v DONE /tmp/wlog | tail -n 512', { timeoutMs: 60_000 })).trim().split('\n');
     expect(wlog.filter((l) => l.startsWith('ERR'))).to.deep.equal([]);

@@ -1,4 +1,4 @@
-// Live migration under faults (issue 4), real QEMU guests, the USB host server in its own process:
+// Live migration under faults, real QEMU guests, the USB host server in its own process:
 //  1. a 3 s network outage between the bridge and the server during guest I/O (no migration):
 //     the session resumes by seq; the guest sees nothing (dmesg clean) and every write verifies;
 //  2. kill -9 of the source bridge (its own process) while QEMU migrates: the documented outcome
@@ -15,23 +15,23 @@ import os from 'node:os';
 import path from 'node:path';
 import { Bridge, type AttachmentInfo } from '../../src/client/bridge/bridge.js';
 import { createLogger, silentLogger } from '../../src/common/log.js';
-import { clientTls } from '../helpers/certs.js';
-import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { e2eImageOrSkip } from '../../src/devkit/bridge-guest.js';
 import {
   BridgeChild,
   capturingLogger,
   classifyDmesg,
-  delay,
   runMigration,
   startMarkedVm,
   startSlotWriter,
   stopSlotWriter,
   verifySlots,
-} from '../helpers/migration-faults.js';
-import { migrateWithHandOff, startVmGuest } from '../helpers/migration-rig.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
+} from '../../src/devkit/migration-faults.js';
+import { migrateWithHandOff, startVmGuest } from '../../src/devkit/migration-rig.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
+import { sleep } from '../helpers/wait.js';
 import { TcpProxy } from '../helpers/tcp-proxy.js';
-import { type Guest, type GuestImage } from './harness/guest.js';
+import { type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
 
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
 const SERIAL = 'USBROAM-MSC-0001';
@@ -46,7 +46,7 @@ async function waitDisk(g: Guest, timeoutMs = 120_000): Promise<string> {
       const dm = (await g.dmesg()).split('\n').filter((l) => /usb|sd[a-z]|scsi/i.test(l)).slice(-25).join('\n');
       throw new Error(`no USB disk in the guest; dmesg:\n${dm}\nQEMU:\n${g.qemuLog().slice(-1500)}`);
     }
-    await delay(500);
+    await sleep(500);
   }
 }
 
@@ -103,13 +103,13 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
     await waitDisk(guest);
     const ref = await writeRef(guest, 0, 4);
     await startSlotWriter(guest);
-    await delay(4000);
+    await sleep(4000);
     const before = Number((await guest.sh('grep -c ok /tmp/wlog || true')).trim());
     const t0 = Date.now();
     await proxy.outage(3000);
     const outageMs = Date.now() - t0;
     // The bridge reconnects through the proxy once it accepts again; I/O carries on.
-    await delay(6000);
+    await sleep(6000);
     const after = Number((await guest.sh('grep -c ok /tmp/wlog || true')).trim());
     expect(proxy.connections, 'the bridge reconnected through the proxy').to.be.greaterThan(0);
     await stopSlotWriter(guest);
@@ -137,7 +137,7 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
     await waitDisk(src.guest);
     const ref = await writeRef(src.guest, 0, 4);
     await startSlotWriter(src.guest);
-    await delay(3000);
+    await sleep(3000);
     let attached: Promise<AttachmentInfo> | undefined;
     let tKill = 0;
     let pausedAtSwitchover = false;
@@ -153,7 +153,7 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
         attached.catch(() => {});
       },
       whileMigrating: async () => {
-        await delay(200);
+        await sleep(200);
         tKill = Date.now();
         await child.kill('SIGKILL');
         // The source bridge had turned pause-before-switchover on: with it gone, the migration
@@ -173,7 +173,7 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
     guests.push(r.dst.guest);
     void src.guest.stop();
     expect(r.status, 'QEMU completes the migration').to.equal('completed');
-    const info = await Promise.race([attached!, delay(60_000).then(() => undefined)]);
+    const info = await Promise.race([attached!, sleep(60_000).then(() => undefined)]);
     expect(info, 'the destination took the session over').to.not.equal(undefined);
     const tTake = Date.now();
     expect(child.events.filter((e) => e.event === 'handOff'), 'the killed source never handed off').to.deep.equal([]);
@@ -186,7 +186,7 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
     const deadline = Date.now() + 120_000;
     while (Number((await g.sh('grep -c ok /tmp/wlog || true')).trim()) < n0 + 5) {
       if (Date.now() > deadline) throw new Error('no writes completed after the replug');
-      await delay(1000);
+      await sleep(1000);
     }
     await stopSlotWriter(g);
     const v = await verifySlots(g);
@@ -223,7 +223,7 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
 ( (while [ ! -e /tmp/stop ]; do dd if=/dev/sda bs=2M count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1 >> /tmp/rlog; done; echo DONE >> /tmp/rlog) > /dev/null 2>&1 &)
 ( (k=0; while [ ! -e /tmp/stop ]; do if dd if=/tmp/big.$((k % 2)) of=/dev/sda bs=2M seek=16 oflag=direct conv=fsync 2>/dev/null; then echo "$k ok" >> /tmp/bwlog; else echo "$k ERR" >> /tmp/bwlog; fi; k=$((k + 1)); done; echo DONE >> /tmp/bwlog) > /dev/null 2>&1 &)
 ( (while [ ! -e /tmp/stop ]; do dd if=/dev/sda of=/dev/null bs=2M count=8 iflag=direct 2>/dev/null; done) > /dev/null 2>&1 &)`);
-    await delay(3000);
+    await sleep(3000);
     // Whether a bulk request is outstanding at the switchover is timing: migrate on (A -> B -> A ...)
     // until a hand-off carried one (in flight, or its completion unread by QEMU), at most 20 times
     // (usb-storage has one command at a time, and under TCG the guest spends most of its time between
@@ -241,7 +241,7 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
       expect(r.handOff?.ok, r.handOff?.error).to.equal(true);
       if (r.handOff!.info!.inFlight > 0 || r.handOff!.info!.unreadInSocket > 0) break;
       cur = { guest: r.dst, vm: `b${i}`, att: r.attached! };
-      await delay(1000);
+      await sleep(1000);
     }
     const hi = r.handOff!.info!;
     const g = r.dst;
@@ -251,13 +251,13 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
     const deadline = Date.now() + 180_000;
     while ((await count('/tmp/rlog')) < r0 + 1 || (await count('/tmp/bwlog')) < w0 + 1) {
       if (Date.now() > deadline) throw new Error(`no bulk transfer completed on the destination within 180 s (dmesg: ${classifyDmesg(await g.dmesg()).bad.join(' | ')})`);
-      await delay(1000);
+      await sleep(1000);
     }
     await g.sh('touch /tmp/stop');
     const stopBy = Date.now() + 180_000;
     while (!/DONE[\s\S]*DONE/.test(await g.sh('tail -n1 /tmp/rlog; tail -n1 /tmp/bwlog'))) {
       if (Date.now() > stopBy) throw new Error('the bulk loops did not stop');
-      await delay(500);
+      await sleep(500);
     }
     const reads = (await g.sh('grep -v DONE /tmp/rlog || true')).trim().split('\n').filter(Boolean);
     const writes = (await g.sh('grep -v DONE /tmp/bwlog || true')).trim().split('\n').filter(Boolean);

@@ -1,4 +1,4 @@
-// Several devices on one VM through live migrations (issue 4): the emulated disk and the CDC-ACM
+// Several devices on one VM through live migrations: the emulated disk and the CDC-ACM
 // echo device attached to the same VM (xHCI), each through its own session, both bridges and the
 // server in separate processes. While the VM migrates A -> B -> A, the guest writes tagged,
 // checksummed 64 KiB blocks to the disk (O_DIRECT + fsync) and sends numbered lines through
@@ -10,12 +10,13 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { AttachmentInfo } from '../../src/client/bridge/bridge.js';
-import { clientTls } from '../helpers/certs.js';
-import { e2eImageOrSkip } from '../helpers/bridge-e2e.js';
-import { BridgeChild, classifyDmesg, delay } from '../helpers/migration-faults.js';
-import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../helpers/migration-rig.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
-import type { Guest, GuestImage } from './harness/guest.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { e2eImageOrSkip } from '../../src/devkit/bridge-guest.js';
+import { BridgeChild, classifyDmesg } from '../../src/devkit/migration-faults.js';
+import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../../src/devkit/migration-rig.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
+import type { Guest, GuestImage } from '../../src/devkit/guest/guest.js';
+import { sleep } from '../helpers/wait.js';
 
 const TTY = '/dev/ttyACM0';
 
@@ -56,7 +57,7 @@ describe('e2e migration: two devices on one VM (disk and serial) stay byte-exact
 
   after(async () => {
     for (const c of children) {
-      await Promise.race([c.call('close').catch(() => {}), delay(10_000)]);
+      await Promise.race([c.call('close').catch(() => {}), sleep(10_000)]);
       await c.kill('SIGTERM');
     }
     await Promise.allSettled(guests.map((g) => g.stop()));
@@ -85,9 +86,9 @@ describe('e2e migration: two devices on one VM (disk and serial) stay byte-exact
     await guest.waitForPath(TTY, { timeoutMs: 120_000 });
     await guest.sh(`rm -f /tmp/echo /tmp/stop /tmp/sent /tmp/wlog; cat ${TTY} > /tmp/echo & echo $! > /tmp/cat.pid`);
     await guest.sh(`stty -F ${TTY} raw -echo -echoe -echok -echoctl -echoke -ixon -ixoff`).catch(() => guest.sh(`stty -F ${TTY} raw -echo`));
-    await delay(300);
+    await sleep(300);
     await guest.sh(`cat > /tmp/s.sh <<'EOS'\n${SERIAL_WRITER}\nEOS\ncat > /tmp/w.sh <<'EOS'\n${DISK_WRITER}\nEOS\n(sh /tmp/s.sh > /dev/null 2>&1 &); (sh /tmp/w.sh > /dev/null 2>&1 &)`);
-    await delay(3000);
+    await sleep(3000);
     const n = Number(process.env.USBROAM_MULTI_MIGRATIONS ?? 2);
     let cur = guest;
     let curHost = hostA;
@@ -107,16 +108,16 @@ describe('e2e migration: two devices on one VM (disk and serial) stay byte-exact
       cur = r.dst;
       curHost = dstHost;
       atts = r.attachedAll!;
-      await delay(3000);
+      await sleep(3000);
     }
     const g = cur;
     await g.sh('touch /tmp/stop');
     const deadline = Date.now() + 90_000;
     while ((await g.run('grep -q END /tmp/echo && test -s /tmp/sent && grep -q DONE /tmp/wlog')).exitCode !== 0) {
       if (Date.now() > deadline) throw new Error(`the workloads did not finish: echo tail ${await g.sh('tail -c 100 /tmp/echo; tail -n 2 /tmp/wlog; true')}; ${figures.join('; ')}`);
-      await delay(500);
+      await sleep(500);
     }
-    await delay(300);
+    await sleep(300);
     // Serial: the whole stream, byte for byte.
     const sent = Number((await g.sh('cat /tmp/sent')).trim());
     const cmp = await g.sh(

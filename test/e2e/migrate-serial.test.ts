@@ -1,4 +1,4 @@
-// The CDC-ACM echo device across live migrations (issue 4): in the guest, a writer sends a
+// The CDC-ACM echo device across live migrations: in the guest, a writer sends a
 // stream of numbered lines through /dev/ttyACM0 while a reader collects what the device echoes
 // back; the VM migrates A -> B -> A -> B meanwhile (xHCI). The cdc-acm driver keeps 16 bulk IN
 // reads queued on the device at all times, so TDs are in flight at every switchover; QEMU's xHCI
@@ -10,12 +10,13 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Bridge, type AttachmentInfo } from '../../src/client/bridge/bridge.js';
-import { clientTls } from '../helpers/certs.js';
-import { e2eImageOrSkip, testLog as log } from '../helpers/bridge-e2e.js';
-import { classifyDmesg, delay } from '../helpers/migration-faults.js';
-import { migrateWithHandOff, startVmGuest, type Host } from '../helpers/migration-rig.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
-import type { Guest, GuestImage } from './harness/guest.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { e2eImageOrSkip, testLog as log } from '../../src/devkit/bridge-guest.js';
+import { classifyDmesg } from '../../src/devkit/migration-faults.js';
+import { migrateWithHandOff, startVmGuest, type Host } from '../../src/devkit/migration-rig.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
+import type { Guest, GuestImage } from '../../src/devkit/guest/guest.js';
+import { sleep } from '../helpers/wait.js';
 
 const TTY = '/dev/ttyACM0';
 /** Lines between the writer's 20 ms pauses (USBROAM_SERIAL_BURST: more writes in flight at the switchovers). */
@@ -62,7 +63,7 @@ describe('e2e migration: the serial device across migrations, no byte lost or re
     // child process holding the tty open (not the shell: it must not become its ctty).
     await guest.sh(`rm -f /tmp/echo /tmp/stop /tmp/sent; cat ${TTY} > /tmp/echo & echo $! > /tmp/cat.pid`);
     await guest.sh(`stty -F ${TTY} raw -echo -echoe -echok -echoctl -echoke -ixon -ixoff`).catch(() => guest.sh(`stty -F ${TTY} raw -echo`));
-    await delay(300);
+    await sleep(300);
     await guest.sh(`cat > /tmp/s.sh <<'EOS'
 exec 3>${TTY}
 i=0
@@ -71,7 +72,7 @@ printf 'END\\n' >&3
 echo $i > /tmp/sent
 EOS
 (sh /tmp/s.sh > /dev/null 2>&1 &)`);
-    await delay(3000);
+    await sleep(3000);
     const n = Number(process.env.USBROAM_SERIAL_MIGRATIONS ?? 3);
     let cur = guest;
     let curHost = hostA;
@@ -91,16 +92,16 @@ EOS
       cur = r.dst;
       curHost = dstHost;
       att = r.attached!;
-      await delay(3000);
+      await sleep(3000);
     }
     const g = cur;
     await g.sh('touch /tmp/stop');
     const deadline = Date.now() + 60_000;
     while ((await g.run('grep -q END /tmp/echo && test -s /tmp/sent')).exitCode !== 0) {
       if (Date.now() > deadline) throw new Error(`the echo of END did not arrive: ${await g.sh('tail -c 200 /tmp/echo; cat /tmp/sent 2>/dev/null; true')}; ${figures.join('; ')}`);
-      await delay(500);
+      await sleep(500);
     }
-    await delay(300);
+    await sleep(300);
     const sent = Number((await g.sh('cat /tmp/sent')).trim());
     // Compare in the guest (the stream is long): the expected bytes, then both checksums.
     const cmp = await g.sh(

@@ -8,7 +8,7 @@ import type { AclConfig } from '../../src/server/acl.js';
 import { createDefaultEmulatedBackend, type EmulatedBackend } from '../../src/server/backends/emulated/emulated-backend.js';
 import { UsbHostServer } from '../../src/server/server.js';
 import type { SessionLimits } from '../../src/server/sessions/session.js';
-import { testCerts } from './certs.js';
+import { testCerts } from '../../src/devkit/certs.js';
 
 export interface InProcessServer {
   server: UsbHostServer;

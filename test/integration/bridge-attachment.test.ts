@@ -8,7 +8,7 @@ import type { RemoteDevice } from '../../src/client/sdk/remote-device.js';
 import { silentLogger, createLogger } from '../../src/common/log.js';
 import { Cap, Status, capsHas, type Packet } from '../../src/qemu/usbredir/index.js';
 import { socketPair, type FakeQemu } from '../helpers/bridge-fake-qemu.js';
-import { clientTls } from '../helpers/certs.js';
+import { clientTls } from '../../src/devkit/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
 
 /** Poll a condition the attachment reaches by itself (bounded; no fixed sleep). */

@@ -13,12 +13,12 @@ import { promisify } from 'node:util';
 import { createChannel, createClient, ClientError, Status } from 'nice-grpc';
 import { Bridge } from '../../src/client/bridge/bridge.js';
 import { BridgeControlClient } from '../../src/client/bridge-control/client.js';
-import { parseSelector } from '../../src/client/bridge-control/cli-common.js';
+import { parseSelector } from '../../src/cli/control-common.js';
 import { BridgeControlServer } from '../../src/client/bridge-control/server.js';
 import { createLogger, silentLogger } from '../../src/common/log.js';
 import { AttachmentState, BridgeDefinition } from '../../src/gen/usbroam/v1/bridge.js';
 import { FakeQemu } from '../helpers/bridge-fake-qemu.js';
-import { clientTls, testCerts } from '../helpers/certs.js';
+import { clientTls, testCerts } from '../../src/devkit/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
 
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;

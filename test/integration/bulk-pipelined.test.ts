@@ -6,8 +6,8 @@ import { expect } from 'chai';
 import { randomBytes } from 'node:crypto';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { UrbStatus } from '../../src/gen/usbroam/v1/usbhost.js';
-import { clientTls } from '../helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
 
 describe('large bulk URBs pipelined through a server process', function () {
   this.timeout(60_000);

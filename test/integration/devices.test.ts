@@ -8,8 +8,9 @@ import { promisify } from 'node:util';
 import { GrpcReflection } from 'grpc-js-reflection-client';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { DeviceEvent_Kind, type DeviceEvent } from '../../src/gen/usbroam/v1/usbhost.js';
-import { clientTls } from '../helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
+import { sleep } from '../helpers/wait.js';
 
 const run = promisify(execFile);
 
@@ -63,7 +64,7 @@ describe('devices, watch, CLI, health and reflection (server in its own process)
     const user = new UsbHostClient({ address: srv.address, ...clientTls('bridge') });
     const dev = await user.openDevice({ id: 'emu-1-2' });
     await dev.close();
-    await Promise.race([watching, new Promise((r) => setTimeout(r, 5000))]);
+    await Promise.race([watching, sleep(5000)]);
     abort.abort();
     user.close();
     watcher.close();

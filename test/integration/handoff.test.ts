@@ -8,8 +8,9 @@ import { UsbHostClient } from '../../src/client/sdk/client.js';
 import type { RemoteDevice } from '../../src/client/sdk/remote-device.js';
 import { TransferType, UrbStatus, type UrbComplete } from '../../src/gen/usbroam/v1/usbhost.js';
 import type { LoopbackDevice } from '../../src/server/backends/emulated/loopback.js';
-import { clientTls } from '../helpers/certs.js';
+import { clientTls } from '../../src/devkit/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
+import { sleep, until } from '../helpers/wait.js';
 
 describe('session hand-off to a standby', function () {
   this.timeout(30_000);
@@ -51,7 +52,7 @@ describe('session hand-off to a standby', function () {
         () => {},
       );
     }
-    await new Promise((r) => setTimeout(r, 5)); // some complete at the source, some are still in flight
+    await sleep(5); // some complete at the source, some are still in flight
     const state = Buffer.from(JSON.stringify({ inFlight: ids.filter((id) => !srcDone.has(id)), nextUrbId: src.peekNextUrbId() }));
     const handed = await src.handOff(state);
     const took = await dst.takeOver!;
@@ -100,7 +101,7 @@ describe('session hand-off to a standby', function () {
     const dst = await b.standbySession(src.sessionId);
     dst.dropStream();
     await dst.close().catch(() => {});
-    await new Promise((r) => setTimeout(r, 100));
+    await until('the standby gone from the source session', () => !srv.server.sessions.get(src.sessionId)!.hasStandby, 5000, 10);
     const r = await src.transferOut(1, Buffer.from('carry on'));
     expect(r.status).to.equal(UrbStatus.URB_STATUS_SUCCESS);
     expect(srv.server.sessions.get(src.sessionId)!.hasStandby).to.equal(false);

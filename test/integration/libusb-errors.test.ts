@@ -12,16 +12,11 @@ import { UrbStatus } from '../../src/gen/usbroam/v1/usbhost.js';
 import { LibusbBackend } from '../../src/server/backends/libusb/libusb-backend.js';
 import { STREAMS_UNIMPLEMENTED } from '../../src/server/backends/libusb/libusb-device.js';
 import { UsbHostServer } from '../../src/server/server.js';
-import { clientTls, testCerts } from '../helpers/certs.js';
+import { clientTls, testCerts } from '../../src/devkit/certs.js';
 import { FakeDevice, dd, fakeUsb } from '../helpers/fake-usb.js';
+import { sleep, until as untilWithin } from '../helpers/wait.js';
 
-const until = async (what: string, fn: () => boolean, ms = 5000) => {
-  const end = Date.now() + ms;
-  while (!fn()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-};
+const until = (what: string, fn: () => boolean) => untilWithin(what, fn, 5000, 10);
 
 /** A device whose alt setting 1 has an isochronous IN endpoint 0x83 (the fake's alt 1 endpoint, made iso). */
 class IsoDevice extends FakeDevice {
@@ -136,7 +131,7 @@ describe('libusb backend errors as a client sees them (server + SDK, fake usb mo
       () => expect.fail('an iso receiving stream started on a backend without iso'),
       (err: Error) => expect(err.message).to.include('URB_STATUS_INVAL').and.include('device usb-1-2-W0001').and.include('0x83').and.include('isochronous'),
     );
-    await new Promise((res) => setTimeout(res, 100));
+    await sleep(100);
     expect(received, 'no stream ran').to.equal(0);
     expect(mod.submitted.length, 'no libusb transfer for iso').to.equal(n);
   });

@@ -5,8 +5,9 @@ import * as grpc from '@grpc/grpc-js';
 import { readFileSync } from 'node:fs';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { ClientFrame, ClientMessage, ServerMessage, TransferType, UrbStatus, type ServerFrame } from '../../src/gen/usbroam/v1/usbhost.js';
-import { clientTls } from '../helpers/certs.js';
+import { clientTls } from '../../src/devkit/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
+import { until } from '../helpers/wait.js';
 
 /** A URB channel at the wire level: raw protobuf bytes in and out. */
 class RawChannel {
@@ -53,10 +54,8 @@ class RawChannel {
   }
   async open(serial: string) {
     // The previous test's session on this device may still be in its (short) grace period.
-    const end = Date.now() + 3000;
-    while (srv.server.registry.claimOf(srv.server.registry.list().find((d) => d.serial === serial)!.id) && Date.now() < end) {
-      await new Promise((r) => setTimeout(r, 50));
-    }
+    const id = srv.server.registry.list().find((d) => d.serial === serial)!.id;
+    await until(`${serial} free again`, () => !srv.server.registry.claimOf(id), 3000, 50).catch(() => {});
     this.send({ seq: 0, kind: { $case: 'open', value: { target: { $case: 'device', value: { id: '', vidPid: '', serial, portPath: '' } } } } });
     await this.until(() => this.frames.find((f) => f.kind?.$case === 'opened'));
     // configuration 1, so the device has endpoints

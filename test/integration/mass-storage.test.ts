@@ -7,8 +7,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { cdb10, READ10, scsi, WRITE10 } from '../helpers/bot.js';
-import { clientTls } from '../helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
+import { clientTls } from '../../src/devkit/certs.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
 
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
 

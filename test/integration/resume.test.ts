@@ -7,7 +7,7 @@ import { crc32 } from 'node:zlib';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { TransferType, UrbStatus } from '../../src/gen/usbroam/v1/usbhost.js';
 import type { LoopbackDevice } from '../../src/server/backends/emulated/loopback.js';
-import { clientTls } from '../helpers/certs.js';
+import { clientTls } from '../../src/devkit/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
 import { TcpProxy } from '../helpers/tcp-proxy.js';
 

@@ -9,10 +9,11 @@ import { ChannelClosedError } from '../../src/client/sdk/remote-device.js';
 import { UsbHostDefinition } from '../../src/gen/usbroam/v1/usbhost.js';
 import { UsbHostServer } from '../../src/server/server.js';
 import { silentLogger } from '../../src/common/log.js';
-import { clientTls, testCerts } from '../helpers/certs.js';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.js';
+import { clientTls, testCerts } from '../../src/devkit/certs.js';
+import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
 import { TcpProxy } from '../helpers/tcp-proxy.js';
+import { until } from '../helpers/wait.js';
 
 async function codeOf(p: Promise<unknown>): Promise<{ code: Status; message: string }> {
   try {
@@ -126,11 +127,10 @@ describe('claims and the grace period', function () {
     };
     const session = srv.server.sessions.get(dev.sessionId)!;
     void proxy.outage(3000); // the network goes away for longer than the grace period
-    await new Promise((r) => setTimeout(r, 250));
-    expect(session.state).to.equal('detached');
+    await until('the session detached', () => session.state === 'detached', 2000, 10);
     expect(srv.server.registry.claimOf(device.id)?.sessionId).to.equal(dev.sessionId);
-    await new Promise((r) => setTimeout(r, 700));
-    expect(session.state).to.equal('closed');
+    // Closed by the grace period, well before the network comes back.
+    await until('the session closed', () => session.state === 'closed', 2500, 10);
     expect(resets).to.equal(1);
     expect((device as unknown as { inFlight(): number }).inFlight()).to.equal(0);
     expect(await pendingRead).to.match(/could not resume|unknown or has expired/);

@@ -4,6 +4,7 @@ import { TransferType, UrbStatus, type UrbResult } from '../../src/server/backen
 import { EmulatedBackend } from '../../src/server/backends/emulated/emulated-backend.js';
 import { SerialDevice, ACM_BULK_IN, ACM_BULK_OUT, ACM_NOTIFY_IN } from '../../src/server/backends/emulated/serial.js';
 import { bulkIn, bulkOut, control, getDescriptor, makeUrb, submit } from '../../src/server/backends/emulated/urb-helpers.js';
+import { sleep } from '../helpers/wait.js';
 
 describe('emulated CDC-ACM serial echo', () => {
   let backend: EmulatedBackend;
@@ -63,7 +64,7 @@ describe('emulated CDC-ACM serial echo', () => {
       outDone = true;
       return r;
     });
-    await new Promise((r) => setTimeout(r, 10));
+    await sleep(10);
     expect(outDone).to.equal(false);
     const got: Buffer[] = [];
     let n = 0;
@@ -80,7 +81,7 @@ describe('emulated CDC-ACM serial echo', () => {
     const p = submit(dev, makeUrb({ endpoint: ACM_NOTIFY_IN, type: TransferType.Interrupt, length: 16, id: 77 }));
     let settled: UrbResult | undefined;
     void p.then((r) => (settled = r));
-    await new Promise((r) => setTimeout(r, 5));
+    await sleep(5);
     expect(settled).to.equal(undefined);
     dev.cancel(77);
     expect((await p).status).to.equal(UrbStatus.Cancelled);

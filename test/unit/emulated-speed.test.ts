@@ -9,7 +9,7 @@ import { Speed, UrbStatus } from '../../src/server/backends/types.js';
 import { createDefaultEmulatedBackend, parseEmulatedSpeed, type EmulatedBackend } from '../../src/server/backends/emulated/emulated-backend.js';
 import { MSC_BULK_IN, MSC_BULK_OUT, type MassStorageDevice } from '../../src/server/backends/emulated/mass-storage.js';
 import { bulkIn, bulkOut, control, getDescriptor } from '../../src/server/backends/emulated/urb-helpers.js';
-import { emulatedBackends, serveConfig } from '../../src/client/cli/serve.js';
+import { emulatedBackends, serveConfig } from '../../src/cli/serve.js';
 import type { EmulatedDevice } from '../../src/server/backends/emulated/emulated-device.js';
 
 const u16 = (d: Uint8Array, o: number) => d[o]! | (d[o + 1]! << 8);

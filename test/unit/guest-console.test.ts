@@ -6,7 +6,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { GuestCommandTimeoutError, GuestConsole } from '../e2e/harness/console.js';
+import { GuestCommandTimeoutError, GuestConsole } from '../../src/devkit/guest/console.js';
+import { until } from '../helpers/wait.js';
 
 /** What the harness wrote, and a way to answer as the guest's shell would. */
 interface FakeGuest {
@@ -119,8 +120,7 @@ describe('e2e harness: guest console run()', () => {
       expect(err).to.be.instanceOf(GuestCommandTimeoutError);
       expect((err as GuestCommandTimeoutError).why).to.match(/^no output at all since the command was sent \(3 newline nudges\)/);
       expect((err as GuestCommandTimeoutError).silent).to.equal(true);
-      await new Promise((r) => setTimeout(r, 100));
-      expect(c.received.join('')).to.match(/\x03$/);
+      await until('the ^C', () => /\x03$/.test(c.received.join('')), 2000, 10);
     } finally {
       c.close();
     }

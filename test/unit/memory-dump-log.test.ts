@@ -1,7 +1,7 @@
 // Kernel messages recovered from a guest memory dump (the e2e harness's diagnostics for a guest
 // whose console went silent).
 import { expect } from 'chai';
-import { kernelLinesInMemoryDump } from '../e2e/harness/memory-dump-log.js';
+import { kernelLinesInMemoryDump } from '../../src/devkit/guest/memory-dump-log.js';
 
 describe('e2e harness: kernel messages in a guest memory dump', () => {
   const bin = (n: number) => Buffer.from(Array.from({ length: n }, (_, i) => (i * 37) % 32));

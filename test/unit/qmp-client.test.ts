@@ -3,7 +3,6 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { setTimeout as delay } from 'node:timers/promises';
 import {
   QmpClient,
   QmpConnectError,
@@ -12,6 +11,7 @@ import {
   QmpTimeoutError,
   type QmpEvent,
 } from '../../src/qemu/qmp/client.js';
+import { sleep } from '../helpers/wait.js';
 
 type Cmd = { execute?: string; 'exec-oob'?: string; arguments?: Record<string, unknown>; id?: unknown };
 type Reply = { return: unknown } | { error: { class: string; desc: string } } | null;
@@ -319,7 +319,7 @@ describe('QmpClient', function () {
     expect(await hanging.catch((e: unknown) => e)).to.be.instanceOf(QmpDisconnectedError);
     expect(c.state).to.equal('reconnecting');
     const during = c.execute('during', undefined, { timeoutMs: 5000 });
-    await delay(250);
+    await sleep(250);
     fake = new FakeQmp(dir);
     fake.handler = (cmd) => ({ return: cmd.execute });
     await fake.start();

@@ -32,10 +32,30 @@ import {
   type TransferReturn,
 } from './emulated-device.js';
 import type { DeviceSpec } from './descriptors.js';
+import {
+  ALL_MODE_PAGES,
+  BLOCK_SIZE,
+  SENSE_NONE,
+  fixedSenseData,
+  formatCapacitiesData,
+  inquiryData,
+  modePage,
+  modeSenseData,
+  readCapacity10Data,
+  readCapacity16Data,
+  reportLunsData,
+  u16be,
+  u32be,
+  u32le,
+  vpdPageData,
+  type ScsiIdentity,
+  type Sense,
+} from './scsi.js';
+
+export { BLOCK_SIZE, SENSE_NONE, type Sense } from './scsi.js';
 
 export const MSC_BULK_IN = 0x81;
 export const MSC_BULK_OUT = 0x02;
-export const BLOCK_SIZE = 512;
 const CBW_SIGNATURE = 0x43425355;
 const CSW_SIGNATURE = 0x53425355;
 const EMPTY = new Uint8Array(0);
@@ -85,41 +105,6 @@ interface Command {
   rejected?: boolean;
 }
 
-export interface Sense {
-  key: number;
-  asc: number;
-  ascq: number;
-}
-
-function u32le(b: Uint8Array, o: number): number {
-  return (b[o]! | (b[o + 1]! << 8) | (b[o + 2]! << 16) | (b[o + 3]! << 24)) >>> 0;
-}
-function u16be(b: Uint8Array, o: number): number {
-  return (b[o]! << 8) | b[o + 1]!;
-}
-function u32be(b: Uint8Array, o: number): number {
-  return ((b[o]! << 24) | (b[o + 1]! << 16) | (b[o + 2]! << 8) | b[o + 3]!) >>> 0;
-}
-function put32be(b: Uint8Array, o: number, v: number): void {
-  b[o] = (v >>> 24) & 0xff;
-  b[o + 1] = (v >>> 16) & 0xff;
-  b[o + 2] = (v >>> 8) & 0xff;
-  b[o + 3] = v & 0xff;
-}
-function put64be(b: Uint8Array, o: number, v: number): void {
-  put32be(b, o, Math.floor(v / 0x100000000));
-  put32be(b, o + 4, v >>> 0);
-}
-function ascii(s: string, len: number): number[] {
-  const out: number[] = [];
-  for (let i = 0; i < len; i++) {
-    const c = i < s.length ? s.charCodeAt(i) : 0x20;
-    out.push(c >= 0x20 && c < 0x7f ? c : 0x20);
-  }
-  return out;
-}
-
-export const SENSE_NONE: Sense = { key: 0, asc: 0, ascq: 0 };
 
 export class MassStorageDevice extends EmulatedDevice {
   readonly imagePath: string;
@@ -542,13 +527,7 @@ export class MassStorageDevice extends EmulatedDevice {
         // REQUEST SENSE (fixed format); returns and clears the sense
         const s = this.sense;
         this.sense = SENSE_NONE;
-        const b = new Uint8Array(18);
-        b[0] = 0x70;
-        b[2] = s.key;
-        b[7] = 10;
-        b[12] = s.asc;
-        b[13] = s.ascq;
-        this.reply(cmd, b, cdb[4]!);
+        this.reply(cmd, fixedSenseData(s), cdb[4]!);
         return;
       }
       case 0x12:
@@ -572,39 +551,25 @@ export class MassStorageDevice extends EmulatedDevice {
         return;
       case 0x25: {
         // READ CAPACITY(10)
-        const b = new Uint8Array(8);
-        put32be(b, 0, this.blocks === 0 ? 0 : Math.min(0xffffffff, this.blocks - 1));
-        put32be(b, 4, BLOCK_SIZE);
-        this.reply(cmd, b, 8);
+        this.reply(cmd, readCapacity10Data(this.blocks), 8);
         return;
       }
       case 0x9e: {
         // SERVICE ACTION IN(16)
         if (!need(16)) return;
         if ((cdb[1]! & 0x1f) !== 0x10) return this.fail(cmd, 0x05, 0x24, 0x00);
-        const b = new Uint8Array(32);
-        put64be(b, 0, Math.max(0, this.blocks - 1));
-        put32be(b, 8, BLOCK_SIZE);
-        this.reply(cmd, b, u32be(cdb, 10));
+        this.reply(cmd, readCapacity16Data(this.blocks), u32be(cdb, 10));
         return;
       }
       case 0x23: {
         // READ FORMAT CAPACITIES
-        const b = new Uint8Array(12);
-        b[3] = 8;
-        put32be(b, 4, Math.min(0xffffffff, this.blocks));
-        b[8] = 0x02; // formatted media
-        b[10] = BLOCK_SIZE >> 8;
-        b[11] = BLOCK_SIZE & 0xff;
-        this.reply(cmd, b, u16be(cdb, 7));
+        this.reply(cmd, formatCapacitiesData(this.blocks), u16be(cdb, 7));
         return;
       }
       case 0xa0: {
         // REPORT LUNS: LUN 0 only
         if (!need(12)) return;
-        const b = new Uint8Array(16);
-        b[3] = 8;
-        this.reply(cmd, b, u32be(cdb, 6));
+        this.reply(cmd, reportLunsData(), u32be(cdb, 6));
         return;
       }
       case 0x08: // READ(6)
@@ -679,97 +644,28 @@ export class MassStorageDevice extends EmulatedDevice {
     }
   }
 
+  private get scsiIdentity(): ScsiIdentity {
+    const o = this.opts;
+    return {
+      vendor: o.vendor ?? 'usbroam',
+      product: o.productName ?? 'Emulated Disk',
+      revision: o.revision ?? '0100',
+      serial: o.serial ?? 'USBROAM0001',
+      removable: o.removable ?? false,
+    };
+  }
+
   private inquiry(cmd: Command, cdb: Uint8Array): void {
     const evpd = (cdb[1]! & 1) !== 0;
     const page = cdb[2]!;
     const alloc = u16be(cdb, 3);
-    const o = this.opts;
-    const serial = o.serial ?? 'USBROAM0001';
     if (!evpd) {
       if (page !== 0) return this.fail(cmd, 0x05, 0x24, 0x00);
-      const b = Uint8Array.from([
-        0x00,
-        o.removable ? 0x80 : 0x00,
-        0x06, // SPC-4
-        0x02, // response data format 2
-        31,
-        0,
-        0,
-        0,
-        ...ascii(o.vendor ?? 'usbroam', 8),
-        ...ascii(o.productName ?? 'Emulated Disk', 16),
-        ...ascii(o.revision ?? '0100', 4),
-      ]);
-      return this.reply(cmd, b, alloc);
+      return this.reply(cmd, inquiryData(this.scsiIdentity), alloc);
     }
-    const vpd = (p: number, body: number[]): Uint8Array =>
-      Uint8Array.from([0x00, p, (body.length >> 8) & 0xff, body.length & 0xff, ...body]);
-    let b: Uint8Array;
-    switch (page) {
-      case 0x00:
-        b = vpd(0x00, [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
-        break;
-      case 0x80:
-        b = vpd(0x80, ascii(serial, serial.length));
-        break;
-      case 0x83: {
-        // T10 vendor ID based designator: vendor + product + serial
-        const id = [...ascii(o.vendor ?? 'usbroam', 8), ...ascii(o.productName ?? 'Emulated Disk', 16), ...ascii(serial, serial.length)];
-        b = vpd(0x83, [0x02, 0x01, 0x00, id.length, ...id]);
-        break;
-      }
-      case 0xb0: {
-        // Block limits: no transfer limits reported, no UNMAP
-        const body = new Array<number>(0x3c).fill(0);
-        b = vpd(0xb0, body);
-        break;
-      }
-      case 0xb1: {
-        // Block device characteristics: non-rotating medium
-        const body = new Array<number>(0x3c).fill(0);
-        body[1] = 0x01;
-        b = vpd(0xb1, body);
-        break;
-      }
-      case 0xb2:
-        // Logical block provisioning: no UNMAP / WRITE SAME, not thin provisioned
-        b = vpd(0xb2, [0, 0, 0, 0]);
-        break;
-      default:
-        return this.fail(cmd, 0x05, 0x24, 0x00);
-    }
+    const b = vpdPageData(page, this.scsiIdentity);
+    if (!b) return this.fail(cmd, 0x05, 0x24, 0x00);
     this.reply(cmd, b, alloc);
-  }
-
-  private modePage(code: number, changeable: boolean): number[] | undefined {
-    switch (code) {
-      case 0x08: {
-        const p = new Array<number>(20).fill(0);
-        p[0] = 0x08;
-        p[1] = 0x12;
-        if (!changeable) {
-          p[2] = (this.opts.writeCache ?? true) ? 0x04 : 0x00; // WCE
-          p[4] = p[5] = 0xff; // disable prefetch transfer length
-          p[8] = p[9] = 0xff; // maximum prefetch
-          p[10] = p[11] = 0xff; // maximum prefetch ceiling
-        }
-        return p;
-      }
-      case 0x0a: {
-        const p = new Array<number>(12).fill(0);
-        p[0] = 0x0a;
-        p[1] = 0x0a;
-        return p;
-      }
-      case 0x1c: {
-        const p = new Array<number>(12).fill(0);
-        p[0] = 0x1c;
-        p[1] = 0x0a;
-        return p;
-      }
-      default:
-        return undefined;
-    }
   }
 
   private modeSense(cmd: Command, cdb: Uint8Array, ten: boolean): void {
@@ -782,49 +678,16 @@ export class MassStorageDevice extends EmulatedDevice {
     if (pc === 3) return this.fail(cmd, 0x05, 0x39, 0x00); // SAVING PARAMETERS NOT SUPPORTED
     if (subpage !== 0 && !(page === 0x3f && subpage === 0xff)) return this.fail(cmd, 0x05, 0x24, 0x00);
     const changeable = pc === 1;
+    const writeCache = this.opts.writeCache ?? true;
     let pages: number[] = [];
     if (page === 0x3f) {
-      for (const c of [0x08, 0x0a, 0x1c]) pages = pages.concat(this.modePage(c, changeable)!);
+      for (const c of ALL_MODE_PAGES) pages = pages.concat(modePage(c, changeable, writeCache)!);
     } else {
-      const p = this.modePage(page, changeable);
+      const p = modePage(page, changeable, writeCache);
       if (!p) return this.fail(cmd, 0x05, 0x24, 0x00);
       pages = p;
     }
-    const devSpecific = this.readOnly ? 0x80 : 0x00;
-    let blockDesc: number[] = [];
-    if (!dbd) {
-      const bd = new Uint8Array(llbaa ? 16 : 8);
-      if (llbaa) {
-        put64be(bd, 0, this.blocks);
-        put32be(bd, 12, BLOCK_SIZE);
-      } else {
-        put32be(bd, 0, Math.min(0xffffffff, this.blocks));
-        bd[5] = 0;
-        bd[6] = BLOCK_SIZE >> 8;
-        bd[7] = BLOCK_SIZE & 0xff;
-      }
-      blockDesc = [...bd];
-    }
-    let b: Uint8Array;
-    if (ten) {
-      const total = 8 + blockDesc.length + pages.length;
-      b = Uint8Array.from([
-        ((total - 2) >> 8) & 0xff,
-        (total - 2) & 0xff,
-        0,
-        devSpecific,
-        llbaa ? 1 : 0,
-        0,
-        (blockDesc.length >> 8) & 0xff,
-        blockDesc.length & 0xff,
-        ...blockDesc,
-        ...pages,
-      ]);
-    } else {
-      const total = 4 + blockDesc.length + pages.length;
-      b = Uint8Array.from([Math.min(255, total - 1), 0, devSpecific, blockDesc.length, ...blockDesc, ...pages]);
-    }
-    this.reply(cmd, b, alloc);
+    this.reply(cmd, modeSenseData({ ten, dbd, llbaa, readOnly: this.readOnly, blocks: this.blocks, pages }), alloc);
   }
 }
 

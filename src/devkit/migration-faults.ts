@@ -1,5 +1,5 @@
 // Fault-injection and measurement helpers for migration e2e tests and bench:migrate, built on
-// test/helpers/migration-rig.ts (not modified here):
+// src/devkit/migration-rig.ts (not modified here):
 //  - startMarkedVm(): a guest with a second serial port (/dev/ttyS1) whose output the host
 //    timestamps line by line (MarkListener): a guest-side writer prints a mark per completed
 //    write, so I/O stalls are measured in host time (the guest's own clock does not advance
@@ -16,13 +16,14 @@ import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Writable } from 'node:stream';
 import { pino } from 'pino';
-import type { Logger } from '../../src/common/log.js';
-import { QmpClient } from '../../src/qemu/qmp/client.js';
-import type { AttachRequest, AttachmentInfo } from '../../src/client/bridge/bridge.js';
+import type { Logger } from '../common/log.js';
+import { QmpClient } from '../qemu/qmp/client.js';
+import type { AttachRequest, AttachmentInfo } from '../client/bridge/bridge.js';
 import type { HostBridge } from './migration-rig.js';
-import { startGuest, type Guest, type GuestImage } from '../e2e/harness/guest.js';
+import { startGuest, type Guest, type GuestImage } from './guest/guest.js';
 import { XHCI } from './migration-rig.js';
 
+/** Resolves after `ms` (bench:migrate paces its rounds with it). */
 export const delay = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** dmesg lines a clean migration must never show. */
@@ -347,7 +348,7 @@ export interface ChildMessage {
   ready?: boolean;
 }
 
-/** Drives `tsx test/helpers/migration-faults.ts --bridge-child RUNDIR` over JSON lines. */
+/** Drives `tsx src/devkit/migration-faults.ts --bridge-child RUNDIR` over JSON lines. */
 export class BridgeChild {
   readonly child: ChildProcess;
   readonly events: ChildMessage[] = [];
@@ -449,8 +450,8 @@ export class BridgeChild {
 }
 
 async function bridgeChildMain(runDir: string): Promise<void> {
-  const { Bridge } = await import('../../src/client/bridge/bridge.js');
-  const { createLogger } = await import('../../src/common/log.js');
+  const { Bridge } = await import('../client/bridge/bridge.js');
+  const { createLogger } = await import('../common/log.js');
   const log = createLogger({ level: process.env.USBROAM_CHILD_LOG ?? 'warn' });
   const bridge = new Bridge({ log, runDir });
   const out = (m: ChildMessage) => process.stdout.write(JSON.stringify(m) + '\n');

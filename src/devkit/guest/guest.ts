@@ -18,7 +18,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { QmpClient } from '../../../src/qemu/qmp/client.js';
+import { QmpClient } from '../../qemu/qmp/client.js';
 import { GuestCommandTimeoutError, GuestConsole, type RunOptions, type RunResult } from './console.js';
 import { kernelLinesInMemoryDump } from './memory-dump-log.js';
 import { QBOOT_ROM, QEMU_BINARY, ensureGuestImage, findGuestImage, type GuestImage } from './image.js';

@@ -1,9 +1,10 @@
 // What the bridge-control subcommands (attach, detach, attachments) share: how to reach the
 // bridge, the device selector syntax, and how an attachment is printed.
-import { Option, type Command } from 'commander';
-import { AttachmentState, type Attachment } from '../../gen/usbroam/v1/bridge.js';
-import type { DeviceSelector } from '../sdk/client.js';
-import { BridgeControlClient } from './client.js';
+import type { Command } from 'commander';
+import { AttachmentState, type Attachment } from '../gen/usbroam/v1/bridge.js';
+import type { DeviceSelector } from '../client/sdk/client.js';
+import { BridgeControlClient } from '../client/bridge-control/client.js';
+import { withEndpointFlags } from './common.js';
 
 export interface ControlFlags {
   control?: string;
@@ -15,13 +16,13 @@ export interface ControlFlags {
 }
 
 export function withControlFlags(cmd: Command): Command {
-  return cmd
-    .addOption(new Option('--control <address>', "the bridge's control API: a unix socket path, or host:port (default: the bridge's default socket)").env('USBROAM_CONTROL'))
-    .addOption(new Option('--control-ca <file>', 'TCP: CA that signed the bridge certificate').env('USBROAM_CONTROL_CA'))
-    .addOption(new Option('--control-cert <file>', 'TCP: client certificate (its CN is your identity)').env('USBROAM_CONTROL_CERT'))
-    .addOption(new Option('--control-key <file>', 'TCP: client private key').env('USBROAM_CONTROL_KEY'))
-    .option('--insecure', 'TCP: plaintext, for a bridge started with --insecure on loopback')
-    .option('--json', 'machine-readable output');
+  return withEndpointFlags(cmd, {
+    address: ['--control <address>', "the bridge's control API: a unix socket path, or host:port (default: the bridge's default socket)", 'USBROAM_CONTROL'],
+    ca: ['--control-ca <file>', 'TCP: CA that signed the bridge certificate', 'USBROAM_CONTROL_CA'],
+    cert: ['--control-cert <file>', 'TCP: client certificate (its CN is your identity)', 'USBROAM_CONTROL_CERT'],
+    key: ['--control-key <file>', 'TCP: client private key', 'USBROAM_CONTROL_KEY'],
+    insecure: 'TCP: plaintext, for a bridge started with --insecure on loopback',
+  });
 }
 
 export function controlClientFrom(f: ControlFlags): BridgeControlClient {

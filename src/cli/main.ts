@@ -2,8 +2,8 @@
 import { Command } from 'commander';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
-import { tuneGcForBulkTransfers } from '../../common/gc-tuning.js';
-import { REPO_ROOT } from '../../common/repo-root.js';
+import { tuneGcForBulkTransfers } from '../common/gc-tuning.js';
+import { REPO_ROOT } from '../common/repo-root.js';
 import { attachCommand } from './attach.js';
 import { attachmentsCommand } from './attachments.js';
 import { bridgeCommand } from './bridge.js';

@@ -1,5 +1,7 @@
 // A USB host server in its own process (`usbroam serve`), as a client meets it.
 import { spawn, type ChildProcess } from 'node:child_process';
+import path from 'node:path';
+import { REPO_ROOT } from '../common/repo-root.js';
 import { testCerts } from './certs.js';
 
 export interface ServerProcess {
@@ -16,7 +18,7 @@ export async function startServerProcess(args: string[] = []): Promise<ServerPro
     [
       // e.g. USBROAM_SERVER_NODE_ARGS='--cpu-prof --cpu-prof-dir=/tmp/prof' to profile the server
       ...(process.env.USBROAM_SERVER_NODE_ARGS?.split(' ').filter(Boolean) ?? []),
-      'bin/usbroam.js',
+      path.join(REPO_ROOT, 'bin/usbroam.js'),
       'serve',
       '--listen',
       '127.0.0.1:0',

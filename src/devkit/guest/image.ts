@@ -2,7 +2,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { REPO_ROOT } from '../../../src/common/repo-root.js';
+import { REPO_ROOT } from '../../common/repo-root.js';
 
 export { REPO_ROOT };
 export const BUILD_SCRIPT = path.join(REPO_ROOT, 'scripts/guest/build-guest.sh');

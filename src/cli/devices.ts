@@ -1,6 +1,6 @@
 // usbroam devices: what the server exports to you.
 import { Command } from 'commander';
-import { Device } from '../../gen/usbroam/v1/usbhost.js';
+import { Device } from '../gen/usbroam/v1/usbhost.js';
 import { clientFrom, describeDevice, reportError, withConnectionFlags, type ConnectionFlags } from './common.js';
 
 export function devicesCommand(): Command {

@@ -3,9 +3,9 @@
 // the current guest to a fresh destination with the bridge hand-off.
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { Bridge, type AttachmentInfo, type HandOffEvent, type PrepareIncomingRequest } from '../../src/client/bridge/bridge.js';
-import type { Logger } from '../../src/common/log.js';
-import { startGuest, type Guest, type GuestImage } from '../e2e/harness/guest.js';
+import { Bridge, type AttachmentInfo, type HandOffEvent, type PrepareIncomingRequest } from '../client/bridge/bridge.js';
+import type { Logger } from '../common/log.js';
+import { startGuest, type Guest, type GuestImage } from './guest/guest.js';
 
 export const XHCI = ['-device', 'qemu-xhci,id=xhci'];
 

@@ -10,8 +10,8 @@
 //   await h.guest.qmp.execute('device_del', { id: 'stick0' });
 //   await h.stop();
 import net from 'node:net';
-import { REPO_ROOT } from '../../../src/common/repo-root.js';
-import { testCerts } from '../../helpers/certs.js';
+import { REPO_ROOT } from '../../common/repo-root.js';
+import { testCerts } from '../certs.js';
 import { startGuest, type Guest, type GuestImage } from './guest.js';
 
 export { REPO_ROOT };

@@ -12,9 +12,9 @@ import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { closeSync, openSync, readSync } from 'node:fs';
 import path from 'node:path';
-import { REPO_ROOT } from '../../common/repo-root.js';
-import type { Device } from '../../gen/usbroam/v1/usbhost.js';
-import { UsbHostClient } from '../sdk/client.js';
+import { REPO_ROOT } from '../common/repo-root.js';
+import type { Device } from '../gen/usbroam/v1/usbhost.js';
+import { UsbHostClient } from '../client/sdk/client.js';
 import { describeDevice } from './common.js';
 import { runServer } from './serve.js';
 
@@ -120,9 +120,9 @@ async function runDemo(f: DemoFlags): Promise<number | undefined> {
 
   // The guest comes from the end-to-end test harness (kernel + busybox initramfs built from
   // Debian packages and cached; QEMU installed with apt-get when running as root).
-  const harness = await import('../../../test/e2e/harness/guest.js');
-  const helpers = await import('../../../test/helpers/bridge-e2e.js');
-  const { Bridge } = await import('../bridge/bridge.js');
+  const harness = await import('../devkit/guest/guest.js');
+  const helpers = await import('../devkit/bridge-guest.js');
+  const { Bridge } = await import('../client/bridge/bridge.js');
   phase('guest image: kernel and initramfs (built and cached on first use, a few minutes)');
   let image: Awaited<ReturnType<typeof harness.ensureGuestImage>>;
   try {
@@ -138,7 +138,7 @@ async function runDemo(f: DemoFlags): Promise<number | undefined> {
   if (!avail.qemu) return serverOnly(avail.reason ?? `${harness.QEMU_BINARY} not found`);
   phase(`guest image ready: Linux ${image.kernelVersion}`);
 
-  let guest: import('../../../test/e2e/harness/guest.js').Guest | undefined;
+  let guest: import('../devkit/guest/guest.js').Guest | undefined;
   let bridge: InstanceType<typeof Bridge> | undefined;
   let ticker: NodeJS.Timeout | undefined;
   try {

@@ -4,8 +4,8 @@
 import { createHash } from 'node:crypto';
 import { closeSync, openSync, readSync } from 'node:fs';
 import path from 'node:path';
-import { createLogger, silentLogger, type Logger } from '../../src/common/log.js';
-import { ensureGuestImage, guestAvailability, startGuest, type Guest, type GuestImage, type StartGuestOptions } from '../e2e/harness/guest.js';
+import { createLogger, silentLogger, type Logger } from '../common/log.js';
+import { ensureGuestImage, guestAvailability, startGuest, type Guest, type GuestImage, type StartGuestOptions } from './guest/guest.js';
 
 export const MiB = 1024 * 1024;
 
@@ -129,17 +129,4 @@ export const BAD_KERNEL_LINE = /error -110|reset (high|super|full|low)[^\n]*USB 
  */
 export function badKernelLines(lines: string[], opts: { allowRemovalSync?: boolean } = {}): string[] {
   return lines.filter((l) => BAD_KERNEL_LINE.test(l) && !(opts.allowRemovalSync && /Synchronize Cache|DID_NO_CONNECT/.test(l)));
-}
-
-export const delay = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-
-/** Poll `fn` until it returns truthy. */
-export async function until<T>(what: string, fn: () => T | Promise<T>, timeoutMs = 30_000, everyMs = 100): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await delay(everyMs);
-  }
 }

@@ -2,8 +2,8 @@
 // command line from the start (cold plug). QEMU listens on the chardev socket; the bridge serves
 // it after `usbroam attach --cold-plug-socket <that path>`. No daemon needed.
 import { Command } from 'commander';
-import { Bridge } from '../bridge/bridge.js';
-import { defaultRunDir } from '../bridge-control/address.js';
+import { Bridge } from '../client/bridge/bridge.js';
+import { defaultRunDir } from '../client/bridge-control/address.js';
 import { reportError } from './common.js';
 
 interface QemuArgsFlags {

@@ -2,7 +2,7 @@
 // the destination VM (started with -incoming defer) ready to take over an
 // attachment; usbroam cancel-incoming drops it if the migration is abandoned.
 import { Command } from 'commander';
-import { controlClientFrom, withControlFlags, type ControlFlags } from '../bridge-control/cli-common.js';
+import { controlClientFrom, withControlFlags, type ControlFlags } from './control-common.js';
 import { reportError } from './common.js';
 
 interface PrepareFlags extends ControlFlags {

@@ -1,5 +1,5 @@
 // CLI: build/refresh the cached e2e guest image before running e2e tests.
-//   npx tsx test/e2e/harness/ensure-image.ts [--force]
+//   npx tsx src/devkit/guest/ensure-image.ts [--force]
 import { ensureGuestImage } from './image.js';
 
 const image = await ensureGuestImage({ force: process.argv.includes('--force') });

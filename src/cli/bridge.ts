@@ -4,11 +4,11 @@
 import { Command, Option } from 'commander';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
-import { createLogger } from '../../common/log.js';
-import { Bridge } from '../bridge/bridge.js';
-import { defaultRunDir } from '../bridge-control/address.js';
-import { BridgeControlServer } from '../bridge-control/server.js';
-import type { ConnectionOptions } from '../sdk/credentials.js';
+import { createLogger } from '../common/log.js';
+import { Bridge } from '../client/bridge/bridge.js';
+import { defaultRunDir } from '../client/bridge-control/address.js';
+import { BridgeControlServer } from '../client/bridge-control/server.js';
+import type { ConnectionOptions } from '../client/sdk/credentials.js';
 
 /** The JSON config file of `usbroam bridge --config`; flags override it. */
 export interface BridgeConfig {

@@ -1,7 +1,7 @@
 // usbroam attach: ask the bridge (its control API) to attach a USB host server's device to a VM.
 import { Command } from 'commander';
-import { Attachment } from '../../gen/usbroam/v1/bridge.js';
-import { controlClientFrom, describeAttachment, parseSelector, withControlFlags, type ControlFlags } from '../bridge-control/cli-common.js';
+import { Attachment } from '../gen/usbroam/v1/bridge.js';
+import { controlClientFrom, describeAttachment, parseSelector, withControlFlags, type ControlFlags } from './control-common.js';
 import { reportError } from './common.js';
 
 interface AttachFlags extends ControlFlags {

@@ -2,12 +2,12 @@
 import { Command, Option } from 'commander';
 import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
-import { createLogger, type Logger } from '../../common/log.js';
-import { createDefaultEmulatedBackend, parseEmulatedSpeed } from '../../server/backends/emulated/emulated-backend.js';
-import type { UsbBackend } from '../../server/backends/types.js';
-import { normalizeAllowRules } from '../../server/backends/libusb/policy.js';
-import { DEFAULT_LISTEN, loadConfigFile, type ServerConfig } from '../../server/config.js';
-import { UsbHostServer } from '../../server/server.js';
+import { createLogger, type Logger } from '../common/log.js';
+import { createDefaultEmulatedBackend, parseEmulatedSpeed } from '../server/backends/emulated/emulated-backend.js';
+import type { UsbBackend } from '../server/backends/types.js';
+import { normalizeAllowRules } from '../server/backends/libusb/policy.js';
+import { DEFAULT_LISTEN, loadConfigFile, type ServerConfig } from '../server/config.js';
+import { UsbHostServer } from '../server/server.js';
 
 export interface ServeFlags {
   config?: string;
@@ -87,7 +87,7 @@ export async function libusbBackends(cfg: ServerConfig, log?: Logger): Promise<U
   if (!cfg.libusb || cfg.libusb.enabled === false) return [];
   const allow = normalizeAllowRules(cfg.libusb.allow);
   if (!allow.length) log?.warn('libusb backend enabled without allow rules: no device is exported (add --libusb-allow)');
-  const { LibusbBackend } = await import('../../server/backends/libusb/libusb-backend.js');
+  const { LibusbBackend } = await import('../server/backends/libusb/libusb-backend.js');
   return [await LibusbBackend.create({ allow, pollMs: cfg.libusb.pollMs, logger: log })];
 }
 

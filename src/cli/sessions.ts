@@ -1,7 +1,7 @@
 // usbroam sessions: the live URB-channel sessions (all of them for admins);
 // `usbroam sessions close ID` ends one.
 import { Command } from 'commander';
-import { Session } from '../../gen/usbroam/v1/usbhost.js';
+import { Session } from '../gen/usbroam/v1/usbhost.js';
 import { clientFrom, reportError, withConnectionFlags, type ConnectionFlags } from './common.js';
 
 export function sessionsCommand(): Command {

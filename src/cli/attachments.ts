@@ -1,7 +1,7 @@
 // usbroam attachments: what the bridge has attached, to one VM or all.
 import { Command } from 'commander';
-import { Attachment } from '../../gen/usbroam/v1/bridge.js';
-import { controlClientFrom, describeAttachment, withControlFlags, type ControlFlags } from '../bridge-control/cli-common.js';
+import { Attachment } from '../gen/usbroam/v1/bridge.js';
+import { controlClientFrom, describeAttachment, withControlFlags, type ControlFlags } from './control-common.js';
 import { reportError } from './common.js';
 
 export function attachmentsCommand(): Command {

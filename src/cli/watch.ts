@@ -1,6 +1,6 @@
 // usbroam watch: the device list, then hotplug and claim events as they happen.
 import { Command } from 'commander';
-import { DeviceEvent, DeviceEvent_Kind } from '../../gen/usbroam/v1/usbhost.js';
+import { DeviceEvent, DeviceEvent_Kind } from '../gen/usbroam/v1/usbhost.js';
 import { clientFrom, describeDevice, reportError, withConnectionFlags, type ConnectionFlags } from './common.js';
 
 const NAMES: Record<number, string> = {

@@ -1,6 +1,6 @@
 // usbroam detach: ask the bridge to unplug an attachment from its VM and end its session.
 import { Command } from 'commander';
-import { controlClientFrom, withControlFlags, type ControlFlags } from '../bridge-control/cli-common.js';
+import { controlClientFrom, withControlFlags, type ControlFlags } from './control-common.js';
 import { reportError } from './common.js';
 
 export function detachCommand(): Command {

@@ -1,0 +1,60 @@
+// What every client subcommand shares: endpoint flags, output and errors.
+import { Option, type Command } from 'commander';
+import type { Device } from '../gen/usbroam/v1/usbhost.js';
+import { UsbHostClient } from '../client/sdk/client.js';
+import { speedName } from '../client/sdk/format.js';
+
+export interface ConnectionFlags {
+  server?: string;
+  ca?: string;
+  cert?: string;
+  key?: string;
+  insecure?: boolean;
+  json?: boolean;
+}
+
+/** A flag: its commander syntax, help text and the environment variable that sets it. */
+type FlagSpec = readonly [flags: string, description: string, env: string];
+
+/** How a subcommand reaches a gRPC endpoint: its address, the mutual-TLS files, plaintext. */
+export interface EndpointFlagSpec {
+  address: FlagSpec;
+  ca: FlagSpec;
+  cert: FlagSpec;
+  key: FlagSpec;
+  insecure: string;
+}
+
+/** Adds an endpoint's flags and --json: the one definition of the client subcommands' flag set. */
+export function withEndpointFlags(cmd: Command, s: EndpointFlagSpec): Command {
+  for (const [flags, description, env] of [s.address, s.ca, s.cert, s.key]) cmd.addOption(new Option(flags, description).env(env));
+  return cmd.option('--insecure', s.insecure).option('--json', 'machine-readable output');
+}
+
+export function withConnectionFlags(cmd: Command): Command {
+  return withEndpointFlags(cmd, {
+    address: ['-s, --server <address>', 'server address, host:port or unix:/path', 'USBROAM_SERVER'],
+    ca: ['--ca <file>', 'CA certificate that signed the server certificate', 'USBROAM_CA'],
+    cert: ['--cert <file>', 'client certificate (its CN is your identity)', 'USBROAM_CERT'],
+    key: ['--key <file>', 'client private key', 'USBROAM_KEY'],
+    insecure: 'plaintext, for a server started with --insecure',
+  });
+}
+
+export function clientFrom(f: ConnectionFlags): UsbHostClient {
+  return new UsbHostClient({ address: f.server, ca: f.ca, cert: f.cert, key: f.key, insecure: f.insecure });
+}
+
+export function describeDevice(d: Device): string {
+  const vp = `${d.vendorId.toString(16).padStart(4, '0')}:${d.productId.toString(16).padStart(4, '0')}`;
+  const claim = d.claim?.claimed ? `claimed by ${d.claim.identity} (session ${d.claim.sessionId})` : 'free';
+  const port = `${d.bus}-${d.portPath.join('.')}`;
+  return `${d.id.padEnd(10)} ${vp}  ${port.padEnd(6)} ${speedName(d.speed).padEnd(6)} ${`${d.manufacturer} ${d.product}`.trim()} [serial ${d.serial || '-'}]  ${claim}`;
+}
+
+/** Print a failure the way a person can act on it, and set the exit code. */
+export function reportError(err: unknown): void {
+  const e = err as Error & { details?: string; code?: number };
+  process.stderr.write(`usbroam: ${e.details ?? e.message}\n`);
+  process.exitCode = 1;
+}
