@@ -5,6 +5,7 @@ import { Command, Option } from 'commander';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { createLogger } from '../common/log.js';
+import { exitOnSignals } from './common.js';
 import { Bridge } from '../client/bridge/bridge.js';
 import { defaultRunDir } from '../client/bridge-control/address.js';
 import { BridgeControlServer } from '../client/bridge-control/server.js';
@@ -126,20 +127,6 @@ export function bridgeCommand(): Command {
       });
       for (const v of vmList(cfg, f.vm)) control.addVm(v.name, v.qmpSocket);
       await control.start();
-      let stopping = false;
-      const stop = (sig: string) => {
-        if (stopping) return;
-        stopping = true;
-        log.info({ signal: sig, attachments: bridge.list().length }, 'stopping: detaching every device');
-        control.stop(sig).then(
-          () => process.exit(0),
-          (err) => {
-            log.error({ err: (err as Error).message }, 'stop failed');
-            process.exit(1);
-          },
-        );
-      };
-      process.once('SIGTERM', () => stop('SIGTERM'));
-      process.once('SIGINT', () => stop('SIGINT'));
+      exitOnSignals(log, 'stopping: detaching every device', (sig) => control.stop(sig), () => ({ attachments: bridge.list().length }));
     });
 }

@@ -3,6 +3,7 @@ import { Option, type Command } from 'commander';
 import type { Device } from '../gen/usbroam/v1/usbhost.js';
 import { UsbHostClient } from '../client/sdk/client.js';
 import { speedName } from '../client/sdk/format.js';
+import type { Logger } from '../common/log.js';
 
 export interface ConnectionFlags {
   server?: string;
@@ -50,6 +51,28 @@ export function describeDevice(d: Device): string {
   const claim = d.claim?.claimed ? `claimed by ${d.claim.identity} (session ${d.claim.sessionId})` : 'free';
   const port = `${d.bus}-${d.portPath.join('.')}`;
   return `${d.id.padEnd(10)} ${vp}  ${port.padEnd(6)} ${speedName(d.speed).padEnd(6)} ${`${d.manufacturer} ${d.product}`.trim()} [serial ${d.serial || '-'}]  ${claim}`;
+}
+
+/**
+ * SIGTERM or SIGINT runs `stop` once (logged with `what` and `fields`), then exits 0, or 1 if it
+ * failed: how the long-running subcommands (serve, bridge) end.
+ */
+export function exitOnSignals(log: Logger, what: string, stop: (signal: string) => Promise<unknown>, fields: () => object = () => ({})): void {
+  let stopping = false;
+  const onSignal = (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal, ...fields() }, what);
+    stop(signal).then(
+      () => process.exit(0),
+      (err) => {
+        log.error({ err: (err as Error).message }, 'stop failed');
+        process.exit(1);
+      },
+    );
+  };
+  process.once('SIGTERM', () => onSignal('SIGTERM'));
+  process.once('SIGINT', () => onSignal('SIGINT'));
 }
 
 /** Print a failure the way a person can act on it, and set the exit code. */

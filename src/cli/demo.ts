@@ -9,8 +9,6 @@
 // (--serve keeps that server running until Ctrl-C).
 import { Command } from 'commander';
 import { execFileSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { closeSync, openSync, readSync } from 'node:fs';
 import path from 'node:path';
 import { REPO_ROOT } from '../common/repo-root.js';
 import type { Device } from '../gen/usbroam/v1/usbhost.js';
@@ -45,23 +43,6 @@ export function demoCommand(): Command {
       });
       if (code !== undefined) process.exit(code);
     });
-}
-
-function sha256OfFileRange(file: string, offset: number, length: number): string {
-  const fd = openSync(file, 'r');
-  try {
-    const h = createHash('sha256');
-    const buf = Buffer.alloc(MiB);
-    for (let pos = offset; pos < offset + length; ) {
-      const n = readSync(fd, buf, 0, Math.min(buf.length, offset + length - pos), pos);
-      if (n <= 0) throw new Error(`short read of ${file} at ${pos}`);
-      h.update(buf.subarray(0, n));
-      pos += n;
-    }
-    return h.digest('hex');
-  } finally {
-    closeSync(fd);
-  }
 }
 
 /** Returns the exit code, or undefined to keep running (the server-only demo with --serve). */
@@ -178,7 +159,7 @@ async function runDemo(f: DemoFlags): Promise<number | undefined> {
     await g.sh('sync; echo 3 > /proc/sys/vm/drop_caches');
     const r = await helpers.timedDd(g, `dd if=/dev/sda of=/tmp/back bs=1M count=${DEMO_MIB} iflag=direct`, DEMO_MIB * MiB);
     const got = await helpers.guestSha256(g, 'cat /tmp/back');
-    const onServer = sha256OfFileRange(diskImage, 0, DEMO_MIB * MiB);
+    const onServer = helpers.sha256OfFileRange(diskImage, 0, DEMO_MIB * MiB);
     console.log(`          written by the guest         sha256 ${want}  ${w.toFixed(1)} MB/s`);
     console.log(`          read back (O_DIRECT)         sha256 ${got}  ${r.toFixed(1)} MB/s`);
     console.log(`          the server's image file      sha256 ${onServer}`);

@@ -3,6 +3,7 @@ import { Command, Option } from 'commander';
 import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { createLogger, type Logger } from '../common/log.js';
+import { exitOnSignals } from './common.js';
 import { createDefaultEmulatedBackend, parseEmulatedSpeed } from '../server/backends/emulated/emulated-backend.js';
 import type { UsbBackend } from '../server/backends/types.js';
 import { normalizeAllowRules } from '../server/backends/libusb/policy.js';
@@ -105,21 +106,7 @@ export async function runServer(cfg: ServerConfig, dataDir: string): Promise<Usb
     log,
   });
   await server.start();
-  let stopping = false;
-  const stop = (sig: string) => {
-    if (stopping) return;
-    stopping = true;
-    log.info({ signal: sig }, 'stopping: no new streams; ending sessions');
-    server.stop(sig).then(
-      () => process.exit(0),
-      (err) => {
-        log.error({ err: (err as Error).message }, 'stop failed');
-        process.exit(1);
-      },
-    );
-  };
-  process.once('SIGTERM', () => stop('SIGTERM'));
-  process.once('SIGINT', () => stop('SIGINT'));
+  exitOnSignals(log, 'stopping: no new streams; ending sessions', (sig) => server.stop(sig));
   return server;
 }
 

@@ -1,4 +1,4 @@
-// Shared pieces of the bridge end-to-end tests (and bench/e2e.ts): guest image or skip, a guest
+// What the bridge end-to-end tests, bench/e2e.ts and the demo share: guest image or skip, a guest
 // with a USB host controller and a spare QMP socket for the bridge, timed dd in the guest,
 // dmesg checks, file checksums.
 import { createHash } from 'node:crypto';

@@ -1,5 +1,5 @@
 // Fault-injection and measurement helpers for migration e2e tests and bench:migrate, built on
-// src/devkit/migration-rig.ts (not modified here):
+// migration-rig.ts:
 //  - startMarkedVm(): a guest with a second serial port (/dev/ttyS1) whose output the host
 //    timestamps line by line (MarkListener): a guest-side writer prints a mark per completed
 //    write, so I/O stalls are measured in host time (the guest's own clock does not advance

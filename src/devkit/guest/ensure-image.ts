@@ -1,4 +1,4 @@
-// CLI: build/refresh the cached e2e guest image before running e2e tests.
+// CLI: build or refresh the cached guest image (the e2e tests, the benches and the demo boot it).
 //   npx tsx src/devkit/guest/ensure-image.ts [--force]
 import { ensureGuestImage } from './image.js';
 

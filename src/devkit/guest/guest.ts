@@ -1,4 +1,4 @@
-// startGuest(): a Linux guest under QEMU TCG for end-to-end tests.
+// startGuest(): a Linux guest under QEMU TCG for the end-to-end tests, the benches and the demo.
 //
 //   const guest = await startGuest({ name: 'vm1', extraArgs: ['-device', 'qemu-xhci,id=xhci'] });
 //   try {

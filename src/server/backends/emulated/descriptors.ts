@@ -1,6 +1,6 @@
 // Descriptor builder for emulated devices.
 //
-// One declarative DeviceSpec produces both the raw descriptor bytes answered
+// One declarative DeviceSpec (devices build it with descriptor-builder.ts) produces both the raw descriptor bytes answered
 // to GET_DESCRIPTOR and (by parsing those very bytes back) the DeviceInfo
 // summary, so the two can never disagree.
 import {
@@ -342,9 +342,4 @@ export function altSettingEndpoints(
     }
   }
   return undefined;
-}
-
-/** Helpers for class-specific descriptor bytes. */
-export function bytes(...parts: number[]): Uint8Array {
-  return Uint8Array.from(parts.map((x) => x & 0xff));
 }

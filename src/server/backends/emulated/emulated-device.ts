@@ -43,12 +43,6 @@ import {
 } from '../types.js';
 import { silentLogger, type Logger } from '../../../common/log.js';
 import {
-  DT_BOS,
-  DT_CONFIG,
-  DT_DEVICE,
-  DT_DEVICE_QUALIFIER,
-  DT_OTHER_SPEED_CONFIG,
-  DT_STRING,
   altSettingEndpoints,
   buildDescriptors,
   parseConfigDescriptor,
@@ -56,40 +50,12 @@ import {
   type DescriptorSet,
   type DeviceSpec,
 } from './descriptors.js';
+import { ACK, STALL, epKey, parseSetup, result, standardRequest, type SetupPacket, type StandardRequestTarget } from './standard-requests.js';
+
+export { ACK, STALL, makeSetup, parseSetup, result, type SetupPacket } from './standard-requests.js';
 
 export const MAX_URB_BYTES = 16 * 1024 * 1024;
 export const DEFAULT_MAX_QUEUED_PER_ENDPOINT = 4096;
-
-export interface SetupPacket {
-  bmRequestType: number;
-  bRequest: number;
-  wValue: number;
-  wIndex: number;
-  wLength: number;
-}
-
-export function parseSetup(b: Uint8Array): SetupPacket {
-  return {
-    bmRequestType: b[0]!,
-    bRequest: b[1]!,
-    wValue: b[2]! | (b[3]! << 8),
-    wIndex: b[4]! | (b[5]! << 8),
-    wLength: b[6]! | (b[7]! << 8),
-  };
-}
-
-export function makeSetup(s: SetupPacket): Uint8Array {
-  return Uint8Array.of(
-    s.bmRequestType,
-    s.bRequest,
-    s.wValue & 0xff,
-    s.wValue >> 8,
-    s.wIndex & 0xff,
-    s.wIndex >> 8,
-    s.wLength & 0xff,
-    s.wLength >> 8,
-  );
-}
 
 /** Handed to subclass transfer handlers; lets long-running transfers notice cancellation. */
 export interface TransferContext {
@@ -156,15 +122,6 @@ interface EndpointQueue {
   pumpScheduled: boolean;
 }
 
-export function result(status: UrbStatus, data?: Uint8Array, actualLength?: number): UrbResult {
-  return { status, data, actualLength: actualLength ?? data?.length ?? 0 };
-}
-export const STALL: UrbResult = Object.freeze({ status: UrbStatus.Stall, actualLength: 0 }) as UrbResult;
-export const ACK: UrbResult = Object.freeze({ status: UrbStatus.Success, actualLength: 0 }) as UrbResult;
-
-function epKey(address: number): number {
-  return (address & 0x7f) === 0 ? 0 : address & 0x8f;
-}
 
 export abstract class EmulatedDevice extends EventEmitter implements DeviceHandle {
   readonly id: string;
@@ -185,6 +142,24 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
   private readonly queues = new Map<number, EndpointQueue>();
   private readonly byUrbId = new Map<number, Pending>();
   private cachedInfo: DeviceInfo | undefined;
+  /** This device as the chapter 9 standard requests see it. */
+  private readonly chapter9: StandardRequestTarget = ((d) => ({
+    get descriptors() {
+      return d.descriptors;
+    },
+    get configuration() {
+      return d.activeConfig;
+    },
+    selfPowered: () => (d.activeConfigSummary() ?? d.configSummaries[0])?.selfPowered ?? false,
+    hasInterface: (n: number) => d.activeConfigSummary()?.interfaces.some((i) => i.number === n) ?? false,
+    altSetting: (n: number) => d.altSettings.get(n) ?? 0,
+    hasEndpoint: (address: number) => d.activeEndpoints.has(address),
+    isHalted: (address: number) => d.isHalted(address),
+    halt: (address: number) => d.halt(address),
+    clearHalt: (address: number) => void d.doClearHalt(address),
+    selectConfiguration: (value: number) => d.applyConfiguration(value),
+    selectInterface: (n: number, alt: number) => d.applyInterface(n, alt),
+  }))(this);
   private opened = false;
   private goneReason: string | undefined;
 
@@ -687,94 +662,11 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
       return r;
     };
     if (type === 0) {
-      const r = this.standardRequest(setup, data);
+      const r = standardRequest(this.chapter9, setup, data);
       if (r) return clip(r);
     }
     const r = this.controlRequest(setup, data, ctx);
     return r instanceof Promise ? r.then(clip) : clip(r);
   }
 
-  private standardRequest(s: SetupPacket, data: Uint8Array | undefined): UrbResult | undefined {
-    const recipient = s.bmRequestType & 0x1f;
-    const ok = (d?: Uint8Array): UrbResult => (d ? result(UrbStatus.Success, d) : ACK);
-    switch (s.bRequest) {
-      case 0x00: {
-        // GET_STATUS
-        if (recipient === 0) {
-          const cfg = this.activeConfigSummary() ?? this.configSummaries[0];
-          return ok(Uint8Array.of(cfg?.selfPowered ? 1 : 0, 0));
-        }
-        if (recipient === 1) return ok(Uint8Array.of(0, 0));
-        if (recipient === 2) {
-          if (epKey(s.wIndex) !== 0 && !this.activeEndpoints.has(s.wIndex & 0xff)) return STALL;
-          return ok(Uint8Array.of(this.isHalted(s.wIndex & 0xff) ? 1 : 0, 0));
-        }
-        return STALL;
-      }
-      case 0x01: // CLEAR_FEATURE
-      case 0x03: {
-        // SET_FEATURE
-        if (recipient === 2 && s.wValue === 0) {
-          const ep = s.wIndex & 0xff;
-          if (epKey(ep) === 0) return ACK;
-          if (!this.activeEndpoints.has(ep)) return STALL;
-          if (s.bRequest === 0x01) this.doClearHalt(ep);
-          else this.halt(ep);
-          return ACK;
-        }
-        return ACK; // remote wakeup, U1/U2, function suspend, test mode: accepted, no effect
-      }
-      case 0x05: // SET_ADDRESS
-        return ACK;
-      case 0x06: {
-        // GET_DESCRIPTOR
-        if (recipient !== 0) return undefined; // interface-specific (e.g. HID report): subclass
-        const dtype = s.wValue >> 8;
-        const index = s.wValue & 0xff;
-        const ds = this.descriptors;
-        switch (dtype) {
-          case DT_DEVICE:
-            return ok(ds.device);
-          case DT_CONFIG:
-            return ds.configs[index] ? ok(ds.configs[index]) : STALL;
-          case DT_STRING: {
-            const str = ds.strings.get(index);
-            return str ? ok(str) : STALL;
-          }
-          case DT_DEVICE_QUALIFIER:
-            return ds.qualifier ? ok(ds.qualifier) : STALL;
-          case DT_OTHER_SPEED_CONFIG: {
-            const o = ds.otherSpeedConfigs?.[index];
-            return o ? ok(o) : STALL;
-          }
-          case DT_BOS:
-            return ds.bos ? ok(ds.bos) : STALL;
-          default:
-            return STALL;
-        }
-      }
-      case 0x07: // SET_DESCRIPTOR
-        return STALL;
-      case 0x08: // GET_CONFIGURATION
-        return ok(Uint8Array.of(this.activeConfig));
-      case 0x09: // SET_CONFIGURATION
-        return this.applyConfiguration(s.wValue & 0xff) ? ACK : STALL;
-      case 0x0a: {
-        // GET_INTERFACE
-        const cfg = this.activeConfigSummary();
-        if (!cfg || !cfg.interfaces.some((i) => i.number === s.wIndex)) return STALL;
-        return ok(Uint8Array.of(this.altSettings.get(s.wIndex) ?? 0));
-      }
-      case 0x0b: // SET_INTERFACE
-        return this.applyInterface(s.wIndex & 0xff, s.wValue) ? ACK : STALL;
-      case 0x0c: // SYNCH_FRAME
-        return STALL;
-      case 0x30: // SET_SEL
-      case 0x31: // SET_ISOCH_DELAY
-        return ACK;
-      default:
-        void data;
-        return undefined;
-    }
-  }
 }

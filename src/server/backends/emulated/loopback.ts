@@ -21,7 +21,7 @@
 //   OUT 0x02 RESET_COUNTERS.  OUT 0x03 SET_MODE wValue 0 = pattern, 1 = loop.
 //   OUT 0x5b / IN 0x5c: write / read back a control buffer (up to 4 KiB, usbtest style).
 import { crc32 } from 'node:zlib';
-import { Speed, TransferType, UrbStatus, type EndpointInfo, type IsoPacket, type Urb, type UrbResult } from '../types.js';
+import { Speed, UrbStatus, type EndpointInfo, type IsoPacket, type Urb, type UrbResult } from '../types.js';
 import {
   ACK,
   EmulatedDevice,
@@ -33,7 +33,8 @@ import {
   type TransferReturn,
 } from './emulated-device.js';
 import { ByteFifo } from './byte-fifo.js';
-import type { DeviceSpec, EndpointSpec } from './descriptors.js';
+import type { DeviceSpec } from './descriptors.js';
+import { bulkEndpoint, bulkMaxPacketSize, configuration, interruptEndpoint, isochronousEndpoint, usbDevice, usbInterface } from './descriptor-builder.js';
 
 export const LOOP_BULK_OUT = 0x01;
 export const LOOP_BULK_IN = 0x81;
@@ -98,7 +99,7 @@ export class LoopbackDevice extends EmulatedDevice {
     this.mode = options.mode ?? 'pattern';
     this.interruptIntervalMs = options.interruptIntervalMs ?? 8;
     this.fifo = new ByteFifo(options.loopBufferBytes ?? 1024 * 1024);
-    this.bulkMps = this.speed === Speed.Full ? 64 : this.speed === Speed.High ? 512 : 1024;
+    this.bulkMps = bulkMaxPacketSize(this.speed);
     this.isoMps = this.speed === Speed.Full ? 1023 : 1024;
     const len = Math.ceil(PATTERN_BYTES / this.bulkMps) * this.bulkMps;
     this.pattern = Buffer.from(loopbackPattern(len, this.bulkMps));
@@ -106,49 +107,32 @@ export class LoopbackDevice extends EmulatedDevice {
 
   static describe(o: LoopbackOptions, speed: Speed): DeviceSpec {
     const full = speed === Speed.Full;
-    const bulk = full ? 64 : speed === Speed.High ? 512 : 1024;
+    const bulk = bulkMaxPacketSize(speed);
     const iso = full ? 1023 : 1024;
     const periodicInterval = full ? 1 : 4; // 1 ms
-    const base: EndpointSpec[] = [
-      { address: LOOP_BULK_OUT, type: TransferType.Bulk, maxPacketSize: bulk, interval: 0, maxBurst: 15 },
-      { address: LOOP_BULK_IN, type: TransferType.Bulk, maxPacketSize: bulk, interval: 0, maxBurst: 15 },
-      { address: LOOP_INT_IN, type: TransferType.Interrupt, maxPacketSize: 64, interval: periodicInterval },
+    const base = [
+      bulkEndpoint(LOOP_BULK_OUT, bulk, { maxBurst: 15 }),
+      bulkEndpoint(LOOP_BULK_IN, bulk, { maxBurst: 15 }),
+      interruptEndpoint(LOOP_INT_IN, 64, periodicInterval),
     ];
-    const isoEps: EndpointSpec[] = [
-      { address: LOOP_ISO_IN, type: TransferType.Isochronous, maxPacketSize: iso, interval: periodicInterval },
-      { address: LOOP_ISO_OUT, type: TransferType.Isochronous, maxPacketSize: iso, interval: periodicInterval },
-    ];
-    const intf = (alt: number, endpoints: EndpointSpec[]) => ({
-      number: 0,
-      alternateSetting: alt,
-      interfaceClass: 0xff,
-      interfaceSubclass: 0,
-      interfaceProtocol: 0,
-      endpoints,
-    });
-    return {
-      bcdUsb: 0x0200,
-      deviceClass: 0xff,
-      deviceSubclass: 0,
-      deviceProtocol: 0,
-      maxPacketSize0: 64,
-      vendorId: o.vendorId ?? 0x1209,
-      productId: o.productId ?? 0x7302,
-      bcdDevice: 0x0100,
-      manufacturer: 'usbroam',
-      product: 'Emulated Loopback',
-      serial: o.serial ?? 'USBROAM-LOOP',
-      configurations: [
-        {
-          value: 1,
-          name: 'source/sink',
-          maxPowerMa: 100,
-          selfPowered: true,
-          remoteWakeup: false,
-          interfaces: [intf(0, base), intf(1, [...base, ...isoEps])],
-        },
+    const isoEps = [isochronousEndpoint(LOOP_ISO_IN, iso, periodicInterval), isochronousEndpoint(LOOP_ISO_OUT, iso, periodicInterval)];
+    return usbDevice(
+      {
+        class: 0xff, // vendor specific
+        vendorId: o.vendorId ?? 0x1209,
+        productId: o.productId ?? 0x7302,
+        manufacturer: 'usbroam',
+        product: 'Emulated Loopback',
+        serial: o.serial ?? 'USBROAM-LOOP',
+      },
+      [
+        configuration({ value: 1, name: 'source/sink', maxPowerMa: 100, selfPowered: true }, [
+          // Alternate setting 1 adds the isochronous pair.
+          usbInterface({ number: 0, alternateSetting: 0, class: 0xff }, base),
+          usbInterface({ number: 0, alternateSetting: 1, class: 0xff }, [...base, ...isoEps]),
+        ]),
       ],
-    };
+    );
   }
 
   get loopBuffered(): number {

@@ -20,7 +20,7 @@
 //  An invalid or not meaningful CBW stalls both bulk endpoints until a
 //  Bulk-Only Mass Storage Reset (class request 0xFF) followed by clear halts.
 import { open, type FileHandle } from 'node:fs/promises';
-import { Speed, TransferType, UrbStatus, type EndpointInfo, type Urb, type UrbResult } from '../types.js';
+import { Speed, UrbStatus, type EndpointInfo, type Urb, type UrbResult } from '../types.js';
 import {
   ACK,
   EmulatedDevice,
@@ -32,6 +32,7 @@ import {
   type TransferReturn,
 } from './emulated-device.js';
 import type { DeviceSpec } from './descriptors.js';
+import { bulkEndpoint, bulkMaxPacketSize, configuration, usbDevice, usbInterface } from './descriptor-builder.js';
 import {
   ALL_MODE_PAGES,
   BLOCK_SIZE,
@@ -134,45 +135,29 @@ export class MassStorageDevice extends EmulatedDevice {
     this.opts = options;
     this.imagePath = options.imagePath;
     this.readOnly = options.readOnly ?? false;
-    this.bulkMps = this.speed === Speed.Full ? 64 : this.speed === Speed.High ? 512 : 1024;
+    this.bulkMps = bulkMaxPacketSize(this.speed);
   }
 
   static describe(o: MassStorageOptions, speed: Speed): DeviceSpec {
-    const mps = speed === Speed.Full ? 64 : speed === Speed.High ? 512 : 1024;
-    return {
-      bcdUsb: 0x0200,
-      deviceClass: 0,
-      deviceSubclass: 0,
-      deviceProtocol: 0,
-      maxPacketSize0: 64,
-      vendorId: o.vendorId ?? 0x1209,
-      productId: o.productId ?? 0x7301,
-      bcdDevice: 0x0100,
-      manufacturer: o.manufacturer ?? 'usbroam',
-      product: o.product ?? 'Emulated Mass Storage',
-      serial: o.serial ?? 'USBROAM0001',
-      configurations: [
-        {
-          value: 1,
-          maxPowerMa: 100,
-          selfPowered: false,
-          remoteWakeup: false,
-          interfaces: [
-            {
-              number: 0,
-              alternateSetting: 0,
-              interfaceClass: 0x08,
-              interfaceSubclass: 0x06,
-              interfaceProtocol: 0x50,
-              endpoints: [
-                { address: MSC_BULK_IN, type: TransferType.Bulk, maxPacketSize: mps, interval: 0, maxBurst: 15 },
-                { address: MSC_BULK_OUT, type: TransferType.Bulk, maxPacketSize: mps, interval: 0, maxBurst: 15 },
-              ],
-            },
-          ],
-        },
+    const mps = bulkMaxPacketSize(speed);
+    return usbDevice(
+      {
+        vendorId: o.vendorId ?? 0x1209,
+        productId: o.productId ?? 0x7301,
+        manufacturer: o.manufacturer ?? 'usbroam',
+        product: o.product ?? 'Emulated Mass Storage',
+        serial: o.serial ?? 'USBROAM0001',
+      },
+      [
+        configuration({ value: 1, maxPowerMa: 100 }, [
+          // Mass storage, SCSI transparent command set, Bulk-Only Transport
+          usbInterface({ number: 0, class: 0x08, subclass: 0x06, protocol: 0x50 }, [
+            bulkEndpoint(MSC_BULK_IN, mps, { maxBurst: 15 }),
+            bulkEndpoint(MSC_BULK_OUT, mps, { maxBurst: 15 }),
+          ]),
+        ]),
       ],
-    };
+    );
   }
 
   /** Open (creating if missing) the backing image. */

@@ -3,7 +3,7 @@
 // when it is full, OUT URBs wait (NAK) until IN URBs drain it; IN URBs wait
 // until data arrives. The notification endpoint never sends (its URBs stay
 // pending until cancelled), like a port whose modem lines never change.
-import { Speed, TransferType, UrbStatus, type EndpointInfo, type Urb } from '../types.js';
+import { Speed, UrbStatus, type EndpointInfo, type Urb } from '../types.js';
 import {
   ACK,
   EmulatedDevice,
@@ -15,7 +15,8 @@ import {
   type TransferReturn,
 } from './emulated-device.js';
 import { ByteFifo } from './byte-fifo.js';
-import { bytes, type DeviceSpec } from './descriptors.js';
+import type { DeviceSpec } from './descriptors.js';
+import { bulkEndpoint, bulkMaxPacketSize, cdcFunctional, configuration, interruptEndpoint, usbDevice, usbInterface } from './descriptor-builder.js';
 
 export const ACM_NOTIFY_IN = 0x82;
 export const ACM_BULK_IN = 0x81;
@@ -51,60 +52,39 @@ export class SerialDevice extends EmulatedDevice {
   }
 
   static describe(o: SerialOptions, speed: Speed): DeviceSpec {
-    const mps = speed === Speed.Full ? 64 : speed === Speed.High ? 512 : 1024;
+    const mps = bulkMaxPacketSize(speed);
     const notifyInterval = speed === Speed.Full ? 32 : 9; // 32 ms
-    return {
-      bcdUsb: 0x0200,
-      deviceClass: 0x02,
-      deviceSubclass: 0,
-      deviceProtocol: 0,
-      maxPacketSize0: 64,
-      vendorId: o.vendorId ?? 0x1209,
-      productId: o.productId ?? 0x7303,
-      bcdDevice: 0x0100,
-      manufacturer: o.manufacturer ?? 'usbroam',
-      product: o.product ?? 'Emulated CDC-ACM Echo',
-      serial: o.serial ?? 'USBROAM-ACM',
-      configurations: [
-        {
-          value: 1,
-          maxPowerMa: 100,
-          selfPowered: false,
-          remoteWakeup: false,
-          interfaces: [
+    return usbDevice(
+      {
+        class: 0x02, // communications
+        vendorId: o.vendorId ?? 0x1209,
+        productId: o.productId ?? 0x7303,
+        manufacturer: o.manufacturer ?? 'usbroam',
+        product: o.product ?? 'Emulated CDC-ACM Echo',
+        serial: o.serial ?? 'USBROAM-ACM',
+      },
+      [
+        configuration({ value: 1, maxPowerMa: 100 }, [
+          // Communications: abstract control model, AT commands (V.250)
+          usbInterface(
             {
               number: 0,
-              alternateSetting: 0,
-              interfaceClass: 0x02,
-              interfaceSubclass: 0x02,
-              interfaceProtocol: 0x01,
-              extra: bytes(
-                // Header functional descriptor, CDC 1.10
-                5, 0x24, 0x00, 0x10, 0x01,
-                // Call management: no call management, data interface 1
-                5, 0x24, 0x01, 0x00, 0x01,
-                // ACM: line coding + serial state, send break
-                4, 0x24, 0x02, 0x06,
-                // Union: master 0, slave 1
-                5, 0x24, 0x06, 0x00, 0x01,
-              ),
-              endpoints: [{ address: ACM_NOTIFY_IN, type: TransferType.Interrupt, maxPacketSize: 16, interval: notifyInterval }],
-            },
-            {
-              number: 1,
-              alternateSetting: 0,
-              interfaceClass: 0x0a,
-              interfaceSubclass: 0,
-              interfaceProtocol: 0,
-              endpoints: [
-                { address: ACM_BULK_OUT, type: TransferType.Bulk, maxPacketSize: mps, interval: 0 },
-                { address: ACM_BULK_IN, type: TransferType.Bulk, maxPacketSize: mps, interval: 0 },
+              class: 0x02,
+              subclass: 0x02,
+              protocol: 0x01,
+              classDescriptors: [
+                cdcFunctional.header(0x0110),
+                cdcFunctional.callManagement(0x00, 1), // no call management; data on interface 1
+                cdcFunctional.acm(0x06), // line coding + serial state, send break
+                cdcFunctional.union(0, 1),
               ],
             },
-          ],
-        },
+            [interruptEndpoint(ACM_NOTIFY_IN, 16, notifyInterval)],
+          ),
+          usbInterface({ number: 1, class: 0x0a }, [bulkEndpoint(ACM_BULK_OUT, mps), bulkEndpoint(ACM_BULK_IN, mps)]),
+        ]),
       ],
-    };
+    );
   }
 
   protected override onReset(): void {
