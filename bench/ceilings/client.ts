@@ -149,7 +149,7 @@ function tlsConnect(port: number, certs: CertFiles): Promise<tls.TLSSocket> {
   });
 }
 
-function tlsHeader(mode: 'U' | 'D', size: number, durationMs: number): Buffer {
+function tlsHeader(mode: 'U' | 'D' | 'N', size: number, durationMs: number): Buffer {
   const h = Buffer.alloc(9);
   h.write(mode, 0, 'latin1');
   h.writeUInt32BE(size, 1);
@@ -412,4 +412,150 @@ export async function measureCeilings(opts: CeilingsOptions = {}): Promise<Ceili
     await server.stop();
   }
   return res;
+}
+
+// ---------------------------------------------------------------- fixed amounts of work
+
+/**
+ * The ceilings server kept running for interleaved rounds: every phase does a fixed amount of
+ * work (bytes, messages, round trips), so its CPU cost can be compared with the URB channel
+ * doing the same. `pid` is the server process (for /proc/PID/stat); the client side runs in this
+ * process.
+ */
+export interface CeilingsPeer {
+  pid: number;
+  /** client -> server over raw mutual TLS, `count` writes of `size` bytes; ms until the server counted them all. */
+  tlsUp(size: number, count: number): Promise<number>;
+  /** server -> client over raw mutual TLS, `count` chunks of `size` bytes; ms until the last arrived. */
+  tlsDown(size: number, count: number): Promise<number>;
+  /** client -> server on a grpc-js bidi stream of Buffers; ms until the server counted them all. */
+  grpcUp(size: number, count: number): Promise<number>;
+  /** server -> client on a grpc-js bidi stream; ms until the last arrived. */
+  grpcDown(size: number, count: number): Promise<number>;
+  /** `count` ping-pongs of `size` bytes on one grpc-js bidi stream, one at a time: each round trip in microseconds. */
+  grpcPingPong(size: number, count: number): Promise<number[]>;
+  close(): Promise<void>;
+}
+
+export async function startCeilingsPeer(opts: { certsDir?: string; clientName?: string; grpcChannelOptions?: grpc.ChannelOptions; grpcServerOptions?: grpc.ChannelOptions } = {}): Promise<CeilingsPeer> {
+  const certsDir = path.resolve(opts.certsDir ?? process.env.USBROAM_CERTS_DIR ?? path.join(repoRoot, 'certs/out'));
+  const clientName = opts.clientName ?? 'bridge';
+  ensureCerts(certsDir, clientName);
+  const certs = loadCerts(certsDir, clientName);
+  const server = await startServer(certsDir, { ...CEILINGS_GRPC_SERVER_OPTIONS, ...opts.grpcServerOptions });
+  const creds = grpc.credentials.createSsl(certs.ca, certs.key, certs.cert);
+  const client = new CeilingsClientCtor(`127.0.0.1:${server.grpcPort}`, creds, { ...CEILINGS_GRPC_CHANNEL_OPTIONS, ...opts.grpcChannelOptions });
+  try {
+    await waitReady(client);
+  } catch (e) {
+    client.close();
+    await server.stop();
+    throw e;
+  }
+  const ms = (t0: number) => now() - t0;
+  return {
+    pid: server.child.pid!,
+    async tlsUp(size, count) {
+      const sock = await tlsConnect(server.tlsPort, certs);
+      const chunk = Buffer.alloc(size, 0x3c);
+      const done = new Promise<void>((resolve, reject) => {
+        sock.on('data', () => {});
+        sock.once('end', () => resolve());
+        sock.once('error', reject);
+      });
+      sock.write(tlsHeader('U', size, 0));
+      const t0 = now();
+      for (let i = 0; i < count; i++) {
+        if (!sock.write(chunk)) await new Promise((r) => sock.once('drain', r));
+      }
+      sock.end();
+      await done;
+      const t = ms(t0);
+      sock.destroy();
+      return t;
+    },
+    async tlsDown(size, count) {
+      const sock = await tlsConnect(server.tlsPort, certs);
+      let bytes = 0;
+      const done = new Promise<void>((resolve, reject) => {
+        sock.on('data', (d: Buffer) => {
+          bytes += d.length;
+        });
+        sock.once('end', () => resolve());
+        sock.once('error', reject);
+      });
+      const t0 = now();
+      sock.write(tlsHeader('N', size, count));
+      await done;
+      const t = ms(t0);
+      sock.end();
+      sock.destroy();
+      if (bytes !== size * count) throw new Error(`raw TLS down: ${bytes} of ${size * count} bytes`);
+      return t;
+    },
+    async grpcUp(size, count) {
+      const call = client.Up();
+      const replies: Buffer[] = [];
+      call.on('data', (b: Buffer) => replies.push(b));
+      const done = callDone(call);
+      const msg = Buffer.alloc(size, 0x7e);
+      const t0 = now();
+      for (let i = 0; i < count; i++) {
+        if (!call.write(msg)) await new Promise((r) => call.once('drain', r));
+      }
+      call.end();
+      await done;
+      const t = ms(t0);
+      const got = Number(Buffer.concat(replies).readBigUInt64BE(8));
+      if (got !== count) throw new Error(`grpc up: the server counted ${got} of ${count} messages`);
+      return t;
+    },
+    async grpcDown(size, count) {
+      const call = client.Down();
+      let n = 0;
+      call.on('data', () => {
+        n++;
+      });
+      const done = callDone(call);
+      const ctl = Buffer.alloc(12);
+      ctl.writeUInt32BE(size, 0);
+      ctl.writeUInt32BE(0, 4);
+      ctl.writeUInt32BE(count, 8);
+      const t0 = now();
+      call.write(ctl);
+      call.end();
+      await done;
+      if (n !== count) throw new Error(`grpc down: ${n} of ${count} messages`);
+      return ms(t0);
+    },
+    async grpcPingPong(size, count) {
+      const [samples] = await pingPongSamples(client, size, count);
+      return samples;
+    },
+    async close() {
+      client.close();
+      await server.stop();
+    },
+  };
+}
+
+async function pingPongSamples(client: CeilingsClient, size: number, count: number): Promise<[number[]]> {
+  const call = client.Echo();
+  const done = callDone(call);
+  const msg = Buffer.alloc(size, 0x22);
+  const samples: number[] = [];
+  let t = 0;
+  await new Promise<void>((resolve) => {
+    call.on('data', () => {
+      samples.push((now() - t) * 1000);
+      if (samples.length >= count) return resolve();
+      t = now();
+      call.write(msg);
+    });
+    t = now();
+    call.write(msg);
+  });
+  call.end();
+  await done;
+  return [samples];
 }
