@@ -45,3 +45,10 @@ export function ensureCommands(needed: readonly Needed[], log: (line: string) =>
   }
   return needed.map((n) => findCommand(n)!);
 }
+
+/** What every QEMU bench runs: QEMU itself and openssl for the test certificates (the guest image builder installs the rest). */
+export const QEMU_BENCH_NEEDS: readonly Needed[] = [
+  { command: 'qemu-system-x86_64', apt: 'qemu-system-x86' },
+  { command: 'qemu-img', apt: 'qemu-utils' },
+  { command: 'openssl', apt: 'openssl' },
+];
