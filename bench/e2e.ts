@@ -256,7 +256,8 @@ async function main(): Promise<void> {
         ratio('write_vs_floor', 'usbroam', 'usbredir_floor', 'write');
         ratio('read_vs_floor', 'usbroam', 'usbredir_floor', 'read');
         // The high-speed disk against the high-speed floor (on xHCI with "both"; else the headline disk is that one).
-        const [usbroamHigh, floorHigh] = f['usbredir_floor_high'] ? ['usbroam_high', 'usbredir_floor_high'] : diskSpeedsFor(hc)[0] === 'high' ? ['usbroam', 'usbredir_floor'] : [];
+        // (On EHCI the headline disk is the high-speed one: ehci_write_vs_floor says it.)
+        const [usbroamHigh, floorHigh] = hc !== 'xhci' ? [] : f['usbredir_floor_high'] ? ['usbroam_high', 'usbredir_floor_high'] : diskSpeedsFor(hc)[0] === 'high' ? ['usbroam', 'usbredir_floor'] : [];
         if (usbroamHigh && floorHigh) {
           if (floorHigh !== 'usbredir_floor') {
             result[`${prefix}floor_high_write_MBps`] = r2(m(floorHigh, 'write'));
