@@ -254,7 +254,6 @@ async function main() {
 
   const perRound = (f: (i: number) => number) => s.bulk_out!.map((_, i) => f(i));
   const at = (k: string, i: number) => s[k]![i]!;
-  const bulkMin = perRound((i) => Math.min(at('bulk_in', i), at('bulk_out', i)));
   const tlsMin = perRound((i) => Math.min(at('tls_up', i), at('tls_down', i)));
   const grpcMin = perRound((i) => Math.min(at('grpc_up', i), at('grpc_down', i)));
   const tlsCpu = perRound((i) => (at('tls_cpu_up', i) + at('tls_cpu_down', i)) / 2);

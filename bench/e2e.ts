@@ -89,7 +89,6 @@ function progress(line: string): void {
   process.stderr.write(`[${((Date.now() - t0) / 1000).toFixed(1).padStart(6)} s] ${line}\n`);
 }
 const r2 = (x: number) => Math.round(x * 100) / 100;
-const r3 = (x: number) => Math.round(x * 1000) / 1000;
 
 /** 'usbroam' is the disk at the bus's headline speed, 'usbroam_<speed>' the others. */
 type Target = string;
