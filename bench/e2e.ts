@@ -6,7 +6,9 @@
 // timed inside the guest (/proc/uptime). The same dd against the same image file attached to the
 // same guest as QEMU's own usb-storage on the same bus (blockdev-add + device_add), with
 // cache=writeback (QEMU's default; the headline "local") and cache=none. Every round runs each
-// target once, the order rotating; medians over the rounds.
+// target once, the order rotating; a ratio is the median of the per-round ratios (target and
+// baseline measured in the same round, minutes never apart), with `_min` / `_max`; a rate is the
+// median over the rounds.
 //
 // The emulated disk's bus speed (--disk-speed): on xHCI the default is SuperSpeed (Linux
 // usb-storage sends 1 MiB SCSI commands instead of 120 KiB at high speed: ~8x fewer URB round
@@ -24,7 +26,9 @@
 // usbroam_<speed>_* figures and ratios, and with the default xHCI bus the same over EHCI (ehci_*).
 // Also (unless --no-floor) the "usb-redir floor": the same image behind the bridge's usbredir
 // device side in this process with no URB channel (floor_*_MBps, floor_*_ratio vs local, and
-// write_vs_floor / read_vs_floor = what the channel costs).
+// write_vs_floor / read_vs_floor = what the channel costs), at the headline speed and, with
+// "both", at high speed too (floor_high_*_MBps, high_vs_floor_write / high_vs_floor_read: the
+// 120 KiB-command disk every USB 2 stick is). EHCI: ehci_write_vs_floor / ehci_read_vs_floor.
 import { closeSync, fsyncSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -42,6 +46,8 @@ import { clientTls } from '../src/devkit/certs.js';
 import { startServerProcess, type ServerProcess } from '../src/devkit/server-process.js';
 import { HOST_CONTROLLERS, MiB, guestSha256, startBridgeGuest, timedDd, waitForDisk, waitGoneInGuest, type HcName } from '../src/devkit/bridge-guest.js';
 import { ensureGuestImage, type Guest, type GuestImage } from '../src/devkit/guest/guest.js';
+import { QEMU_BENCH_NEEDS, ensureCommands } from './support/need.js';
+import { positiveInt, putRatio, median, rotated } from './support/rounds.js';
 
 // The bridge runs in this process: tune the GC as `usbroam bridge` does.
 tuneGcForBulkTransfers();
@@ -63,8 +69,8 @@ if (flags.help) {
 }
 const bus = (flags.bus ?? process.env.USBROAM_BENCH_BUS ?? 'xhci').toLowerCase() as HcName;
 if (!(bus in HOST_CONTROLLERS)) throw new Error(`--bus must be xhci or ehci, not ${bus}`);
-const rounds = Number(flags.rounds ?? process.env.USBROAM_BENCH_ROUNDS ?? 3);
-const sizeMiB = Number(flags['size-mib'] ?? process.env.USBROAM_BENCH_SIZE_MIB ?? 32);
+const rounds = positiveInt('rounds', flags.rounds ?? process.env.USBROAM_BENCH_ROUNDS, 5);
+const sizeMiB = positiveInt('size-mib', flags['size-mib'] ?? process.env.USBROAM_BENCH_SIZE_MIB, 32);
 const withFloor = !flags['no-floor'] && process.env.USBROAM_BENCH_FLOOR !== '0';
 const withEhci = bus === 'xhci' && !flags['no-ehci'] && process.env.USBROAM_BENCH_EHCI !== '0';
 const DISK_MIB = Math.max(64, sizeMiB * 2);
@@ -82,13 +88,7 @@ const t0 = Date.now();
 function progress(line: string): void {
   process.stderr.write(`[${((Date.now() - t0) / 1000).toFixed(1).padStart(6)} s] ${line}\n`);
 }
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 const r2 = (x: number) => Math.round(x * 100) / 100;
-const r3 = (x: number) => Math.round(x * 1000) / 1000;
 
 /** 'usbroam' is the disk at the bus's headline speed, 'usbroam_<speed>' the others. */
 type Target = string;
@@ -129,7 +129,9 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
   const bridge = new Bridge({ runDir: path.join(dir, `bridge-${hc}`) });
   bridge.addVm({ name: 'vm', qmpSocket: bridgeQmp });
   const g: Guest = guest;
-  const targets: Target[] = [...usbroamTargets.keys(), 'local', 'local_direct', ...(withFloor ? ['usbredir_floor'] : [])];
+  // The floor at each measured speed: 'usbredir_floor' at the headline speed, 'usbredir_floor_<speed>' the others.
+  const floorTargets = new Map<Target, DiskSpeed>(withFloor ? speeds.map((sp, i) => [i === 0 ? 'usbredir_floor' : `usbredir_floor_${sp}`, sp]) : []);
+  const targets: Target[] = [...usbroamTargets.keys(), 'local', 'local_direct', ...floorTargets.keys()];
   const out: Record<Target, Figures> = Object.fromEntries(targets.map((t) => [t, { write: [], read: [] }]));
   let localSeq = 0;
   try {
@@ -148,7 +150,8 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
           await waitGoneInGuest(g, '/sys/block/sda');
         };
       }
-      if (t === 'usbredir_floor') return plugFloor(g, H.bus, speeds[0]!, diskPath, dir, ++localSeq);
+      const floorSpeed = floorTargets.get(t);
+      if (floorSpeed) return plugFloor(g, H.bus, floorSpeed, diskPath, dir, ++localSeq);
       const n = ++localSeq;
       const node = `bench-local${n}`;
       const id = `bench-usb${n}`;
@@ -171,7 +174,7 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
     };
 
     for (let r = 0; r < rounds; r++) {
-      const order = targets.map((_, i) => targets[(i + r) % targets.length]!);
+      const order = rotated(targets, r);
       for (const t of order) {
         const unplug = await plug(t, r);
         try {
@@ -183,7 +186,7 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
           if (got !== want) throw new Error(`${H.name} ${t}: read back ${got}, wrote ${want}`);
           out[t].write.push(w);
           out[t].read.push(rd);
-          progress(`${H.name} round ${r + 1}/${rounds} ${t.padEnd(12)} write ${w.toFixed(1).padStart(5)} MB/s  read ${rd.toFixed(1).padStart(5)} MB/s`);
+          progress(`${H.name} round ${r + 1}/${rounds} ${t.padEnd(20)} write ${w.toFixed(1).padStart(5)} MB/s  read ${rd.toFixed(1).padStart(5)} MB/s`);
         } finally {
           await unplug();
           // Leave no dirty host page cache of the image for the next target's fsyncs to pay for.
@@ -201,6 +204,7 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
 }
 
 async function main(): Promise<void> {
+  ensureCommands(QEMU_BENCH_NEEDS, progress);
   progress(`guest image (built and cached on first use)`);
   const image = await ensureGuestImage({ log: (l) => progress(l) });
   const dir = mkdtempSync(path.join(os.tmpdir(), 'ube-'));
@@ -222,38 +226,51 @@ async function main(): Promise<void> {
 
     const result: Record<string, unknown> = { bus, rounds, size_mib: sizeMiB, bs: '1M', disk_speed: diskSpeedsFor(bus)[0] };
     if (withEhci) result.ehci_disk_speed = diskSpeedsFor('ehci')[0];
-    const add = (prefix: string, f: Record<Target, Figures>) => {
+    const add = (prefix: string, f: Record<Target, Figures>, hc: HcName) => {
       const m = (t: Target, k: keyof Figures) => median(f[t]![k]);
+      // Every target ran once per round: a ratio pairs the two targets' figures of the same round.
+      const ratio = (name: string, t: Target, base: Target, k: keyof Figures) => putRatio(result, `${prefix}${name}`, f[t]![k], f[base]![k]);
       result[`${prefix}usbroam_write_MBps`] = r2(m('usbroam', 'write'));
       result[`${prefix}usbroam_read_MBps`] = r2(m('usbroam', 'read'));
       result[`${prefix}local_write_MBps`] = r2(m('local', 'write'));
       result[`${prefix}local_read_MBps`] = r2(m('local', 'read'));
-      result[`${prefix}write_ratio`] = r3(m('usbroam', 'write') / m('local', 'write'));
-      result[`${prefix}read_ratio`] = r3(m('usbroam', 'read') / m('local', 'read'));
+      ratio('write_ratio', 'usbroam', 'local', 'write');
+      ratio('read_ratio', 'usbroam', 'local', 'read');
       result[`${prefix}local_direct_write_MBps`] = r2(m('local_direct', 'write'));
       result[`${prefix}local_direct_read_MBps`] = r2(m('local_direct', 'read'));
-      result[`${prefix}write_ratio_vs_direct`] = r3(m('usbroam', 'write') / m('local_direct', 'write'));
-      result[`${prefix}read_ratio_vs_direct`] = r3(m('usbroam', 'read') / m('local_direct', 'read'));
+      ratio('write_ratio_vs_direct', 'usbroam', 'local_direct', 'write');
+      ratio('read_ratio_vs_direct', 'usbroam', 'local_direct', 'read');
       for (const t of Object.keys(f).filter((x) => x.startsWith('usbroam_'))) {
         result[`${prefix}${t}_write_MBps`] = r2(m(t, 'write'));
         result[`${prefix}${t}_read_MBps`] = r2(m(t, 'read'));
-        result[`${prefix}${t}_write_ratio`] = r3(m(t, 'write') / m('local', 'write'));
-        result[`${prefix}${t}_read_ratio`] = r3(m(t, 'read') / m('local', 'read'));
+        ratio(`${t}_write_ratio`, t, 'local', 'write');
+        ratio(`${t}_read_ratio`, t, 'local', 'read');
       }
       if (f['usbredir_floor']) {
         // QEMU's usb-redir with a zero-cost peer: the most any usb-redir based path can reach here.
         result[`${prefix}floor_write_MBps`] = r2(m('usbredir_floor', 'write'));
         result[`${prefix}floor_read_MBps`] = r2(m('usbredir_floor', 'read'));
-        result[`${prefix}floor_write_ratio`] = r3(m('usbredir_floor', 'write') / m('local', 'write'));
-        result[`${prefix}floor_read_ratio`] = r3(m('usbredir_floor', 'read') / m('local', 'read'));
-        result[`${prefix}write_vs_floor`] = r3(m('usbroam', 'write') / m('usbredir_floor', 'write'));
-        result[`${prefix}read_vs_floor`] = r3(m('usbroam', 'read') / m('usbredir_floor', 'read'));
+        ratio('floor_write_ratio', 'usbredir_floor', 'local', 'write');
+        ratio('floor_read_ratio', 'usbredir_floor', 'local', 'read');
+        ratio('write_vs_floor', 'usbroam', 'usbredir_floor', 'write');
+        ratio('read_vs_floor', 'usbroam', 'usbredir_floor', 'read');
+        // The high-speed disk against the high-speed floor (on xHCI with "both"; else the headline disk is that one).
+        // (On EHCI the headline disk is the high-speed one: ehci_write_vs_floor says it.)
+        const [usbroamHigh, floorHigh] = hc !== 'xhci' ? [] : f['usbredir_floor_high'] ? ['usbroam_high', 'usbredir_floor_high'] : diskSpeedsFor(hc)[0] === 'high' ? ['usbroam', 'usbredir_floor'] : [];
+        if (usbroamHigh && floorHigh) {
+          if (floorHigh !== 'usbredir_floor') {
+            result[`${prefix}floor_high_write_MBps`] = r2(m(floorHigh, 'write'));
+            result[`${prefix}floor_high_read_MBps`] = r2(m(floorHigh, 'read'));
+          }
+          ratio('high_vs_floor_write', usbroamHigh, floorHigh, 'write');
+          ratio('high_vs_floor_read', usbroamHigh, floorHigh, 'read');
+        }
       }
       result[`${prefix}samples`] = Object.fromEntries(Object.entries(f).map(([t, v]) => [t, { write: v.write.map(r2), read: v.read.map(r2) }]));
     };
     const all = servers as Record<DiskSpeed, ServerProcess>;
-    add('', await benchBus(bus, image, all, diskPath, dir));
-    if (withEhci) add('ehci_', await benchBus('ehci', image, all, diskPath, dir));
+    add('', await benchBus(bus, image, all, diskPath, dir), bus);
+    if (withEhci) add('ehci_', await benchBus('ehci', image, all, diskPath, dir), 'ehci');
     result.elapsed_s = Math.round((Date.now() - t0) / 1000);
     console.log(JSON.stringify(result));
   } finally {

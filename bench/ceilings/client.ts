@@ -79,6 +79,8 @@ const round = (x: number, digits = 1): number => {
   return Math.round(x * f) / f;
 };
 const now = (): number => performance.now();
+/** MB/s of a phase's result. */
+const rate = (r: { bytes: number; ms: number }): number => r.bytes / (r.ms / 1000) / MB;
 
 /** Ensures the development certificates exist in `dir` (runs scripts/make-certs.mjs --quiet if not). */
 export function ensureCerts(dir: string, clientName = 'bridge'): void {
@@ -149,7 +151,7 @@ function tlsConnect(port: number, certs: CertFiles): Promise<tls.TLSSocket> {
   });
 }
 
-function tlsHeader(mode: 'U' | 'D', size: number, durationMs: number): Buffer {
+function tlsHeader(mode: 'U' | 'D' | 'N', size: number, durationMs: number): Buffer {
   const h = Buffer.alloc(9);
   h.write(mode, 0, 'latin1');
   h.writeUInt32BE(size, 1);
@@ -157,7 +159,23 @@ function tlsHeader(mode: 'U' | 'D', size: number, durationMs: number): Buffer {
   return h;
 }
 
-async function tlsUp(port: number, certs: CertFiles, size: number, durationMs: number): Promise<number> {
+/** How much work a phase does: for a duration, or a fixed count of writes / messages. */
+type Amount = { ms: number } | { count: number };
+
+/** A loop condition for `amount`, started now: call it before each write. */
+function until(amount: Amount): () => boolean {
+  if ('count' in amount) {
+    let left = amount.count;
+    return () => left-- > 0;
+  }
+  const deadline = now() + amount.ms;
+  let n = 0;
+  // Check the clock every 64 writes: small-message loops would otherwise spend time in performance.now().
+  return () => (n++ & 63) !== 0 || now() < deadline;
+}
+
+/** client -> server: `size`-byte writes; the bytes the server counted and the ms until it had them all. */
+async function tlsUp(port: number, certs: CertFiles, size: number, amount: Amount): Promise<{ bytes: number; ms: number }> {
   const sock = await tlsConnect(port, certs);
   const chunk = Buffer.alloc(size, 0x3c);
   const reply: Buffer[] = [];
@@ -166,24 +184,22 @@ async function tlsUp(port: number, certs: CertFiles, size: number, durationMs: n
     sock.once('end', () => resolve());
     sock.once('error', reject);
   });
-  sock.write(tlsHeader('U', size, durationMs));
+  sock.write(tlsHeader('U', size, 0));
   const t0 = now();
-  const deadline = t0 + durationMs;
-  while (now() < deadline) {
+  for (const more = until(amount); more(); ) {
     if (!sock.write(chunk)) await new Promise((r) => sock.once('drain', r));
   }
   sock.end();
   await done;
-  const elapsed = (now() - t0) / 1000;
+  const ms = now() - t0;
   sock.destroy();
-  const bytes = Number(Buffer.concat(reply).readBigUInt64BE(0));
-  return bytes / elapsed / MB;
+  return { bytes: Number(Buffer.concat(reply).readBigUInt64BE(0)), ms };
 }
 
-async function tlsDown(port: number, certs: CertFiles, size: number, durationMs: number): Promise<number> {
+/** server -> client: `size`-byte chunks; the bytes received and the ms until the last. */
+async function tlsDown(port: number, certs: CertFiles, size: number, amount: Amount): Promise<{ bytes: number; ms: number }> {
   const sock = await tlsConnect(port, certs);
   let bytes = 0;
-  let t0 = 0;
   const done = new Promise<void>((resolve, reject) => {
     sock.on('data', (d: Buffer) => {
       bytes += d.length;
@@ -191,13 +207,13 @@ async function tlsDown(port: number, certs: CertFiles, size: number, durationMs:
     sock.once('end', () => resolve());
     sock.once('error', reject);
   });
-  t0 = now();
-  sock.write(tlsHeader('D', size, durationMs));
+  const t0 = now();
+  sock.write('count' in amount ? tlsHeader('N', size, amount.count) : tlsHeader('D', size, amount.ms));
   await done;
-  const elapsed = (now() - t0) / 1000;
+  const ms = now() - t0;
   sock.end();
   sock.destroy();
-  return bytes / elapsed / MB;
+  return { bytes, ms };
 }
 
 // ---------------------------------------------------------------- gRPC
@@ -223,46 +239,43 @@ function callDone(call: ClientDuplex): Promise<void> {
   });
 }
 
-/** Client streams `size`-byte messages for durationMs; returns [MB/s, msgs/s] as counted by the server. */
-async function grpcUp(client: CeilingsClient, size: number, durationMs: number): Promise<[number, number]> {
+/** Client streams `size`-byte messages; bytes and messages as counted by the server, ms until it had them all. */
+async function grpcUp(client: CeilingsClient, size: number, amount: Amount): Promise<{ bytes: number; msgs: number; ms: number }> {
   const call = client.Up();
   const replies: Buffer[] = [];
   call.on('data', (b: Buffer) => replies.push(b));
   const done = callDone(call);
   const msg = Buffer.alloc(size, 0x7e);
   const t0 = now();
-  const deadline = t0 + durationMs;
-  let n = 0;
-  while (true) {
-    // Check the clock every 64 writes: small-message loops would otherwise spend time in performance.now().
-    if ((n & 63) === 0 && now() >= deadline) break;
-    n++;
+  for (const more = until(amount); more(); ) {
     if (!call.write(msg)) await new Promise((r) => call.once('drain', r));
   }
   call.end();
   await done;
-  const elapsed = (now() - t0) / 1000;
+  const ms = now() - t0;
   const r = Buffer.concat(replies);
-  const bytes = Number(r.readBigUInt64BE(0));
-  const msgs = Number(r.readBigUInt64BE(8));
-  return [bytes / elapsed / MB, msgs / elapsed];
+  return { bytes: Number(r.readBigUInt64BE(0)), msgs: Number(r.readBigUInt64BE(8)), ms };
 }
 
-async function grpcDown(client: CeilingsClient, size: number, durationMs: number): Promise<number> {
+/** Server streams `size`-byte messages; messages received and ms until the last. */
+async function grpcDown(client: CeilingsClient, size: number, amount: Amount): Promise<{ bytes: number; msgs: number; ms: number }> {
   const call = client.Down();
   let bytes = 0;
+  let msgs = 0;
   call.on('data', (b: Buffer) => {
     bytes += b.length;
+    msgs++;
   });
   const done = callDone(call);
-  const ctl = Buffer.alloc(8);
+  const ctl = Buffer.alloc('count' in amount ? 12 : 8);
   ctl.writeUInt32BE(size, 0);
-  ctl.writeUInt32BE(durationMs, 4);
+  ctl.writeUInt32BE('count' in amount ? 0 : amount.ms, 4);
+  if ('count' in amount) ctl.writeUInt32BE(amount.count, 8);
   const t0 = now();
   call.write(ctl);
   call.end();
   await done;
-  return bytes / ((now() - t0) / 1000) / MB;
+  return { bytes, msgs, ms: now() - t0 };
 }
 
 /** Pipelined echo of small messages with at most `window` in flight; returns round trips/s. */
@@ -306,19 +319,17 @@ async function grpcEchoRate(client: CeilingsClient, size: number, window: number
   return received / elapsed;
 }
 
-async function grpcPingPong(client: CeilingsClient, size: number, warmup: number, count: number): Promise<number[]> {
+/** `count` ping-pongs of `size` bytes on one bidi stream, one at a time: each round trip in microseconds. */
+async function grpcPingPong(client: CeilingsClient, size: number, count: number): Promise<number[]> {
   const call = client.Echo();
   const done = callDone(call);
   const msg = Buffer.alloc(size, 0x22);
-  const samples = new Float64Array(count);
-  let i = -warmup;
+  const samples: number[] = [];
   let t = 0;
   await new Promise<void>((resolve) => {
     call.on('data', () => {
-      const dt = now() - t;
-      if (i >= 0) samples[i] = dt;
-      i++;
-      if (i >= count) return resolve();
+      samples.push((now() - t) * 1000);
+      if (samples.length >= count) return resolve();
       t = now();
       call.write(msg);
     });
@@ -327,9 +338,7 @@ async function grpcPingPong(client: CeilingsClient, size: number, warmup: number
   });
   call.end();
   await done;
-  const sorted = Array.from(samples).sort((a, b) => a - b);
-  const pct = (p: number): number => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]! * 1000;
-  return [pct(50), pct(99)];
+  return samples;
 }
 
 // ---------------------------------------------------------------- driver
@@ -370,10 +379,10 @@ export async function measureCeilings(opts: CeilingsOptions = {}): Promise<Ceili
   try {
     if (!skip.tls) {
       // Short warm-up so the first measured phase does not pay for JIT and TLS session setup.
-      await tlsUp(server.tlsPort, certs, chunk, 150);
-      res.raw_tls_up_MBps = round(await tlsUp(server.tlsPort, certs, chunk, durationMs));
+      await tlsUp(server.tlsPort, certs, chunk, { ms: 150 });
+      res.raw_tls_up_MBps = round(rate(await tlsUp(server.tlsPort, certs, chunk, { ms: durationMs })));
       log(`raw tls up   ${res.raw_tls_up_MBps} MB/s (${chunk} B writes, ${durationMs} ms)`);
-      res.raw_tls_down_MBps = round(await tlsDown(server.tlsPort, certs, chunk, durationMs));
+      res.raw_tls_down_MBps = round(rate(await tlsDown(server.tlsPort, certs, chunk, { ms: durationMs })));
       log(`raw tls down ${res.raw_tls_down_MBps} MB/s`);
       res.raw_tls_MBps = Math.min(res.raw_tls_up_MBps, res.raw_tls_down_MBps);
     }
@@ -385,24 +394,27 @@ export async function measureCeilings(opts: CeilingsOptions = {}): Promise<Ceili
     log(`grpc server options  ${JSON.stringify(serverOptions)}`);
 
     if (!skip.grpcBulk) {
-      await grpcUp(client, chunk, 150);
-      res.grpc_raw_up_MBps = round((await grpcUp(client, chunk, durationMs))[0]);
+      await grpcUp(client, chunk, { ms: 150 });
+      res.grpc_raw_up_MBps = round(rate(await grpcUp(client, chunk, { ms: durationMs })));
       log(`grpc up      ${res.grpc_raw_up_MBps} MB/s (${chunk} B messages)`);
-      await grpcDown(client, chunk, 150);
-      res.grpc_raw_down_MBps = round(await grpcDown(client, chunk, durationMs));
+      await grpcDown(client, chunk, { ms: 150 });
+      res.grpc_raw_down_MBps = round(rate(await grpcDown(client, chunk, { ms: durationMs })));
       log(`grpc down    ${res.grpc_raw_down_MBps} MB/s`);
       res.grpc_raw_MBps = Math.min(res.grpc_raw_up_MBps, res.grpc_raw_down_MBps);
     }
     if (!skip.grpcMsgs) {
-      await grpcUp(client, small, 150);
-      res.grpc_msgs_per_s = Math.round((await grpcUp(client, small, durationMs))[1]);
+      await grpcUp(client, small, { ms: 150 });
+      const up = await grpcUp(client, small, { ms: durationMs });
+      res.grpc_msgs_per_s = Math.round(up.msgs / (up.ms / 1000));
       log(`grpc msgs    ${res.grpc_msgs_per_s} msgs/s (${small} B, pipelined client->server)`);
       const echoMs = Math.min(durationMs, 1000);
       res.grpc_echo_msgs_per_s = Math.round(await grpcEchoRate(client, small, window, echoMs));
       log(`grpc echo    ${res.grpc_echo_msgs_per_s} round trips/s (${small} B, <= ${window} in flight, ${echoMs} ms)`);
     }
     if (!skip.grpcRtt) {
-      const [p50, p99] = await grpcPingPong(client, pingSize, rttWarmup, rttCount);
+      const sorted = (await grpcPingPong(client, pingSize, rttWarmup + rttCount)).slice(rttWarmup).sort((a, b) => a - b);
+      const pct = (p: number): number => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
+      const [p50, p99] = [pct(50), pct(99)];
       res.grpc_rtt_p50_us = round(p50!);
       res.grpc_rtt_p99_us = round(p99!);
       log(`grpc rtt     p50 ${res.grpc_rtt_p50_us} us, p99 ${res.grpc_rtt_p99_us} us (${pingSize} B, ${rttCount} round trips)`);
@@ -412,4 +424,72 @@ export async function measureCeilings(opts: CeilingsOptions = {}): Promise<Ceili
     await server.stop();
   }
   return res;
+}
+
+// ---------------------------------------------------------------- fixed amounts of work
+
+/**
+ * The ceilings server kept running for interleaved rounds: every phase does a fixed amount of
+ * work (bytes, messages, round trips), so its CPU cost can be compared with the URB channel
+ * doing the same. `pid` is the server process (for /proc/PID/stat); the client side runs in this
+ * process.
+ */
+export interface CeilingsPeer {
+  pid: number;
+  /** client -> server over raw mutual TLS, `count` writes of `size` bytes; ms until the server counted them all. */
+  tlsUp(size: number, count: number): Promise<number>;
+  /** server -> client over raw mutual TLS, `count` chunks of `size` bytes; ms until the last arrived. */
+  tlsDown(size: number, count: number): Promise<number>;
+  /** client -> server on a grpc-js bidi stream of Buffers; ms until the server counted them all. */
+  grpcUp(size: number, count: number): Promise<number>;
+  /** server -> client on a grpc-js bidi stream; ms until the last arrived. */
+  grpcDown(size: number, count: number): Promise<number>;
+  /** `count` ping-pongs of `size` bytes on one grpc-js bidi stream, one at a time: each round trip in microseconds. */
+  grpcPingPong(size: number, count: number): Promise<number[]>;
+  close(): Promise<void>;
+}
+
+export async function startCeilingsPeer(opts: { certsDir?: string; clientName?: string; grpcChannelOptions?: grpc.ChannelOptions; grpcServerOptions?: grpc.ChannelOptions } = {}): Promise<CeilingsPeer> {
+  const certsDir = path.resolve(opts.certsDir ?? process.env.USBROAM_CERTS_DIR ?? path.join(repoRoot, 'certs/out'));
+  const clientName = opts.clientName ?? 'bridge';
+  ensureCerts(certsDir, clientName);
+  const certs = loadCerts(certsDir, clientName);
+  const server = await startServer(certsDir, { ...CEILINGS_GRPC_SERVER_OPTIONS, ...opts.grpcServerOptions });
+  const creds = grpc.credentials.createSsl(certs.ca, certs.key, certs.cert);
+  const client = new CeilingsClientCtor(`127.0.0.1:${server.grpcPort}`, creds, { ...CEILINGS_GRPC_CHANNEL_OPTIONS, ...opts.grpcChannelOptions });
+  try {
+    await waitReady(client);
+  } catch (e) {
+    client.close();
+    await server.stop();
+    throw e;
+  }
+  return {
+    pid: server.child.pid!,
+    async tlsUp(size, count) {
+      const r = await tlsUp(server.tlsPort, certs, size, { count });
+      if (r.bytes !== size * count) throw new Error(`raw TLS up: the server counted ${r.bytes} of ${size * count} bytes`);
+      return r.ms;
+    },
+    async tlsDown(size, count) {
+      const r = await tlsDown(server.tlsPort, certs, size, { count });
+      if (r.bytes !== size * count) throw new Error(`raw TLS down: ${r.bytes} of ${size * count} bytes`);
+      return r.ms;
+    },
+    async grpcUp(size, count) {
+      const r = await grpcUp(client, size, { count });
+      if (r.msgs !== count) throw new Error(`grpc up: the server counted ${r.msgs} of ${count} messages`);
+      return r.ms;
+    },
+    async grpcDown(size, count) {
+      const r = await grpcDown(client, size, { count });
+      if (r.msgs !== count) throw new Error(`grpc down: ${r.msgs} of ${count} messages`);
+      return r.ms;
+    },
+    grpcPingPong: (size, count) => grpcPingPong(client, size, count),
+    async close() {
+      client.close();
+      await server.stop();
+    },
+  };
 }

@@ -24,6 +24,7 @@ const method = (name: string) => ({
  *          one 16-byte message (u64 bytes, u64 messages) and ends.
  *  - Down: client sends one 8-byte control message (u32 message size, u32 duration ms); server
  *          streams messages of that size for that long (respecting back-pressure), then ends.
+ *          A 12-byte control message adds a u32 count: that many messages, the duration ignored.
  *  - Echo: server writes back every message it receives.
  */
 export const CeilingsService = {

@@ -6,6 +6,7 @@
 // Raw TLS protocol (first 9 bytes from the client): mode byte, u32 chunk size, u32 duration ms.
 //   'U': server sinks everything after the header; on client half-close it writes u64 byte count, ends.
 //   'D': server writes chunks of the given size for the given duration (with back-pressure), ends.
+//   'N': as 'D' with a count of chunks in place of the duration.
 import http2 from 'node:http2';
 import tls from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
@@ -62,11 +63,14 @@ function startTls(): Promise<number> {
       const durationMs = header.readUInt32BE(5);
       if (mode === 'U') {
         received += header.length - 9;
-      } else if (mode === 'D') {
+      } else if (mode === 'D' || mode === 'N') {
+        // 'N': the u32 after the size is a count of chunks instead of a duration (a fixed amount of work).
         const chunk = Buffer.alloc(size, 0xa5);
         const deadline = performance.now() + durationMs;
+        let left = durationMs;
+        const more = mode === 'D' ? () => performance.now() < deadline : () => left-- > 0;
         const pump = (): void => {
-          while (performance.now() < deadline) {
+          while (more()) {
             if (!sock.write(chunk)) {
               sock.once('drain', pump);
               return;
@@ -127,9 +131,11 @@ function startGrpc(): Promise<number> {
       call.once('data', async (ctl: Buffer) => {
         const size = ctl.readUInt32BE(0);
         const durationMs = ctl.readUInt32BE(4);
+        // A 12-byte control message adds a count of messages: send that many, whatever the time.
+        let left = ctl.length >= 12 ? ctl.readUInt32BE(8) : -1;
         const msg = Buffer.alloc(size, 0x5a);
         const deadline = performance.now() + durationMs;
-        while (performance.now() < deadline && !call.cancelled) {
+        while ((left < 0 ? performance.now() < deadline : left-- > 0) && !call.cancelled) {
           const p = writeWithBackpressure(call, msg);
           if (p) await p;
         }

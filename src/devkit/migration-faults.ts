@@ -248,19 +248,36 @@ const PICK_DEV = `set -- /sys/block/sd*; DEV=/dev/\${1##*/}`;
  * slot i % SLOTS with block (i / SLOTS) % POOL, so consecutive writes to one slot differ and a
  * lost write shows. Each completed write: "i ok" in /tmp/wlog and "W i" on /dev/ttyS1 (if
  * marks); a failed one: "i ERR" and "E i". Stops at /tmp/stop, then "DONE" in /tmp/wlog.
+ * `target`: a file (e.g. on the guest's tmpfs, a RAM disk) instead of the USB disk: buffered
+ * writes with fsync (tmpfs has no O_DIRECT), the file never truncated.
  */
-export function slotWriterScript(opts: { slots?: number; pool?: number; base?: number; marks?: boolean } = {}): string {
+export interface SlotWriterOptions {
+  slots?: number;
+  pool?: number;
+  base?: number;
+  marks?: boolean;
+  target?: string;
+}
+
+/** How the slot writer and its verification reach their device: `DEV=...`, the dd flags. */
+function slotTarget(target: string | undefined): { pick: string; oflags: string; iflags: string; test: string } {
+  if (target) return { pick: `DEV=${target}`, oflags: 'conv=notrunc,fsync', iflags: '', test: '-f' };
+  return { pick: PICK_DEV, oflags: 'oflag=direct conv=fsync', iflags: 'iflag=direct', test: '-b' };
+}
+
+export function slotWriterScript(opts: SlotWriterOptions = {}): string {
   const slots = opts.slots ?? 64;
   const pool = opts.pool ?? 8;
   const base = opts.base ?? 64;
+  const t = slotTarget(opts.target);
   return `
 ${opts.marks ? 'stty -F /dev/ttyS1 115200 raw -echo 2>/dev/null; exec 3>/dev/ttyS1' : 'exec 3>/dev/null'}
 rm -f /tmp/wlog
 i=0
 while [ ! -e /tmp/stop ]; do
-  ${PICK_DEV}
+  ${t.pick}
   s=$((i % ${slots})); p=$(( (i / ${slots}) % ${pool} ))
-  if [ -b "$DEV" ] && dd if=/tmp/pool.$p of=$DEV bs=65536 seek=$((s + ${base})) oflag=direct conv=fsync 2>/dev/null; then
+  if [ ${t.test} "$DEV" ] && dd if=/tmp/pool.$p of=$DEV bs=65536 seek=$((s + ${base})) ${t.oflags} 2>/dev/null; then
     echo "$i ok" >> /tmp/wlog; echo "W $i" >&3
   else
     echo "$i ERR" >> /tmp/wlog; echo "E $i" >&3; sleep 0.1
@@ -276,8 +293,9 @@ export async function makePool(g: Guest, pool = 8): Promise<void> {
   await g.sh(`rm -f /tmp/pool.sums; for p in $(seq 0 ${pool - 1}); do head -c 65536 /dev/urandom > /tmp/pool.$p; echo "$p $(sha256sum /tmp/pool.$p | cut -d' ' -f1)" >> /tmp/pool.sums; done`, { timeoutMs: 60_000 });
 }
 
-export async function startSlotWriter(g: Guest, opts: { slots?: number; pool?: number; base?: number; marks?: boolean } = {}): Promise<void> {
+export async function startSlotWriter(g: Guest, opts: SlotWriterOptions = {}): Promise<void> {
   await makePool(g, opts.pool ?? 8);
+  if (opts.target) await g.sh(`dd if=/dev/zero of=${opts.target} bs=65536 count=${(opts.base ?? 64) + (opts.slots ?? 64)} 2>/dev/null`);
   await g.sh(`cat > /tmp/w.sh <<'EOS'\n${slotWriterScript(opts)}\nEOS\nrm -f /tmp/stop /tmp/wlog; (sh /tmp/w.sh > /dev/null 2>&1 &)`);
 }
 
@@ -301,7 +319,7 @@ export interface SlotVerification {
 }
 
 /** Check every slot whose last write succeeded holds exactly that write's block. */
-export async function verifySlots(g: Guest, opts: { slots?: number; pool?: number; base?: number } = {}): Promise<SlotVerification> {
+export async function verifySlots(g: Guest, opts: Omit<SlotWriterOptions, 'marks'> = {}): Promise<SlotVerification> {
   const slots = opts.slots ?? 64;
   const pool = opts.pool ?? 8;
   const base = opts.base ?? 64;
@@ -321,7 +339,7 @@ export async function verifySlots(g: Guest, opts: { slots?: number; pool?: numbe
   }
   const check = [...last].filter(([, v]) => v.ok).map(([s]) => s);
   const out = check.length
-    ? await g.sh(`${PICK_DEV}; for s in ${check.join(' ')}; do echo "$s $(dd if=$DEV bs=65536 skip=$((s + ${base})) count=1 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"; done`, { timeoutMs: 300_000 })
+    ? await g.sh(`${slotTarget(opts.target).pick}; for s in ${check.join(' ')}; do echo "$s $(dd if=$DEV bs=65536 skip=$((s + ${base})) count=1 ${slotTarget(opts.target).iflags} 2>/dev/null | sha256sum | cut -d' ' -f1)"; done`, { timeoutMs: 300_000 })
     : '';
   const bad: number[] = [];
   let verified = 0;

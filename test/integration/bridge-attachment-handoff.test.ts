@@ -8,7 +8,7 @@ import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { silentLogger } from '../../src/common/log.js';
 import { Status, type Packet } from '../../src/qemu/usbredir/index.js';
 import { FakeQemu, socketPair } from '../helpers/bridge-fake-qemu.js';
-import { clientTls } from '../helpers/certs.js';
+import { clientTls } from '../../src/devkit/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
 
 describe('bridge Attachment hand-off (source -> destination, fake QEMU)', function () {
