@@ -20,6 +20,7 @@ import type { Acl } from './acl.js';
 import { deviceToProto } from './convert.js';
 import type { DeviceRegistry, RegistryEvent } from './devices/registry.js';
 import { identityOf } from './identity.js';
+import { claimTokenOf } from '../fleet/claim-token.js';
 import type { SessionManager } from './sessions/manager.js';
 import { ChannelProtocolError, type Session, type SessionStream } from './sessions/session.js';
 
@@ -91,6 +92,7 @@ export function createUsbHostHandlers(deps: ServiceDeps) {
   function runChannel(call: grpc.ServerDuplexStream<ClientMessage, ServerMessage>): void {
     const peer = call.getPeer();
     const identity = who(call);
+    const claimToken = claimTokenOf(call.metadata); // fleet claim token, checked at session open
     let ended = false;
     const stream: SessionStream = {
       peer,
@@ -164,7 +166,7 @@ export function createUsbHostHandlers(deps: ServiceDeps) {
             }
             index = 1;
             return wait(
-              openSession(identity, peer, first.kind.value, stream).then((s) => {
+              openSession(identity, peer, first.kind.value, stream, claimToken).then((s) => {
                 session = s;
               }),
             );
@@ -232,10 +234,11 @@ export function createUsbHostHandlers(deps: ServiceDeps) {
     peer: string,
     open: NonNullable<ClientMessage['frames'][number]['kind'] & { $case: 'open' }>['value'],
     stream: SessionStream,
+    claimToken: string | undefined,
   ): Promise<Session> {
     const t = open.target;
     if (t?.$case === 'device') {
-      const s = await sessions.create(identity, peer, t.value);
+      const s = await sessions.create(identity, peer, t.value, claimToken);
       s.attach(stream, 0, (seq) => ({ seq, kind: { $case: 'opened', value: { sessionId: s.id, device: deviceToProto(s.device, withClaim(s.device.id)), lastClientSeq: 0, resumed: false, standby: false } } }));
       return s;
     }
