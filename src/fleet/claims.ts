@@ -168,6 +168,12 @@ export class FleetClaimant extends EventEmitter {
     const holderKv = firstKv(res, 0);
     if (!firstKv(res, 1)) throw new FleetError(Status.NOT_FOUND, `device ${device.id} left host ${device.host} before it could be claimed`);
     const holder = holderKv && decodeRecord<ClaimRecord>(key, holderKv.value);
+    if (holder && holder.token === record.token) {
+      // Our own earlier attempt: the transaction committed but its answer was lost, and the retry found the key.
+      const claim = { key, record, device: { ...device, claim: record } };
+      this.held.set(key, claim);
+      return { claim };
+    }
     return { holder: holder ?? { host: device.host, deviceId: device.id, claimant: '(unreadable claim record)', token: '', lease: '?', since: '?' } };
   }
 
