@@ -3,6 +3,7 @@
 // taken through etcd and honoured by the server at session open (token and
 // identity checked), an etcd member killed (the leader), a server killed -9.
 import { expect } from 'chai';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -88,6 +89,15 @@ describe('fleet: three servers on a three-member etcd cluster', function () {
     expect(serials.map((d) => d.host)).to.deep.equal(['host-0', 'host-1', 'host-2']);
     expect(serials.every((d) => d.serial === 'USBROAM-ACM-0001' && d.portPath === '1-3')).to.equal(true);
     expect((await dir.list(sel('rack=r1'))).every((d) => d.host === 'host-1')).to.equal(true);
+  });
+
+  it('usbroam devices --etcd --select lists the matching devices of every host', () => {
+    const out = execFileSync(process.execPath, ['bin/usbroam.js', 'devices', '--etcd', etcd.endpoints.join(','), '--select', 'label kind=serial', '--json']);
+    const list = JSON.parse(out.toString()) as { host: string; serial: string; address: string }[];
+    expect(list.map((d) => `${d.host} ${d.serial}`)).to.deep.equal(['host-0 USBROAM-ACM-0001', 'host-1 USBROAM-ACM-0001', 'host-2 USBROAM-ACM-0001']);
+    const bad = spawnSync(process.execPath, ['bin/usbroam.js', 'devices', '--etcd', etcd.endpoints[0], '--select', 'vid:pid'], { encoding: 'utf8' });
+    expect(bad.status).to.equal(1);
+    expect(bad.stderr).to.match(/vid:pid "vid:pid" is not of the form vvvv:pppp/);
   });
 
   it('the server opens a device for the fleet claim\'s holder with its token, and refuses everyone else', async () => {
