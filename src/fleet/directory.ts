@@ -37,7 +37,7 @@ export class FleetDirectory {
 
   /** Every device in the fleet matching `selector` (all without one), with its claim; sorted by host, then id. */
   async list(selector?: FleetSelector, opts: { signal?: AbortSignal } = {}): Promise<FleetDevice[]> {
-    return (await this.snapshot(opts.signal)).devices.filter((d) => !selector || matchesFleetSelector(selector, d));
+    return (await this.snapshot(opts.signal, selector?.host)).devices.filter((d) => !selector || matchesFleetSelector(selector, d));
   }
 
   async hosts(opts: { signal?: AbortSignal } = {}): Promise<HostRecord[]> {
@@ -62,10 +62,11 @@ export class FleetDirectory {
     }
   }
 
-  private async snapshot(signal?: AbortSignal): Promise<{ devices: FleetDevice[]; revision: string }> {
-    const devs = await this.range(this.keys.devices, signal);
+  /** Devices and claims at one revision; of one host only when `host` is given (a narrower range read). */
+  private async snapshot(signal?: AbortSignal, host?: string): Promise<{ devices: FleetDevice[]; revision: string }> {
+    const devs = await this.range(host === undefined ? this.keys.devices : this.keys.hostDevices(host), signal);
     const revision = devs.header.revision;
-    const claims = await this.range(this.keys.claims, signal, revision);
+    const claims = await this.range(host === undefined ? this.keys.claims : this.keys.hostClaims(host), signal, revision);
     const byDevice = new Map<string, ClaimRecord>();
     for (const kv of claims.kvs) {
       const c = decodeRecord<ClaimRecord>(kv.key.toString(), kv.value);

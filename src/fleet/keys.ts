@@ -75,8 +75,11 @@ export class FleetKeys {
   device(host: string, id: string): string {
     return this.hostDevices(host) + enc(id);
   }
+  hostClaims(host: string): string {
+    return `${this.claims}${enc(host)}/`;
+  }
   claim(host: string, id: string): string {
-    return `${this.claims}${enc(host)}/${enc(id)}`;
+    return this.hostClaims(host) + enc(id);
   }
   /** What a key under the prefix names, or undefined for a foreign key. */
   parse(key: string): { kind: 'host'; host: string } | { kind: 'device' | 'claim'; host: string; id: string } | undefined {
