@@ -73,13 +73,13 @@ export class FleetClaimant extends EventEmitter {
     });
   }
 
-  /** A claimant with a granted lease; UNAVAILABLE when etcd cannot be reached (it does not wait for etcd). */
+  /** A claimant with a granted lease (kept, and granted anew after a loss); UNAVAILABLE at once when etcd cannot be reached. */
   static async create(etcd: EtcdConnection, opts: ClaimantOptions): Promise<FleetClaimant> {
     const c = new FleetClaimant(etcd, opts);
     try {
       await c.lease.start();
     } catch (err) {
-      c.lease.startInBackground();
+      await c.lease.close();
       throw err;
     }
     return c;

@@ -27,6 +27,9 @@ export async function startServerFleet(cfg: FleetConfig, log: Logger): Promise<S
     guard: fleetClaimGuard(etcd, keys, cfg.hostName, flog),
     publish(address, source) {
       const advertised = cfg.advertise ?? address;
+      if (/^(0\.0\.0\.0|\[?::\]?)(:|$)/.test(advertised)) {
+        flog.warn({ address: advertised }, 'publishing an unspecified address that bridges cannot connect to: set --advertise host:port');
+      }
       fleet.publisher = new FleetPublisher(etcd, source, {
         host: cfg.hostName,
         address: advertised,
