@@ -1,5 +1,9 @@
 // Fleet selectors, key schema and the serve flags that configure registration.
 import { expect } from 'chai';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { serveConfig } from '../../src/client/cli/serve.js';
 import { fleetConfig } from '../../src/fleet/config.js';
 import { deviceRecord, FleetKeys } from '../../src/fleet/keys.js';
 import { describeFleetSelector, matchesFleetSelector, parseFleetSelector } from '../../src/fleet/selector.js';
@@ -75,5 +79,20 @@ describe('fleet serve flags', () => {
     expect(() => fleetConfig({ etcd: 'http://127.0.0.1:1', label: ['novalue'] }, undefined)).to.throw(/key=value/);
     expect(() => fleetConfig({ etcd: 'http://127.0.0.1:1', deviceLabel: ['serial=X'] }, undefined)).to.throw(/SELECTOR k=v/);
     expect(() => fleetConfig({ etcd: 'http://127.0.0.1:1', hostName: 'a b' }, undefined)).to.throw(/without spaces/);
+  });
+
+  it('takes the config file\'s "fleet" object through serve --config', () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'usbroam-fleet-cfg-'));
+    try {
+      const file = path.join(dir, 'server.json');
+      writeFileSync(file, JSON.stringify({ fleet: { etcd: ['http://127.0.0.1:2379'], hostName: 'lab-9', devices: [{ select: '1050:0407', labels: { role: 'hsm' } }] } }));
+      const cfg = serveConfig({ config: file });
+      const fleet = fleetConfig({ label: ['rack=z'] }, cfg.fleet)!;
+      expect(fleet).to.include({ hostName: 'lab-9', leaseTtlS: 10, prefix: '/usbroam/v1/' });
+      expect(fleet.labels).to.deep.equal({ rack: 'z' });
+      expect(fleet.deviceLabels[0]).to.deep.equal({ select: { vidPid: '1050:0407', labels: {} }, labels: { role: 'hsm' } });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
