@@ -5,7 +5,7 @@
 // instead of 1.1-1.8 s.
 // Left outside the bundle: native addons (usb, koffi) and packages that find their own files
 // through __dirname (grpc-js's channelz and ORCA protos, pino's transport workers,
-// grpc-health-check, @grpc/reflection, @grpc/proto-loader), which a bundle would break.
+// grpc-health-check, @grpc/reflection, @grpc/proto-loader, etcd3's rpc.proto), which a bundle would break.
 import { build } from 'esbuild';
 import path from 'node:path';
 import { BUNDLE, ROOT as root } from './cli-bundle.mjs';
@@ -20,7 +20,7 @@ const result = await build({
   platform: 'node',
   format: 'esm',
   target: 'node20',
-  external: ['usb', 'koffi', '@grpc/grpc-js', 'pino', 'grpc-health-check', '@grpc/reflection', '@grpc/proto-loader'],
+  external: ['usb', 'koffi', '@grpc/grpc-js', 'pino', 'grpc-health-check', '@grpc/reflection', '@grpc/proto-loader', 'etcd3'],
   // Bundled CommonJS packages call require() for Node's built-ins.
   banner: { js: "import { createRequire as __usbroamCreateRequire } from 'node:module'; const require = __usbroamCreateRequire(import.meta.url);" },
   sourcemap: 'linked',

@@ -9,6 +9,8 @@ import type { UsbBackend } from '../server/backends/types.js';
 import { normalizeAllowRules } from '../server/backends/libusb/policy.js';
 import { DEFAULT_LISTEN, loadConfigFile, type ServerConfig } from '../server/config.js';
 import { UsbHostServer } from '../server/server.js';
+import { fleetConfig, type FleetFlags } from '../fleet/config.js';
+import { startServerFleet } from '../fleet/server-fleet.js';
 
 export interface ServeFlags {
   config?: string;
@@ -28,6 +30,13 @@ export interface ServeFlags {
   libusbAllow?: string[];
   libusbPollMs?: string;
   logLevel?: string;
+  // fleet
+  etcd?: string;
+  hostName?: string;
+  advertise?: string;
+  label?: string[];
+  deviceLabel?: string[];
+  leaseTtl?: string;
 }
 
 /** Merge the config file and flags into one configuration. */
@@ -62,6 +71,7 @@ export function serveConfig(f: ServeFlags): ServerConfig {
     emulated,
     libusb,
     logLevel: f.logLevel ?? file.logLevel,
+    fleet: file.fleet, // the fleet's own flags are merged by fleetConfig() in runServer
   };
 }
 
@@ -93,7 +103,7 @@ export async function libusbBackends(cfg: ServerConfig, log?: Logger): Promise<U
 }
 
 /** Start a server from a configuration; SIGTERM/SIGINT stop it cleanly (exit 0). */
-export async function runServer(cfg: ServerConfig, dataDir: string): Promise<UsbHostServer> {
+export async function runServer(cfg: ServerConfig, dataDir: string, fleetFlags: FleetFlags = {}): Promise<UsbHostServer> {
   const log = createLogger({ name: 'usbroam-server', level: cfg.logLevel });
   const server = new UsbHostServer({
     listen: cfg.listen,
@@ -105,8 +115,13 @@ export async function runServer(cfg: ServerConfig, dataDir: string): Promise<Usb
     limits: cfg.limits,
     log,
   });
+  // Fleet: the session-open claim check is set before the server listens, registration starts once it does.
+  const fleetCfg = fleetConfig(fleetFlags, cfg.fleet);
+  const fleet = fleetCfg ? await startServerFleet(fleetCfg, log) : undefined;
+  if (fleet) server.sessions.openGuard = fleet.guard;
   await server.start();
-  exitOnSignals(log, 'stopping: no new streams; ending sessions', (sig) => server.stop(sig));
+  fleet?.publish(server.address, server.registry);
+  exitOnSignals(log, 'stopping: no new streams; ending sessions', (sig) => Promise.all([fleet?.stop(), server.stop(sig)]));
   return server;
 }
 
@@ -130,10 +145,17 @@ export function serveCommand(): Command {
     .option('--libusb-allow <rule...>', 'libusb export rule (repeatable; implies --libusb): "*", vvvv:pppp, or vid=,pid=,serial=,class=,bus=,port=1.4 joined by commas')
     .option('--libusb-poll-ms <ms>', 'libusb device list poll interval (default 500; 0: libusb hotplug events only)')
     .option('--log-level <level>', 'pino level (default info)')
+    .option('--etcd <urls>', 'join the fleet: etcd endpoints, URL[,URL...] (e.g. http://10.0.0.5:2379)')
+    .option('--host-name <name>', 'this host\'s name in the fleet (default: the machine\'s host name)')
+    .option('--advertise <host:port>', 'address published for bridges to connect to (default: the bound address)')
+    .option('--label <k=v...>', 'fleet label of this host and its devices (repeatable)')
+    .option('--device-label <spec...>', "fleet labels for matching devices: 'SELECTOR k=v...', e.g. 'serial=ABC license=cad' (repeatable)")
+    .option('--lease-ttl <s>', 'fleet lease TTL in seconds: how long a dead server stays listed (default 10)')
     .action(async (f: ServeFlags) => {
       const cfg = serveConfig(f);
+      fleetConfig(f, cfg.fleet); // fail early on bad fleet flags
       const dataDir = path.resolve('.cache/server');
       if (!existsSync(dataDir)) mkdirSync(dataDir, { recursive: true });
-      await runServer(cfg, dataDir);
+      await runServer(cfg, dataDir, f);
     });
 }

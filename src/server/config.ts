@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import type { AclConfig } from './acl.js';
 import type { SessionLimits } from './sessions/session.js';
 import type { LibusbAllowRule } from './backends/libusb/policy.js';
+import type { FleetConfigFile } from '../fleet/config.js';
 
 export interface EmulatedConfig {
   /**
@@ -37,6 +38,8 @@ export interface ServerConfig {
   emulated?: EmulatedConfig;
   libusb?: LibusbConfig;
   logLevel?: string;
+  /** Fleet registration on etcd (src/fleet/config.ts); flags --etcd, --host-name, --label, --device-label. */
+  fleet?: FleetConfigFile;
 }
 
 export const DEFAULT_LISTEN = '127.0.0.1:7470';
@@ -55,7 +58,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
     throw new Error(`config file ${path} is not valid JSON: ${(err as Error).message}`);
   }
   if (!parsed || typeof parsed !== 'object' || Array.isArray(parsed)) throw new Error(`config file ${path} must hold a JSON object`);
-  const known = new Set(['listen', 'tls', 'insecure', 'acl', 'admins', 'limits', 'emulated', 'libusb', 'logLevel']);
+  const known = new Set(['listen', 'tls', 'insecure', 'acl', 'admins', 'limits', 'emulated', 'libusb', 'logLevel', 'fleet']);
   for (const k of Object.keys(parsed)) if (!known.has(k)) throw new Error(`config file ${path}: unknown key "${k}" (known: ${[...known].join(', ')})`);
   return parsed as Partial<ServerConfig>;
 }

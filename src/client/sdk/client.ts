@@ -10,6 +10,7 @@ import type { Logger } from '../../common/log.js';
 import { UsbHostDefinition, type ClientMessage, type Device, type DeviceEvent, type Session } from '../../gen/usbroam/v1/usbhost.js';
 import { channelCredentials, resolveConnection, type ConnectionOptions } from './credentials.js';
 import { RemoteDevice, type ChannelCallHandlers, type RemoteDeviceOptions, type StreamOpener } from './remote-device.js';
+import { CLAIM_TOKEN_METADATA } from '../../fleet/claim-token.js';
 
 const CONNECT = grpcJsServiceDefinition(UsbHostDefinition).Connect;
 
@@ -61,8 +62,11 @@ export class UsbHostClient {
   readonly rpc: Client<typeof UsbHostDefinition>;
   readonly address: string;
   private readonly raw: grpc.Client;
+  private readonly connectMetadata = new grpc.Metadata();
 
-  constructor(opts: ConnectionOptions & { log?: Logger } = {}) {
+  /** `claimToken`: the fleet claim's token (FleetClaimant.claim), presented at session open. */
+  constructor(opts: ConnectionOptions & { log?: Logger; claimToken?: string } = {}) {
+    if (opts.claimToken) this.connectMetadata.set(CLAIM_TOKEN_METADATA, opts.claimToken);
     const c = resolveConnection(opts);
     this.address = c.address;
     // nice-grpc appends :80 to a bare unix:/path; unix:// keeps the path intact.
@@ -74,7 +78,7 @@ export class UsbHostClient {
 
   /** Opens one Connect stream for a RemoteDevice. */
   private readonly openStream: StreamOpener = (h: ChannelCallHandlers) => {
-    const call = this.raw.makeBidiStreamRequest(CONNECT.path, serializeRequest, CONNECT.responseDeserialize, new grpc.Metadata());
+    const call = this.raw.makeBidiStreamRequest(CONNECT.path, serializeRequest, CONNECT.responseDeserialize, this.connectMetadata.clone());
     let over = false;
     const end = (error?: { code?: number; message: string }) => {
       if (over) return;

@@ -13,6 +13,7 @@ import type { DeviceRegistry } from '../devices/registry.js';
 import type { SessionManager } from './manager.js';
 import type { Session } from './session.js';
 import { ChannelProtocolError, type SessionStream } from './session-types.js';
+import { claimTokenOf } from '../../fleet/claim-token.js';
 
 const S = grpc.status;
 /** Queued messages beyond which the call is paused. */
@@ -229,7 +230,7 @@ class ConnectPump {
     });
     const t = open.target;
     if (t?.$case === 'device') {
-      const s = await sessions.create(identity, peer, t.value);
+      const s = await sessions.create(identity, peer, t.value, claimTokenOf(this.call.metadata)); // fleet claim token, checked at session open
       s.attach(stream, 0, opened(s, 0, false, false));
       return s;
     }

@@ -4,12 +4,18 @@ import { randomUUID } from 'node:crypto';
 import { status as Status } from '@grpc/grpc-js';
 import type { Logger } from '../../common/log.js';
 import type { Acl } from '../acl.js';
+import type { DeviceInfo } from '../backends/types.js';
 import { ClaimConflictError, type DeviceRegistry } from '../devices/registry.js';
 import { describeSelector, isEmptySelector, matchesSelector, validateSelector, type Selector } from '../devices/selector.js';
 import { ChannelProtocolError, Session, type SessionLimits } from './session.js';
 
 export class SessionManager {
   private readonly sessions = new Map<string, Session>();
+  /**
+   * Asked before a new session opens its device (not on resume or hand-over); throws { code, message } to refuse.
+   * The fleet sets it: a device whose etcd claim names someone else is refused (src/fleet/claim-guard.ts).
+   */
+  openGuard?: (device: DeviceInfo, identity: string, claimToken: string | undefined) => Promise<void>;
 
   constructor(
     private readonly registry: DeviceRegistry,
@@ -19,7 +25,7 @@ export class SessionManager {
   ) {}
 
   /** Claim the one device matching `selector` for `identity` and start a session. */
-  async create(identity: string, peer: string, rawSelector: Selector): Promise<Session> {
+  async create(identity: string, peer: string, rawSelector: Selector, claimToken?: string): Promise<Session> {
     let selector: Selector;
     try {
       selector = validateSelector(rawSelector);
@@ -40,6 +46,11 @@ export class SessionManager {
       );
     }
     const device = allowed[0];
+    if (this.openGuard) {
+      await this.openGuard(device, identity, claimToken).catch((err: { code?: number; message: string }) => {
+        throw new ChannelProtocolError(err.code ?? Status.UNAVAILABLE, err.message);
+      });
+    }
     const id = randomUUID();
     let handle;
     try {

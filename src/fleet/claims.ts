@@ -1,0 +1,254 @@
+// Exclusive claims as etcd leases. A claimant (a bridge) holds one lease; each
+// claim is a key under it, taken by one transaction that creates the key only
+// if it is absent and the device is still registered, so of any number of
+// racing claimants exactly one wins. The claim dies with the lease: a claimant
+// that dies frees its devices after the TTL. A claim moves to another lease
+// (live migration's destination) in one transaction guarded by the current
+// record, so the key is never absent and no third party can take it between.
+import { randomBytes } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import type { IKeyValue } from 'etcd3';
+import type { Logger } from '../common/log.js';
+import { FleetDirectory, type FleetDevice } from './directory.js';
+import type { EtcdConnection } from './etcd.js';
+import { abortable, etcdFailure, FleetError, Status } from './errors.js';
+import { decodeRecord, encodeRecord, FleetKeys, type ClaimRecord } from './keys.js';
+import { DEFAULT_LEASE_TTL_S, KeptLease } from './kept-lease.js';
+import { describeFleetSelector, type FleetSelector } from './selector.js';
+
+export interface FleetClaim {
+  key: string;
+  record: ClaimRecord;
+  /** The device as the directory had it when the claim was taken. */
+  device: FleetDevice;
+}
+
+export interface ClaimantOptions {
+  /** The claimant's identity: the CN of the client certificate it will connect with. */
+  claimant: string;
+  leaseTtlS?: number;
+  keys?: FleetKeys;
+  log?: Logger;
+}
+
+export function newClaimToken(): string {
+  return randomBytes(18).toString('base64url');
+}
+
+function firstKv(res: { responses: { response_range?: { kvs: IKeyValue[] } }[] }, i: number): IKeyValue | undefined {
+  return res.responses[i]?.response_range?.kvs?.[0];
+}
+
+function describeHolder(c: ClaimRecord): string {
+  return `${c.claimant} (since ${c.since}, lease ${c.lease})`;
+}
+
+export declare interface FleetClaimant {
+  /** The lease was lost (etcd away longer than the TTL): these claims are gone. */
+  on(event: 'claimsLost', fn: (claims: FleetClaim[], err: Error) => void): this;
+}
+
+export class FleetClaimant extends EventEmitter {
+  readonly keys: FleetKeys;
+  readonly directory: FleetDirectory;
+  readonly lease: KeptLease;
+  private readonly held = new Map<string, FleetClaim>();
+
+  private constructor(
+    private readonly etcd: EtcdConnection,
+    private readonly opts: ClaimantOptions,
+  ) {
+    super();
+    if (!opts.claimant) throw new Error('a fleet claimant needs an identity');
+    this.keys = opts.keys ?? new FleetKeys();
+    this.directory = new FleetDirectory(etcd, this.keys);
+    this.lease = new KeptLease(etcd, opts.leaseTtlS ?? DEFAULT_LEASE_TTL_S, opts.log, `fleet lease of claimant ${opts.claimant}`);
+    this.lease.on('lost', (err) => {
+      const lost = [...this.held.values()];
+      this.held.clear();
+      if (lost.length) {
+        opts.log?.warn({ claimant: opts.claimant, devices: lost.map((c) => `${c.record.host}/${c.record.deviceId}`) }, 'fleet claims lost with the lease');
+        this.emit('claimsLost', lost, err);
+      }
+    });
+  }
+
+  /** A claimant with a granted lease (kept, and granted anew after a loss); UNAVAILABLE at once when etcd cannot be reached. */
+  static async create(etcd: EtcdConnection, opts: ClaimantOptions): Promise<FleetClaimant> {
+    const c = new FleetClaimant(etcd, opts);
+    try {
+      await c.lease.start();
+    } catch (err) {
+      await c.lease.close();
+      throw err;
+    }
+    return c;
+  }
+
+  get identity(): string {
+    return this.opts.claimant;
+  }
+
+  /** Claims held now (under the live lease). */
+  claims(): FleetClaim[] {
+    return [...this.held.values()];
+  }
+
+  private leaseOrFail(what: string): string {
+    const id = this.lease.leaseId;
+    if (!id) throw new FleetError(Status.UNAVAILABLE, `${what}: no etcd lease (etcd at ${this.etcd.endpoints.join(',')} unreachable); no new claims until it returns`);
+    return id;
+  }
+
+  /**
+   * Resolve `selector` and claim one matching device. Free devices are tried first. One device that is taken gives
+   * ALREADY_EXISTS naming the holder; several, all taken, RESOURCE_EXHAUSTED naming each.
+   */
+  async claim(selector: FleetSelector, opts: { signal?: AbortSignal } = {}): Promise<FleetClaim> {
+    const what = `cannot claim ${describeFleetSelector(selector)}`;
+    this.leaseOrFail(what);
+    const found = await this.directory.resolve(selector, opts);
+    // Free first; a device the server has open for another identity (outside fleet claims) last.
+    const rank = (d: FleetDevice) => (d.claim ? 2 : d.session && d.session.identity !== this.identity ? 1 : 0);
+    const candidates = [...found].sort((a, b) => rank(a) - rank(b));
+    const holders: ClaimRecord[] = [];
+    for (const device of candidates) {
+      if (device.claim && device.claim.claimant !== this.identity) {
+        holders.push(device.claim);
+        continue;
+      }
+      const r = await this.tryClaim(device, opts.signal);
+      if ('claim' in r) return r.claim;
+      holders.push(r.holder);
+    }
+    if (candidates.length === 1) {
+      const d = candidates[0];
+      throw new FleetError(Status.ALREADY_EXISTS, `${what}: device ${d.id} on host ${d.host} is claimed by ${describeHolder(holders[0])}`, holders);
+    }
+    throw new FleetError(
+      Status.RESOURCE_EXHAUSTED,
+      `${what}: all ${candidates.length} matching devices are claimed: ${candidates.map((d, i) => `${d.host}/${d.id} by ${holders[i].claimant}`).join(', ')}`,
+      holders,
+    );
+  }
+
+  /** One create-if-absent transaction on the device's claim key, under our lease. */
+  private async tryClaim(device: FleetDevice, signal?: AbortSignal): Promise<{ claim: FleetClaim } | { holder: ClaimRecord }> {
+    const lease = this.leaseOrFail(`cannot claim device ${device.id} on host ${device.host}`);
+    const key = this.keys.claim(device.host, device.id);
+    const deviceKey = this.keys.device(device.host, device.id);
+    const record: ClaimRecord = {
+      host: device.host,
+      deviceId: device.id,
+      claimant: this.identity,
+      token: newClaimToken(),
+      lease,
+      since: new Date().toISOString(),
+    };
+    let res;
+    try {
+      res = await abortable(
+        this.etcd.client
+          .if(key, 'Create', '==', 0)
+          .and(deviceKey, 'Create', '>', 0)
+          .then(this.etcd.client.put(key).value(encodeRecord(record)).lease(lease))
+          .else(this.etcd.client.get(key), this.etcd.client.get(deviceKey))
+          .commit(),
+        signal,
+      );
+    } catch (err) {
+      throw etcdFailure(`cannot claim device ${device.id} on host ${device.host}`, this.etcd.endpoints, err);
+    }
+    if (res.succeeded) {
+      const claim = { key, record, device: { ...device, claim: record } };
+      this.held.set(key, claim);
+      this.opts.log?.info({ claimant: this.identity, host: device.host, device: device.id, lease }, 'fleet claim taken');
+      return { claim };
+    }
+    const holderKv = firstKv(res, 0);
+    if (!firstKv(res, 1)) throw new FleetError(Status.NOT_FOUND, `device ${device.id} left host ${device.host} before it could be claimed`);
+    const holder = holderKv && decodeRecord<ClaimRecord>(key, holderKv.value);
+    if (holder && holder.token === record.token) {
+      // Our own earlier attempt: the transaction committed but its answer was lost, and the retry found the key.
+      const claim = { key, record, device: { ...device, claim: record } };
+      this.held.set(key, claim);
+      return { claim };
+    }
+    return { holder: holder ?? { host: device.host, deviceId: device.id, claimant: '(unreadable claim record)', token: '', lease: '?', since: '?' } };
+  }
+
+  /** Give a claim up: delete its key if it is still ours (same token). */
+  async release(claim: FleetClaim): Promise<boolean> {
+    this.held.delete(claim.key);
+    try {
+      const res = await this.etcd.client.if(claim.key, 'Value', '==', encodeRecord(claim.record)).then(this.etcd.client.delete().key(claim.key)).commit();
+      if (res.succeeded) this.opts.log?.info({ claimant: this.identity, host: claim.record.host, device: claim.record.deviceId }, 'fleet claim released');
+      return res.succeeded;
+    } catch (err) {
+      throw etcdFailure(`cannot release the claim on device ${claim.record.deviceId} on host ${claim.record.host}`, this.etcd.endpoints, err);
+    }
+  }
+
+  /** Hand a claim to another claimant (live migration's destination): see moveClaim. */
+  async handTo(claim: FleetClaim, to: { claimant: string; leaseId: string }): Promise<ClaimRecord> {
+    const moved = await moveClaim(this.etcd, claim.key, claim.record, to);
+    this.held.delete(claim.key);
+    return moved;
+  }
+
+  /** Take a claim handed over by moveClaim as our own (the destination side, after the move). */
+  adopt(key: string, record: ClaimRecord, device: FleetDevice): FleetClaim {
+    if (record.lease !== this.lease.leaseId || record.claimant !== this.identity) {
+      throw new FleetError(Status.FAILED_PRECONDITION, `claim on device ${record.deviceId} is under lease ${record.lease} of ${record.claimant}, not ours`);
+    }
+    const claim = { key, record, device: { ...device, claim: record } };
+    this.held.set(key, claim);
+    return claim;
+  }
+
+  /** Revoke the lease: every claim goes at once. */
+  async close(): Promise<void> {
+    this.held.clear();
+    await this.lease.close();
+  }
+}
+
+/**
+ * Move a claim from its current holder to `to` in one transaction: it succeeds only if the key still holds exactly
+ * `current` (same claimant, token and lease), and writes the new record under the destination's lease with a fresh
+ * token. FAILED_PRECONDITION, naming who holds it now, when the holder changed.
+ */
+export async function moveClaim(etcd: EtcdConnection, key: string, current: ClaimRecord, to: { claimant: string; leaseId: string }): Promise<ClaimRecord> {
+  const next: ClaimRecord = { ...current, claimant: to.claimant, token: newClaimToken(), lease: to.leaseId, since: new Date().toISOString() };
+  const what = `cannot move the claim on device ${current.deviceId} on host ${current.host} from ${current.claimant} to ${to.claimant}`;
+  let res;
+  try {
+    res = await etcd.client
+      .if(key, 'Value', '==', encodeRecord(current))
+      .then(etcd.client.put(key).value(encodeRecord(next)).lease(to.leaseId))
+      .else(etcd.client.get(key))
+      .commit();
+  } catch (err) {
+    // A lease that does not exist fails the whole transaction (etcd: "requested lease not found").
+    if (/lease not found/i.test((err as Error).message)) throw new FleetError(Status.FAILED_PRECONDITION, `${what}: lease ${to.leaseId} does not exist`);
+    throw etcdFailure(what, etcd.endpoints, err);
+  }
+  if (!res.succeeded) {
+    const kv = firstKv(res, 0);
+    const now = kv && decodeRecord<ClaimRecord>(key, kv.value);
+    throw new FleetError(Status.FAILED_PRECONDITION, `${what}: ${now ? `it is held by ${describeHolder(now)}` : 'it is no longer claimed'}`, now ? [now] : []);
+  }
+  return next;
+}
+
+/** The claim record on a device, if any. */
+export async function readClaim(etcd: EtcdConnection, keys: FleetKeys, host: string, deviceId: string): Promise<ClaimRecord | undefined> {
+  const key = keys.claim(host, deviceId);
+  let v: Buffer | null;
+  try {
+    v = await etcd.client.get(key).buffer();
+  } catch (err) {
+    throw etcdFailure(`cannot read the fleet claim on device ${deviceId}`, etcd.endpoints, err);
+  }
+  return v ? decodeRecord<ClaimRecord>(key, v) : undefined;
+}
