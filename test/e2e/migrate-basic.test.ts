@@ -5,16 +5,12 @@
 // migration on its own QMP socket and hands the session off at 'completed'. In the guest (now
 // on B) the disk keeps working, the data reads back, and dmesg shows no disconnect/reset/error.
 import { expect } from 'chai';
-import { mkdtempSync, rmSync } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import type { AttachmentInfo } from '../../src/client/bridge/bridge.js';
-import { clientTls } from '../../src/devkit/certs.js';
 import { BridgeChild } from '../../src/devkit/migration-faults.js';
 import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../../src/devkit/migration-rig.js';
-import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
-import { type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
-import { e2eImageOrSkip } from '../../src/devkit/bridge-guest.js';
+import type { Guest } from '../../src/devkit/guest/guest.js';
+import { useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
 import { sleep } from '../helpers/wait.js';
 
 const BAD = /USB disconnect|reset (low|full|high|super|SuperSpeed)[^\n]*USB device|error -110|I\/O error|DID_NO_CONNECT/;
@@ -41,61 +37,43 @@ echo DONE >> /tmp/wlog
 
 describe('e2e migration: the remote disk stays attached across live migration', function () {
   this.timeout(900_000);
-  let image: GuestImage;
-  let server: ServerProcess | undefined;
-  let dir: string;
-  let serverOpts: { address: string; ca: string; cert: string; key: string };
+  const m = useMigrationSetup({ name: 'migrate-basic', diskMiB: 64 });
   let childA: BridgeChild | undefined;
   let childB: BridgeChild | undefined;
   let hostA: MigrationHost;
   let hostB: MigrationHost;
-  const guests: Guest[] = [];
   let cur: Guest;
   let curHost: MigrationHost;
   let att: AttachmentInfo;
   let vmSeq = 0;
 
   before(async function () {
-    this.timeout(900_000);
-    image = await e2eImageOrSkip(this);
-    dir = mkdtempSync(path.join(os.tmpdir(), 'umig-'));
-    server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', path.join(dir, 'disk.img'), '--disk-size-mib', '64']);
-    serverOpts = { address: server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
+    this.timeout(120_000);
     // Each bridge in its own process (USBROAM_CHILD_LOG=info for its log on stderr).
-    childA = new BridgeChild(path.join(dir, 'A'));
-    childB = new BridgeChild(path.join(dir, 'B'));
+    childA = new BridgeChild(path.join(m.dir, 'A'));
+    childB = new BridgeChild(path.join(m.dir, 'B'));
+    m.children.push(childA, childB);
     await Promise.all([childA.ready(), childB.ready()]);
     hostA = { name: 'A', bridge: childA.host() };
     hostB = { name: 'B', bridge: childB.host() };
-  });
-
-  after(async () => {
-    for (const c of [childA, childB]) {
-      if (!c) continue;
-      await Promise.race([c.call('close').catch(() => {}), sleep(10_000)]);
-      await c.kill('SIGTERM');
-    }
-    await Promise.allSettled(guests.map((g) => g.stop()));
-    await server?.stop();
-    if (dir && !process.env.USBROAM_E2E_KEEP) rmSync(dir, { recursive: true, force: true });
   });
 
   async function migrate(opts: { cancelAfterMs?: number } = {}) {
     const dstHost = curHost === hostA ? hostB : hostA;
     const dstVm = `vm${++vmSeq}`;
     const r = await migrateWithHandOff({
-      image,
-      dir,
+      image: m.image,
+      dir: m.dir,
       src: cur,
       srcVm: `vm${vmSeq - 1}`,
       srcHost: curHost,
       dstHost,
       dstVm,
       attachment: att,
-      server: serverOpts,
+      server: m.serverOpts,
       cancelAfterMs: opts.cancelAfterMs,
     });
-    guests.push(r.dst);
+    m.guests.push(r.dst);
     if (r.status === 'completed') {
       const old = cur;
       cur = r.dst;
@@ -110,12 +88,12 @@ describe('e2e migration: the remote disk stays attached across live migration', 
   }
 
   it('attaches the disk to the source guest and writes data', async () => {
-    const { guest, bridgeQmp } = await startVmGuest({ image, dir, name: 'vm0' });
-    guests.push(guest);
+    const { guest, bridgeQmp } = await startVmGuest({ image: m.image, dir: m.dir, name: 'vm0' });
+    m.guests.push(guest);
     cur = guest;
     curHost = hostA;
     await hostA.bridge.addVm({ name: 'vm0', qmpSocket: bridgeQmp });
-    att = await childA!.host().attach({ vm: 'vm0', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: 'xhci.0' });
+    att = await childA!.host().attach({ vm: 'vm0', server: m.serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: 'xhci.0' });
     await guest.waitForPath('/sys/block/sda', { timeoutMs: 120_000 });
     await guest.waitForPath('/dev/sda');
     await guest.sh('dd if=/dev/urandom of=/tmp/x bs=1M count=4 2>/dev/null; dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync 2>/dev/null; sha256sum /tmp/x > /tmp/x.sha');

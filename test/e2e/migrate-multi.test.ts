@@ -6,16 +6,12 @@
 // written to it, the echo is exactly the lines sent (every byte compared, none lost or
 // repeated), each migration handed both sessions off, and dmesg is clean.
 import { expect } from 'chai';
-import { mkdtempSync, rmSync } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import type { AttachmentInfo } from '../../src/client/bridge/bridge.js';
-import { clientTls } from '../../src/devkit/certs.js';
-import { e2eImageOrSkip } from '../../src/devkit/bridge-guest.js';
 import { BridgeChild, classifyDmesg } from '../../src/devkit/migration-faults.js';
 import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../../src/devkit/migration-rig.js';
-import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
-import type { Guest, GuestImage } from '../../src/devkit/guest/guest.js';
+import type { Guest } from '../../src/devkit/guest/guest.js';
+import { useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
 import { sleep } from '../helpers/wait.js';
 
 const TTY = '/dev/ttyACM0';
@@ -42,43 +38,21 @@ echo $i > /tmp/sent
 
 describe('e2e migration: two devices on one VM (disk and serial) stay byte-exact across A -> B -> A', function () {
   this.timeout(900_000);
-  let image: GuestImage;
-  let server: ServerProcess | undefined;
-  let dir: string;
-  const guests: Guest[] = [];
-  const children: BridgeChild[] = [];
-
-  before(async function () {
-    this.timeout(900_000);
-    image = await e2eImageOrSkip(this);
-    dir = mkdtempSync(path.join(os.tmpdir(), 'umm-'));
-    server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', path.join(dir, 'disk.img'), '--disk-size-mib', '32']);
-  });
-
-  after(async () => {
-    for (const c of children) {
-      await Promise.race([c.call('close').catch(() => {}), sleep(10_000)]);
-      await c.kill('SIGTERM');
-    }
-    await Promise.allSettled(guests.map((g) => g.stop()));
-    await server?.stop();
-    if (dir && !process.env.USBROAM_E2E_KEEP) rmSync(dir, { recursive: true, force: true });
-  });
+  const m = useMigrationSetup({ name: 'migrate-multi', diskMiB: 32 });
 
   it('disk blocks and the serial echo stream verify after the migrations; both sessions handed off each time', async () => {
-    const serverOpts = { address: server!.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
-    const childA = new BridgeChild(path.join(dir, 'A'));
-    const childB = new BridgeChild(path.join(dir, 'B'));
-    children.push(childA, childB);
+    const childA = new BridgeChild(path.join(m.dir, 'A'));
+    const childB = new BridgeChild(path.join(m.dir, 'B'));
+    m.children.push(childA, childB);
     await Promise.all([childA.ready(), childB.ready()]);
     const hostA: MigrationHost = { name: 'A', bridge: childA.host() };
     const hostB: MigrationHost = { name: 'B', bridge: childB.host() };
-    const { guest, bridgeQmp } = await startVmGuest({ image, dir, name: 'm0', memoryMb: 192 });
-    guests.push(guest);
+    const { guest, bridgeQmp } = await startVmGuest({ image: m.image, dir: m.dir, name: 'm0', memoryMb: 192 });
+    m.guests.push(guest);
     await childA.host().addVm({ name: 'm0', qmpSocket: bridgeQmp });
     let atts: AttachmentInfo[] = [
-      await childA.host().attach({ vm: 'm0', server: serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: 'xhci.0' }),
-      await childA.host().attach({ vm: 'm0', server: serverOpts, selector: { serial: 'USBROAM-ACM-0001' }, bus: 'xhci.0' }),
+      await childA.host().attach({ vm: 'm0', server: m.serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: 'xhci.0' }),
+      await childA.host().attach({ vm: 'm0', server: m.serverOpts, selector: { serial: 'USBROAM-ACM-0001' }, bus: 'xhci.0' }),
     ];
     expect(new Set(atts.map((a) => a.sessionId)).size).to.equal(2);
     await guest.waitForPath('/sys/block/sda', { timeoutMs: 120_000 });
@@ -95,8 +69,8 @@ describe('e2e migration: two devices on one VM (disk and serial) stay byte-exact
     const figures: string[] = [];
     for (let i = 0; i < n; i++) {
       const dstHost = curHost === hostA ? hostB : hostA;
-      const r = await migrateWithHandOff({ image, dir, src: cur, srcVm: `m${i}`, srcHost: curHost, dstHost, dstVm: `m${i + 1}`, attachment: atts, server: serverOpts, memoryMb: 192 });
-      guests.push(r.dst);
+      const r = await migrateWithHandOff({ image: m.image, dir: m.dir, src: cur, srcVm: `m${i}`, srcHost: curHost, dstHost, dstVm: `m${i + 1}`, attachment: atts, server: m.serverOpts, memoryMb: 192 });
+      m.guests.push(r.dst);
       expect(r.status).to.equal('completed');
       expect(r.handOffs!.map((h) => [h.attachment, h.ok, h.error])).to.deep.equal(atts.map((a) => [a.id, true, undefined]));
       expect(r.attachedAll!.map((a) => a.sessionId)).to.deep.equal(atts.map((a) => a.sessionId));

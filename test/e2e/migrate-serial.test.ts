@@ -6,16 +6,13 @@
 // src/client/bridge/handoff/xhci-dequeue.ts). Afterwards the echoed stream is exactly the lines sent,
 // in order, every byte compared: none lost, none repeated; dmesg clean.
 import { expect } from 'chai';
-import { mkdtempSync, rmSync } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { Bridge, type AttachmentInfo } from '../../src/client/bridge/bridge.js';
-import { clientTls } from '../../src/devkit/certs.js';
-import { e2eImageOrSkip, testLog as log } from '../../src/devkit/bridge-guest.js';
+import { testLog as log } from '../../src/devkit/bridge-guest.js';
 import { classifyDmesg } from '../../src/devkit/migration-faults.js';
 import { migrateWithHandOff, startVmGuest, type Host } from '../../src/devkit/migration-rig.js';
-import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
-import type { Guest, GuestImage } from '../../src/devkit/guest/guest.js';
+import type { Guest } from '../../src/devkit/guest/guest.js';
+import { useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
 import { sleep } from '../helpers/wait.js';
 
 const TTY = '/dev/ttyACM0';
@@ -26,38 +23,26 @@ const XHCI_CONFUSED = /TRB DMA ptr not part of current TD|ERROR Transfer event|W
 
 describe('e2e migration: the serial device across migrations, no byte lost or repeated in an echo stream', function () {
   this.timeout(900_000);
-  let image: GuestImage;
-  let server: ServerProcess | undefined;
-  let dir: string;
-  const guests: Guest[] = [];
   const hostA: Host = { name: 'A', bridge: undefined as unknown as Bridge };
   const hostB: Host = { name: 'B', bridge: undefined as unknown as Bridge };
-
-  before(async function () {
-    this.timeout(900_000);
-    image = await e2eImageOrSkip(this);
-    dir = mkdtempSync(path.join(os.tmpdir(), 'ums-'));
-    server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', path.join(dir, 'disk.img'), '--disk-size-mib', '16']);
-  });
-
-  after(async () => {
-    await hostA.bridge?.close().catch(() => {});
-    await hostB.bridge?.close().catch(() => {});
-    await Promise.allSettled(guests.map((g) => g.stop()));
-    await server?.stop();
-    if (dir && !process.env.USBROAM_E2E_KEEP) rmSync(dir, { recursive: true, force: true });
+  const m = useMigrationSetup({
+    name: 'migrate-serial',
+    diskMiB: 16,
+    beforeTeardown: async () => {
+      await hostA.bridge?.close().catch(() => {});
+      await hostB.bridge?.close().catch(() => {});
+    },
   });
 
   it('numbered lines echoed through /dev/ttyACM0 while the VM migrates A -> B -> A -> B: every byte echoed once, in order', async () => {
-    const serverOpts = { address: server!.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
     // USBROAM_XHCI_REWIND=0: without the work-around, to see what it fixes (the test fails).
     const rewindXhciOnSwitchover = process.env.USBROAM_XHCI_REWIND !== '0';
-    hostA.bridge = new Bridge({ log: log.child({ host: 'A' }), runDir: path.join(dir, 'A'), rewindXhciOnSwitchover });
-    hostB.bridge = new Bridge({ log: log.child({ host: 'B' }), runDir: path.join(dir, 'B'), rewindXhciOnSwitchover });
-    const { guest, bridgeQmp } = await startVmGuest({ image, dir, name: 's0' });
-    guests.push(guest);
+    hostA.bridge = new Bridge({ log: log.child({ host: 'A' }), runDir: path.join(m.dir, 'A'), rewindXhciOnSwitchover });
+    hostB.bridge = new Bridge({ log: log.child({ host: 'B' }), runDir: path.join(m.dir, 'B'), rewindXhciOnSwitchover });
+    const { guest, bridgeQmp } = await startVmGuest({ image: m.image, dir: m.dir, name: 's0' });
+    m.guests.push(guest);
     hostA.bridge.addVm({ name: 's0', qmpSocket: bridgeQmp });
-    let att: AttachmentInfo = await hostA.bridge.attach({ vm: 's0', server: serverOpts, selector: { serial: 'USBROAM-ACM-0001' }, bus: 'xhci.0' });
+    let att: AttachmentInfo = await hostA.bridge.attach({ vm: 's0', server: m.serverOpts, selector: { serial: 'USBROAM-ACM-0001' }, bus: 'xhci.0' });
     await guest.waitForPath(TTY, { timeoutMs: 120_000 });
     // Reader first (keeps the tty open), raw mode, then the writer: 4 lines every ~20 ms, from a
     // child process holding the tty open (not the shell: it must not become its ctty).
@@ -80,8 +65,8 @@ EOS
     let rewound = 0;
     for (let i = 0; i < n; i++) {
       const dstHost = curHost === hostA ? hostB : hostA;
-      const r = await migrateWithHandOff({ image, dir, src: cur, srcVm: `s${i}`, srcHost: curHost, dstHost, dstVm: `s${i + 1}`, attachment: att, server: serverOpts, log });
-      guests.push(r.dst);
+      const r = await migrateWithHandOff({ image: m.image, dir: m.dir, src: cur, srcVm: `s${i}`, srcHost: curHost, dstHost, dstVm: `s${i + 1}`, attachment: att, server: m.serverOpts, log });
+      m.guests.push(r.dst);
       expect(r.status).to.equal('completed');
       expect(r.handOff?.ok, r.handOff?.error).to.equal(true);
       const xr = r.handOff!.xhciRewind;

@@ -2,7 +2,8 @@
 // host server (its own process, or in this process), a QEMU guest with a USB host controller and a
 // QMP socket for the bridge, a Bridge that knows the guest as vm1; and the teardown in reverse.
 // useBridgeGuest() registers the before/after hooks of the enclosing describe and returns the rig
-// they fill in.
+// they fill in. useMigrationSetup() does the same for the migration files (server, guests, bridge
+// processes).
 import { expect } from 'chai';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
@@ -14,7 +15,9 @@ import { clientTls } from '../../src/devkit/certs.js';
 import { e2eImageOrSkip, startBridgeGuest, testLog, type HcName } from '../../src/devkit/bridge-guest.js';
 import type { Guest, GuestImage } from '../../src/devkit/guest/guest.js';
 import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
+import type { BridgeChild } from '../../src/devkit/migration-faults.js';
 import { startInProcessServer, type InProcessServer } from './in-process.js';
+import { sleep } from './wait.js';
 
 export type ServerOpts = { address: string; ca: string; cert: string; key: string };
 
@@ -93,4 +96,42 @@ export async function servedDevice(rig: BridgeGuestRig, serial: string): Promise
   } finally {
     c.close();
   }
+}
+
+export interface MigrationSetup {
+  dir: string;
+  image: GuestImage;
+  server: ServerProcess;
+  serverOpts: ServerOpts;
+  /** Every guest a test starts (sources and destinations): stopped in the teardown. */
+  guests: Guest[];
+  /** Bridges in their own processes: closed, then sent SIGTERM, in the teardown. */
+  children: BridgeChild[];
+}
+
+/**
+ * The setup the migration end-to-end files share: a temporary directory, a server process with a
+ * `diskMiB` disk, and the teardown of what the tests add to `guests` and `children`
+ * (`beforeTeardown` first, for bridges in this process).
+ */
+export function useMigrationSetup(opts: { name: string; diskMiB: number; beforeTeardown?: () => Promise<void> }): MigrationSetup {
+  const m = { guests: [], children: [] } as unknown as MigrationSetup;
+  before(async function () {
+    this.timeout(900_000);
+    m.image = await e2eImageOrSkip(this);
+    m.dir = mkdtempSync(path.join(os.tmpdir(), `${opts.name}-`));
+    m.server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', path.join(m.dir, 'disk.img'), '--disk-size-mib', String(opts.diskMiB)]);
+    m.serverOpts = { address: m.server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
+  });
+  after(async () => {
+    await opts.beforeTeardown?.().catch(() => {});
+    for (const c of m.children) {
+      await Promise.race([c.call('close').catch(() => {}), sleep(10_000)]);
+      await c.kill('SIGTERM');
+    }
+    await Promise.allSettled(m.guests.map((g) => g.stop()));
+    await m.server?.stop();
+    if (m.dir && !process.env.USBROAM_E2E_KEEP) rmSync(m.dir, { recursive: true, force: true });
+  });
+  return m;
 }

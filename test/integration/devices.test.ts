@@ -10,7 +10,7 @@ import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { DeviceEvent_Kind, type DeviceEvent } from '../../src/gen/usbroam/v1/usbhost.js';
 import { clientTls } from '../../src/devkit/certs.js';
 import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
-import { sleep } from '../helpers/wait.js';
+import { withTimeout } from '../helpers/wait.js';
 
 const run = promisify(execFile);
 
@@ -64,10 +64,13 @@ describe('devices, watch, CLI, health and reflection (server in its own process)
     const user = new UsbHostClient({ address: srv.address, ...clientTls('bridge') });
     const dev = await user.openDevice({ id: 'emu-1-2' });
     await dev.close();
-    await Promise.race([watching, sleep(5000)]);
-    abort.abort();
-    user.close();
-    watcher.close();
+    try {
+      await withTimeout(watching, 5000, 'the RELEASED event');
+    } finally {
+      abort.abort();
+      user.close();
+      watcher.close();
+    }
     const kinds = events.map((e) => `${DeviceEvent_Kind[e.kind]}:${e.device?.id ?? ''}`);
     expect(kinds).to.deep.equal([
       'KIND_PRESENT:emu-1-1',

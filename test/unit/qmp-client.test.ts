@@ -11,7 +11,7 @@ import {
   QmpTimeoutError,
   type QmpEvent,
 } from '../../src/qemu/qmp/client.js';
-import { sleep } from '../helpers/wait.js';
+import { nextEvent, sleep } from '../helpers/wait.js';
 
 type Cmd = { execute?: string; 'exec-oob'?: string; arguments?: Record<string, unknown>; id?: unknown };
 type Reply = { return: unknown } | { error: { class: string; desc: string } } | null;
@@ -313,7 +313,7 @@ describe('QmpClient', function () {
     const it = c.events();
     const hanging = c.execute('hang');
     await fake.waitHeld(1);
-    const reconnected = new Promise<void>((r) => c.once('reconnect', () => r()));
+    const reconnected = nextEvent(c, 'reconnect', 10_000);
     // Drop and keep the server away for a while: several attempts fail.
     await fake.stop();
     expect(await hanging.catch((e: unknown) => e)).to.be.instanceOf(QmpDisconnectedError);
