@@ -84,6 +84,14 @@ describe('emulated loopback (source/sink)', () => {
   });
 
   it('cancel: an in-flight interrupt URB completes Cancelled', async () => {
+    // The first packet is due at once; the second only after the interval, so it is surely in flight when cancelled
+    // (with a 5 ms interval a busy machine could complete it first).
+    const slow = new LoopbackDevice({ portPath: [3], interruptIntervalMs: 60_000 });
+    backend.add(slow);
+    await backend.open(slow.id);
+    await slow.setConfiguration(1);
+    dev = slow;
+    expect((await submit(dev, makeUrb({ endpoint: LOOP_INT_IN, type: TransferType.Interrupt, length: 64 }))).status).to.equal(UrbStatus.Success);
     const urb = makeUrb({ endpoint: LOOP_INT_IN, type: TransferType.Interrupt, length: 64, id: 42 });
     const p = submit(dev, urb);
     await new Promise((r) => setImmediate(r));
