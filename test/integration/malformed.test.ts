@@ -122,6 +122,17 @@ describe('malformed URB-channel input', function () {
     ch.close();
   });
 
+  it('fails a URB whose transfer type is no USB transfer type, naming the number', async () => {
+    const ch = new RawChannel(srv.address, 'bridge');
+    await ch.open('USBROAM-ACM-0001');
+    ch.send(submit(2, 9, 0x01, 7 as TransferType, Uint8Array.of(1, 2, 3)));
+    const err = await ch.until(() => ch.frames.find((f) => f.kind?.$case === 'error'));
+    expect(errorMessage(err)).to.match(/URB 9 has transfer type 7, which is none of control, isochronous, bulk and interrupt/);
+    const c = await ch.until(() => ch.frames.find((f) => f.kind?.$case === 'complete' && f.kind.value.urbId === 9));
+    expect(completeStatus(c)).to.equal(UrbStatus.URB_STATUS_INVAL);
+    ch.close();
+  });
+
   it('fails a URB for an endpoint the device lacks, and the session carries on', async () => {
     const ch = new RawChannel(srv.address, 'bridge');
     await ch.open('USBROAM-ACM-0001');

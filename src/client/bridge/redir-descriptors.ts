@@ -39,7 +39,7 @@ export function buildEpInfo(dev: Device): { epType: number[]; interval: number[]
   for (const e of dev.endpoints) {
     const i = epIndex(e.address);
     if ((e.address & 0x0f) === 0) continue;
-    epType[i] = e.type as number;
+    epType[i] = redirEndpointType(e.type);
     interval[i] = e.interval & 0xff;
     iface[i] = e.interfaceNumber & 0xff;
     const raw = e.maxPacketSize;
@@ -80,4 +80,20 @@ export function filterInfoOf(dev: Device): FilterDeviceInfo {
     bcdDevice: dev.bcdDevice,
     interfaces: filterInterfaces(dev).map((i) => ({ class: i.interfaceClass, subclass: i.interfaceSubclass, protocol: i.interfaceProtocol })),
   };
+}
+
+/** The proto's transfer type as usbredir's ep_info type (both USB's numbering; anything else is invalid). */
+export function redirEndpointType(t: TransferType): number {
+  switch (t) {
+    case TransferType.TRANSFER_CONTROL:
+      return EndpointType.control;
+    case TransferType.TRANSFER_ISOCHRONOUS:
+      return EndpointType.iso;
+    case TransferType.TRANSFER_BULK:
+      return EndpointType.bulk;
+    case TransferType.TRANSFER_INTERRUPT:
+      return EndpointType.interrupt;
+    default:
+      return EndpointType.invalid;
+  }
 }

@@ -15,12 +15,16 @@ export enum Speed {
   SuperPlus = 5,
 }
 
+/** USB's numbering (bmAttributes bits 1..0), which the proto's TransferType and usbredir's ep_info type share. */
 export enum TransferType {
   Control = 0,
   Isochronous = 1,
   Bulk = 2,
   Interrupt = 3,
 }
+
+/** The transfer type an endpoint descriptor's bmAttributes names. */
+export const transferTypeOfAttributes = (bmAttributes: number): TransferType => (bmAttributes & 3) as TransferType;
 
 /** The same numbering as usbredir's status codes and the proto's UrbStatus. */
 export enum UrbStatus {

@@ -6,7 +6,7 @@ import { status as Status } from '@grpc/grpc-js';
 import type { Logger } from '../../common/log.js';
 import type { DeviceOp, OpResult, ServerFrame, UrbSubmit } from '../../gen/usbroam/v1/usbhost.js';
 import { TransferType, UrbStatus, UsbError, type DeviceHandle, type Urb, type UrbResult } from '../backends/types.js';
-import { endpointToProto, interfaceToProto, pbIsoPackets, pbStatus } from '../convert.js';
+import { endpointToProto, interfaceToProto, pbIsoPackets, pbStatus, transferTypeFromProto } from '../convert.js';
 import { ReceivingStream } from './receiving-stream.js';
 import type { SessionLimits } from './session-types.js';
 
@@ -80,7 +80,7 @@ export class UrbExecutor {
       this.out.emit({ $case: 'complete', value: { urbId: s.urbId, status: pbStatus(UrbStatus.Inval), data: EMPTY, actualLength: 0, isoPackets: [] } }, 0);
       return;
     }
-    const type = s.type as number as TransferType;
+    const type = transferTypeFromProto(s.type)!; // invalid() refused any other
     // A backend that cannot execute such URBs at all (e.g. iso or bulk streams on usb@2): the URB
     // still goes to it (it completes INVAL at the bus pace), and the client hears why, once per
     // endpoint, as UNIMPLEMENTED: a URB completion has no room for a message.
@@ -114,14 +114,15 @@ export class UrbExecutor {
     if (this.inFlight.has(s.urbId)) return `URB id ${s.urbId} is already in flight`;
     const epNum = s.endpoint & 0x0f;
     if (s.endpoint & 0x70) return `endpoint ${hexOf(s.endpoint)} is not a valid endpoint address`;
-    const type = s.type as number as TransferType;
+    const type = transferTypeFromProto(s.type);
+    if (type === undefined) return `URB ${s.urbId} has transfer type ${s.type}, which is none of control, isochronous, bulk and interrupt`;
     if (epNum === 0) {
       if (type !== TransferType.Control) return `endpoint 0 takes control transfers only`;
       if (!s.setup || s.setup.length !== 8) return `control URB ${s.urbId} needs an 8-byte setup packet`;
     } else {
       const ep = this.handle.info.endpoints.find((e) => e.address === s.endpoint);
       if (!ep) return `device ${this.handle.info.id} has no endpoint ${hexOf(s.endpoint)} in its active configuration`;
-      if (ep.type !== type) return `endpoint ${hexOf(s.endpoint)} is ${TransferType[ep.type]}, not ${TransferType[type] ?? type}`;
+      if (ep.type !== type) return `endpoint ${hexOf(s.endpoint)} is ${TransferType[ep.type]}, not ${TransferType[type]}`;
     }
     const outLen = s.data?.length ?? 0;
     if (outLen > this.limits.maxUrbBytes || s.length > this.limits.maxUrbBytes) {

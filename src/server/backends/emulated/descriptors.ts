@@ -6,6 +6,7 @@
 import {
   Speed,
   TransferType,
+  transferTypeOfAttributes,
   type ConfigurationSummary,
   type EndpointInfo,
   type InterfaceInfo,
@@ -308,7 +309,7 @@ export function parseConfigDescriptor(d: Uint8Array, speed: Speed): Configuratio
       if (!current) throw new Error('endpoint outside interface');
       lastEp = {
         address: d[off + 2]!,
-        type: (d[off + 3]! & 3) as TransferType,
+        type: transferTypeOfAttributes(d[off + 3]!),
         maxPacketSize: d[off + 4]! | (d[off + 5]! << 8),
         interval: d[off + 6]!,
         maxStreams: 0,

@@ -2,7 +2,7 @@
 // kernel's sysfs where it has something libusb 2.x's binding does not expose
 // (the speed) or already cached (the strings).
 import { readFileSync } from 'node:fs';
-import { Speed, TransferType, type ConfigurationSummary, type DeviceInfo, type EndpointInfo, type InterfaceInfo } from '../types.js';
+import { Speed, TransferType, transferTypeOfAttributes, type ConfigurationSummary, type DeviceInfo, type EndpointInfo, type InterfaceInfo } from '../types.js';
 import type { ConfigDescriptor, DeviceDescriptor, InterfaceDescriptor } from 'usb/dist/usb/descriptors.js';
 
 /** The part of a node-usb `Device` the backend uses (a fake in unit tests). */
@@ -90,7 +90,7 @@ function interfaceInfo(i: InterfaceDescriptor): InterfaceInfo {
 
 function endpointInfos(i: InterfaceDescriptor): EndpointInfo[] {
   return i.endpoints.map((e) => {
-    const type = (e.bmAttributes & 3) as TransferType;
+    const type = transferTypeOfAttributes(e.bmAttributes);
     return {
       address: e.bEndpointAddress,
       type,
