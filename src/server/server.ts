@@ -18,6 +18,11 @@ import { DeviceRegistry } from './devices/registry.js';
 import { createUsbHostHandlers } from './service.js';
 import { SessionManager } from './sessions/manager.js';
 import { defaultLimits, type SessionLimits } from './sessions/session.js';
+import { newRegistry, serveMetrics, type MetricsEndpoint } from '../common/observe/prom-kit.js';
+import { captureHandler } from './observe/capture-service.js';
+import { ServerMetrics } from './observe/metrics.js';
+import { ServerObservability } from './observe/observability.js';
+import { watchTlsRefusals } from './observe/tls-refusals.js';
 
 export const PROTO_DIR = path.join(REPO_ROOT, 'protos');
 export const USBHOST_SERVICE = 'usbroam.v1.UsbHost';
@@ -42,6 +47,8 @@ export interface ServerOptions {
   admins?: string[];
   limits?: Partial<SessionLimits>;
   log: Logger;
+  /** Serve Prometheus metrics at http://HOST:PORT/metrics. */
+  metricsListen?: string;
 }
 
 /** Channel/server options shared by both ends of a URB channel. */
@@ -70,6 +77,9 @@ export class UsbHostServer {
   private accepting = true;
   /** The bound address (with the real port when 0 was asked). */
   address = '';
+  /** Metrics, URB capture and state-change logs. */
+  readonly observe: ServerObservability;
+  private metricsEndpoint?: MetricsEndpoint;
 
   constructor(private readonly opts: ServerOptions) {
     if (!opts.insecure && !opts.tls) throw new Error('mutual TLS needs --ca, --cert and --key (or --insecure on loopback)');
@@ -79,19 +89,31 @@ export class UsbHostServer {
     const limits = { ...defaultLimits, ...opts.limits };
     const acl = new Acl(opts.acl);
     this.registry = new DeviceRegistry(opts.backends);
-    this.sessions = new SessionManager(this.registry, acl, limits, opts.log);
+    this.observe = new ServerObservability(opts.log);
+    this.sessions = new SessionManager(this.registry, acl, limits, opts.log, this.observe);
+    if (opts.metricsListen) {
+      const hub = this.observe.capture;
+      this.observe.metrics = new ServerMetrics(newRegistry(), () => this.sessions.list(), () => hub.active);
+      this.observe.metrics.droppedFrom(hub);
+    }
+    const admins = opts.admins ?? [];
+    const insecureIdentity = opts.insecure ? (opts.insecureIdentity ?? 'anonymous') : undefined;
     this.grpcServer = new grpc.Server({ ...GRPC_CHANNEL_OPTIONS, interceptors: [callLogInterceptor(opts.log)] });
     this.grpcServer.addService(
       grpcJsServiceDefinition(UsbHostDefinition),
-      createUsbHostHandlers({
-        registry: this.registry,
-        sessions: this.sessions,
-        acl,
-        admins: opts.admins ?? [],
-        insecureIdentity: opts.insecure ? (opts.insecureIdentity ?? 'anonymous') : undefined,
-        log: opts.log,
-        accepting: () => this.accepting,
-      }) as unknown as grpc.UntypedServiceImplementation,
+      {
+        ...createUsbHostHandlers({
+          registry: this.registry,
+          sessions: this.sessions,
+          acl,
+          admins,
+          insecureIdentity,
+          log: opts.log,
+          accepting: () => this.accepting,
+          observer: this.observe,
+        }),
+        Capture: captureHandler({ sessions: this.sessions, registry: this.registry, hub: this.observe.capture, admins, insecureIdentity, log: opts.log }),
+      } as unknown as grpc.UntypedServiceImplementation,
     );
     this.health.addToServer(this.grpcServer);
     const pkg = protoLoader.loadSync([path.join(PROTO_DIR, 'usbroam/v1/usbhost.proto'), healthProtoPath], { includeDirs: [PROTO_DIR] });
@@ -112,6 +134,8 @@ export class UsbHostServer {
       this.grpcServer.bindAsync(opts.listen, creds, (err, p) => (err ? reject(err) : resolve(p))),
     );
     raiseReceiveWindows(this.grpcServer, RECEIVE_WINDOW_BYTES);
+    if (!opts.insecure) watchTlsRefusals(this.grpcServer, (reason, peer, err) => this.observe.refused(reason, { peer, message: `TLS handshake refused: ${err.message}` }));
+    if (opts.metricsListen && this.observe.metrics) this.metricsEndpoint = await serveMetrics(this.observe.metrics.registry, opts.metricsListen, opts.log);
     this.address = opts.listen.startsWith('unix:') ? opts.listen : opts.listen.replace(/:\d+$/, `:${port}`);
     this.health.setStatus('', 'SERVING');
     this.health.setStatus(USBHOST_SERVICE, 'SERVING');
@@ -136,7 +160,13 @@ export class UsbHostServer {
       });
     });
     await this.registry.close();
+    await this.metricsEndpoint?.close();
     this.opts.log.info({ why }, 'USB host server stopped');
+  }
+
+  /** host:port of the metrics endpoint, once started with metricsListen. */
+  get metricsAddress(): string | undefined {
+    return this.metricsEndpoint?.address;
   }
 }
 

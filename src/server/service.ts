@@ -20,6 +20,7 @@ import type { Acl } from './acl.js';
 import { deviceToProto } from './convert.js';
 import type { DeviceRegistry, RegistryEvent } from './devices/registry.js';
 import { identityOf } from './identity.js';
+import type { RefusalReason, ServerObserver } from './observe/observer.js';
 import type { SessionManager } from './sessions/manager.js';
 import { ChannelProtocolError, type Session, type SessionStream } from './sessions/session.js';
 
@@ -36,6 +37,21 @@ export interface ServiceDeps {
   log: Logger;
   /** While false the server refuses new streams (shutting down). */
   accepting: () => boolean;
+  /** Metrics and logs of refused channels. */
+  observer?: ServerObserver;
+}
+
+/** The refusal reason (a bounded metric label) of a status that refused a channel at open. */
+function refusalOf(code: grpc.status): RefusalReason {
+  const known: Partial<Record<grpc.status, RefusalReason>> = {
+    [S.UNAUTHENTICATED]: 'unauthenticated',
+    [S.PERMISSION_DENIED]: 'permission_denied',
+    [S.NOT_FOUND]: 'not_found',
+    [S.FAILED_PRECONDITION]: 'failed_precondition',
+    [S.INVALID_ARGUMENT]: 'invalid_argument',
+    [S.UNAVAILABLE]: 'unavailable',
+  };
+  return known[code] ?? 'other';
 }
 
 function fail(code: grpc.status, details: string): grpc.ServiceError {
@@ -122,6 +138,8 @@ export function createUsbHostHandlers(deps: ServiceDeps) {
       if (err instanceof ChannelProtocolError) {
         const l = session ? session.log : log.child({ identity, peer });
         l.warn({ code: S[err.code], err: err.message }, 'URB channel refused');
+        // observe: a channel refused at open counts as a refused connection
+        if (!session) deps.observer?.refused(refusalOf(err.code), { peer, identity, message: err.message });
         stream.write({ frames: [{ seq: session?.highestServerSeq ?? 0, kind: { $case: 'error', value: { code: err.code, message: err.message, clientSeq: err.clientSeq } } }] });
         stream.end(err.code, err.message);
       } else if (ended || e.code === S.CANCELLED || call.cancelled) {

@@ -8,6 +8,7 @@ import type { UsbBackend } from '../../server/backends/types.js';
 import { normalizeAllowRules } from '../../server/backends/libusb/policy.js';
 import { DEFAULT_LISTEN, loadConfigFile, type ServerConfig } from '../../server/config.js';
 import { UsbHostServer } from '../../server/server.js';
+import { parseHostPort } from '../../common/observe/prom-kit.js';
 
 export interface ServeFlags {
   config?: string;
@@ -27,6 +28,7 @@ export interface ServeFlags {
   libusbAllow?: string[];
   libusbPollMs?: string;
   logLevel?: string;
+  metricsListen?: string;
 }
 
 /** Merge the config file and flags into one configuration. */
@@ -51,6 +53,8 @@ export function serveConfig(f: ServeFlags): ServerConfig {
   if (libusb && f.libusbAllow?.length) libusb.allow = [...(libusb.allow ?? []), ...f.libusbAllow];
   if (libusb && f.libusbPollMs) libusb.pollMs = Number(f.libusbPollMs);
   if (libusb) normalizeAllowRules(libusb.allow); // fail early on a bad rule
+  const metricsListen = f.metricsListen ?? file.metricsListen;
+  if (metricsListen) parseHostPort(metricsListen); // fail early on a bad address
   return {
     listen: f.listen ?? file.listen ?? DEFAULT_LISTEN,
     tls,
@@ -61,6 +65,7 @@ export function serveConfig(f: ServeFlags): ServerConfig {
     emulated,
     libusb,
     logLevel: f.logLevel ?? file.logLevel,
+    metricsListen,
   };
 }
 
@@ -103,6 +108,7 @@ export async function runServer(cfg: ServerConfig, dataDir: string): Promise<Usb
     admins: cfg.admins,
     limits: cfg.limits,
     log,
+    metricsListen: cfg.metricsListen,
   });
   await server.start();
   let stopping = false;
@@ -143,6 +149,7 @@ export function serveCommand(): Command {
     .option('--libusb-allow <rule...>', 'libusb export rule (repeatable; implies --libusb): "*", vvvv:pppp, or vid=,pid=,serial=,class=,bus=,port=1.4 joined by commas')
     .option('--libusb-poll-ms <ms>', 'libusb device list poll interval (default 500; 0: libusb hotplug events only)')
     .option('--log-level <level>', 'pino level (default info)')
+    .option('--metrics-listen <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP)')
     .action(async (f: ServeFlags) => {
       const cfg = serveConfig(f);
       const dataDir = path.resolve('.cache/server');

@@ -31,6 +31,7 @@ import {
 import { endpointToProto, interfaceToProto, pbIsoPackets, pbStatus } from '../convert.js';
 import { ReceivingStream } from './receiving-stream.js';
 import { FlushScheduler } from '../../common/flush-scheduler.js';
+import type { SessionObserver } from '../observe/observer.js';
 
 export interface SessionLimits {
   /** Largest OUT payload or IN length of one URB. */
@@ -110,6 +111,8 @@ export class Session extends EventEmitter {
   private standby?: { stream: SessionStream; identity: string };
   private closing?: Promise<void>;
   readonly stats = { urbsSubmitted: 0, urbsCompleted: 0 };
+  /** Metrics and capture (observe/): told of every URB that goes to the device and comes back. */
+  observer?: SessionObserver;
 
   constructor(
     readonly id: string,
@@ -403,7 +406,11 @@ export class Session extends EventEmitter {
     };
     this.inFlight.set(s.urbId, { backendId, endpoint: s.endpoint });
     this.stats.urbsSubmitted++;
-    this.handle.submit(urb, (r) => this.completed(s.urbId, r));
+    this.observer?.urbSubmitted(urb); // observe: metrics and capture
+    this.handle.submit(urb, (r) => {
+      this.observer?.urbCompleted(urb, r); // observe: metrics and capture
+      this.completed(s.urbId, r);
+    });
   }
 
   private completed(urbId: number, r: UrbResult): void {
