@@ -28,6 +28,8 @@ export class CaptureSubscriber {
   dropped = 0;
   delivered = 0;
   closed = false;
+  /** finish(): no more events come in; called once the queue is out. */
+  private onDrained?: () => void;
 
   constructor(
     readonly target: CaptureTarget,
@@ -42,7 +44,7 @@ export class CaptureSubscriber {
    * at snaplen) of what goes out.
    */
   offer(ev: UrbEvent): void {
-    if (this.closed) return;
+    if (this.closed || this.onDrained) return;
     const direct = !this.waiting && this.queue.length === 0;
     const bytes = Math.min(ev.data.length, this.snaplen) + EVENT_OVERHEAD;
     if (!direct && (this.queue.length >= CAPTURE_QUEUE_EVENTS || this.queuedBytes + bytes > CAPTURE_QUEUE_BYTES)) {
@@ -57,6 +59,8 @@ export class CaptureSubscriber {
       this.send({ kind: { $case: 'urb', value: e } });
       return;
     }
+    // The drops happened between what is queued and this event: say so at that place.
+    if (this.unreported) this.queue.push(this.takeDropReport());
     this.queue.push({ kind: { $case: 'urb', value: e } });
     this.queuedBytes += bytes;
   }
@@ -66,10 +70,14 @@ export class CaptureSubscriber {
     if (!this.closed) this.send(ev);
   }
 
-  private reportDrops(): void {
+  private takeDropReport(): CaptureEvent {
     const n = this.unreported;
     this.unreported = 0;
-    this.send({ kind: { $case: 'dropped', value: { events: n } } });
+    return { kind: { $case: 'dropped', value: { events: n } } };
+  }
+
+  private reportDrops(): void {
+    this.send(this.takeDropReport());
   }
 
   private send(ev: CaptureEvent): void {
@@ -83,15 +91,38 @@ export class CaptureSubscriber {
   private pump(): void {
     this.waiting = false;
     while (!this.waiting && !this.closed) {
-      if (this.unreported) {
-        this.reportDrops();
-        continue;
-      }
       const ev = this.queue.shift();
-      if (!ev) return;
-      this.queuedBytes -= (ev.kind?.$case === 'urb' ? ev.kind.value.data.length : 0) + EVENT_OVERHEAD;
+      if (!ev) {
+        // Drops after the last queued event.
+        if (this.unreported) this.reportDrops();
+        if (!this.waiting) this.drained();
+        return;
+      }
+      if (ev.kind?.$case === 'urb') this.queuedBytes -= ev.kind.value.data.length + EVENT_OVERHEAD;
       this.send(ev);
     }
+  }
+
+  /**
+   * What was captured is complete (the session ended): send what is queued, then `done`; after
+   * `timeoutMs` without the client reading, `done` anyway.
+   */
+  finish(done: () => void, timeoutMs = 5000): void {
+    if (this.closed) return done();
+    const t = setTimeout(() => this.drained(), timeoutMs);
+    t.unref?.();
+    this.onDrained = () => {
+      clearTimeout(t);
+      done();
+    };
+    if (!this.waiting) this.pump();
+  }
+
+  private drained(): void {
+    const cb = this.onDrained;
+    if (!cb) return;
+    this.onDrained = () => {};
+    cb();
   }
 
   close(): void {

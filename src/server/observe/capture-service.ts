@@ -74,7 +74,8 @@ export function captureHandler(deps: CaptureServiceDeps): grpc.handleServerStrea
     call.on('close', () => stop('client went away'));
     call.on('error', () => stop('client went away'));
     if (session) {
-      const onClosed = () => stop('session closed');
+      // What the session did is all out once the queue is: then end the stream.
+      const onClosed = () => sub.finish(() => stop('session closed'));
       const onHandedOver = (newIdentity: string) => {
         if (!admin && newIdentity !== identity) stop('session handed over', fail(S.PERMISSION_DENIED, `session ${session.id} now belongs to "${newIdentity}"; identity "${identity}" may not capture it any more`));
       };
