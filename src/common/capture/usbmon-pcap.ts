@@ -195,8 +195,8 @@ export function decodeUsbmonPacket(b: Uint8Array): UsbmonEvent {
     epnum: b[10],
     devnum: b[11],
     busnum: v.getUint16(12, true),
-    setup: b[14] === 0 ? b.slice(40, 48) : undefined,
-    data: b.slice(dataAt, dataAt + lenCap),
+    setup: b[14] === 0 ? copy(b, 40, 48) : undefined,
+    data: copy(b, dataAt, dataAt + lenCap),
     length: v.getUint32(32, true),
     status: v.getInt32(28, true),
     tsSec: Number(v.getBigInt64(16, true)),
@@ -206,4 +206,9 @@ export function decodeUsbmonPacket(b: Uint8Array): UsbmonEvent {
     xferFlags: v.getUint32(56, true),
     iso: xferType === UsbmonXfer.Iso ? { errorCount: v.getInt32(40, true), descs } : undefined,
   };
+}
+
+/** A plain Uint8Array copy (Buffer's slice would share memory). */
+function copy(b: Uint8Array, start: number, end: number): Uint8Array {
+  return new Uint8Array(b.subarray(start, end));
 }
