@@ -1,6 +1,7 @@
 // Refused TLS handshakes. grpc-js never sees them: Node's TLS server emits 'tlsClientError' on
 // the http2 server grpc-js made (kept in its private http2Servers map) and drops the socket.
 import type * as http2 from 'node:http2';
+import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import type * as grpc from '@grpc/grpc-js';
 import type { RefusalReason } from './observer.js';
@@ -23,9 +24,20 @@ export function watchTlsRefusals(server: grpc.Server, onRefused: (reason: Refusa
     const marked = h as { usbroamTlsWatch?: boolean };
     if (marked.usbroamTlsWatch) continue;
     marked.usbroamTlsWatch = true;
-    h.on('tlsClientError', (err: Error & { code?: string }, socket: TLSSocket) => {
-      const peer = socket.remoteAddress ? `${socket.remoteFamily === 'IPv6' ? `[${socket.remoteAddress}]` : socket.remoteAddress}:${socket.remotePort}` : 'unknown';
-      onRefused(tlsRefusalReason(err), peer, err);
+    // The peer's address, noted on the raw socket: a refused TLS socket is destroyed (no address) by the time we hear of it.
+    h.on('connection', (raw: Socket & { usbroamPeer?: string }) => {
+      raw.usbroamPeer = raw.remoteFamily === 'IPv6' ? `[${raw.remoteAddress}]:${raw.remotePort}` : `${raw.remoteAddress}:${raw.remotePort}`;
+    });
+    h.on('tlsClientError', (err: Error & { code?: string }, socket: TLSSocket & { _parent?: { usbroamPeer?: string } }) => {
+      const peer = socket._parent?.usbroamPeer ?? (socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unknown');
+      // A client certificate that fails verification: Node destroys the socket after the handshake
+      // ('socket hang up'); why is in authorizationError (an OpenSSL verify code).
+      const verify = (socket as { authorizationError?: string | Error }).authorizationError;
+      if (verify) {
+        const code = typeof verify === 'string' ? verify : ((verify as { code?: string }).code ?? verify.message);
+        const e = Object.assign(new Error(`client certificate refused: ${code}`), { code });
+        onRefused(tlsRefusalReason(e), peer, e);
+      } else onRefused(tlsRefusalReason(err), peer, err);
     });
   }
 }
