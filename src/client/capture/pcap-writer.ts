@@ -16,6 +16,8 @@ export interface PcapWriteOptions {
   onStarted?: (s: CaptureStarted) => void;
   /** Told each time the server reports events it dropped. */
   onDropped?: (events: number, total: number) => void;
+  /** Told after each URB event is written. */
+  onEvent?: () => void;
 }
 
 export interface PcapWriteResult {
@@ -47,6 +49,7 @@ export async function writeCapturePcap(events: AsyncIterable<CaptureEvent>, out:
       const e = k.value;
       if (e.isoPackets.length > MAX_ISO_DESCS) e.isoPackets = e.isoPackets.slice(0, MAX_ISO_DESCS);
       await write(encodeUsbmonRecord(usbmonFromUrbEvent(e, started.bus, started.address)));
+      opts.onEvent?.();
       if (++n === opts.count) break;
     }
   }
