@@ -13,6 +13,7 @@ import type { ConnectionOptions } from '../sdk/credentials.js';
 import type { RemoteDevice } from '../sdk/remote-device.js';
 import { Attachment, HandOffRefusedError, type AttachmentCloseInfo, type AttachmentStats, type HandOffInfo } from './attachment.js';
 import { releaseStandby, sourceLostReplug } from './migration.js';
+import type { BridgeObserver } from './bridge-metrics.js';
 import { GdbWriter, locateXhciDevice, rewindXhciDequeues, type XhciDeviceLocation } from './xhci-dequeue.js';
 import { connectChardev, hotplugRedir, qemuArgsFor, redirIds, unplugRedir, type ColdPlugArgs, type RedirPlug } from './qemu-attach.js';
 
@@ -153,6 +154,9 @@ export class Bridge extends EventEmitter {
   private readonly vms = new Map<string, Vm>();
   private readonly attachments = new Map<string, Entry>();
   private readonly clients = new Map<string, UsbHostClient>();
+
+  /** Metrics (bridge-metrics.ts): told of each attachment as it starts. */
+  observer?: BridgeObserver;
 
   private readonly standbys = new Map<string, { device: RemoteDevice; release: () => Promise<void> }>();
 
@@ -475,6 +479,7 @@ export class Bridge extends EventEmitter {
       };
       this.attachments.set(id, entry);
       att.on('closed', (ci: AttachmentCloseInfo) => void this.onAttachmentClosed(entry, ci));
+      this.observer?.attachmentStarted(att, dev, t.sourceLost || t.state.length === 0 ? 'replug' : 'takeover'); // observe: metrics
       att.start();
       return this.infoOf(entry);
     })();
@@ -560,6 +565,7 @@ export class Bridge extends EventEmitter {
       };
       this.attachments.set(id, entry);
       att.on('closed', (ci: AttachmentCloseInfo) => void this.onAttachmentClosed(entry, ci));
+      this.observer?.attachmentStarted(att, device, 'attach'); // observe: metrics
       att.start();
       log.info({ bus, socketPath, session: device.sessionId }, 'device attached to VM');
       return this.infoOf(entry);

@@ -6,6 +6,8 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { createLogger } from '../../common/log.js';
 import { Bridge } from '../bridge/bridge.js';
+import { BridgeMetrics } from '../bridge/bridge-metrics.js';
+import { newRegistry, serveMetrics, type MetricsEndpoint } from '../../common/observe/prom-kit.js';
 import { defaultRunDir } from '../bridge-control/address.js';
 import { BridgeControlServer } from '../bridge-control/server.js';
 import type { ConnectionOptions } from '../sdk/credentials.js';
@@ -27,6 +29,8 @@ export interface BridgeConfig {
   /** Directory of the chardev sockets. */
   runDir?: string;
   logLevel?: string;
+  /** HOST:PORT: serve Prometheus metrics at /metrics there. */
+  metricsListen?: string;
 }
 
 interface BridgeFlags {
@@ -45,9 +49,10 @@ interface BridgeFlags {
   serverInsecure?: boolean;
   runDir?: string;
   logLevel?: string;
+  metricsListen?: string;
 }
 
-const KNOWN = new Set(['control', 'controlTls', 'controlAllow', 'insecure', 'vms', 'server', 'runDir', 'logLevel']);
+const KNOWN = new Set(['control', 'controlTls', 'controlAllow', 'insecure', 'vms', 'server', 'runDir', 'logLevel', 'metricsListen']);
 
 export function loadBridgeConfig(file: string): BridgeConfig {
   let parsed: unknown;
@@ -85,7 +90,7 @@ const collect = (v: string, prev: string[]) => [...prev, v];
 export function bridgeCommand(): Command {
   return new Command('bridge')
     .description('run the bridge daemon: attaches devices of USB host servers to QEMU VMs, driven by its control API')
-    .option('-c, --config <file>', 'JSON config: control, controlTls, controlAllow, insecure, vms, server {address, ca, cert, key}, runDir, logLevel')
+    .option('-c, --config <file>', 'JSON config: control, controlTls, controlAllow, insecure, vms, server {address, ca, cert, key}, runDir, logLevel, metricsListen')
     .addOption(new Option('--control <address>', 'control API: unix socket path or host:port (default: /run/usbroam/bridge.sock as root, else $XDG_RUNTIME_DIR/usbroam/bridge.sock)').env('USBROAM_CONTROL'))
     .option('--control-ca <file>', 'control API over TCP: CA that signs orchestrator certificates')
     .option('--control-cert <file>', "control API over TCP: the bridge's certificate")
@@ -100,6 +105,7 @@ export function bridgeCommand(): Command {
     .option('--server-insecure', 'reach USB host servers in plaintext (servers started with --insecure)')
     .option('--run-dir <dir>', `directory of the chardev sockets (default ${defaultRunDir()})`)
     .option('--log-level <level>', 'pino level (default info)')
+    .option('--metrics-listen <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP)')
     .action(async (f: BridgeFlags) => {
       const cfg = f.config ? loadBridgeConfig(f.config) : {};
       const log = createLogger({ name: 'usbroam-bridge', level: f.logLevel ?? cfg.logLevel });
@@ -125,13 +131,20 @@ export function bridgeCommand(): Command {
         log,
       });
       for (const v of vmList(cfg, f.vm)) control.addVm(v.name, v.qmpSocket);
+      const metricsListen = f.metricsListen ?? cfg.metricsListen;
+      let metrics: MetricsEndpoint | undefined;
+      if (metricsListen) {
+        const m = new BridgeMetrics(newRegistry(), bridge);
+        bridge.observer = m;
+        metrics = await serveMetrics(m.registry, metricsListen, log);
+      }
       await control.start();
       let stopping = false;
       const stop = (sig: string) => {
         if (stopping) return;
         stopping = true;
         log.info({ signal: sig, attachments: bridge.list().length }, 'stopping: detaching every device');
-        control.stop(sig).then(
+        Promise.all([control.stop(sig), metrics?.close()]).then(
           () => process.exit(0),
           (err) => {
             log.error({ err: (err as Error).message }, 'stop failed');

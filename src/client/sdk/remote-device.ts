@@ -120,6 +120,8 @@ export interface TransferResult {
 interface Pending<T> {
   resolve: (v: T) => void;
   reject: (e: Error) => void;
+  /** performance.now() at submit, while urbTimer is set. */
+  t0?: number;
 }
 
 export function encodeSetup(s: ControlSetup, dirIn: boolean, length: number): Uint8Array {
@@ -141,6 +143,8 @@ export class RemoteDevice extends EventEmitter {
   /** The device as the server described it on open (updated by configuration changes). */
   device!: Device;
   sessionId = '';
+  /** Set to time each URB from submit to completion (the bridge's round-trip metric). */
+  urbTimer?: { observe(seconds: number): void };
   private readonly log: Logger;
   private readonly journal: SeqJournal<ClientFrame>;
   private rx = new SeqReceiver();
@@ -387,6 +391,7 @@ export class RemoteDevice extends EventEmitter {
           return;
         }
         this.urbs.delete(k.value.urbId);
+        if (p.t0 !== undefined) this.urbTimer?.observe((performance.now() - p.t0) / 1000);
         const w = this.slotWaiters.shift();
         if (w) w();
         p.resolve(k.value);
@@ -474,7 +479,7 @@ export class RemoteDevice extends EventEmitter {
       isoPackets: req.isoPackets ?? [],
       timeoutMs: req.timeoutMs ?? 0,
     };
-    const done = new Promise<UrbComplete>((resolve, reject) => this.urbs.set(urbId, { resolve, reject }));
+    const done = new Promise<UrbComplete>((resolve, reject) => this.urbs.set(urbId, { resolve, reject, t0: this.urbTimer ? performance.now() : undefined }));
     try {
       this.send({ $case: 'submit', value: s }, s.data.length);
     } catch (err) {

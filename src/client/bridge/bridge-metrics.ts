@@ -1,0 +1,126 @@
+// The bridge's Prometheus metrics: attachments by state, usbredir packets and bytes each way,
+// the URB round trip over the channel, hand-offs with their duration, and replugs. Like the
+// server's, the URB path only writes numbers (HistogramCells); prom-client reads at scrape time.
+import { Counter, Gauge, type Registry } from 'prom-client';
+import { HistogramCells, LATENCY_BUCKETS, PrecountedHistogram } from '../../common/observe/prom-kit.js';
+import type { RemoteDevice } from '../sdk/remote-device.js';
+import type { Attachment, AttachmentStats } from './attachment.js';
+import type { Bridge, HandOffEvent } from './bridge.js';
+
+/** How an attachment came to be: attach (control API), takeover (migration destination), replug (source lost). */
+export type AttachmentOrigin = 'attach' | 'takeover' | 'replug';
+
+/** The one interface the bridge calls (bridge.observer): each attachment as it starts. */
+export interface BridgeObserver {
+  attachmentStarted(att: Attachment, device: RemoteDevice, origin: AttachmentOrigin): void;
+}
+
+const HANDOFF_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+const STATS: (keyof AttachmentStats)[] = ['packetsFromQemu', 'packetsToQemu', 'bytesFromQemu', 'bytesToQemu'];
+
+export class BridgeMetrics implements BridgeObserver {
+  private readonly live = new Set<Attachment>();
+  /** What attachments that ended had counted (so the counters never go back). */
+  private readonly retired: Record<string, number> = { packetsFromQemu: 0, packetsToQemu: 0, bytesFromQemu: 0, bytesToQemu: 0 };
+  private readonly started = new Map<AttachmentOrigin, number>();
+  private readonly handOffs = { ok: 0, failed: 0 };
+  private readonly handOffTime = new HistogramCells(HANDOFF_BUCKETS);
+  /** URB submit to completion, as the bridge sees it (network + server + device). */
+  readonly roundTrip = new HistogramCells(LATENCY_BUCKETS);
+
+  constructor(
+    readonly registry: Registry,
+    bridge: Bridge,
+  ) {
+    bridge.on('handOff', (e: HandOffEvent) => {
+      if (e.ok) {
+        this.handOffs.ok++;
+        if (e.info) this.handOffTime.observe(e.info.totalMs / 1000);
+      } else this.handOffs.failed++;
+    });
+    const total = (stat: keyof AttachmentStats) => {
+      let n = this.retired[stat];
+      for (const a of this.live) n += a.stats[stat];
+      return n;
+    };
+    const self = this;
+    new Counter({
+      name: 'usbroam_bridge_usbredir_packets_total',
+      help: 'usbredir packets between QEMU and the bridge: from_qemu (guest requests) and to_qemu (completions, data)',
+      labelNames: ['direction'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        this.inc({ direction: 'from_qemu' }, total('packetsFromQemu'));
+        this.inc({ direction: 'to_qemu' }, total('packetsToQemu'));
+      },
+    });
+    new Counter({
+      name: 'usbroam_bridge_usbredir_bytes_total',
+      help: 'usbredir bytes between QEMU and the bridge, each way',
+      labelNames: ['direction'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        this.inc({ direction: 'from_qemu' }, total('bytesFromQemu'));
+        this.inc({ direction: 'to_qemu' }, total('bytesToQemu'));
+      },
+    });
+    new Gauge({
+      name: 'usbroam_bridge_attachments',
+      help: 'Attachments by state: starting, connected (to QEMU), disconnecting',
+      labelNames: ['state'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        const by = { starting: 0, connected: 0, disconnecting: 0 };
+        for (const a of self.live) if (a.state in by) by[a.state as keyof typeof by]++;
+        for (const [state, n] of Object.entries(by)) this.set({ state }, n);
+      },
+    });
+    new Counter({
+      name: 'usbroam_bridge_attachments_started_total',
+      help: 'Attachments started: attach (control API), takeover (migration destination), replug (the source was lost: clean replug)',
+      labelNames: ['origin'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const o of ['attach', 'takeover', 'replug'] as const) this.inc({ origin: o }, self.started.get(o) ?? 0);
+      },
+    });
+    new Counter({
+      name: 'usbroam_bridge_replugs_total',
+      help: 'Clean replugs in the guest after a migration whose source bridge was lost before handing off',
+      registers: [registry],
+      collect() {
+        this.reset();
+        this.inc(self.started.get('replug') ?? 0);
+      },
+    });
+    new Counter({
+      name: 'usbroam_bridge_handoffs_total',
+      help: 'Session hand-offs to a migration destination, by result',
+      labelNames: ['result'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        this.inc({ result: 'ok' }, self.handOffs.ok);
+        this.inc({ result: 'failed' }, self.handOffs.failed);
+      },
+    });
+    const reg = (h: PrecountedHistogram) => registry.registerMetric(h as unknown as Parameters<Registry['registerMetric']>[0]);
+    reg(new PrecountedHistogram('usbroam_bridge_handoff_seconds', 'Hand-off duration: from the start of the hand-off to the server confirming it', () => [[{}, this.handOffTime]]));
+    reg(new PrecountedHistogram('usbroam_bridge_channel_round_trip_seconds', 'URB round trip over the URB channel: bridge submit to completion', () => [[{}, this.roundTrip]]));
+  }
+
+  attachmentStarted(att: Attachment, device: RemoteDevice, origin: AttachmentOrigin): void {
+    this.started.set(origin, (this.started.get(origin) ?? 0) + 1);
+    this.live.add(att);
+    device.urbTimer = this.roundTrip;
+    att.once('closed', () => {
+      const s = att.stats;
+      for (const k of STATS) this.retired[k] += s[k];
+      this.live.delete(att);
+    });
+  }
+}
