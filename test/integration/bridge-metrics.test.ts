@@ -2,12 +2,15 @@
 // the scrape; attachments by state, usbredir packets each way and the URB round trip count
 // exactly what went through.
 import { expect } from 'chai';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Bridge } from '../../src/client/bridge/bridge.js';
-import { BridgeMetrics } from '../../src/client/bridge/bridge-metrics.js';
+import { allOf, BridgeMetrics } from '../../src/client/bridge/bridge-metrics.js';
+import { BridgeCapture } from '../../src/client/bridge/bridge-capture.js';
+import { startPcapCapture } from '../../src/client/capture/pcap-file.js';
+import { decodeUsbmonPcap, UsbmonXfer } from '../../src/common/capture/usbmon-pcap.js';
 import { silentLogger } from '../../src/common/log.js';
 import { newRegistry, serveMetrics, type MetricsEndpoint } from '../../src/common/observe/prom-kit.js';
 import { Status } from '../../src/qemu/usbredir/index.js';
@@ -16,7 +19,7 @@ import { clientTls } from '../helpers/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
 import { parseExposition, promtoolCheck, scrape, valueOf } from '../helpers/prometheus.js';
 
-describe('bridge metrics (`usbroam bridge --metrics-listen`), fake QEMU', function () {
+describe('bridge metrics (`usbroam bridge --metrics-listen`) and capture (--capture-dir), fake QEMU', function () {
   this.timeout(60_000);
   let srv: InProcessServer;
   let dir: string;
@@ -28,7 +31,7 @@ describe('bridge metrics (`usbroam bridge --metrics-listen`), fake QEMU', functi
     dir = mkdtempSync(path.join(os.tmpdir(), 'usbroam-bridge-metrics-'));
     bridge = new Bridge({ runDir: path.join(dir, 'run') });
     const m = new BridgeMetrics(newRegistry(), bridge);
-    bridge.observer = m;
+    bridge.observer = allOf([m, new BridgeCapture(path.join(dir, 'captures'), silentLogger)]);
     endpoint = await serveMetrics(m.registry, '127.0.0.1:0', silentLogger);
     bridge.addVm({ name: 'vm1', qmpSocket: path.join(dir, 'no-qmp-here') });
   });
@@ -47,6 +50,9 @@ describe('bridge metrics (`usbroam bridge --metrics-listen`), fake QEMU', functi
     const server = net.createServer();
     await new Promise<void>((r) => server.listen(socketPath, r));
     const accepted = new Promise<net.Socket>((r) => server.once('connection', r));
+    const serverOpts = { address: srv.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
+    const loopId = srv.backend.list().find((d) => d.serial === 'USBROAM-LOOP-0001')!.id;
+    const serverCapture = await startPcapCapture({ server: serverOpts, target: { deviceId: loopId }, file: path.join(dir, 'server.pcap') });
     const info = await bridge.attach({ vm: 'vm1', server: { address: srv.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') }, selector: { serial: 'USBROAM-LOOP-0001' }, coldPlugged: { socketPath } });
     const qemu = new FakeQemu(await accepted);
     server.close();
@@ -78,5 +84,16 @@ describe('bridge metrics (`usbroam bridge --metrics-listen`), fake QEMU', functi
     expect(valueOf(after, 'usbroam_bridge_attachments', { state: 'connected' })).to.equal(0);
     // An attachment that ended keeps its packets in the totals.
     expect(valueOf(after, 'usbroam_bridge_usbredir_packets_total', { direction: 'from_qemu' })).to.be.at.least(2 + N);
+
+    // Both ends' captures: the same N bulk IN URBs, submit and completion, 512 bytes each.
+    const captured = await serverCapture.stop();
+    expect(captured.events).to.equal(2 * N);
+    const files = readdirSync(path.join(dir, 'captures'));
+    expect(files).to.have.length(1);
+    const summary = (file: string) =>
+      decodeUsbmonPcap(readFileSync(file)).records.map((r) => `${r.event.type} ${r.event.xferType} ${r.event.epnum.toString(16)} ${r.event.length} ${r.event.data.length}`);
+    const want = Array.from({ length: N }, () => [`S ${UsbmonXfer.Bulk} 81 512 0`, `C ${UsbmonXfer.Bulk} 81 512 512`]).flat();
+    expect(summary(path.join(dir, 'captures', files[0]))).to.deep.equal(want);
+    expect(summary(path.join(dir, 'server.pcap'))).to.deep.equal(want);
   });
 });

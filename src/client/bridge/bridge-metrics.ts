@@ -3,7 +3,7 @@
 // server's, the URB path only writes numbers (HistogramCells); prom-client reads at scrape time.
 import { Counter, Gauge, type Registry } from 'prom-client';
 import { HistogramCells, LATENCY_BUCKETS, PrecountedHistogram } from '../../common/observe/prom-kit.js';
-import type { RemoteDevice } from '../sdk/remote-device.js';
+import type { RemoteDevice, RemoteUrbObserver } from '../sdk/remote-device.js';
 import type { Attachment, AttachmentStats } from './attachment.js';
 import type { Bridge, HandOffEvent } from './bridge.js';
 
@@ -13,6 +13,26 @@ export type AttachmentOrigin = 'attach' | 'takeover' | 'replug';
 /** The one interface the bridge calls (bridge.observer): each attachment as it starts. */
 export interface BridgeObserver {
   attachmentStarted(att: Attachment, device: RemoteDevice, origin: AttachmentOrigin): void;
+}
+
+/** Both observers, in order (either may be absent). */
+export function chainUrbObservers(a: RemoteUrbObserver | undefined, b: RemoteUrbObserver): RemoteUrbObserver {
+  if (!a) return b;
+  return {
+    submitted: (s) => {
+      a.submitted(s);
+      b.submitted(s);
+    },
+    completed: (s, c, t) => {
+      a.completed(s, c, t);
+      b.completed(s, c, t);
+    },
+  };
+}
+
+/** Several observers behind the bridge's one observer field. */
+export function allOf(observers: BridgeObserver[]): BridgeObserver {
+  return { attachmentStarted: (att, device, origin) => observers.forEach((o) => o.attachmentStarted(att, device, origin)) };
 }
 
 const HANDOFF_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
@@ -116,7 +136,8 @@ export class BridgeMetrics implements BridgeObserver {
   attachmentStarted(att: Attachment, device: RemoteDevice, origin: AttachmentOrigin): void {
     this.started.set(origin, (this.started.get(origin) ?? 0) + 1);
     this.live.add(att);
-    device.urbTimer = this.roundTrip;
+    const rt = this.roundTrip;
+    device.urbObserver = chainUrbObservers(device.urbObserver, { submitted: () => {}, completed: (_s, _c, seconds) => rt.observe(seconds) });
     att.once('closed', () => {
       const s = att.stats;
       for (const k of STATS) this.retired[k] += s[k];

@@ -6,7 +6,8 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { createLogger } from '../../common/log.js';
 import { Bridge } from '../bridge/bridge.js';
-import { BridgeMetrics } from '../bridge/bridge-metrics.js';
+import { allOf, BridgeMetrics, type BridgeObserver } from '../bridge/bridge-metrics.js';
+import { BridgeCapture } from '../bridge/bridge-capture.js';
 import { newRegistry, serveMetrics, type MetricsEndpoint } from '../../common/observe/prom-kit.js';
 import { defaultRunDir } from '../bridge-control/address.js';
 import { BridgeControlServer } from '../bridge-control/server.js';
@@ -31,6 +32,8 @@ export interface BridgeConfig {
   logLevel?: string;
   /** HOST:PORT: serve Prometheus metrics at /metrics there. */
   metricsListen?: string;
+  /** Write a pcap per attachment of the URBs as the bridge sees them. */
+  captureDir?: string;
 }
 
 interface BridgeFlags {
@@ -50,9 +53,10 @@ interface BridgeFlags {
   runDir?: string;
   logLevel?: string;
   metricsListen?: string;
+  captureDir?: string;
 }
 
-const KNOWN = new Set(['control', 'controlTls', 'controlAllow', 'insecure', 'vms', 'server', 'runDir', 'logLevel', 'metricsListen']);
+const KNOWN = new Set(['control', 'controlTls', 'controlAllow', 'insecure', 'vms', 'server', 'runDir', 'logLevel', 'metricsListen', 'captureDir']);
 
 export function loadBridgeConfig(file: string): BridgeConfig {
   let parsed: unknown;
@@ -90,7 +94,7 @@ const collect = (v: string, prev: string[]) => [...prev, v];
 export function bridgeCommand(): Command {
   return new Command('bridge')
     .description('run the bridge daemon: attaches devices of USB host servers to QEMU VMs, driven by its control API')
-    .option('-c, --config <file>', 'JSON config: control, controlTls, controlAllow, insecure, vms, server {address, ca, cert, key}, runDir, logLevel, metricsListen')
+    .option('-c, --config <file>', 'JSON config: control, controlTls, controlAllow, insecure, vms, server {address, ca, cert, key}, runDir, logLevel, metricsListen, captureDir')
     .addOption(new Option('--control <address>', 'control API: unix socket path or host:port (default: /run/usbroam/bridge.sock as root, else $XDG_RUNTIME_DIR/usbroam/bridge.sock)').env('USBROAM_CONTROL'))
     .option('--control-ca <file>', 'control API over TCP: CA that signs orchestrator certificates')
     .option('--control-cert <file>', "control API over TCP: the bridge's certificate")
@@ -106,6 +110,7 @@ export function bridgeCommand(): Command {
     .option('--run-dir <dir>', `directory of the chardev sockets (default ${defaultRunDir()})`)
     .option('--log-level <level>', 'pino level (default info)')
     .option('--metrics-listen <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP)')
+    .option('--capture-dir <dir>', "write a pcap (usbmon format) per attachment of the URBs as the bridge sees them, to compare with the server's `usbroam capture`")
     .action(async (f: BridgeFlags) => {
       const cfg = f.config ? loadBridgeConfig(f.config) : {};
       const log = createLogger({ name: 'usbroam-bridge', level: f.logLevel ?? cfg.logLevel });
@@ -133,11 +138,15 @@ export function bridgeCommand(): Command {
       for (const v of vmList(cfg, f.vm)) control.addVm(v.name, v.qmpSocket);
       const metricsListen = f.metricsListen ?? cfg.metricsListen;
       let metrics: MetricsEndpoint | undefined;
+      const observers: BridgeObserver[] = [];
       if (metricsListen) {
         const m = new BridgeMetrics(newRegistry(), bridge);
-        bridge.observer = m;
+        observers.push(m);
         metrics = await serveMetrics(m.registry, metricsListen, log);
       }
+      const captureDir = f.captureDir ?? cfg.captureDir;
+      if (captureDir) observers.push(new BridgeCapture(path.resolve(captureDir), log));
+      if (observers.length) bridge.observer = allOf(observers);
       await control.start();
       let stopping = false;
       const stop = (sig: string) => {

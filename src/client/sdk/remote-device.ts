@@ -110,6 +110,13 @@ export interface TakeOverInfo {
   lastServerSeq: number;
 }
 
+/** What RemoteDevice.urbObserver hears: cheap, synchronous, on the URB path. */
+export interface RemoteUrbObserver {
+  submitted(s: UrbSubmit): void;
+  /** `seconds`: from submit to completion. */
+  completed(s: UrbSubmit, c: UrbComplete, seconds: number): void;
+}
+
 export interface TransferResult {
   status: UrbStatus;
   data: Uint8Array;
@@ -120,8 +127,9 @@ export interface TransferResult {
 interface Pending<T> {
   resolve: (v: T) => void;
   reject: (e: Error) => void;
-  /** performance.now() at submit, while urbTimer is set. */
+  /** While urbObserver is set: performance.now() at submit, and the submit. */
   t0?: number;
+  submit?: UrbSubmit;
 }
 
 export function encodeSetup(s: ControlSetup, dirIn: boolean, length: number): Uint8Array {
@@ -143,8 +151,8 @@ export class RemoteDevice extends EventEmitter {
   /** The device as the server described it on open (updated by configuration changes). */
   device!: Device;
   sessionId = '';
-  /** Set to time each URB from submit to completion (the bridge's round-trip metric). */
-  urbTimer?: { observe(seconds: number): void };
+  /** Told of each URB's submit and completion (the bridge's round-trip metric and capture). */
+  urbObserver?: RemoteUrbObserver;
   private readonly log: Logger;
   private readonly journal: SeqJournal<ClientFrame>;
   private rx = new SeqReceiver();
@@ -391,7 +399,7 @@ export class RemoteDevice extends EventEmitter {
           return;
         }
         this.urbs.delete(k.value.urbId);
-        if (p.t0 !== undefined) this.urbTimer?.observe((performance.now() - p.t0) / 1000);
+        if (p.submit) this.urbObserver?.completed(p.submit, k.value, (performance.now() - p.t0!) / 1000);
         const w = this.slotWaiters.shift();
         if (w) w();
         p.resolve(k.value);
@@ -479,7 +487,9 @@ export class RemoteDevice extends EventEmitter {
       isoPackets: req.isoPackets ?? [],
       timeoutMs: req.timeoutMs ?? 0,
     };
-    const done = new Promise<UrbComplete>((resolve, reject) => this.urbs.set(urbId, { resolve, reject, t0: this.urbTimer ? performance.now() : undefined }));
+    const obs = this.urbObserver;
+    const done = new Promise<UrbComplete>((resolve, reject) => this.urbs.set(urbId, obs ? { resolve, reject, t0: performance.now(), submit: s } : { resolve, reject }));
+    obs?.submitted(s);
     try {
       this.send({ $case: 'submit', value: s }, s.data.length);
     } catch (err) {
