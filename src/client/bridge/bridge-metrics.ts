@@ -1,8 +1,8 @@
 // The bridge's Prometheus metrics: attachments by state, usbredir packets and bytes each way,
 // the URB round trip over the channel, hand-offs with their duration, and replugs. Like the
 // server's, the URB path only writes numbers (HistogramCells); prom-client reads at scrape time.
-import { Counter, Gauge, type Registry } from 'prom-client';
-import { HistogramCells, LATENCY_BUCKETS, PrecountedHistogram } from '../../common/observe/prom-kit.js';
+import type { Counter, Registry } from 'prom-client';
+import { collectedCounter, collectedGauge, HistogramCells, LATENCY_BUCKETS, PrecountedHistogram } from '../../common/observe/prom-kit.js';
 import type { RemoteDevice, RemoteUrbObserver } from '../sdk/remote-device.js';
 import type { Attachment, AttachmentStats } from './attachment.js';
 import type { Bridge, HandOffEvent } from './bridge.js';
@@ -64,73 +64,30 @@ export class BridgeMetrics implements BridgeObserver {
       return n;
     };
     const self = this;
-    new Counter({
-      name: 'usbroam_bridge_usbredir_packets_total',
-      help: 'usbredir packets between QEMU and the bridge: from_qemu (guest requests) and to_qemu (completions, data)',
-      labelNames: ['direction'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        this.inc({ direction: 'from_qemu' }, total('packetsFromQemu'));
-        this.inc({ direction: 'to_qemu' }, total('packetsToQemu'));
-      },
+    const counter = (name: string, help: string, labelNames: string[], fill: (c: Counter) => void) => collectedCounter(registry, name, help, labelNames, fill);
+    counter('usbroam_bridge_usbredir_packets_total', 'usbredir packets between QEMU and the bridge: from_qemu (guest requests) and to_qemu (completions, data)', ['direction'], (c) => {
+      c.inc({ direction: 'from_qemu' }, total('packetsFromQemu'));
+      c.inc({ direction: 'to_qemu' }, total('packetsToQemu'));
     });
-    new Counter({
-      name: 'usbroam_bridge_usbredir_bytes_total',
-      help: 'usbredir bytes between QEMU and the bridge, each way',
-      labelNames: ['direction'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        this.inc({ direction: 'from_qemu' }, total('bytesFromQemu'));
-        this.inc({ direction: 'to_qemu' }, total('bytesToQemu'));
-      },
+    counter('usbroam_bridge_usbredir_bytes_total', 'usbredir bytes between QEMU and the bridge, each way', ['direction'], (c) => {
+      c.inc({ direction: 'from_qemu' }, total('bytesFromQemu'));
+      c.inc({ direction: 'to_qemu' }, total('bytesToQemu'));
     });
-    new Gauge({
-      name: 'usbroam_bridge_attachments',
-      help: 'Attachments by state: starting, connected (to QEMU), disconnecting',
-      labelNames: ['state'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        const by = { starting: 0, connected: 0, disconnecting: 0 };
-        for (const a of self.live) if (a.state in by) by[a.state as keyof typeof by]++;
-        for (const [state, n] of Object.entries(by)) this.set({ state }, n);
-      },
+    collectedGauge(registry, 'usbroam_bridge_attachments', 'Attachments by state: starting, connected (to QEMU), disconnecting', ['state'], (g) => {
+      const by = { starting: 0, connected: 0, disconnecting: 0 };
+      for (const a of self.live) if (a.state in by) by[a.state as keyof typeof by]++;
+      for (const [state, n] of Object.entries(by)) g.set({ state }, n);
     });
-    new Counter({
-      name: 'usbroam_bridge_attachments_started_total',
-      help: 'Attachments started: attach (control API), takeover (migration destination), replug (the source was lost: clean replug)',
-      labelNames: ['origin'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        for (const o of ['attach', 'takeover', 'replug'] as const) this.inc({ origin: o }, self.started.get(o) ?? 0);
-      },
+    counter('usbroam_bridge_attachments_started_total', 'Attachments started: attach (control API), takeover (migration destination), replug (the source was lost: clean replug)', ['origin'], (c) => {
+      for (const o of ['attach', 'takeover', 'replug'] as const) c.inc({ origin: o }, self.started.get(o) ?? 0);
     });
-    new Counter({
-      name: 'usbroam_bridge_replugs_total',
-      help: 'Clean replugs in the guest after a migration whose source bridge was lost before handing off',
-      registers: [registry],
-      collect() {
-        this.reset();
-        this.inc(self.started.get('replug') ?? 0);
-      },
+    counter('usbroam_bridge_replugs_total', 'Clean replugs in the guest after a migration whose source bridge was lost before handing off', [], (c) => c.inc(self.started.get('replug') ?? 0));
+    counter('usbroam_bridge_handoffs_total', 'Session hand-offs to a migration destination, by result', ['result'], (c) => {
+      c.inc({ result: 'ok' }, self.handOffs.ok);
+      c.inc({ result: 'failed' }, self.handOffs.failed);
     });
-    new Counter({
-      name: 'usbroam_bridge_handoffs_total',
-      help: 'Session hand-offs to a migration destination, by result',
-      labelNames: ['result'],
-      registers: [registry],
-      collect() {
-        this.reset();
-        this.inc({ result: 'ok' }, self.handOffs.ok);
-        this.inc({ result: 'failed' }, self.handOffs.failed);
-      },
-    });
-    const reg = (h: PrecountedHistogram) => registry.registerMetric(h as unknown as Parameters<Registry['registerMetric']>[0]);
-    reg(new PrecountedHistogram('usbroam_bridge_handoff_seconds', 'Hand-off duration: from the start of the hand-off to the server confirming it', () => [[{}, this.handOffTime]]));
-    reg(new PrecountedHistogram('usbroam_bridge_channel_round_trip_seconds', 'URB round trip over the URB channel: bridge submit to completion', () => [[{}, this.roundTrip]]));
+    new PrecountedHistogram(registry, 'usbroam_bridge_handoff_seconds', 'Hand-off duration: from the start of the hand-off to the server confirming it', () => [[{}, this.handOffTime]]);
+    new PrecountedHistogram(registry, 'usbroam_bridge_channel_round_trip_seconds', 'URB round trip over the URB channel: bridge submit to completion', () => [[{}, this.roundTrip]]);
   }
 
   attachmentStarted(att: Attachment, device: RemoteDevice, origin: AttachmentOrigin): void {

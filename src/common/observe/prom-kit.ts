@@ -4,7 +4,7 @@
 // reads them at scrape time: counters through collect(), histograms through PrecountedHistogram.
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { collectDefaultMetrics, Registry } from 'prom-client';
+import { collectDefaultMetrics, Counter, Gauge, Registry } from 'prom-client';
 import type { Logger } from '../log.js';
 
 /** Seconds: 50 µs to 10 s, for URB service times and round trips. */
@@ -42,10 +42,13 @@ export class PrecountedHistogram {
   readonly aggregator = 'sum';
 
   constructor(
+    registry: Registry,
     readonly name: string,
     readonly help: string,
     private readonly cells: () => Iterable<[Labels, HistogramCells]>,
-  ) {}
+  ) {
+    registry.registerMetric(this as unknown as Parameters<Registry['registerMetric']>[0]);
+  }
 
   async get() {
     const values: { labels: Labels; value: number; metricName: string }[] = [];
@@ -63,6 +66,34 @@ export class PrecountedHistogram {
   }
 
   reset(): void {}
+}
+
+/** A counter whose values `fill` sets at each scrape (from totals kept elsewhere). */
+export function collectedCounter(registry: Registry, name: string, help: string, labelNames: string[], fill: (c: Counter) => void): Counter {
+  return new Counter({
+    name,
+    help,
+    labelNames,
+    registers: [registry],
+    collect() {
+      this.reset();
+      fill(this);
+    },
+  });
+}
+
+/** A gauge whose values `fill` sets at each scrape. */
+export function collectedGauge(registry: Registry, name: string, help: string, labelNames: string[], fill: (g: Gauge) => void): Gauge {
+  return new Gauge({
+    name,
+    help,
+    labelNames,
+    registers: [registry],
+    collect() {
+      this.reset();
+      fill(this);
+    },
+  });
 }
 
 /** A registry with prom-client's process and Node.js metrics, named usbroam_... like ours. */

@@ -1,8 +1,8 @@
 // The USB host server's Prometheus metrics. Per device (a device has at most one session at a
 // time, so the device label is as fine as a session label and stays bounded), counted into
 // DeviceCells on the URB path and read by prom-client at scrape time (see prom-kit.ts).
-import { Counter, Gauge, type Registry } from 'prom-client';
-import { HistogramCells, LATENCY_BUCKETS, PrecountedHistogram } from '../../common/observe/prom-kit.js';
+import type { Counter, Gauge, Registry } from 'prom-client';
+import { collectedCounter, collectedGauge, HistogramCells, LATENCY_BUCKETS, PrecountedHistogram } from '../../common/observe/prom-kit.js';
 import type { Session } from '../sessions/session.js';
 import type { RefusalReason } from './observer.js';
 
@@ -48,17 +48,7 @@ export class ServerMetrics {
     const devices = this.devices;
     const refusals = this.refusals;
     const self = this;
-    const counter = (name: string, help: string, labelNames: string[], fill: (c: Counter) => void) =>
-      new Counter({
-        name,
-        help,
-        labelNames,
-        registers: [registry],
-        collect() {
-          this.reset();
-          fill(this);
-        },
-      });
+    const counter = (name: string, help: string, labelNames: string[], fill: (c: Counter) => void) => collectedCounter(registry, name, help, labelNames, fill);
     counter('usbroam_urbs_completed_total', 'URBs the device completed, by transfer type and status', ['device', 'type', 'status'], (c) => {
       for (const [device, d] of devices) {
         for (let t = 0; t < TYPE_NAMES.length; t++) {
@@ -86,17 +76,7 @@ export class ServerMetrics {
     counter('usbroam_capture_events_dropped_total', 'URB capture events dropped because a capture client did not keep up', [], (c) => {
       c.inc(self.droppedSource?.droppedTotal ?? 0);
     });
-    const gauge = (name: string, help: string, labelNames: string[], fill: (g: Gauge) => void) =>
-      new Gauge({
-        name,
-        help,
-        labelNames,
-        registers: [registry],
-        collect() {
-          this.reset();
-          fill(this);
-        },
-      });
+    const gauge = (name: string, help: string, labelNames: string[], fill: (g: Gauge) => void) => collectedGauge(registry, name, help, labelNames, fill);
     gauge('usbroam_urbs_in_flight', 'URBs submitted to the device and not completed yet', ['device'], (g) => {
       for (const [device, d] of devices) g.set({ device }, d.inFlight);
     });
@@ -114,12 +94,11 @@ export class ServerMetrics {
       for (const s of this.sessions()) g.set({ device: s.device.id }, s.journalBytes);
     });
     gauge('usbroam_captures', 'URB captures running', [], (g) => g.set(this.activeCaptures()));
-    const hist = new PrecountedHistogram('usbroam_urb_service_seconds', 'URB service time: from the device submit to its completion, by transfer type', function* () {
+    new PrecountedHistogram(registry, 'usbroam_urb_service_seconds', 'URB service time: from the device submit to its completion, by transfer type', function* () {
       for (const [device, d] of devices) {
         for (let t = 0; t < TYPE_NAMES.length; t++) if (d.service[t].count) yield [{ device, type: TYPE_NAMES[t] }, d.service[t]];
       }
     });
-    registry.registerMetric(hist as unknown as Parameters<Registry['registerMetric']>[0]);
   }
 
   /** The cells of a device, made on first use (looked up once per session, never per URB). */
