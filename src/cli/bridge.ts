@@ -7,6 +7,9 @@ import path from 'node:path';
 import { createLogger } from '../common/log.js';
 import { exitOnSignals } from './common.js';
 import { Bridge } from '../client/bridge/bridge.js';
+import { allOf, BridgeMetrics, type BridgeObserver } from '../client/bridge/bridge-metrics.js';
+import { BridgeCapture } from '../client/bridge/bridge-capture.js';
+import { newRegistry, serveMetrics, type MetricsEndpoint } from '../common/observe/prom-kit.js';
 import { defaultRunDir } from '../client/bridge-control/address.js';
 import { BridgeControlServer } from '../client/bridge-control/server.js';
 import type { ConnectionOptions } from '../client/sdk/credentials.js';
@@ -28,6 +31,10 @@ export interface BridgeConfig {
   /** Directory of the chardev sockets. */
   runDir?: string;
   logLevel?: string;
+  /** HOST:PORT: serve Prometheus metrics at /metrics there. */
+  metricsListen?: string;
+  /** Write a pcap per attachment of the URBs as the bridge sees them. */
+  captureDir?: string;
 }
 
 interface BridgeFlags {
@@ -46,9 +53,11 @@ interface BridgeFlags {
   serverInsecure?: boolean;
   runDir?: string;
   logLevel?: string;
+  metricsListen?: string;
+  captureDir?: string;
 }
 
-const KNOWN = new Set(['control', 'controlTls', 'controlAllow', 'insecure', 'vms', 'server', 'runDir', 'logLevel']);
+const KNOWN = new Set(['control', 'controlTls', 'controlAllow', 'insecure', 'vms', 'server', 'runDir', 'logLevel', 'metricsListen', 'captureDir']);
 
 export function loadBridgeConfig(file: string): BridgeConfig {
   let parsed: unknown;
@@ -86,7 +95,7 @@ const collect = (v: string, prev: string[]) => [...prev, v];
 export function bridgeCommand(): Command {
   return new Command('bridge')
     .description('run the bridge daemon: attaches devices of USB host servers to QEMU VMs, driven by its control API')
-    .option('-c, --config <file>', 'JSON config: control, controlTls, controlAllow, insecure, vms, server {address, ca, cert, key}, runDir, logLevel')
+    .option('-c, --config <file>', 'JSON config: control, controlTls, controlAllow, insecure, vms, server {address, ca, cert, key}, runDir, logLevel, metricsListen, captureDir')
     .addOption(new Option('--control <address>', 'control API: unix socket path or host:port (default: /run/usbroam/bridge.sock as root, else $XDG_RUNTIME_DIR/usbroam/bridge.sock)').env('USBROAM_CONTROL'))
     .option('--control-ca <file>', 'control API over TCP: CA that signs orchestrator certificates')
     .option('--control-cert <file>', "control API over TCP: the bridge's certificate")
@@ -101,6 +110,8 @@ export function bridgeCommand(): Command {
     .option('--server-insecure', 'reach USB host servers in plaintext (servers started with --insecure)')
     .option('--run-dir <dir>', `directory of the chardev sockets (default ${defaultRunDir()})`)
     .option('--log-level <level>', 'pino level (default info)')
+    .option('--metrics-listen <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP)')
+    .option('--capture-dir <dir>', "write a pcap (usbmon format) per attachment of the URBs as the bridge sees them, to compare with the server's `usbroam capture`")
     .action(async (f: BridgeFlags) => {
       const cfg = f.config ? loadBridgeConfig(f.config) : {};
       const log = createLogger({ name: 'usbroam-bridge', level: f.logLevel ?? cfg.logLevel });
@@ -126,7 +137,18 @@ export function bridgeCommand(): Command {
         log,
       });
       for (const v of vmList(cfg, f.vm)) control.addVm(v.name, v.qmpSocket);
+      const metricsListen = f.metricsListen ?? cfg.metricsListen;
+      let metrics: MetricsEndpoint | undefined;
+      const observers: BridgeObserver[] = [];
+      if (metricsListen) {
+        const m = new BridgeMetrics(newRegistry(), bridge);
+        observers.push(m);
+        metrics = await serveMetrics(m.registry, metricsListen, log);
+      }
+      const captureDir = f.captureDir ?? cfg.captureDir;
+      if (captureDir) observers.push(new BridgeCapture(path.resolve(captureDir), log));
+      if (observers.length) bridge.observer = allOf(observers);
       await control.start();
-      exitOnSignals(log, 'stopping: detaching every device', (sig) => control.stop(sig), () => ({ attachments: bridge.list().length }));
+      exitOnSignals(log, 'stopping: detaching every device', (sig) => Promise.all([control.stop(sig), metrics?.close()]), () => ({ attachments: bridge.list().length }));
     });
 }

@@ -15,6 +15,7 @@ import type { Device } from '../gen/usbroam/v1/usbhost.js';
 import { UsbHostClient } from '../client/sdk/client.js';
 import { describeDevice } from './common.js';
 import { runServer } from './serve.js';
+import { startPcapCapture, type PcapCapture } from '../client/capture/pcap-file.js';
 
 const root = REPO_ROOT;
 const MiB = 1024 * 1024;
@@ -26,6 +27,7 @@ interface DemoFlags {
   serverOnly?: boolean;
   serve?: boolean;
   bus: string;
+  capture?: string;
 }
 
 export function demoCommand(): Command {
@@ -36,6 +38,7 @@ export function demoCommand(): Command {
     .option('--server-only', 'no guest: show the server and its devices only')
     .option('--serve', 'with --server-only (or without QEMU): keep the server running until Ctrl-C')
     .option('--once', 'end by itself (the default; kept for scripts)')
+    .option('--capture <file.pcap>', "capture the disk's URBs on the server to a pcap file (usbmon format: tshark -r FILE -Y usbms)")
     .action(async (f: DemoFlags) => {
       const code = await runDemo(f).catch((err) => {
         console.error(`demo failed: ${(err as Error).stack ?? err}`);
@@ -119,6 +122,12 @@ async function runDemo(f: DemoFlags): Promise<number | undefined> {
   if (!avail.qemu) return serverOnly(avail.reason ?? `${harness.QEMU_BINARY} not found`);
   phase(`guest image ready: Linux ${image.kernelVersion}`);
 
+  // The capture runs from before the attach (the guest's enumeration is in it) to after the detach.
+  let capture: PcapCapture | undefined;
+  if (f.capture) {
+    capture = await startPcapCapture({ server: serverOpts, target: { deviceId: disk.id }, file: f.capture });
+    phase(`capturing the disk's URBs (device ${disk.id}) to ${f.capture}`);
+  }
   let guest: import('../devkit/guest/guest.js').Guest | undefined;
   let bridge: InstanceType<typeof Bridge> | undefined;
   let ticker: NodeJS.Timeout | undefined;
@@ -173,6 +182,11 @@ async function runDemo(f: DemoFlags): Promise<number | undefined> {
     for (const l of (await helpers.dmesgLines(g)).slice(before).filter((x) => /USB disconnect/.test(x))) console.log(`          ${l}`);
     await bridge.close();
     bridge = undefined;
+    if (capture) {
+      const c = await capture.stop();
+      capture = undefined;
+      phase(`capture: ${c.events} URB events${c.dropped ? ` (${c.dropped} dropped)` : ''} in ${f.capture}; see them with: tshark -r ${f.capture} -Y usbms`);
+    }
     phase('stopping the guest');
     await g.stop();
     guest = undefined;
@@ -181,6 +195,7 @@ async function runDemo(f: DemoFlags): Promise<number | undefined> {
     phase(ok ? 'done' : 'done, with a checksum mismatch');
     return ok ? 0 : 1;
   } finally {
+    await capture?.stop().catch(() => {});
     if (ticker) clearInterval(ticker);
     await bridge?.close().catch(() => {});
     await guest?.stop().catch(() => {});

@@ -7,6 +7,7 @@ import { REPO_ROOT } from '../common/repo-root.js';
 import { attachCommand } from './attach.js';
 import { attachmentsCommand } from './attachments.js';
 import { bridgeCommand } from './bridge.js';
+import { captureCommand } from './capture.js';
 import { demoCommand } from './demo.js';
 import { detachCommand } from './detach.js';
 import { devicesCommand } from './devices.js';
@@ -29,6 +30,7 @@ const program = new Command('usbroam')
   .addCommand(devicesCommand())
   .addCommand(watchCommand())
   .addCommand(sessionsCommand())
+  .addCommand(captureCommand())
   .addCommand(bridgeCommand())
   .addCommand(attachCommand())
   .addCommand(detachCommand())

@@ -11,6 +11,7 @@ import { DEFAULT_LISTEN, loadConfigFile, type ServerConfig } from '../server/con
 import { UsbHostServer } from '../server/server.js';
 import { fleetConfig, type FleetFlags } from '../fleet/config.js';
 import { startServerFleet } from '../fleet/server-fleet.js';
+import { parseHostPort } from '../common/observe/prom-kit.js';
 
 export interface ServeFlags {
   config?: string;
@@ -37,6 +38,7 @@ export interface ServeFlags {
   label?: string[];
   deviceLabel?: string[];
   leaseTtl?: string;
+  metricsListen?: string;
 }
 
 /** Merge the config file and flags into one configuration. */
@@ -61,6 +63,8 @@ export function serveConfig(f: ServeFlags): ServerConfig {
   if (libusb && f.libusbAllow?.length) libusb.allow = [...(libusb.allow ?? []), ...f.libusbAllow];
   if (libusb && f.libusbPollMs) libusb.pollMs = Number(f.libusbPollMs);
   if (libusb) normalizeAllowRules(libusb.allow); // fail early on a bad rule
+  const metricsListen = f.metricsListen ?? file.metricsListen;
+  if (metricsListen) parseHostPort(metricsListen); // fail early on a bad address
   return {
     listen: f.listen ?? file.listen ?? DEFAULT_LISTEN,
     tls,
@@ -72,6 +76,7 @@ export function serveConfig(f: ServeFlags): ServerConfig {
     libusb,
     logLevel: f.logLevel ?? file.logLevel,
     fleet: file.fleet, // the fleet's own flags are merged by fleetConfig() in runServer
+    metricsListen,
   };
 }
 
@@ -114,6 +119,7 @@ export async function runServer(cfg: ServerConfig, dataDir: string, fleetFlags: 
     admins: cfg.admins,
     limits: cfg.limits,
     log,
+    metricsListen: cfg.metricsListen,
   });
   // Fleet: the session-open claim check is set before the server listens, registration starts once it does.
   const fleetCfg = fleetConfig(fleetFlags, cfg.fleet);
@@ -151,6 +157,7 @@ export function serveCommand(): Command {
     .option('--label <k=v...>', 'fleet label of this host and its devices (repeatable)')
     .option('--device-label <spec...>', "fleet labels for matching devices: 'SELECTOR k=v...', e.g. 'serial=ABC license=cad' (repeatable)")
     .option('--lease-ttl <s>', 'fleet lease TTL in seconds: how long a dead server stays listed (default 10)')
+    .option('--metrics-listen <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP)')
     .action(async (f: ServeFlags) => {
       const cfg = serveConfig(f);
       fleetConfig(f, cfg.fleet); // fail early on bad fleet flags

@@ -40,6 +40,8 @@ export interface ServerConfig {
   logLevel?: string;
   /** Fleet registration on etcd (src/fleet/config.ts); flags --etcd, --host-name, --label, --device-label. */
   fleet?: FleetConfigFile;
+  /** HOST:PORT: serve Prometheus metrics at /metrics there. */
+  metricsListen?: string;
 }
 
 export const DEFAULT_LISTEN = '127.0.0.1:7470';
@@ -58,7 +60,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
     throw new Error(`config file ${path} is not valid JSON: ${(err as Error).message}`);
   }
   if (!parsed || typeof parsed !== 'object' || Array.isArray(parsed)) throw new Error(`config file ${path} must hold a JSON object`);
-  const known = new Set(['listen', 'tls', 'insecure', 'acl', 'admins', 'limits', 'emulated', 'libusb', 'logLevel', 'fleet']);
+  const known = new Set(['listen', 'tls', 'insecure', 'acl', 'admins', 'limits', 'emulated', 'libusb', 'logLevel', 'fleet', 'metricsListen']);
   for (const k of Object.keys(parsed)) if (!known.has(k)) throw new Error(`config file ${path}: unknown key "${k}" (known: ${[...known].join(', ')})`);
   return parsed as Partial<ServerConfig>;
 }

@@ -15,6 +15,11 @@ import { DeviceRegistry } from './devices/registry.js';
 import { createUsbHostHandlers } from './service.js';
 import { SessionManager } from './sessions/manager.js';
 import { defaultLimits, type SessionLimits } from './sessions/session.js';
+import { newRegistry, serveMetrics, type MetricsEndpoint } from '../common/observe/prom-kit.js';
+import { captureHandler } from './observe/capture-service.js';
+import { ServerMetrics } from './observe/metrics.js';
+import { ServerObservability } from './observe/observability.js';
+import { watchTlsRefusals } from './observe/tls-refusals.js';
 
 export const PROTO_DIR = path.join(REPO_ROOT, 'protos');
 export const USBHOST_SERVICE = 'usbroam.v1.UsbHost';
@@ -35,6 +40,8 @@ export interface ServerOptions {
   admins?: string[];
   limits?: Partial<SessionLimits>;
   log: Logger;
+  /** Serve Prometheus metrics at http://HOST:PORT/metrics. */
+  metricsListen?: string;
 }
 
 /** Channel/server options shared by both ends of a URB channel. */
@@ -63,6 +70,9 @@ export class UsbHostServer {
   private accepting = true;
   /** The bound address (with the real port when 0 was asked). */
   address = '';
+  /** Metrics, URB capture and state-change logs. */
+  readonly observe: ServerObservability;
+  private metricsEndpoint?: MetricsEndpoint;
 
   constructor(private readonly opts: ServerOptions) {
     if (!opts.insecure && !opts.tls) throw new Error('mutual TLS needs --ca, --cert and --key (or --insecure on loopback)');
@@ -72,7 +82,14 @@ export class UsbHostServer {
     const limits = { ...defaultLimits, ...opts.limits };
     const acl = new Acl(opts.acl);
     this.registry = new DeviceRegistry(opts.backends);
-    this.sessions = new SessionManager(this.registry, acl, limits, opts.log);
+    this.observe = new ServerObservability(opts.log);
+    this.sessions = new SessionManager(this.registry, acl, limits, opts.log, this.observe);
+    if (opts.metricsListen) {
+      const hub = this.observe.capture;
+      this.observe.metrics = new ServerMetrics(newRegistry(), () => this.sessions.list(), () => hub.active);
+      this.observe.metrics.droppedFrom(hub);
+    }
+    const admins = opts.admins ?? [];
     this.grpcServer = new grpc.Server({ ...GRPC_CHANNEL_OPTIONS, interceptors: [callLogInterceptor(opts.log, 'call', true)] });
     const definition = grpcJsServiceDefinition(UsbHostDefinition);
     this.grpcServer.addService(
@@ -81,10 +98,12 @@ export class UsbHostServer {
         registry: this.registry,
         sessions: this.sessions,
         acl,
-        admins: opts.admins ?? [],
+        admins,
         insecureIdentity: opts.insecure ? (opts.insecureIdentity ?? 'anonymous') : undefined,
         log: opts.log,
         accepting: () => this.accepting,
+        observer: this.observe,
+        capture: captureHandler({ sessions: this.sessions, registry: this.registry, hub: this.observe.capture, admins, log: opts.log }),
       }),
     );
     this.health = new HealthAndReflection(this.grpcServer, USBHOST_SERVICE, path.join(PROTO_DIR, 'usbroam/v1/usbhost.proto'), PROTO_DIR);
@@ -101,6 +120,8 @@ export class UsbHostServer {
     }
     const port = await bindServer(this.grpcServer, opts.listen, creds);
     raiseReceiveWindows(this.grpcServer, RECEIVE_WINDOW_BYTES);
+    if (!opts.insecure) watchTlsRefusals(this.grpcServer, (reason, peer, err) => this.observe.refused(reason, { peer, message: `TLS handshake refused: ${err.message}` }));
+    if (opts.metricsListen && this.observe.metrics) this.metricsEndpoint = await serveMetrics(this.observe.metrics.registry, opts.metricsListen, opts.log);
     this.address = opts.listen.startsWith('unix:') ? opts.listen : opts.listen.replace(/:\d+$/, `:${port}`);
     this.health.setServing(true);
     opts.log.info({ address: this.address, tls: !opts.insecure, devices: this.registry.list().length }, 'USB host server listening');
@@ -114,7 +135,13 @@ export class UsbHostServer {
     await this.sessions.closeAll(why);
     await stopServer(this.grpcServer);
     await this.registry.close();
+    await this.metricsEndpoint?.close();
     this.opts.log.info({ why }, 'USB host server stopped');
+  }
+
+  /** host:port of the metrics endpoint, once started with metricsListen. */
+  get metricsAddress(): string | undefined {
+    return this.metricsEndpoint?.address;
   }
 }
 

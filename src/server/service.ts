@@ -6,6 +6,8 @@ import { identityOf, serviceError, withIdentity, type BidiHandler, type ServerSt
 import type { Logger } from '../common/log.js';
 import {
   DeviceEvent_Kind,
+  type CaptureEvent,
+  type CaptureRequest,
   type ClientMessage,
   type CloseSessionRequest,
   type CloseSessionResponse,
@@ -22,6 +24,7 @@ import type { Acl } from './acl.js';
 import { deviceToProto } from './convert.js';
 import type { DeviceRegistry, RegistryEvent } from './devices/registry.js';
 import { runConnectStream } from './sessions/connect-stream.js';
+import type { ServerObserver } from './observe/observer.js';
 import type { SessionManager } from './sessions/manager.js';
 import type { Session } from './sessions/session.js';
 
@@ -38,6 +41,10 @@ export interface ServiceDeps {
   log: Logger;
   /** While false the server refuses new streams (shutting down). */
   accepting: () => boolean;
+  /** Metrics and logs of refused channels. */
+  observer?: ServerObserver;
+  /** The Capture RPC (observe/capture-service.ts). */
+  capture: ServerStreamHandler<CaptureRequest, CaptureEvent>;
 }
 
 export function createUsbHostHandlers(def: grpc.ServiceDefinition, deps: ServiceDeps): grpc.UntypedServiceImplementation {
@@ -105,6 +112,6 @@ export function createUsbHostHandlers(def: grpc.ServiceDefinition, deps: Service
   return withIdentity(
     def,
     { identify: (call) => identityOf(call, deps.insecureIdentity) },
-    { ListDevices: listDevices, WatchDevices: watchDevices, Connect: connect, ListSessions: listSessions, CloseSession: closeSession },
+    { ListDevices: listDevices, WatchDevices: watchDevices, Connect: connect, ListSessions: listSessions, CloseSession: closeSession, Capture: deps.capture },
   );
 }

@@ -116,7 +116,7 @@ describe('devices, watch, CLI, health and reflection (server in its own process)
       const services = await reflection.listServices();
       expect(services, version).to.include.members(['usbroam.v1.UsbHost', 'grpc.health.v1.Health']);
       const methods = (await reflection.listMethods('usbroam.v1.UsbHost')).map((m) => m.name);
-      expect(methods, version).to.have.members(['ListDevices', 'WatchDevices', 'Connect', 'ListSessions', 'CloseSession']);
+      expect(methods, version).to.have.members(['ListDevices', 'WatchDevices', 'Connect', 'ListSessions', 'CloseSession', 'Capture']);
     }
     const health = new grpc.Client(srv.address, creds);
     const status = await new Promise<Buffer>((resolve, reject) =>

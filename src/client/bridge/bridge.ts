@@ -13,6 +13,7 @@ import { UsbHostClient, type DeviceSelector } from '../sdk/client.js';
 import type { ConnectionOptions } from '../sdk/credentials.js';
 import type { RemoteDevice } from '../sdk/remote-device.js';
 import { Attachment, type AttachmentCloseInfo, type AttachmentStats } from './attachment.js';
+import type { AttachmentOrigin, BridgeObserver } from './bridge-metrics.js';
 import { standBy } from './handoff/destination.js';
 import { VmMigrations } from './handoff/vm-migration.js';
 import { connectChardev, hotplugRedir, qemuArgsFor, redirIds, unplugRedir, type ColdPlugArgs, type RedirPlug } from './qemu-attach.js';
@@ -128,6 +129,9 @@ export class Bridge extends EventEmitter {
   private readonly attachments = new Map<string, Entry>();
   private readonly clients = new Map<string, UsbHostClient>();
 
+  /** Metrics and capture (bridge-metrics.ts, bridge-capture.ts): told of each attachment as it starts. */
+  observer?: BridgeObserver;
+
   private readonly standbys = new Map<string, { device: RemoteDevice; release: () => void }>();
   private readonly migrations: VmMigrations;
 
@@ -204,9 +208,9 @@ export class Bridge extends EventEmitter {
     const dev = standby.device;
     this.standbys.set(id, { device: dev, release: standby.release });
     log.info({ bus, socketPath }, 'standing by for the session (migration destination)');
-    const attached = standby.takeOver.then((att) => {
-      const entry = this.entryOf({ id, vm: req.vm, server: client.address, bus, socketPath, hotPlugged: true }, att, dev, chardevId);
-      this.register(entry);
+    const attached = standby.takeOver.then(({ attachment, origin }) => {
+      const entry = this.entryOf({ id, vm: req.vm, server: client.address, bus, socketPath, hotPlugged: true }, attachment, dev, chardevId);
+      this.register(entry, origin);
       return this.infoOf(entry);
     });
     attached.catch((err) => log.warn({ err: (err as Error).message }, 'standby ended without a take-over'));
@@ -270,7 +274,7 @@ export class Bridge extends EventEmitter {
       const socket = await connectChardev(socketPath);
       const att = new Attachment({ device, socket, log, id });
       const entry = this.entryOf({ id, vm: req.vm, server: client.address, bus, socketPath, hotPlugged: !req.coldPlugged }, att, device, chardevId);
-      this.register(entry);
+      this.register(entry, 'attach');
       log.info({ bus, socketPath, session: device.sessionId }, 'device attached to VM');
       return this.infoOf(entry);
     } catch (err) {
@@ -288,9 +292,10 @@ export class Bridge extends EventEmitter {
   }
 
   /** Track a new attachment and start it. */
-  private register(entry: Entry): void {
+  private register(entry: Entry, origin: AttachmentOrigin): void {
     this.attachments.set(entry.info.id, entry);
     entry.att.on('closed', (ci: AttachmentCloseInfo) => void this.onAttachmentClosed(entry, ci));
+    this.observer?.attachmentStarted(entry.att, entry.device, origin);
     entry.att.start();
   }
 

@@ -7,7 +7,7 @@ import { BufferPool } from '../../common/encode-buffers.js';
 import { encodeClientMessage } from '../../common/frame-codec.js';
 import { grpcJsServiceDefinition } from '../../common/grpc-definition.js';
 import type { Logger } from '../../common/log.js';
-import { UsbHostDefinition, type ClientMessage, type Device, type DeviceEvent, type Session } from '../../gen/usbroam/v1/usbhost.js';
+import { UsbHostDefinition, type CaptureEvent, type ClientMessage, type Device, type DeviceEvent, type Session } from '../../gen/usbroam/v1/usbhost.js';
 import { channelCredentials, resolveConnection, type ConnectionOptions } from './credentials.js';
 import { RemoteDevice, type ChannelCallHandlers, type RemoteDeviceOptions, type StreamOpener } from './remote-device.js';
 import { CLAIM_TOKEN_METADATA } from '../../fleet/claim-token.js';
@@ -113,6 +113,12 @@ export class UsbHostClient {
 
   async listSessions(signal?: AbortSignal): Promise<Session[]> {
     return (await this.rpc.listSessions({}, { signal })).sessions;
+  }
+
+  /** Live URB events of a session or a device (admins; a session's owner for its session), until `signal` aborts. */
+  capture(target: { sessionId: string } | { deviceId: string }, opts: { snaplen?: number; signal?: AbortSignal } = {}): AsyncIterable<CaptureEvent> {
+    const t = 'sessionId' in target ? { $case: 'sessionId' as const, value: target.sessionId } : { $case: 'deviceId' as const, value: target.deviceId };
+    return this.rpc.capture({ target: t, snaplen: opts.snaplen ?? 0 }, { signal: opts.signal });
   }
 
   async closeSession(sessionId: string): Promise<void> {

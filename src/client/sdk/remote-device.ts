@@ -52,6 +52,13 @@ export interface TakeOverInfo {
   lastServerSeq: number;
 }
 
+/** What RemoteDevice.urbObserver hears: cheap, synchronous, on the URB path. */
+export interface RemoteUrbObserver {
+  submitted(s: UrbSubmit): void;
+  /** `seconds`: from submit to completion. */
+  completed(s: UrbSubmit, c: UrbComplete, seconds: number): void;
+}
+
 export interface TransferResult {
   status: UrbStatus;
   data: Uint8Array;
@@ -62,12 +69,17 @@ export interface TransferResult {
 interface Pending<T> {
   resolve: (v: T) => void;
   reject: (e: Error) => void;
+  /** While urbObserver is set: performance.now() at submit, and the submit. */
+  t0?: number;
+  submit?: UrbSubmit;
 }
 
 export class RemoteDevice extends EventEmitter {
   /** The device as the server described it on open (updated by configuration changes). */
   device!: Device;
   sessionId = '';
+  /** Told of each URB's submit and completion (the bridge's round-trip metric and capture). */
+  urbObserver?: RemoteUrbObserver;
   private readonly log: Logger;
   private readonly channel: SeqChannel<ClientFrame>;
   private readonly urbs = new Map<number, Pending<UrbComplete>>();
@@ -304,6 +316,7 @@ export class RemoteDevice extends EventEmitter {
           return;
         }
         this.urbs.delete(k.value.urbId);
+        if (p.submit) this.urbObserver?.completed(p.submit, k.value, (performance.now() - p.t0!) / 1000);
         const w = this.slotWaiters.shift();
         if (w) w();
         p.resolve(k.value);
@@ -368,7 +381,9 @@ export class RemoteDevice extends EventEmitter {
       isoPackets: req.isoPackets ?? [],
       timeoutMs: req.timeoutMs ?? 0,
     };
-    const done = new Promise<UrbComplete>((resolve, reject) => this.urbs.set(urbId, { resolve, reject }));
+    const obs = this.urbObserver;
+    const done = new Promise<UrbComplete>((resolve, reject) => this.urbs.set(urbId, obs ? { resolve, reject, t0: performance.now(), submit: s } : { resolve, reject }));
+    obs?.submitted(s);
     try {
       this.send({ $case: 'submit', value: s }, s.data.length);
     } catch (err) {

@@ -14,6 +14,7 @@ import type { SessionManager } from './manager.js';
 import type { Session } from './session.js';
 import { ChannelProtocolError, type SessionStream } from './session-types.js';
 import { claimTokenOf } from '../../fleet/claim-token.js';
+import type { RefusalReason, ServerObserver } from '../observe/observer.js';
 
 const S = grpc.status;
 /** Queued messages beyond which the call is paused. */
@@ -25,7 +26,23 @@ export interface ConnectDeps {
   log: Logger;
   /** While false new streams are refused (shutting down). */
   accepting: () => boolean;
+  /** Metrics and logs of refused channels. */
+  observer?: ServerObserver;
 }
+
+/** The refusal reason (a bounded metric label) of a status that refused a channel at open. */
+function refusalOf(code: grpc.status): RefusalReason {
+  const known: Partial<Record<grpc.status, RefusalReason>> = {
+    [S.UNAUTHENTICATED]: 'unauthenticated',
+    [S.PERMISSION_DENIED]: 'permission_denied',
+    [S.NOT_FOUND]: 'not_found',
+    [S.FAILED_PRECONDITION]: 'failed_precondition',
+    [S.INVALID_ARGUMENT]: 'invalid_argument',
+    [S.UNAVAILABLE]: 'unavailable',
+  };
+  return known[code] ?? 'other';
+}
+
 
 /**
  * Where the pump is:
@@ -200,6 +217,8 @@ class ConnectPump {
     if (err instanceof ChannelProtocolError) {
       const l = session ? session.log : this.deps.log.child({ identity, peer: stream.peer });
       l.warn({ code: S[err.code], err: err.message }, 'URB channel refused');
+      // A channel refused at open counts as a refused connection.
+      if (!session) this.deps.observer?.refused(refusalOf(err.code), { peer: stream.peer, identity, message: err.message });
       const refusal: ServerFrame = { seq: session?.highestServerSeq ?? 0, kind: { $case: 'error', value: { code: err.code, message: err.message, clientSeq: err.clientSeq } } };
       stream.write({ frames: [refusal] });
       stream.end(err.code, err.message);

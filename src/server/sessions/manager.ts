@@ -7,6 +7,7 @@ import type { Acl } from '../acl.js';
 import type { DeviceInfo } from '../backends/types.js';
 import { ClaimConflictError, type DeviceRegistry } from '../devices/registry.js';
 import { describeSelector, isEmptySelector, matchesSelector, validateSelector, type Selector } from '../devices/selector.js';
+import type { ServerObserver } from '../observe/observer.js';
 import { ChannelProtocolError, Session, type SessionLimits } from './session.js';
 
 export class SessionManager {
@@ -22,6 +23,7 @@ export class SessionManager {
     private readonly acl: Acl,
     private readonly limits: SessionLimits,
     private readonly log: Logger,
+    private readonly observer?: ServerObserver,
   ) {}
 
   /** Claim the one device matching `selector` for `identity` and start a session. */
@@ -62,6 +64,7 @@ export class SessionManager {
     const log = this.log.child({ session: id, device: device.id, identity, peer });
     const session = new Session(id, identity, handle, this.limits, log);
     this.sessions.set(id, session);
+    this.observer?.sessionCreated(session); // observe: metrics, capture, state-change logs
     session.on('handedOver', (newIdentity: string) => this.registry.transfer(device.id, id, newIdentity));
     session.once('closed', () => {
       this.sessions.delete(id);

@@ -16,6 +16,7 @@ import type { ClientFrame, HandOff, ServerFrame } from '../../gen/usbroam/v1/usb
 import type { DeviceHandle, DeviceInfo } from '../backends/types.js';
 import { ChannelProtocolError, type SessionLimits, type SessionStream } from './session-types.js';
 import { UrbExecutor, type ExecutorOutput } from './urb-executor.js';
+import type { SessionObserver } from '../observe/observer.js';
 
 export { ChannelProtocolError, defaultLimits, type SessionLimits, type SessionStream } from './session-types.js';
 
@@ -56,6 +57,13 @@ export class Session extends EventEmitter {
   }
   get stats(): { urbsSubmitted: number; urbsCompleted: number } {
     return this.urbs.stats;
+  }
+  /** Metrics and capture (observe/): told of every URB that goes to the device and comes back. */
+  get observer(): SessionObserver | undefined {
+    return this.urbs.observer;
+  }
+  set observer(o: SessionObserver | undefined) {
+    this.urbs.observer = o;
   }
   get inFlightCount(): number {
     return this.urbs.inFlightCount;

@@ -9,6 +9,7 @@ import { TransferType, UrbStatus, UsbError, type DeviceHandle, type Urb, type Ur
 import { endpointToProto, interfaceToProto, pbIsoPackets, pbStatus, transferTypeFromProto } from '../convert.js';
 import { ReceivingStream } from './receiving-stream.js';
 import type { SessionLimits } from './session-types.js';
+import type { SessionObserver } from '../observe/observer.js';
 
 /** Where the executor's results go (the session's channel). */
 export interface ExecutorOutput {
@@ -39,6 +40,8 @@ export class UrbExecutor {
   /** The session closed: completions are dropped, every slot waiter released. */
   private closed = false;
   readonly stats = { urbsSubmitted: 0, urbsCompleted: 0 };
+  /** Metrics and capture (observe/): told of every URB that goes to the device and comes back. */
+  observer?: SessionObserver;
 
   constructor(
     private readonly handle: DeviceHandle,
@@ -106,7 +109,13 @@ export class UrbExecutor {
     };
     this.inFlight.set(s.urbId, { backendId, endpoint: s.endpoint });
     this.stats.urbsSubmitted++;
-    this.handle.submit(urb, (r) => this.completed(s.urbId, r));
+    const observer = this.observer;
+    if (!observer) return this.handle.submit(urb, (r) => this.completed(s.urbId, r));
+    observer.urbSubmitted(urb);
+    this.handle.submit(urb, (r) => {
+      observer.urbCompleted(urb, r);
+      this.completed(s.urbId, r);
+    });
   }
 
   /** Why the device cannot take this URB as submitted, or undefined. */

@@ -26,8 +26,8 @@ export interface Standby {
   device: RemoteDevice;
   /** Give the standby up (idempotent). */
   release(): void;
-  /** The attachment (not started) once the session was handed over to this bridge. */
-  takeOver: Promise<Attachment>;
+  /** The attachment (not started) once the session was handed over to this bridge: by a hand-off, or a clean replug after the source was lost. */
+  takeOver: Promise<{ attachment: Attachment; origin: 'takeover' | 'replug' }>;
 }
 
 /**
@@ -64,7 +64,7 @@ export async function standBy(opts: { client: UsbHostClient; sessionId: string; 
     release();
   };
   sock.once('close', onSocketGone);
-  const takeOver = (async (): Promise<Attachment> => {
+  const takeOver = (async (): Promise<{ attachment: Attachment; origin: 'takeover' | 'replug' }> => {
     const t = await dev.takeOver!;
     sock.off('close', onSocketGone);
     end();
@@ -73,9 +73,9 @@ export async function standBy(opts: { client: UsbHostClient; sessionId: string; 
         { lastServerSeq: t.lastServerSeq },
         'the source bridge was lost before handing off: the position in the usbredir streams is unknown and no usbredir parser state migrated; clean replug (closing and reconnecting the chardev, device reset, full usbredir handshake)',
       );
-      return sourceLostReplug({ device: dev, socket: sock, socketPath, log, id });
+      return { attachment: await sourceLostReplug({ device: dev, socket: sock, socketPath, log, id }), origin: 'replug' };
     }
-    return Attachment.fromHandOff({ device: dev, socket: sock, log, id, state: t.state });
+    return { attachment: Attachment.fromHandOff({ device: dev, socket: sock, log, id, state: t.state }), origin: 'takeover' };
   })();
   return { device: dev, release, takeOver };
 }

@@ -675,6 +675,97 @@ export interface CloseSessionRequest {
 export interface CloseSessionResponse {
 }
 
+export interface CaptureRequest {
+  target?:
+    | { $case: "sessionId"; value: string }
+    | { $case: "deviceId"; value: string }
+    | undefined;
+  /** Most data bytes kept per event (0: 65536; at most 1 MiB). */
+  snaplen: number;
+}
+
+export interface CaptureEvent {
+  kind?: { $case: "started"; value: CaptureStarted } | { $case: "urb"; value: UrbEvent } | {
+    $case: "dropped";
+    value: CaptureDropped;
+  } | undefined;
+}
+
+export interface CaptureStarted {
+  device?:
+    | Device
+    | undefined;
+  /** What a usbmon capture of this device would name it: bus and device number. */
+  bus: number;
+  address: number;
+  snaplen: number;
+}
+
+/** Events this capture lost because it did not keep up, since the last such message. */
+export interface CaptureDropped {
+  events: number;
+}
+
+export interface UrbEvent {
+  kind: UrbEvent_Kind;
+  sessionId: string;
+  /** Unique per session: pairs a submit with its completion. */
+  urbTag: number;
+  endpoint: number;
+  type: TransferType;
+  /** Control submits: the 8-byte setup packet. */
+  setup: Uint8Array;
+  /** Submits: OUT data; completions: IN data (cut at snaplen). */
+  data: Uint8Array;
+  /** Submits: the transfer length (OUT data or IN length); completions: actual_length. */
+  length: number;
+  status: UrbStatus;
+  isoPackets: IsoPacket[];
+  flags: number;
+  interval: number;
+  /** Wall clock, microseconds since the Unix epoch. */
+  timestampUs: number;
+}
+
+export enum UrbEvent_Kind {
+  KIND_UNSPECIFIED = 0,
+  KIND_SUBMIT = 1,
+  KIND_COMPLETE = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function urbEvent_KindFromJSON(object: any): UrbEvent_Kind {
+  switch (object) {
+    case 0:
+    case "KIND_UNSPECIFIED":
+      return UrbEvent_Kind.KIND_UNSPECIFIED;
+    case 1:
+    case "KIND_SUBMIT":
+      return UrbEvent_Kind.KIND_SUBMIT;
+    case 2:
+    case "KIND_COMPLETE":
+      return UrbEvent_Kind.KIND_COMPLETE;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return UrbEvent_Kind.UNRECOGNIZED;
+  }
+}
+
+export function urbEvent_KindToJSON(object: UrbEvent_Kind): string {
+  switch (object) {
+    case UrbEvent_Kind.KIND_UNSPECIFIED:
+      return "KIND_UNSPECIFIED";
+    case UrbEvent_Kind.KIND_SUBMIT:
+      return "KIND_SUBMIT";
+    case UrbEvent_Kind.KIND_COMPLETE:
+      return "KIND_COMPLETE";
+    case UrbEvent_Kind.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 function createBaseEndpointInfo(): EndpointInfo {
   return { address: 0, type: 0, interval: 0, maxPacketSize: 0, maxStreams: 0, interfaceNumber: 0 };
 }
@@ -6266,6 +6357,726 @@ export const CloseSessionResponse: MessageFns<CloseSessionResponse> = {
   },
 };
 
+function createBaseCaptureRequest(): CaptureRequest {
+  return { target: undefined, snaplen: 0 };
+}
+
+export const CaptureRequest: MessageFns<CaptureRequest> = {
+  encode(message: CaptureRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.target?.$case) {
+      case "sessionId":
+        writer.uint32(10).string(message.target.value);
+        break;
+      case "deviceId":
+        writer.uint32(18).string(message.target.value);
+        break;
+    }
+    if (message.snaplen !== 0) {
+      writer.uint32(24).uint32(message.snaplen);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CaptureRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCaptureRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.target = { $case: "sessionId", value: reader.string() };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.target = { $case: "deviceId", value: reader.string() };
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.snaplen = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CaptureRequest {
+    return {
+      target: isSet(object.sessionId)
+        ? { $case: "sessionId", value: globalThis.String(object.sessionId) }
+        : isSet(object.session_id)
+        ? { $case: "sessionId", value: globalThis.String(object.session_id) }
+        : isSet(object.deviceId)
+        ? { $case: "deviceId", value: globalThis.String(object.deviceId) }
+        : isSet(object.device_id)
+        ? { $case: "deviceId", value: globalThis.String(object.device_id) }
+        : undefined,
+      snaplen: isSet(object.snaplen) ? globalThis.Number(object.snaplen) : 0,
+    };
+  },
+
+  toJSON(message: CaptureRequest): unknown {
+    const obj: any = {};
+    if (message.target?.$case === "sessionId") {
+      obj.sessionId = message.target.value;
+    } else if (message.target?.$case === "deviceId") {
+      obj.deviceId = message.target.value;
+    }
+    if (message.snaplen !== 0) {
+      obj.snaplen = Math.round(message.snaplen);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CaptureRequest>): CaptureRequest {
+    return CaptureRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CaptureRequest>): CaptureRequest {
+    const message = createBaseCaptureRequest();
+    switch (object.target?.$case) {
+      case "sessionId": {
+        if (object.target?.value !== undefined && object.target?.value !== null) {
+          message.target = { $case: "sessionId", value: object.target.value };
+        }
+        break;
+      }
+      case "deviceId": {
+        if (object.target?.value !== undefined && object.target?.value !== null) {
+          message.target = { $case: "deviceId", value: object.target.value };
+        }
+        break;
+      }
+    }
+    message.snaplen = object.snaplen ?? 0;
+    return message;
+  },
+};
+
+function createBaseCaptureEvent(): CaptureEvent {
+  return { kind: undefined };
+}
+
+export const CaptureEvent: MessageFns<CaptureEvent> = {
+  encode(message: CaptureEvent, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.kind?.$case) {
+      case "started":
+        CaptureStarted.encode(message.kind.value, writer.uint32(10).fork()).join();
+        break;
+      case "urb":
+        UrbEvent.encode(message.kind.value, writer.uint32(18).fork()).join();
+        break;
+      case "dropped":
+        CaptureDropped.encode(message.kind.value, writer.uint32(26).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CaptureEvent {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCaptureEvent();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.kind = { $case: "started", value: CaptureStarted.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.kind = { $case: "urb", value: UrbEvent.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.kind = { $case: "dropped", value: CaptureDropped.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CaptureEvent {
+    return {
+      kind: isSet(object.started)
+        ? { $case: "started", value: CaptureStarted.fromJSON(object.started) }
+        : isSet(object.urb)
+        ? { $case: "urb", value: UrbEvent.fromJSON(object.urb) }
+        : isSet(object.dropped)
+        ? { $case: "dropped", value: CaptureDropped.fromJSON(object.dropped) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: CaptureEvent): unknown {
+    const obj: any = {};
+    if (message.kind?.$case === "started") {
+      obj.started = CaptureStarted.toJSON(message.kind.value);
+    } else if (message.kind?.$case === "urb") {
+      obj.urb = UrbEvent.toJSON(message.kind.value);
+    } else if (message.kind?.$case === "dropped") {
+      obj.dropped = CaptureDropped.toJSON(message.kind.value);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CaptureEvent>): CaptureEvent {
+    return CaptureEvent.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CaptureEvent>): CaptureEvent {
+    const message = createBaseCaptureEvent();
+    switch (object.kind?.$case) {
+      case "started": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "started", value: CaptureStarted.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+      case "urb": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "urb", value: UrbEvent.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+      case "dropped": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "dropped", value: CaptureDropped.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseCaptureStarted(): CaptureStarted {
+  return { device: undefined, bus: 0, address: 0, snaplen: 0 };
+}
+
+export const CaptureStarted: MessageFns<CaptureStarted> = {
+  encode(message: CaptureStarted, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.device !== undefined) {
+      Device.encode(message.device, writer.uint32(10).fork()).join();
+    }
+    if (message.bus !== 0) {
+      writer.uint32(16).uint32(message.bus);
+    }
+    if (message.address !== 0) {
+      writer.uint32(24).uint32(message.address);
+    }
+    if (message.snaplen !== 0) {
+      writer.uint32(32).uint32(message.snaplen);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CaptureStarted {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCaptureStarted();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.device = Device.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.bus = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.address = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.snaplen = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CaptureStarted {
+    return {
+      device: isSet(object.device) ? Device.fromJSON(object.device) : undefined,
+      bus: isSet(object.bus) ? globalThis.Number(object.bus) : 0,
+      address: isSet(object.address) ? globalThis.Number(object.address) : 0,
+      snaplen: isSet(object.snaplen) ? globalThis.Number(object.snaplen) : 0,
+    };
+  },
+
+  toJSON(message: CaptureStarted): unknown {
+    const obj: any = {};
+    if (message.device !== undefined) {
+      obj.device = Device.toJSON(message.device);
+    }
+    if (message.bus !== 0) {
+      obj.bus = Math.round(message.bus);
+    }
+    if (message.address !== 0) {
+      obj.address = Math.round(message.address);
+    }
+    if (message.snaplen !== 0) {
+      obj.snaplen = Math.round(message.snaplen);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CaptureStarted>): CaptureStarted {
+    return CaptureStarted.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CaptureStarted>): CaptureStarted {
+    const message = createBaseCaptureStarted();
+    message.device = (object.device !== undefined && object.device !== null)
+      ? Device.fromPartial(object.device)
+      : undefined;
+    message.bus = object.bus ?? 0;
+    message.address = object.address ?? 0;
+    message.snaplen = object.snaplen ?? 0;
+    return message;
+  },
+};
+
+function createBaseCaptureDropped(): CaptureDropped {
+  return { events: 0 };
+}
+
+export const CaptureDropped: MessageFns<CaptureDropped> = {
+  encode(message: CaptureDropped, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.events !== 0) {
+      writer.uint32(8).uint64(message.events);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CaptureDropped {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCaptureDropped();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.events = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CaptureDropped {
+    return { events: isSet(object.events) ? globalThis.Number(object.events) : 0 };
+  },
+
+  toJSON(message: CaptureDropped): unknown {
+    const obj: any = {};
+    if (message.events !== 0) {
+      obj.events = Math.round(message.events);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CaptureDropped>): CaptureDropped {
+    return CaptureDropped.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CaptureDropped>): CaptureDropped {
+    const message = createBaseCaptureDropped();
+    message.events = object.events ?? 0;
+    return message;
+  },
+};
+
+function createBaseUrbEvent(): UrbEvent {
+  return {
+    kind: 0,
+    sessionId: "",
+    urbTag: 0,
+    endpoint: 0,
+    type: 0,
+    setup: new Uint8Array(0),
+    data: new Uint8Array(0),
+    length: 0,
+    status: 0,
+    isoPackets: [],
+    flags: 0,
+    interval: 0,
+    timestampUs: 0,
+  };
+}
+
+export const UrbEvent: MessageFns<UrbEvent> = {
+  encode(message: UrbEvent, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.kind !== 0) {
+      writer.uint32(8).int32(message.kind);
+    }
+    if (message.sessionId !== "") {
+      writer.uint32(18).string(message.sessionId);
+    }
+    if (message.urbTag !== 0) {
+      writer.uint32(24).uint64(message.urbTag);
+    }
+    if (message.endpoint !== 0) {
+      writer.uint32(32).uint32(message.endpoint);
+    }
+    if (message.type !== 0) {
+      writer.uint32(40).int32(message.type);
+    }
+    if (message.setup.length !== 0) {
+      writer.uint32(50).bytes(message.setup);
+    }
+    if (message.data.length !== 0) {
+      writer.uint32(58).bytes(message.data);
+    }
+    if (message.length !== 0) {
+      writer.uint32(64).uint32(message.length);
+    }
+    if (message.status !== 0) {
+      writer.uint32(72).int32(message.status);
+    }
+    for (const v of message.isoPackets) {
+      IsoPacket.encode(v!, writer.uint32(82).fork()).join();
+    }
+    if (message.flags !== 0) {
+      writer.uint32(88).uint32(message.flags);
+    }
+    if (message.interval !== 0) {
+      writer.uint32(96).uint32(message.interval);
+    }
+    if (message.timestampUs !== 0) {
+      writer.uint32(104).int64(message.timestampUs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UrbEvent {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUrbEvent();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.kind = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.sessionId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.urbTag = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.endpoint = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.type = reader.int32() as any;
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.setup = reader.bytes();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.data = reader.bytes();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.length = reader.uint32();
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.status = reader.int32() as any;
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.isoPackets.push(IsoPacket.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.flags = reader.uint32();
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.interval = reader.uint32();
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.timestampUs = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UrbEvent {
+    return {
+      kind: isSet(object.kind) ? urbEvent_KindFromJSON(object.kind) : 0,
+      sessionId: isSet(object.sessionId)
+        ? globalThis.String(object.sessionId)
+        : isSet(object.session_id)
+        ? globalThis.String(object.session_id)
+        : "",
+      urbTag: isSet(object.urbTag)
+        ? globalThis.Number(object.urbTag)
+        : isSet(object.urb_tag)
+        ? globalThis.Number(object.urb_tag)
+        : 0,
+      endpoint: isSet(object.endpoint) ? globalThis.Number(object.endpoint) : 0,
+      type: isSet(object.type) ? transferTypeFromJSON(object.type) : 0,
+      setup: isSet(object.setup) ? bytesFromBase64(object.setup) : new Uint8Array(0),
+      data: isSet(object.data) ? bytesFromBase64(object.data) : new Uint8Array(0),
+      length: isSet(object.length) ? globalThis.Number(object.length) : 0,
+      status: isSet(object.status) ? urbStatusFromJSON(object.status) : 0,
+      isoPackets: globalThis.Array.isArray(object?.isoPackets)
+        ? object.isoPackets.map((e: any) => IsoPacket.fromJSON(e))
+        : globalThis.Array.isArray(object?.iso_packets)
+        ? object.iso_packets.map((e: any) => IsoPacket.fromJSON(e))
+        : [],
+      flags: isSet(object.flags) ? globalThis.Number(object.flags) : 0,
+      interval: isSet(object.interval) ? globalThis.Number(object.interval) : 0,
+      timestampUs: isSet(object.timestampUs)
+        ? globalThis.Number(object.timestampUs)
+        : isSet(object.timestamp_us)
+        ? globalThis.Number(object.timestamp_us)
+        : 0,
+    };
+  },
+
+  toJSON(message: UrbEvent): unknown {
+    const obj: any = {};
+    if (message.kind !== 0) {
+      obj.kind = urbEvent_KindToJSON(message.kind);
+    }
+    if (message.sessionId !== "") {
+      obj.sessionId = message.sessionId;
+    }
+    if (message.urbTag !== 0) {
+      obj.urbTag = Math.round(message.urbTag);
+    }
+    if (message.endpoint !== 0) {
+      obj.endpoint = Math.round(message.endpoint);
+    }
+    if (message.type !== 0) {
+      obj.type = transferTypeToJSON(message.type);
+    }
+    if (message.setup.length !== 0) {
+      obj.setup = base64FromBytes(message.setup);
+    }
+    if (message.data.length !== 0) {
+      obj.data = base64FromBytes(message.data);
+    }
+    if (message.length !== 0) {
+      obj.length = Math.round(message.length);
+    }
+    if (message.status !== 0) {
+      obj.status = urbStatusToJSON(message.status);
+    }
+    if (message.isoPackets?.length) {
+      obj.isoPackets = message.isoPackets.map((e) => IsoPacket.toJSON(e));
+    }
+    if (message.flags !== 0) {
+      obj.flags = Math.round(message.flags);
+    }
+    if (message.interval !== 0) {
+      obj.interval = Math.round(message.interval);
+    }
+    if (message.timestampUs !== 0) {
+      obj.timestampUs = Math.round(message.timestampUs);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UrbEvent>): UrbEvent {
+    return UrbEvent.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UrbEvent>): UrbEvent {
+    const message = createBaseUrbEvent();
+    message.kind = object.kind ?? 0;
+    message.sessionId = object.sessionId ?? "";
+    message.urbTag = object.urbTag ?? 0;
+    message.endpoint = object.endpoint ?? 0;
+    message.type = object.type ?? 0;
+    message.setup = object.setup ?? new Uint8Array(0);
+    message.data = object.data ?? new Uint8Array(0);
+    message.length = object.length ?? 0;
+    message.status = object.status ?? 0;
+    message.isoPackets = object.isoPackets?.map((e) => IsoPacket.fromPartial(e)) || [];
+    message.flags = object.flags ?? 0;
+    message.interval = object.interval ?? 0;
+    message.timestampUs = object.timestampUs ?? 0;
+    return message;
+  },
+};
+
 export type UsbHostDefinition = typeof UsbHostDefinition;
 export const UsbHostDefinition = {
   name: "UsbHost",
@@ -6332,6 +7143,21 @@ export const UsbHostDefinition = {
       responseStream: false,
       options: {},
     },
+    /**
+     * The URB submits and completions of one session or one device, as they
+     * happen (what usbmon shows for a local device). Allowed to admins, and to
+     * a session's owner for that session. First `started`, then events; a
+     * capture that falls behind drops events (counted in `dropped`), it never
+     * slows the device.
+     */
+    capture: {
+      name: "Capture",
+      requestType: CaptureRequest as typeof CaptureRequest,
+      requestStream: false,
+      responseType: CaptureEvent as typeof CaptureEvent,
+      responseStream: true,
+      options: {},
+    },
   },
 } as const;
 
@@ -6377,6 +7203,17 @@ export interface UsbHostServiceImplementation<CallContextExt = {}> {
     request: CloseSessionRequest,
     context: CallContext & CallContextExt,
   ): Promise<DeepPartial<CloseSessionResponse>>;
+  /**
+   * The URB submits and completions of one session or one device, as they
+   * happen (what usbmon shows for a local device). Allowed to admins, and to
+   * a session's owner for that session. First `started`, then events; a
+   * capture that falls behind drops events (counted in `dropped`), it never
+   * slows the device.
+   */
+  capture(
+    request: CaptureRequest,
+    context: CallContext & CallContextExt,
+  ): ServerStreamingMethodResult<DeepPartial<CaptureEvent>>;
 }
 
 export interface UsbHostClient<CallOptionsExt = {}> {
@@ -6421,6 +7258,14 @@ export interface UsbHostClient<CallOptionsExt = {}> {
     request: DeepPartial<CloseSessionRequest>,
     options?: CallOptions & CallOptionsExt,
   ): Promise<CloseSessionResponse>;
+  /**
+   * The URB submits and completions of one session or one device, as they
+   * happen (what usbmon shows for a local device). Allowed to admins, and to
+   * a session's owner for that session. First `started`, then events; a
+   * capture that falls behind drops events (counted in `dropped`), it never
+   * slows the device.
+   */
+  capture(request: DeepPartial<CaptureRequest>, options?: CallOptions & CallOptionsExt): AsyncIterable<CaptureEvent>;
 }
 
 function bytesFromBase64(b64: string): Uint8Array {
