@@ -127,6 +127,31 @@ describe('URB capture (Capture RPC, `usbroam capture`, pcap for Wireshark)', fun
     }
   });
 
+  it('captures the URBs of a receiving stream (usbredir interrupt receiving) like the session\'s own', async () => {
+    const bridge = new UsbHostClient({ address: srv.address, ...clientTls('bridge') });
+    const loop = await bridge.openDevice({ serial: 'USBROAM-LOOP-0001' });
+    const ac = new AbortController();
+    try {
+      const it = bridge.capture({ sessionId: loop.sessionId }, { signal: ac.signal })[Symbol.asyncIterator]();
+      expect((await it.next()).value?.kind?.$case).to.equal('started');
+      await loop.selectConfiguration(1);
+      await loop.startReceiving({ endpoint: 0x82, transferLength: 64, transfers: 2 });
+      // The interrupt endpoint's counter packets: 8 bytes each. Collect until two completions on 0x82 came.
+      const onEp: { kind: UrbEvent_Kind; length: number }[] = [];
+      while (onEp.filter((e) => e.kind === UrbEvent_Kind.KIND_COMPLETE).length < 2) {
+        const ev = (await it.next()).value as CaptureEvent;
+        if (ev.kind?.$case === 'urb' && ev.kind.value.endpoint === 0x82) onEp.push({ kind: ev.kind.value.kind, length: ev.kind.value.length });
+      }
+      expect(onEp.filter((e) => e.kind === UrbEvent_Kind.KIND_SUBMIT).length).to.be.greaterThanOrEqual(2);
+      expect(onEp.filter((e) => e.kind === UrbEvent_Kind.KIND_SUBMIT).every((e) => e.length === 64)).to.equal(true);
+      expect(onEp.filter((e) => e.kind === UrbEvent_Kind.KIND_COMPLETE).every((e) => e.length === 8)).to.equal(true);
+    } finally {
+      ac.abort();
+      await loop.close();
+      bridge.close();
+    }
+  });
+
   it('drops what a capture client does not read, counts it, and every event is either delivered or counted as dropped', async () => {
     const tls = clientTls('bridge');
     const client = new UsbHostClient({ address: srv.address, ...tls });

@@ -4,7 +4,8 @@
 // the stream after reporting it, as usbredir expects.
 import type { ReceivedData } from '../../gen/usbroam/v1/usbhost.js';
 import { pbIsoPackets, pbStatus } from '../convert.js';
-import { TransferType, UrbStatus, type DeviceHandle, type UrbResult } from '../backends/types.js';
+import { TransferType, UrbStatus, type DeviceHandle, type Urb, type UrbResult } from '../backends/types.js';
+import type { SessionObserver } from '../observe/observer.js';
 
 export class ReceivingStream {
   private index = 0;
@@ -24,6 +25,8 @@ export class ReceivingStream {
     private readonly deliver: (d: ReceivedData) => void,
     /** True while the session's journal is too full: do not resubmit. */
     private readonly shouldPause: () => boolean,
+    /** Metrics and capture: told of each URB the stream submits, like the session's own. */
+    private readonly observer: () => SessionObserver | undefined = () => undefined,
   ) {}
 
   start(): void {
@@ -40,19 +43,22 @@ export class ReceivingStream {
     const id = this.nextId();
     this.pending.add(id);
     const iso = this.type === TransferType.Isochronous;
-    this.handle.submit(
-      {
-        id,
-        endpoint: this.endpoint,
-        type: this.type,
-        length: iso ? this.length * this.isoPackets : this.length,
-        streamId: 0,
-        flags: 0,
-        timeoutMs: 0,
-        isoPackets: iso ? Array.from({ length: this.isoPackets }, () => ({ length: this.length, status: UrbStatus.Success, actualLength: 0 })) : undefined,
-      },
-      (r) => this.onResult(id, r),
-    );
+    const urb: Urb = {
+      id,
+      endpoint: this.endpoint,
+      type: this.type,
+      length: iso ? this.length * this.isoPackets : this.length,
+      streamId: 0,
+      flags: 0,
+      timeoutMs: 0,
+      isoPackets: iso ? Array.from({ length: this.isoPackets }, () => ({ length: this.length, status: UrbStatus.Success, actualLength: 0 })) : undefined,
+    };
+    const observer = this.observer();
+    observer?.urbSubmitted(urb);
+    this.handle.submit(urb, (r) => {
+      observer?.urbCompleted(urb, r);
+      this.onResult(id, r);
+    });
   }
 
   private onResult(id: number, r: UrbResult): void {

@@ -245,6 +245,7 @@ export class UrbExecutor {
       () => this.nextBackendId++,
       (rd) => this.out.emit({ $case: 'received', value: rd }, rd.data.length),
       () => this.out.journalBytes() > this.limits.receivingPauseBytes,
+      () => this.observer,
     );
     this.receivers.set(s.endpoint, r);
     r.start();
