@@ -1,9 +1,9 @@
 // What watches the server: metrics (when asked for), URB captures and the operator's log of
 // session state changes, behind the one ServerObserver interface the core calls.
 import type { Logger } from '../../common/log.js';
-import { TransferType as PbTransferType, UrbEvent_Kind, type UrbEvent } from '../../gen/usbroam/v1/usbhost.js';
+import { UrbEvent_Kind, type UrbEvent } from '../../gen/usbroam/v1/usbhost.js';
 import { TransferType, type Urb, type UrbResult } from '../backends/types.js';
-import { pbIsoPackets, pbStatus } from '../convert.js';
+import { pbIsoPackets, pbStatus, transferTypeToProto } from '../convert.js';
 import type { Session } from '../sessions/session.js';
 import { CaptureHub, type CaptureListener, type CaptureSubscriber } from './capture-hub.js';
 import type { DeviceCells, ServerMetrics, SessionEvent } from './metrics.js';
@@ -75,7 +75,7 @@ export class SessionTap implements SessionObserver, CaptureListener {
       sessionId: this.sessionId,
       urbTag: urb.id,
       endpoint: ep,
-      type: urb.type as number as PbTransferType,
+      type: transferTypeToProto(urb.type),
       setup: !r && isControl && urb.setup ? urb.setup : EMPTY,
       data: r ? (isIn ? (r.data ?? EMPTY) : EMPTY) : isIn ? EMPTY : (urb.data ?? EMPTY),
       length: r ? r.actualLength : isIn ? urb.length : (urb.data?.length ?? 0),
