@@ -1,10 +1,11 @@
 // Fleet test helpers: a device source that stands in for a server's device
 // registry (hotplug and claims on demand), and a claimant in a child process
 // (to be killed -9 while it holds its lease).
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { EventEmitter } from 'node:events';
 import path from 'node:path';
 import { REPO_ROOT } from '../common/repo-root.js';
+import { spawnUntilReady } from './child-process-lines.js';
 import type { DeviceInfo } from '../server/backends/types.js';
 import { Speed } from '../server/backends/types.js';
 
@@ -81,26 +82,10 @@ export async function until<T>(what: string, fn: () => Promise<T | undefined | f
 
 /** A claimant in its own process: resolves once it holds a claim on `selector`; prints the claim as JSON. */
 export async function startClaimantProcess(endpoints: string[], claimant: string, selector: string, ttlS: number, prefix: string): Promise<{ child: ChildProcess; claim: { key: string; lease: string } }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', path.join(REPO_ROOT, 'src/devkit/fleet-claimant-child.ts'), endpoints.join(','), claimant, selector, String(ttlS), prefix], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  const claim = await new Promise<{ key: string; lease: string }>((resolve, reject) => {
-    let out = '';
-    let err = '';
-    const t = setTimeout(() => reject(new Error(`claimant process did not claim: ${err}`)), 20_000);
-    child.stdout!.on('data', (d: Buffer) => {
-      out += d.toString();
-      const line = out.split('\n').find((l) => l.startsWith('{'));
-      if (line) {
-        clearTimeout(t);
-        resolve(JSON.parse(line));
-      }
-    });
-    child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-    child.once('exit', (code) => {
-      clearTimeout(t);
-      reject(new Error(`claimant process exited with ${code}: ${err}`));
-    });
-  });
+  const { child, ready: claim } = await spawnUntilReady(
+    process.execPath,
+    ['--import', 'tsx', path.join(REPO_ROOT, 'src/devkit/fleet-claimant-child.ts'), endpoints.join(','), claimant, selector, String(ttlS), prefix],
+    { name: 'claimant process', ready: (j) => (typeof j.key === 'string' ? { key: j.key, lease: String(j.lease) } : undefined) },
+  );
   return { child, claim };
 }

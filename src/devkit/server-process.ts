@@ -1,8 +1,9 @@
 // A USB host server in its own process (`usbroam serve`), as a client meets it.
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { REPO_ROOT } from '../common/repo-root.js';
 import { testCerts } from './certs.js';
+import { spawnUntilReady } from './child-process-lines.js';
 
 export interface ServerProcess {
   address: string;
@@ -13,7 +14,7 @@ export interface ServerProcess {
 
 export async function startServerProcess(args: string[] = []): Promise<ServerProcess> {
   const c = testCerts();
-  const child = spawn(
+  const { child, logs, ready: address } = await spawnUntilReady(
     process.execPath,
     [
       // e.g. USBROAM_SERVER_NODE_ARGS='--cpu-prof --cpu-prof-dir=/tmp/prof' to profile the server
@@ -30,36 +31,8 @@ export async function startServerProcess(args: string[] = []): Promise<ServerPro
       c.file('server.key'),
       ...args,
     ],
-    { stdio: ['ignore', 'pipe', 'pipe'] },
+    { name: 'server', ready: (j) => (j.msg === 'USB host server listening' ? String(j.address) : undefined) },
   );
-  const logs: string[] = [];
-  const address = await new Promise<string>((resolve, reject) => {
-    let buf = '';
-    const timer = setTimeout(() => reject(new Error(`server did not start: ${logs.join('\n')}`)), 20_000);
-    child.stdout!.on('data', (d: Buffer) => {
-      buf += d.toString();
-      let i;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, i);
-        buf = buf.slice(i + 1);
-        logs.push(line);
-        try {
-          const j = JSON.parse(line);
-          if (j.msg === 'USB host server listening') {
-            clearTimeout(timer);
-            resolve(j.address);
-          }
-        } catch {
-          /* not JSON */
-        }
-      }
-    });
-    child.stderr!.on('data', (d: Buffer) => logs.push(d.toString()));
-    child.on('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`server exited with ${code}: ${logs.join('\n')}`));
-    });
-  });
   return {
     address,
     child,

@@ -4,13 +4,14 @@
 // writes and reads a few MiB through it (the server's image holds the same bytes); detach is a
 // clean unplug; SIGTERM on the bridge detaches what is left and exits 0.
 import { expect } from 'chai';
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile, type ChildProcess } from 'node:child_process';
 import { statSync } from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { UsbHostClient } from '../../src/client/sdk/client.js';
 import { clientTls } from '../../src/devkit/certs.js';
 import { MiB, sha256OfFileRange, waitGoneInGuest } from '../../src/devkit/bridge-guest.js';
+import { spawnUntilReady } from '../../src/devkit/child-process-lines.js';
 import { servedDevice, useBridgeGuest } from '../helpers/bridge-guest-fixture.js';
 
 const run = promisify(execFile);
@@ -32,35 +33,10 @@ interface BridgeProcess {
 }
 
 async function startBridgeProcess(args: string[]): Promise<BridgeProcess> {
-  const child = spawn(process.execPath, ['bin/usbroam.js', 'bridge', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  const logs: string[] = [];
-  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
-  await new Promise<void>((resolve, reject) => {
-    let buf = '';
-    const timer = setTimeout(() => reject(new Error(`bridge did not start: ${logs.join('\n')}`)), 20_000);
-    child.stdout!.on('data', (d: Buffer) => {
-      buf += d.toString();
-      let i;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, i);
-        buf = buf.slice(i + 1);
-        logs.push(line);
-        if (process.env.USBROAM_TEST_LOG) process.stderr.write(`      bridge: ${line}\n`);
-        try {
-          if (JSON.parse(line).msg === 'bridge control API listening') {
-            clearTimeout(timer);
-            resolve();
-          }
-        } catch {
-          /* not JSON */
-        }
-      }
-    });
-    child.stderr!.on('data', (d: Buffer) => logs.push(d.toString()));
-    void exited.then((code) => {
-      clearTimeout(timer);
-      reject(new Error(`bridge exited with ${code}: ${logs.join('\n')}`));
-    });
+  const { child, logs, exited } = await spawnUntilReady(process.execPath, ['bin/usbroam.js', 'bridge', ...args], {
+    name: 'bridge',
+    ready: (j) => (j.msg === 'bridge control API listening' ? true : undefined),
+    echoPrefix: process.env.USBROAM_TEST_LOG ? '      bridge: ' : undefined,
   });
   return { child, logs, exited };
 }
