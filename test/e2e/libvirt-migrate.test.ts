@@ -215,4 +215,25 @@ describe('e2e libvirt: cold-plugged redirdev, virsh migrate --live between two l
     expect(dmesg.filter((l) => /USB disconnect/.test(l))).to.deep.equal([]);
     expect(badKernelLines(dmesg)).to.deep.equal([]);
   });
+  it("hot plug on the migrated domain through the bridge's own monitor: device_add, the data reads back, detach unplugs it", async () => {
+    const cli = async (...args: string[]) => (await run(CLI[0]!, [CLI[1]!, ...args, '--control', controlB], { timeout: 120_000 })).stdout;
+    // B's bridge holds the attachment it took over (cold-plugged: libvirt's redirdev).
+    const held = JSON.parse(await cli('attachments', '--json')) as { id: string; vm: string; hotPlugged?: boolean }[];
+    expect(held.map((a) => [a.id, a.vm, !!a.hotPlugged])).to.deep.equal([[att.id, 'lv0', false]]);
+    await cli('detach', '--vm', 'lv0', att.id);
+    await guest.sh("i=0; while [ -e /sys/block/sda ] && [ $i -lt 300 ]; do usleep 100000; i=$((i+1)); done; [ ! -e /sys/block/sda ]", { timeoutMs: 60_000 });
+    // Hot plug: chardev-add + device_add on the bridge's QMP socket of the libvirt domain.
+    const a = JSON.parse(await cli('attach', '--vm', 'lv0', '--device', `id=${deviceId}`, '--id', 'usbroam-hot', '--bus', 'usb.0', '--json')) as { id: string; hotPlugged: boolean };
+    expect([a.id, a.hotPlugged]).to.deep.equal(['usbroam-hot', true]);
+    await guest.waitForPath('/sys/block/sda', 120_000);
+    await guest.waitForPath('/dev/sda');
+    const out = await guest.sh('dd if=/dev/sda bs=1M count=4 iflag=direct 2>/dev/null | sha256sum | cut -d" " -f1; cat /tmp/x.sha', { timeoutMs: 120_000 });
+    const [got, want] = out.trim().split('\n');
+    expect(got).to.equal(want);
+    // libvirt does not know the hot-plugged device (its XML is unchanged) and does not mind it.
+    expect(await lvB!.virsh(['dumpxml', 'lv0'])).to.not.contain('usbroam-hot');
+    await cli('detach', '--vm', 'lv0', 'usbroam-hot');
+    await guest.sh("i=0; while [ -e /sys/block/sda ] && [ $i -lt 300 ]; do usleep 100000; i=$((i+1)); done; [ ! -e /sys/block/sda ]", { timeoutMs: 60_000 });
+    expect(JSON.parse(await cli('attachments', '--json'))).to.deep.equal([]);
+  });
 });
