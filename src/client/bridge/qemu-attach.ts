@@ -85,7 +85,8 @@ export async function coldPluggedRedir(qmp: QmpClient, id: string): Promise<{ ch
   try {
     chardevId = await qmp.execute<string>('qom-get', { path: `/machine/peripheral/${id}`, property: 'chardev' });
   } catch (err) {
-    if (err instanceof QmpError && err.errorClass === 'DeviceNotFound') return undefined;
+    // DeviceNotFound: no such device; GenericError: one without a chardev property.
+    if (err instanceof QmpError) return undefined;
     throw err;
   }
   const chardevs = await qmp.execute<{ label: string; filename: string }[]>('query-chardev');
