@@ -11,6 +11,7 @@ import { captureCommand } from './capture.js';
 import { demoCommand } from './demo.js';
 import { detachCommand } from './detach.js';
 import { devicesCommand } from './devices.js';
+import { libvirtHookCommand } from './libvirt-hook.js';
 import { cancelIncomingCommand, prepareIncomingCommand } from './prepare-incoming.js';
 import { qemuArgsCommand } from './qemu-args.js';
 import { serveCommand } from './serve.js';
@@ -38,6 +39,7 @@ const program = new Command('usbroam')
   .addCommand(qemuArgsCommand())
   .addCommand(prepareIncomingCommand())
   .addCommand(cancelIncomingCommand())
+  .addCommand(libvirtHookCommand())
   .addCommand(demoCommand());
 
 program.parseAsync(process.argv).catch((err: Error) => {

@@ -16,7 +16,7 @@ import { Attachment, type AttachmentCloseInfo, type AttachmentStats } from './at
 import type { AttachmentOrigin, BridgeObserver } from './bridge-metrics.js';
 import { standBy } from './handoff/destination.js';
 import { VmMigrations } from './handoff/vm-migration.js';
-import { connectChardev, hotplugRedir, qemuArgsFor, redirIds, unplugRedir, type ColdPlugArgs, type RedirPlug } from './qemu-attach.js';
+import { coldPluggedRedir, connectChardev, hotplugRedir, qemuArgsFor, redirIds, unplugRedir, type ColdPlugArgs, type RedirPlug } from './qemu-attach.js';
 
 export interface VmSpec {
   name: string;
@@ -132,7 +132,7 @@ export class Bridge extends EventEmitter {
   /** Metrics and capture (bridge-metrics.ts, bridge-capture.ts): told of each attachment as it starts. */
   observer?: BridgeObserver;
 
-  private readonly standbys = new Map<string, { device: RemoteDevice; release: () => void }>();
+  private readonly standbys = new Map<string, { device: RemoteDevice; release: () => void; coldPlugged: boolean }>();
   private readonly migrations: VmMigrations;
 
   constructor(opts: BridgeOptions = {}) {
@@ -196,20 +196,23 @@ export class Bridge extends EventEmitter {
     const id = req.id;
     const chardevId = `${id}-chr`;
     const bus = req.bus ?? 'xhci.0';
-    const socketPath = this.socketPathFor(req.vm, id);
-    await hotplugRedir(qmp, { id, chardevId, socketPath, bus, filter: req.filter, port: req.port });
+    // Already on the destination's command line (a libvirt <redirdev> in the migrated domain
+    // XML): serve its chardev instead of hot-plugging a second one.
+    const coldPlugged = await coldPluggedRedir(qmp, id);
+    const socketPath = coldPlugged?.socketPath ?? this.socketPathFor(req.vm, id);
+    if (!coldPlugged) await hotplugRedir(qmp, { id, chardevId, socketPath, bus, filter: req.filter, port: req.port });
     let standby;
     try {
       standby = await standBy({ client, sessionId: req.sessionId, socketPath, id, log, sessionLog: vmLog, onEnd: () => this.standbys.delete(id) });
     } catch (err) {
-      await unplugRedir(qmp, { id, chardevId }, { timeoutMs: 10_000 }).catch(() => {});
+      if (!coldPlugged) await unplugRedir(qmp, { id, chardevId }, { timeoutMs: 10_000 }).catch(() => {});
       throw err;
     }
     const dev = standby.device;
-    this.standbys.set(id, { device: dev, release: standby.release });
+    this.standbys.set(id, { device: dev, release: standby.release, coldPlugged: !!coldPlugged });
     log.info({ bus, socketPath }, 'standing by for the session (migration destination)');
     const attached = standby.takeOver.then(({ attachment, origin }) => {
-      const entry = this.entryOf({ id, vm: req.vm, server: client.address, bus, socketPath, hotPlugged: true }, attachment, dev, chardevId);
+      const entry = this.entryOf({ id, vm: req.vm, server: client.address, bus, socketPath, hotPlugged: !coldPlugged }, attachment, dev, coldPlugged?.chardevId ?? chardevId);
       this.register(entry, origin);
       return this.infoOf(entry);
     });
@@ -222,6 +225,7 @@ export class Bridge extends EventEmitter {
     const s = this.standbys.get(id);
     if (!s) throw new Error(`no standby ${id}`);
     s.release();
+    if (s.coldPlugged) return; // QEMU's own device: it stays
     const qmp = await this.qmpOf(vm);
     await unplugRedir(qmp, { id, chardevId: `${id}-chr` }, { timeoutMs: 10_000 }).catch(() => {});
   }

@@ -75,6 +75,28 @@ export async function unplugRedir(qmp: QmpClient, ids: { id: string; chardevId: 
   await qmp.execute('chardev-remove', { id: ids.chardevId }).catch(() => {});
 }
 
+/**
+ * The usb-redir device `id` if QEMU has it already (on its command line, e.g. a libvirt
+ * <redirdev>): its chardev and the unix socket that chardev listens on. Undefined if there is
+ * no such device.
+ */
+export async function coldPluggedRedir(qmp: QmpClient, id: string): Promise<{ chardevId: string; socketPath: string } | undefined> {
+  let chardevId: string;
+  try {
+    chardevId = await qmp.execute<string>('qom-get', { path: `/machine/peripheral/${id}`, property: 'chardev' });
+  } catch (err) {
+    // DeviceNotFound: no such device; GenericError: one without a chardev property.
+    if (err instanceof QmpError) return undefined;
+    throw err;
+  }
+  const chardevs = await qmp.execute<{ label: string; filename: string }[]>('query-chardev');
+  const c = chardevs.find((x) => x.label === chardevId);
+  // "unix:/path,server=on", or "disconnected:unix:/path,server=on" while no peer is connected.
+  const m = c && /unix:([^,]+)/.exec(c.filename);
+  if (!m) throw new Error(`usb-redir ${id}: its chardev ${chardevId} is not a unix socket (${c?.filename ?? 'not found'})`);
+  return { chardevId, socketPath: m[1]! };
+}
+
 /** Connect to QEMU's listening chardev socket (retrying while it appears). */
 export async function connectChardev(socketPath: string, opts: { timeoutMs?: number } = {}): Promise<net.Socket> {
   const deadline = Date.now() + (opts.timeoutMs ?? 10_000);

@@ -26,6 +26,11 @@ export interface HandOffEvent {
    * right, or skipped (with why).
    */
   xhciRewind?: { inFlight: number; patched: number; unchanged: number; skipped: string[]; tookMs: number; error?: string };
+  /**
+   * Under libvirt (which continues the migration itself): QEMU's migration status when the freeze
+   * and the xHCI rewind were done; 'pre-switchover' means they were done before libvirt continued.
+   */
+  libvirtStatusAfterFreeze?: string;
 }
 
 type XhciRewind = NonNullable<HandOffEvent['xhciRewind']>;
@@ -61,6 +66,15 @@ interface VmState {
   incoming?: boolean;
   /** We turned pause-before-switchover on in this QEMU (and must continue its migrations). */
   pausing?: boolean;
+  /**
+   * libvirt runs this QEMU (its monitor chardev 'charmonitor' is there): libvirt turns
+   * pause-before-switchover on itself for every outgoing migration and sends migrate-continue at
+   * 'pre-switchover' (and fails the migration if that errors, as it would after ours). The bridge
+   * then freezes at 'pre-switchover' but leaves the continue to libvirt.
+   */
+  libvirt?: boolean;
+  /** Under libvirt: the migration status when the last freeze was done. */
+  lastStatusAfterFreeze?: string;
   /** ms of the last pause at pre-switchover. */
   lastSwitchoverPauseMs?: number;
   /** Per attachment: the xHCI rewind done at the last pre-switchover. */
@@ -102,9 +116,12 @@ export class VmMigrations {
     if (vm.watching) return vm.watching;
     vm.watching = (async () => {
       const qmp = await this.d.qmpOf(vmName);
+      const chardevs = await qmp.execute<{ label: string }[]>('query-chardev').catch(() => []);
+      vm.libvirt = chardevs.some((c) => c.label === 'charmonitor');
+      if (vm.libvirt) this.d.log.info({ vm: vmName }, 'QEMU run by libvirt: libvirt pauses its migrations before the switchover and continues them; the bridge freezes there without continuing');
       const enable = async () => {
         await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
-        if (!this.d.pauseBeforeSwitchover) return;
+        if (!this.d.pauseBeforeSwitchover || vm.libvirt) return;
         try {
           await qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'pause-before-switchover', state: true }] });
           vm.pausing = true;
@@ -186,7 +203,11 @@ export class VmMigrations {
     }
     const pauseMs = performance.now() - t0;
     vm.lastSwitchoverPauseMs = pauseMs;
-    try {
+    if (vm.libvirt) {
+      const st = await qmp.execute<{ status: string }>('query-migrate').then((x) => x.status, () => 'unknown');
+      vm.lastStatusAfterFreeze = st;
+      this.d.log.info({ vm: vmName, attachments: entries.length, pauseMs: Number(pauseMs.toFixed(1)), migration: st }, 'attachments frozen at pre-switchover (libvirt continues the migration)');
+    } else try {
       await qmp.execute('migrate-continue', { state: 'pre-switchover' });
       this.d.log.info({ vm: vmName, attachments: entries.length, pauseMs: Number(pauseMs.toFixed(1)) }, 'attachments frozen at pre-switchover; migration continued');
     } catch (err) {
@@ -277,6 +298,7 @@ export class VmMigrations {
             sinceCompletedMs: performance.now() - tCompleted,
             switchoverPauseMs: this.vmState(vmName).lastSwitchoverPauseMs,
             xhciRewind: this.vmState(vmName).lastXhciRewind?.get(e.id),
+            libvirtStatusAfterFreeze: this.vmState(vmName).lastStatusAfterFreeze,
           } satisfies HandOffEvent);
         } catch (err) {
           const msg = (err as Error).message;
