@@ -180,7 +180,10 @@ export function bridgeCommand(): Command {
       if (observers.length) bridge.observer = allOf(observers);
       await control.start();
       // After the VMs are known: take back what a previous bridge had attached (it runs on in the background).
-      void bridge.restore().then((r) => r.length && log.info({ restored: r }, 'attachments of the previous bridge restored'));
+      void bridge.restore().then(
+        (r) => r.length && log.info({ restored: r }, 'attachments of the previous bridge restored'),
+        (err: Error) => log.error({ err: err.message }, 'cannot restore the attachments of the previous bridge'),
+      );
       exitOnSignals(log, 'stopping: detaching every device', (sig) => Promise.all([control.stop(sig), metrics?.close()]), () => ({ attachments: bridge.list().length }));
     });
 }
