@@ -35,6 +35,12 @@ export interface BridgeConfig {
   metricsListen?: string;
   /** Write a pcap per attachment of the URBs as the bridge sees them. */
   captureDir?: string;
+  /** Directory of the state file: a restarted bridge re-attaches what it records. */
+  stateDir?: string;
+  /** Re-attach a device whose session was lost for good for this long (0: off). */
+  reattachMs?: number;
+  /** How long a lost URB channel tries to resume its session. */
+  resumeWindowMs?: number;
 }
 
 interface BridgeFlags {
@@ -55,9 +61,22 @@ interface BridgeFlags {
   logLevel?: string;
   metricsListen?: string;
   captureDir?: string;
+  stateDir?: string;
+  reattachMs?: string;
+  resumeWindowMs?: string;
 }
 
-const KNOWN = new Set(['control', 'controlTls', 'controlAllow', 'insecure', 'vms', 'server', 'runDir', 'logLevel', 'metricsListen', 'captureDir']);
+const KNOWN = new Set(['control', 'controlTls', 'controlAllow', 'insecure', 'vms', 'server', 'runDir', 'logLevel', 'metricsListen', 'captureDir', 'stateDir', 'reattachMs', 'resumeWindowMs']);
+
+/** Default of --reattach-ms: ten minutes of retries (a server reboot). */
+const DEFAULT_REATTACH_MS = 600_000;
+
+function msFlag(name: string, v: string | number | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0) throw new Error(`${name} must be a whole number of milliseconds >= 0, not "${v}"`);
+  return n;
+}
 
 export function loadBridgeConfig(file: string): BridgeConfig {
   let parsed: unknown;
@@ -74,6 +93,7 @@ export function loadBridgeConfig(file: string): BridgeConfig {
   const cfg = parsed as BridgeConfig;
   if (cfg.controlTls) cfg.controlTls = { ca: rel(cfg.controlTls.ca)!, cert: rel(cfg.controlTls.cert)!, key: rel(cfg.controlTls.key)! };
   if (cfg.server) cfg.server = { ...cfg.server, ca: rel(cfg.server.ca), cert: rel(cfg.server.cert), key: rel(cfg.server.key) };
+  if (cfg.stateDir) cfg.stateDir = rel(cfg.stateDir);
   return cfg;
 }
 
@@ -112,6 +132,9 @@ export function bridgeCommand(): Command {
     .option('--log-level <level>', 'pino level (default info)')
     .option('--metrics-listen <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP)')
     .option('--capture-dir <dir>', "write a pcap (usbmon format) per attachment of the URBs as the bridge sees them, to compare with the server's `usbroam capture`")
+    .option('--state-dir <dir>', 'keep a record of the attachments here (bridge-state.json, written atomically); a bridge restarted after a crash re-attaches them')
+    .option('--reattach-ms <ms>', `after a session is lost for good (server restarted, network cut longer than its grace period), keep trying to re-attach the device for this long; 0: unplug it for good (default ${DEFAULT_REATTACH_MS})`)
+    .option('--resume-window-ms <ms>', 'how long a lost URB channel tries to resume its session before it counts as lost; keep it at or under the server grace period (default 25000)')
     .action(async (f: BridgeFlags) => {
       const cfg = f.config ? loadBridgeConfig(f.config) : {};
       const log = createLogger({ name: 'usbroam-bridge', level: f.logLevel ?? cfg.logLevel });
@@ -126,7 +149,14 @@ export function bridgeCommand(): Command {
         ...(f.serverKey ? { key: f.serverKey } : {}),
         ...(f.serverInsecure ? { insecure: true } : {}),
       };
-      const bridge = new Bridge({ log, runDir: f.runDir ?? cfg.runDir ?? defaultRunDir() });
+      const stateDir = f.stateDir ?? cfg.stateDir;
+      const bridge = new Bridge({
+        log,
+        runDir: f.runDir ?? cfg.runDir ?? defaultRunDir(),
+        stateDir: stateDir ? path.resolve(stateDir) : undefined,
+        reattachWindowMs: msFlag('--reattach-ms', f.reattachMs ?? cfg.reattachMs) ?? DEFAULT_REATTACH_MS,
+        resumeWindowMs: msFlag('--resume-window-ms', f.resumeWindowMs ?? cfg.resumeWindowMs),
+      });
       const control = new BridgeControlServer({
         bridge,
         listen: f.control ?? cfg.control,
@@ -149,6 +179,11 @@ export function bridgeCommand(): Command {
       if (captureDir) observers.push(new BridgeCapture(path.resolve(captureDir), log));
       if (observers.length) bridge.observer = allOf(observers);
       await control.start();
+      // After the VMs are known: take back what a previous bridge had attached (it runs on in the background).
+      void bridge.restore().then(
+        (r) => r.length && log.info({ restored: r }, 'attachments of the previous bridge restored'),
+        (err: Error) => log.error({ err: err.message }, 'cannot restore the attachments of the previous bridge'),
+      );
       exitOnSignals(log, 'stopping: detaching every device', (sig) => Promise.all([control.stop(sig), metrics?.close()]), () => ({ attachments: bridge.list().length }));
     });
 }

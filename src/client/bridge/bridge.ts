@@ -5,15 +5,18 @@
 // live-migration hand-off (source and destination) is in handoff/.
 import { EventEmitter } from 'node:events';
 import { mkdirSync } from 'node:fs';
+import type net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { silentLogger, type Logger } from '../../common/log.js';
 import { QmpClient } from '../../qemu/qmp/client.js';
 import { UsbHostClient, type DeviceSelector } from '../sdk/client.js';
 import type { ConnectionOptions } from '../sdk/credentials.js';
-import type { RemoteDevice } from '../sdk/remote-device.js';
+import type { RemoteDevice, RemoteDeviceOptions } from '../sdk/remote-device.js';
 import { Attachment, type AttachmentCloseInfo, type AttachmentStats } from './attachment.js';
 import type { AttachmentOrigin, BridgeObserver } from './bridge-metrics.js';
+import { BridgeStateFile, type SavedAttachment } from './bridge-state.js';
+import { isLostSession, Reattacher } from './reconnect.js';
 import { standBy } from './handoff/destination.js';
 import { VmMigrations } from './handoff/vm-migration.js';
 import { coldPluggedRedir, connectChardev, hotplugRedir, qemuArgsFor, redirIds, unplugRedir, type ColdPlugArgs, type RedirPlug } from './qemu-attach.js';
@@ -66,6 +69,10 @@ interface Entry {
   device: RemoteDevice;
   chardevId: string;
   detaching: boolean;
+  /** How to take the device again (reconnect.ts, bridge-state.ts). */
+  conn: { server: ConnectionOptions; filter?: string };
+  /** The session was lost for good (not closed on purpose): re-attach it. */
+  lost?: boolean;
 }
 
 interface Vm {
@@ -120,6 +127,18 @@ export interface BridgeOptions {
    * otherwise; see handoff/xhci-dequeue.ts). Default true; false only to show what it fixes.
    */
   rewindXhciOnSwitchover?: boolean;
+  /**
+   * Keep a record of the attachments in this directory (bridge-state.ts, written atomically);
+   * restore() re-attaches them in a bridge restarted after a crash.
+   */
+  stateDir?: string;
+  /**
+   * A session lost for good (server restarted, a cut longer than its grace period): re-attach
+   * the device for this long, with backoff (reconnect.ts). 0 (default): unplug and forget it.
+   */
+  reattachWindowMs?: number;
+  /** How long a lost URB channel tries to resume its session before it is lost. Default 25000 ms. */
+  resumeWindowMs?: number;
 }
 
 export class Bridge extends EventEmitter {
@@ -134,12 +153,28 @@ export class Bridge extends EventEmitter {
 
   private readonly standbys = new Map<string, { device: RemoteDevice; release: () => void; coldPlugged: boolean }>();
   private readonly migrations: VmMigrations;
+  private readonly state?: BridgeStateFile;
+  private readonly reattacher: Reattacher;
+  private readonly deviceOptions: RemoteDeviceOptions;
 
   constructor(opts: BridgeOptions = {}) {
     super();
     this.log = opts.log ?? silentLogger;
     this.runDir = opts.runDir ?? path.join(os.tmpdir(), `usbroam-bridge-${process.pid}`);
     mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
+    this.deviceOptions = { maxInFlight: 1 << 30, reconnectWindowMs: opts.resumeWindowMs };
+    this.state = opts.stateDir ? new BridgeStateFile(opts.stateDir) : undefined;
+    this.reattacher = new Reattacher(
+      {
+        log: this.log,
+        clientFor: (s) => this.clientFor(s),
+        qmpOf: (vm) => this.qmpOf(vm),
+        deviceOptions: { ...this.deviceOptions, log: this.log },
+        adopt: (saved, device, socket) => this.adopt(saved, device, socket),
+        changed: () => this.persist(),
+      },
+      { windowMs: opts.reattachWindowMs ?? 0 },
+    );
     this.migrations = new VmMigrations({
       log: this.log,
       runDir: this.runDir,
@@ -152,6 +187,7 @@ export class Bridge extends EventEmitter {
         const e = this.attachments.get(id);
         if (e) e.detaching = true; // handed off: do not unplug anything
         this.attachments.delete(id);
+        this.persist();
       },
       emit: (ev) => this.emit('handOff', ev),
     });
@@ -212,7 +248,7 @@ export class Bridge extends EventEmitter {
     this.standbys.set(id, { device: dev, release: standby.release, coldPlugged: !!coldPlugged });
     log.info({ bus, socketPath }, 'standing by for the session (migration destination)');
     const attached = standby.takeOver.then(({ attachment, origin }) => {
-      const entry = this.entryOf({ id, vm: req.vm, server: client.address, bus, socketPath, hotPlugged: !coldPlugged }, attachment, dev, coldPlugged?.chardevId ?? chardevId);
+      const entry = this.entryOf({ id, vm: req.vm, server: client.address, bus, socketPath, hotPlugged: !coldPlugged }, attachment, dev, coldPlugged?.chardevId ?? chardevId, { server: req.server, filter: req.filter });
       this.register(entry, origin);
       return this.infoOf(entry);
     });
@@ -256,7 +292,7 @@ export class Bridge extends EventEmitter {
     const vmLog = this.log.child({ vm: req.vm });
     if (!this.vms.has(req.vm)) throw new Error(`unknown VM ${req.vm}`);
     const client = this.clientFor(req.server);
-    const device = await client.openDevice(req.selector, { log: vmLog, maxInFlight: 1 << 30 });
+    const device = await client.openDevice(req.selector, { ...this.deviceOptions, log: vmLog });
     const d = device.device;
     const ids = redirIds(d.id);
     const id = req.id ?? ids.id;
@@ -277,7 +313,7 @@ export class Bridge extends EventEmitter {
       await this.migrations.watch(req.vm).catch((err) => log.warn({ err: (err as Error).message }, 'cannot follow migration events of this VM'));
       const socket = await connectChardev(socketPath);
       const att = new Attachment({ device, socket, log, id });
-      const entry = this.entryOf({ id, vm: req.vm, server: client.address, bus, socketPath, hotPlugged: !req.coldPlugged }, att, device, chardevId);
+      const entry = this.entryOf({ id, vm: req.vm, server: client.address, bus, socketPath, hotPlugged: !req.coldPlugged }, att, device, chardevId, { server: req.server, filter: req.filter });
       this.register(entry, 'attach');
       log.info({ bus, socketPath, session: device.sessionId }, 'device attached to VM');
       return this.infoOf(entry);
@@ -289,18 +325,74 @@ export class Bridge extends EventEmitter {
     }
   }
 
-  private entryOf(where: Pick<AttachmentInfo, 'id' | 'vm' | 'server' | 'bus' | 'socketPath' | 'hotPlugged'>, att: Attachment, device: RemoteDevice, chardevId: string): Entry {
+  private entryOf(
+    where: Pick<AttachmentInfo, 'id' | 'vm' | 'server' | 'bus' | 'socketPath' | 'hotPlugged'>,
+    att: Attachment,
+    device: RemoteDevice,
+    chardevId: string,
+    conn: Entry['conn'],
+  ): Entry {
     const d = device.device;
     const info = { ...where, deviceId: d.id, sessionId: device.sessionId, vendorId: d.vendorId, productId: d.productId, product: d.product, serial: d.serial };
-    return { info, att, device, chardevId, detaching: false };
+    return { info, att, device, chardevId, detaching: false, conn };
   }
 
   /** Track a new attachment and start it. */
   private register(entry: Entry, origin: AttachmentOrigin): void {
     this.attachments.set(entry.info.id, entry);
     entry.att.on('closed', (ci: AttachmentCloseInfo) => void this.onAttachmentClosed(entry, ci));
+    entry.device.once('closed', (err?: Error) => (entry.lost = isLostSession(err)));
     this.observer?.attachmentStarted(entry.att, entry.device, origin);
     entry.att.start();
+    this.persist();
+  }
+
+  /** A session re-attached by reconnect.ts becomes the attachment again (the guest sees a replug). */
+  private adopt(s: SavedAttachment, device: RemoteDevice, socket: net.Socket): void {
+    const log = this.log.child({ vm: s.vm, device: s.deviceId, attachment: s.id });
+    const att = new Attachment({ device, socket, log, id: s.id });
+    const where = { id: s.id, vm: s.vm, server: this.clientFor(s.server).address, bus: s.bus, socketPath: s.socketPath, hotPlugged: s.hotPlugged };
+    this.register(this.entryOf(where, att, device, s.chardevId, { server: s.server, filter: s.filter }), 'replug');
+    void this.migrations.watch(s.vm).catch((err) => log.warn({ err: (err as Error).message }, 'cannot follow migration events of this VM'));
+  }
+
+  private savedOf(e: Entry): SavedAttachment {
+    const i = e.info;
+    const qmpSocket = this.vms.get(i.vm)?.spec.qmpSocket;
+    return { id: i.id, vm: i.vm, qmpSocket, server: e.conn.server, deviceId: i.deviceId, bus: i.bus, filter: e.conn.filter, chardevId: e.chardevId, socketPath: i.socketPath, hotPlugged: i.hotPlugged, sessionId: i.sessionId, savedAt: new Date().toISOString() };
+  }
+
+  /** Rewrite the state file: live attachments and those being re-attached. */
+  private persist(): void {
+    if (!this.state) return;
+    const records = [...this.attachments.values()].filter((e) => !e.detaching).map((e) => this.savedOf(e));
+    for (const r of this.reattacher.records()) if (!records.some((x) => x.id === r.id)) records.push(r);
+    try {
+      this.state.save(records);
+    } catch (err) {
+      this.log.error({ file: this.state.file, err: (err as Error).message }, 'cannot write the bridge state file');
+    }
+  }
+
+  /**
+   * A restarted bridge: re-attach every attachment its state file records (closing the sessions
+   * the previous bridge held). Resolves when each is attached again or given up.
+   */
+  async restore(opts: { windowMs?: number } = {}): Promise<{ id: string; vm: string; ok: boolean }[]> {
+    if (!this.state) return [];
+    const saved = this.state.load();
+    if (saved.length) this.log.info({ file: this.state.file, attachments: saved.map((s) => s.id) }, 'restoring the attachments of a previous bridge');
+    return Promise.all(
+      saved.map(async (s) => {
+        if (!this.vms.has(s.vm) && s.qmpSocket) this.addVm({ name: s.vm, qmpSocket: s.qmpSocket });
+        if (!this.vms.has(s.vm)) {
+          this.log.warn({ vm: s.vm, attachment: s.id }, 'state file names a VM this bridge does not know; not restored');
+          return { id: s.id, vm: s.vm, ok: false };
+        }
+        const ok = await this.reattacher.start(s, 'restored from the state file of a previous bridge', { closeOldSession: true, windowMs: opts.windowMs });
+        return { id: s.id, vm: s.vm, ok };
+      }),
+    );
   }
 
   private async onAttachmentClosed(e: Entry, ci: AttachmentCloseInfo): Promise<void> {
@@ -308,13 +400,20 @@ export class Bridge extends EventEmitter {
       // The session (and the guest's device) moved to the migration destination.
       e.detaching = true;
       this.attachments.delete(e.info.id);
+      this.persist();
       return;
     }
     if (e.detaching) return;
     // Closed by itself (device gone, malformed input, QEMU closed the chardev): drop the
     // usb-redir device we hot-plugged so the VM is left clean.
     this.attachments.delete(e.info.id);
-    this.log.info({ vm: e.info.vm, attachment: e.info.id, reason: ci.reason }, 'attachment ended');
+    this.log.info({ vm: e.info.vm, attachment: e.info.id, session: e.info.sessionId, reason: ci.reason }, 'attachment ended');
+    if (e.lost && this.reattacher.enabled) {
+      // The session is lost, the device not: keep the usb-redir device for the replug.
+      void this.reattacher.start(this.savedOf(e), ci.reason, { closeOldSession: true });
+      return;
+    }
+    this.persist();
     if (e.info.hotPlugged) {
       try {
         const qmp = await this.qmpOf(e.info.vm);
@@ -328,9 +427,15 @@ export class Bridge extends EventEmitter {
   /** Detach: device_del (the guest sees an unplug), then a clean session close. */
   async detach(vm: string, attachmentId: string): Promise<void> {
     const e = this.attachments.get(attachmentId);
+    const waiting = this.reattacher.records().find((r) => r.id === attachmentId && r.vm === vm);
+    if (!e && waiting && this.reattacher.cancel(attachmentId)) {
+      if (waiting.hotPlugged) await unplugRedir(await this.qmpOf(vm), { id: waiting.id, chardevId: waiting.chardevId });
+      return;
+    }
     if (!e || e.info.vm !== vm) throw new Error(`no attachment ${attachmentId} on VM ${vm}`);
     e.detaching = true;
     this.attachments.delete(attachmentId);
+    this.persist();
     try {
       if (e.info.hotPlugged) {
         const qmp = await this.qmpOf(vm);
@@ -357,6 +462,7 @@ export class Bridge extends EventEmitter {
 
   /** Detach everything, close QMP connections and server channels. */
   async close(): Promise<void> {
+    await this.reattacher.close();
     for (const s of [...this.standbys.values()]) s.release();
     for (const e of [...this.attachments.values()]) {
       await this.detach(e.info.vm, e.info.id).catch((err) => this.log.warn({ attachment: e.info.id, err: (err as Error).message }, 'detach on close failed'));
