@@ -405,7 +405,7 @@ class Scenario {
       return run;
     }
     if (timeline) say(`[${tag}] ${i + 1}/${n} timeline (ms from the source's STOP): ${Object.entries(timeline).map(([k, v]) => `${k} ${v}`).join(', ')}`);
-    if (run.hand_off_steps) say(`[${tag}] ${i + 1}/${n} hand-off steps (ms): ${Object.entries(run.hand_off_steps).map(([k, v]) => `${k} ${v}`).join(", ")}`);
+    if (run.hand_off_steps) say(`[${tag}] ${i + 1}/${n} hand-off steps (ms): ${Object.entries(run.hand_off_steps).map(([k, v]) => `${k} ${v}`).join(', ')}`);
     say(`[${tag}] ${i + 1}/${n}: downtime ${run.downtime_ms} ms, stall ${run.stall_ms} ms (excess ${run.excess_stall_ms} ms)${run.control_stall_ms !== undefined ? `, control loop (no USB) stall ${run.control_stall_ms} ms` : ''}, total ${run.total_ms} ms` +
       `${ho ? `, hand-off ${ho.ok ? `+${run.hand_off_ms} ms, in flight ${run.in_flight}` : `FAILED ${ho.error}`}` : ''}; dmesg: ${dm.disconnects} disc, ${dm.resets} resets, ${dm.ioErrors} I/O err; failed writes ${run.failed_writes}`);
     this.curBridge = 1 - this.curBridge;
