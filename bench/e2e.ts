@@ -32,7 +32,8 @@
 // CPU cost (what survives a busy machine): bridge_cpu_ms_per_mib (this process: the bridge; for
 // the floor, the whole in-process device side) and server_cpu_ms_per_mib (the server process,
 // /proc/<pid>/stat), each also _write / _read, and bridge_cpu_us_per_urb / server_cpu_us_per_urb
-// (per URB completed at the attachment); prefixed high_, floor_, floor_high_, ehci_ like the rates.
+// (per URB completed at the attachment), and *_cpu_sys_share (the kernel's part of it); prefixed
+// high_, floor_, floor_high_, ehci_ like the rates.
 import { closeSync, fsyncSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -107,21 +108,28 @@ interface Figures {
   /** CPU µs per URB completed at the attachment, per round (bridge, server), write and read together. */
   bridgeUsPerUrb: number[];
   serverUsPerUrb: number[];
+  /** The kernel's (system) share of that CPU, per round, write and read together. */
+  bridgeSysShare: number[];
+  serverSysShare: number[];
 }
-const emptyFigures = (): Figures => ({ write: [], read: [], bridgeCpuWrite: [], bridgeCpuRead: [], serverCpuWrite: [], serverCpuRead: [], bridgeUsPerUrb: [], serverUsPerUrb: [] });
+const emptyFigures = (): Figures => ({ write: [], read: [], bridgeCpuWrite: [], bridgeCpuRead: [], serverCpuWrite: [], serverCpuRead: [], bridgeUsPerUrb: [], serverUsPerUrb: [], bridgeSysShare: [], serverSysShare: [] });
 
 /** User+system CPU of this process, in ms. */
 function selfCpuMs(): number {
   const u = process.cpuUsage();
   return (u.user + u.system) / 1000;
 }
+/** System CPU of this process, in ms. */
+function selfSysMs(): number {
+  return process.cpuUsage().system / 1000;
+}
 const CLK_TCK = 100; // Linux's USER_HZ for /proc/<pid>/stat on every architecture Node runs on
 /** User+system CPU of another process, in ms (from /proc/<pid>/stat; 10 ms resolution). */
-function pidCpuMs(pid: number | undefined): number {
+function pidCpuMs(pid: number | undefined, sysOnly = false): number {
   if (pid === undefined) return 0;
   const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
   const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return ((Number(f[11]) + Number(f[12])) * 1000) / CLK_TCK; // fields 14 utime, 15 stime
+  return (((sysOnly ? 0 : Number(f[11])) + Number(f[12])) * 1000) / CLK_TCK; // fields 14 utime, 15 stime
 }
 
 /** A plugged target: how to unplug it, and (for the CPU figures) its URB count and server process. */
@@ -216,13 +224,13 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
         const plugged = await plug(t, r);
         try {
           // CPU of this process (the bridge, or the floor's device side) and of the server over each dd.
-          const cpu0 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs()] as const;
+          const cpu0 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs(), selfSysMs(), pidCpuMs(plugged.serverPid, true)] as const;
           const w = await timedDd(g, `dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync`, sizeMiB * MiB);
-          const cpu1 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs()] as const;
+          const cpu1 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs(), selfSysMs(), pidCpuMs(plugged.serverPid, true)] as const;
           await g.sh('sync; echo 3 > /proc/sys/vm/drop_caches');
-          const cpu2 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs()] as const;
+          const cpu2 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs(), selfSysMs(), pidCpuMs(plugged.serverPid, true)] as const;
           const rd = await timedDd(g, `dd if=/dev/sda of=/tmp/y bs=1M count=${sizeMiB} iflag=direct`, sizeMiB * MiB);
-          const cpu3 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs()] as const;
+          const cpu3 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs(), selfSysMs(), pidCpuMs(plugged.serverPid, true)] as const;
           const f = out[t]!;
           f.bridgeCpuWrite.push((cpu1[0] - cpu0[0]) / sizeMiB);
           f.bridgeCpuRead.push((cpu3[0] - cpu2[0]) / sizeMiB);
@@ -230,6 +238,9 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
             f.serverCpuWrite.push((cpu1[1] - cpu0[1]) / sizeMiB);
             f.serverCpuRead.push((cpu3[1] - cpu2[1]) / sizeMiB);
           }
+          const span = (k: 0 | 1 | 3 | 4) => cpu1[k] - cpu0[k] + cpu3[k] - cpu2[k];
+          if (span(0) > 0) f.bridgeSysShare.push(span(3) / span(0));
+          if (plugged.serverPid !== undefined && span(1) > 0) f.serverSysShare.push(span(4) / span(1));
           const urbs = cpu1[2] - cpu0[2] + cpu3[2] - cpu2[2];
           if (urbs > 0) {
             f.bridgeUsPerUrb.push((1000 * (cpu1[0] - cpu0[0] + cpu3[0] - cpu2[0])) / urbs);
@@ -331,11 +342,13 @@ async function main(): Promise<void> {
         result[`${prefix}${name}bridge_cpu_ms_per_mib_write`] = r1(median(fig.bridgeCpuWrite));
         result[`${prefix}${name}bridge_cpu_ms_per_mib_read`] = r1(median(fig.bridgeCpuRead));
         result[`${prefix}${name}bridge_cpu_us_per_urb`] = r1(median(fig.bridgeUsPerUrb));
+        result[`${prefix}${name}bridge_cpu_sys_share`] = r2(median(fig.bridgeSysShare));
         if (!fig.serverCpuWrite.length) continue;
         result[`${prefix}${name}server_cpu_ms_per_mib`] = r1(both(fig.serverCpuWrite, fig.serverCpuRead));
         result[`${prefix}${name}server_cpu_ms_per_mib_write`] = r1(median(fig.serverCpuWrite));
         result[`${prefix}${name}server_cpu_ms_per_mib_read`] = r1(median(fig.serverCpuRead));
         result[`${prefix}${name}server_cpu_us_per_urb`] = r1(median(fig.serverUsPerUrb));
+        result[`${prefix}${name}server_cpu_sys_share`] = r2(median(fig.serverSysShare));
       }
       result[`${prefix}samples`] = Object.fromEntries(Object.entries(f).map(([t, v]) => [t, { write: v.write.map(r2), read: v.read.map(r2) }]));
     };
