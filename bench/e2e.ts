@@ -29,7 +29,12 @@
 // write_vs_floor / read_vs_floor = what the channel costs), at the headline speed and, with
 // "both", at high speed too (floor_high_*_MBps, high_vs_floor_write / high_vs_floor_read: the
 // 120 KiB-command disk every USB 2 stick is). EHCI: ehci_write_vs_floor / ehci_read_vs_floor.
-import { closeSync, fsyncSync, mkdtempSync, openSync, rmSync } from 'node:fs';
+// CPU cost (what survives a busy machine): bridge_cpu_ms_per_mib (this process: the bridge; for
+// the floor, the whole in-process device side) and server_cpu_ms_per_mib (the server process,
+// /proc/<pid>/stat), each also _write / _read, and bridge_cpu_us_per_urb / server_cpu_us_per_urb
+// (per URB completed at the attachment), and *_cpu_sys_share (the kernel's part of it); prefixed
+// high_, floor_, floor_high_, ehci_ like the rates.
+import { closeSync, fsyncSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -95,13 +100,50 @@ type Target = string;
 interface Figures {
   write: number[];
   read: number[];
+  /** CPU ms per MiB moved, per round: this process (the bridge) and the server process. */
+  bridgeCpuWrite: number[];
+  bridgeCpuRead: number[];
+  serverCpuWrite: number[];
+  serverCpuRead: number[];
+  /** CPU µs per URB completed at the attachment, per round (bridge, server), write and read together. */
+  bridgeUsPerUrb: number[];
+  serverUsPerUrb: number[];
+  /** The kernel's (system) share of that CPU, per round, write and read together. */
+  bridgeSysShare: number[];
+  serverSysShare: number[];
+}
+const emptyFigures = (): Figures => ({ write: [], read: [], bridgeCpuWrite: [], bridgeCpuRead: [], serverCpuWrite: [], serverCpuRead: [], bridgeUsPerUrb: [], serverUsPerUrb: [], bridgeSysShare: [], serverSysShare: [] });
+
+/** User+system CPU of this process, in ms. */
+function selfCpuMs(): number {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1000;
+}
+/** System CPU of this process, in ms. */
+function selfSysMs(): number {
+  return process.cpuUsage().system / 1000;
+}
+const CLK_TCK = 100; // Linux's USER_HZ for /proc/<pid>/stat on every architecture Node runs on
+/** User+system CPU of another process, in ms (from /proc/<pid>/stat; 10 ms resolution). */
+function pidCpuMs(pid: number | undefined, sysOnly = false): number {
+  if (pid === undefined) return 0;
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (((sysOnly ? 0 : Number(f[11])) + Number(f[12])) * 1000) / CLK_TCK; // fields 14 utime, 15 stime
+}
+
+/** A plugged target: how to unplug it, and (for the CPU figures) its URB count and server process. */
+interface Plugged {
+  unplug: () => Promise<void>;
+  urbs: () => number;
+  serverPid?: number;
 }
 
 /**
  * The usb-redir floor: the same disk image behind the bridge's Attachment in this process, with
  * no URB channel (bench/support/in-process-device.ts): what usb-redir costs by itself.
  */
-async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: string, dir: string, n: number): Promise<() => Promise<void>> {
+async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: string, dir: string, n: number): Promise<Plugged> {
   const backend = new EmulatedBackend();
   const disk = await MassStorageDevice.create({ bus: 9, portPath: [n], speed: parseEmulatedSpeed(speed), imagePath: diskPath, serial: 'USBROAM-FLOOR-0001' });
   backend.add(disk);
@@ -111,12 +153,13 @@ async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: stri
   await hotplugRedir(g.qmp, { ...ids, socketPath, bus });
   const att = new Attachment({ device: new InProcessDevice(handle).asRemoteDevice(), socket: await connectChardev(socketPath), log: silentLogger, id: ids.id }).start();
   await waitForDisk(g);
-  return async () => {
+  const unplug = async () => {
     await unplugRedir(g.qmp, ids);
     await att.close('bench target done');
     await backend.close();
     await waitGoneInGuest(g, '/sys/block/sda');
   };
+  return { unplug, urbs: () => att.stats.urbsCompleted };
 }
 
 async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed, ServerProcess>, diskPath: string, dir: string): Promise<Record<Target, Figures>> {
@@ -132,23 +175,24 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
   // The floor at each measured speed: 'usbredir_floor' at the headline speed, 'usbredir_floor_<speed>' the others.
   const floorTargets = new Map<Target, DiskSpeed>(withFloor ? speeds.map((sp, i) => [i === 0 ? 'usbredir_floor' : `usbredir_floor_${sp}`, sp]) : []);
   const targets: Target[] = [...usbroamTargets.keys(), 'local', 'local_direct', ...floorTargets.keys()];
-  const out: Record<Target, Figures> = Object.fromEntries(targets.map((t) => [t, { write: [], read: [] }]));
+  const out: Record<Target, Figures> = Object.fromEntries(targets.map((t) => [t, emptyFigures()]));
   let localSeq = 0;
   try {
     await g.sh(`dd if=/dev/urandom of=/tmp/x bs=1M count=${sizeMiB} 2>/dev/null`, { timeoutMs: 120_000 });
     const want = await guestSha256(g, 'cat /tmp/x');
 
-    const plug = async (t: Target, round: number): Promise<() => Promise<void>> => {
+    const plug = async (t: Target, round: number): Promise<Plugged> => {
       const sp = usbroamTargets.get(t);
       if (sp) {
         const info = await bridge.attach({ vm: 'vm', server: serverOpts(sp), selector: { serial: 'USBROAM-MSC-0001' }, bus: H.bus });
         await waitForDisk(g);
         const kb = (await g.sh('cat /sys/block/sda/queue/max_sectors_kb')).trim();
         if (round === 0) progress(`${H.name} ${t}: disk at ${sp} speed, guest max_sectors_kb ${kb}`);
-        return async () => {
+        const unplug = async () => {
           await bridge.detach('vm', info.id);
           await waitGoneInGuest(g, '/sys/block/sda');
         };
+        return { unplug, urbs: () => bridge.list('vm').find((a) => a.id === info.id)?.stats.urbsCompleted ?? 0, serverPid: servers[sp].child.pid };
       }
       const floorSpeed = floorTargets.get(t);
       if (floorSpeed) return plugFloor(g, H.bus, floorSpeed, diskPath, dir, ++localSeq);
@@ -164,31 +208,53 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
       });
       await g.qmp.execute('device_add', { driver: 'usb-storage', id, drive: node, bus: H.bus, serial: `LOCAL${n}` });
       await waitForDisk(g);
-      return async () => {
+      const unplug = async () => {
         const gone = g.qmp.waitForEvent<{ device?: string }>('DEVICE_DELETED', (ev) => ev.data?.device === id, { timeoutMs: 60_000 });
         await g.qmp.execute('device_del', { id });
         await gone;
         await g.qmp.execute('blockdev-del', { 'node-name': node });
         await waitGoneInGuest(g, '/sys/block/sda');
       };
+      return { unplug, urbs: () => 0 };
     };
 
     for (let r = 0; r < rounds; r++) {
       const order = rotated(targets, r);
       for (const t of order) {
-        const unplug = await plug(t, r);
+        const plugged = await plug(t, r);
         try {
+          // CPU of this process (the bridge, or the floor's device side) and of the server over each dd.
+          const cpu0 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs(), selfSysMs(), pidCpuMs(plugged.serverPid, true)] as const;
           const w = await timedDd(g, `dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync`, sizeMiB * MiB);
+          const cpu1 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs(), selfSysMs(), pidCpuMs(plugged.serverPid, true)] as const;
           await g.sh('sync; echo 3 > /proc/sys/vm/drop_caches');
+          const cpu2 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs(), selfSysMs(), pidCpuMs(plugged.serverPid, true)] as const;
           const rd = await timedDd(g, `dd if=/dev/sda of=/tmp/y bs=1M count=${sizeMiB} iflag=direct`, sizeMiB * MiB);
+          const cpu3 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs(), selfSysMs(), pidCpuMs(plugged.serverPid, true)] as const;
+          const f = out[t]!;
+          f.bridgeCpuWrite.push((cpu1[0] - cpu0[0]) / sizeMiB);
+          f.bridgeCpuRead.push((cpu3[0] - cpu2[0]) / sizeMiB);
+          if (plugged.serverPid !== undefined) {
+            f.serverCpuWrite.push((cpu1[1] - cpu0[1]) / sizeMiB);
+            f.serverCpuRead.push((cpu3[1] - cpu2[1]) / sizeMiB);
+          }
+          const span = (k: 0 | 1 | 3 | 4) => cpu1[k] - cpu0[k] + cpu3[k] - cpu2[k];
+          if (span(0) > 0) f.bridgeSysShare.push(span(3) / span(0));
+          if (plugged.serverPid !== undefined && span(1) > 0) f.serverSysShare.push(span(4) / span(1));
+          const urbs = cpu1[2] - cpu0[2] + cpu3[2] - cpu2[2];
+          if (urbs > 0) {
+            f.bridgeUsPerUrb.push((1000 * (cpu1[0] - cpu0[0] + cpu3[0] - cpu2[0])) / urbs);
+            if (plugged.serverPid !== undefined) f.serverUsPerUrb.push((1000 * (cpu1[1] - cpu0[1] + cpu3[1] - cpu2[1])) / urbs);
+          }
           const got = await guestSha256(g, 'cat /tmp/y');
           await g.sh('rm -f /tmp/y');
           if (got !== want) throw new Error(`${H.name} ${t}: read back ${got}, wrote ${want}`);
-          out[t].write.push(w);
-          out[t].read.push(rd);
-          progress(`${H.name} round ${r + 1}/${rounds} ${t.padEnd(20)} write ${w.toFixed(1).padStart(5)} MB/s  read ${rd.toFixed(1).padStart(5)} MB/s`);
+          f.write.push(w);
+          f.read.push(rd);
+          const cpuNote = `cpu ms/MiB bridge ${f.bridgeCpuWrite.at(-1)!.toFixed(1)}/${f.bridgeCpuRead.at(-1)!.toFixed(1)}` + (plugged.serverPid !== undefined ? ` server ${f.serverCpuWrite.at(-1)!.toFixed(1)}/${f.serverCpuRead.at(-1)!.toFixed(1)}` : '');
+          progress(`${H.name} round ${r + 1}/${rounds} ${t.padEnd(20)} write ${w.toFixed(1).padStart(5)} MB/s  read ${rd.toFixed(1).padStart(5)} MB/s  ${cpuNote}`);
         } finally {
-          await unplug();
+          await plugged.unplug();
           // Leave no dirty host page cache of the image for the next target's fsyncs to pay for.
           const fd = openSync(diskPath, 'r+');
           fsyncSync(fd);
@@ -265,6 +331,24 @@ async function main(): Promise<void> {
           ratio('high_vs_floor_write', usbroamHigh, floorHigh, 'write');
           ratio('high_vs_floor_read', usbroamHigh, floorHigh, 'read');
         }
+      }
+      // CPU per MiB and per URB: the bridge (this process) and the server, usbroam targets and the floor.
+      const r1 = (x: number) => (Number.isFinite(x) ? Math.round(x * 10) / 10 : null);
+      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_' })) {
+        const fig = f[t];
+        if (!fig) continue;
+        const both = (a: number[], b: number[]) => median(a.map((x, i) => (x + b[i]!) / 2));
+        result[`${prefix}${name}bridge_cpu_ms_per_mib`] = r1(both(fig.bridgeCpuWrite, fig.bridgeCpuRead));
+        result[`${prefix}${name}bridge_cpu_ms_per_mib_write`] = r1(median(fig.bridgeCpuWrite));
+        result[`${prefix}${name}bridge_cpu_ms_per_mib_read`] = r1(median(fig.bridgeCpuRead));
+        result[`${prefix}${name}bridge_cpu_us_per_urb`] = r1(median(fig.bridgeUsPerUrb));
+        result[`${prefix}${name}bridge_cpu_sys_share`] = r2(median(fig.bridgeSysShare));
+        if (!fig.serverCpuWrite.length) continue;
+        result[`${prefix}${name}server_cpu_ms_per_mib`] = r1(both(fig.serverCpuWrite, fig.serverCpuRead));
+        result[`${prefix}${name}server_cpu_ms_per_mib_write`] = r1(median(fig.serverCpuWrite));
+        result[`${prefix}${name}server_cpu_ms_per_mib_read`] = r1(median(fig.serverCpuRead));
+        result[`${prefix}${name}server_cpu_us_per_urb`] = r1(median(fig.serverUsPerUrb));
+        result[`${prefix}${name}server_cpu_sys_share`] = r2(median(fig.serverSysShare));
       }
       result[`${prefix}samples`] = Object.fromEntries(Object.entries(f).map(([t, v]) => [t, { write: v.write.map(r2), read: v.read.map(r2) }]));
     };

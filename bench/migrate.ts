@@ -88,6 +88,13 @@ interface Run {
   failed_writes: number;
   hand_off_ms?: number;
   in_flight?: number;
+  /**
+   * The source bridge's hand-off steps (ms): QEMU held at pre-switchover for the freeze
+   * (switchover_pause; part of the downtime), freeze to measurement (freeze_before_save), the
+   * socket-queue measurement (measure, ss), handOff() to the state sent (export) and to the
+   * server's confirmation (total).
+   */
+  hand_off_steps?: { switchover_pause: number; freeze_before_save: number; measure: number; export: number; total: number };
   /** The guest's I/O never resumed (120 s). */
   unrecovered?: boolean;
   /**
@@ -383,6 +390,9 @@ class Scenario {
       io_errors: dm.ioErrors,
       failed_writes: failedW,
       ...(ho ? { hand_off_ms: r1(ho.sinceCompletedMs ?? -1), in_flight: ho.info?.inFlight } : {}),
+      ...(ho?.info
+        ? { hand_off_steps: { switchover_pause: r1(ho.switchoverPauseMs ?? 0), freeze_before_save: r1(ho.info.freezeBeforeSaveMs), measure: r1(ho.info.measureMs), export: r1(ho.info.freezeMs), total: r1(ho.info.totalMs) } }
+        : {}),
       ...(timeline ? { timeline } : {}),
       ...(CONTROL && this.usb ? { control_stall_ms: r1(marks.maxGap(m.tStart, tRecovered + SETTLE / 2, /^T /).gapMs) } : {}),
     };
@@ -395,6 +405,7 @@ class Scenario {
       return run;
     }
     if (timeline) say(`[${tag}] ${i + 1}/${n} timeline (ms from the source's STOP): ${Object.entries(timeline).map(([k, v]) => `${k} ${v}`).join(', ')}`);
+    if (run.hand_off_steps) say(`[${tag}] ${i + 1}/${n} hand-off steps (ms): ${Object.entries(run.hand_off_steps).map(([k, v]) => `${k} ${v}`).join(', ')}`);
     say(`[${tag}] ${i + 1}/${n}: downtime ${run.downtime_ms} ms, stall ${run.stall_ms} ms (excess ${run.excess_stall_ms} ms)${run.control_stall_ms !== undefined ? `, control loop (no USB) stall ${run.control_stall_ms} ms` : ''}, total ${run.total_ms} ms` +
       `${ho ? `, hand-off ${ho.ok ? `+${run.hand_off_ms} ms, in flight ${run.in_flight}` : `FAILED ${ho.error}`}` : ''}; dmesg: ${dm.disconnects} disc, ${dm.resets} resets, ${dm.ioErrors} I/O err; failed writes ${run.failed_writes}`);
     this.curBridge = 1 - this.curBridge;

@@ -396,8 +396,6 @@ export function verifyPacket(
 ): [UsbredirErrorCode, string] | undefined {
   let length = -1;
   let ep = -1;
-  const needCap = (cap: number, what: string): [UsbredirErrorCode, string] | undefined =>
-    capCheck(cap) ? undefined : ['missing_cap', `${what} without cap ${capName(cap)}`];
   switch (p.type) {
     case 'interface_info':
       if (p.interfaceCount > 32) return ['invalid_field', `interface_count ${p.interfaceCount} > 32`];
@@ -408,13 +406,13 @@ export function verifyPacket(
       if (!(p.endpoint & 0x80)) return ['invalid_field', `${p.type} on non input ep ${hex(p.endpoint)}`];
       break;
     case 'filter_reject':
-      return needCap(Cap.filter, 'filter_reject');
+      return needCap(capCheck, Cap.filter, 'filter_reject');
     case 'filter_filter':
-      return needCap(Cap.filter, 'filter_filter') ?? (dataLen < 1 ? ['invalid_field', 'filter_filter without data'] : undefined);
+      return needCap(capCheck, Cap.filter, 'filter_filter') ?? (dataLen < 1 ? ['invalid_field', 'filter_filter without data'] : undefined);
     case 'device_disconnect_ack':
-      return needCap(Cap.device_disconnect_ack, 'device_disconnect_ack');
+      return needCap(capCheck, Cap.device_disconnect_ack, 'device_disconnect_ack');
     case 'start_bulk_receiving': {
-      const c = needCap(Cap.bulk_receiving, 'start_bulk_receiving');
+      const c = needCap(capCheck, Cap.bulk_receiving, 'start_bulk_receiving');
       if (c) return c;
       if (p.bytesPerTransfer > MAX_BULK_TRANSFER_SIZE) {
         return ['too_large', `start bulk receiving length exceeds limits ${p.bytesPerTransfer} > ${MAX_BULK_TRANSFER_SIZE}`];
@@ -424,7 +422,7 @@ export function verifyPacket(
     }
     case 'stop_bulk_receiving':
     case 'bulk_receiving_status': {
-      const c = needCap(Cap.bulk_receiving, p.type);
+      const c = needCap(capCheck, Cap.bulk_receiving, p.type);
       if (c) return c;
       if (!(p.endpoint & 0x80)) return ['invalid_field', `${p.type} on non input ep ${hex(p.endpoint)}`];
       break;
@@ -443,7 +441,7 @@ export function verifyPacket(
       ep = p.endpoint;
       break;
     case 'buffered_bulk_packet': {
-      const c = needCap(Cap.bulk_receiving, 'buffered_bulk_packet');
+      const c = needCap(capCheck, Cap.bulk_receiving, 'buffered_bulk_packet');
       if (c) return c;
       if (p.length > MAX_BULK_TRANSFER_SIZE) {
         return ['too_large', `buffered bulk transfer length exceeds limits ${p.length} > ${MAX_BULK_TRANSFER_SIZE}`];
@@ -472,6 +470,11 @@ export function verifyPacket(
     }
   }
   return undefined;
+}
+
+/** The error for a packet that needs a cap the check says is not in effect. */
+function needCap(capCheck: (cap: number) => boolean, cap: number, what: string): [UsbredirErrorCode, string] | undefined {
+  return capCheck(cap) ? undefined : ['missing_cap', `${what} without cap ${capName(cap)}`];
 }
 
 function capName(cap: number): string {

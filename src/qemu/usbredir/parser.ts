@@ -88,6 +88,9 @@ export class UsbredirParser {
   readonly noHello: boolean;
 
   private _peerCaps: number[] | null = null;
+  /** The cap checks verifyPacket takes, made once rather than per packet. */
+  private readonly weHaveCapBound = (cap: number) => this.weHaveCap(cap as CapId);
+  private readonly peerHasCapBound = (cap: number) => this.peerHasCap(cap as CapId);
   private _helloSent = false;
   private neg: Negotiated;
 
@@ -356,7 +359,8 @@ export class UsbredirParser {
               const thl = this.curThl;
               const id = this.readId(chunk, pos, hl);
               const p = this.decodeTypeHeader(name, id, chunk, pos + hl, length - thl);
-              const data = chunk.subarray(pos + hl + thl, pos + hl + length);
+              // Most packets carry no data (IN requests, statuses): no view to make for them.
+              const data = length === thl ? EMPTY : chunk.subarray(pos + hl + thl, pos + hl + length);
               this.finishPacket(p, data);
               out.push(p);
               this.curThl = -1;
@@ -477,7 +481,7 @@ export class UsbredirParser {
    */
   private decodeTypeHeader(name: PacketTypeName, id: bigint, b: Uint8Array, o: number, dataLen: number): Packet {
     const p = decodeHeader(name, id, b, o, this.neg);
-    const msg = verifyPacket(p, dataLen, this.role, (cap) => this.weHaveCap(cap));
+    const msg = verifyPacket(p, dataLen, this.role, this.weHaveCapBound);
     if (msg) throw this.perr(msg[0], msg[1]);
     return p;
   }
@@ -587,7 +591,7 @@ export class UsbredirParser {
     if (typeof p.id !== 'bigint' || p.id < 0n || p.id > (hl === HEADER_SIZE_32BIT_ID ? 0xffffffffn : U64_MAX)) {
       throw encErr(`id ${String(p.id)} does not fit a ${hl === HEADER_SIZE_32BIT_ID ? 32 : 64}-bit id header`);
     }
-    const msg = verifyPacket(p, data.length, this.peerRole, (cap) => this.peerHasCap(cap));
+    const msg = verifyPacket(p, data.length, this.peerRole, this.peerHasCapBound);
     if (msg) throw encErr(msg[1], msg[0]);
 
     const buf = new Uint8Array(split ? hl + thl : hl + length);

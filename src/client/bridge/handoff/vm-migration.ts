@@ -171,6 +171,9 @@ export class VmMigrations {
     // armed while the VM ran has happened (see AttachmentHandOff.freeze).
     let barrier: Promise<unknown> | undefined;
     const once = () => (barrier ??= qmp.execute('query-status'));
+    // Sent before the xHCI lookups below: QMP runs commands in order, and the freeze waits for
+    // this one only, not for them.
+    if (entries.length) once().catch(() => {});
     const timeout = new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), this.d.switchoverFreezeTimeoutMs).unref?.());
     // The xHCI lookups (and the gdbstub, if bulk requests are in flight) run while the freeze
     // drains: the rewind after it then costs a read and a write.
