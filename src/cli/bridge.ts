@@ -13,6 +13,7 @@ import { newRegistry, serveMetrics, type MetricsEndpoint } from '../common/obser
 import { defaultRunDir } from '../client/bridge-control/address.js';
 import { BridgeControlServer } from '../client/bridge-control/server.js';
 import type { ConnectionOptions } from '../client/sdk/credentials.js';
+import type { BridgeFleet } from '../fleet/bridge-fleet.js';
 
 /** The JSON config file of `usbroam bridge --config`; flags override it. */
 export interface BridgeConfig {
@@ -35,6 +36,8 @@ export interface BridgeConfig {
   metricsListen?: string;
   /** Write a pcap per attachment of the URBs as the bridge sees them. */
   captureDir?: string;
+  /** The fleet: claims in etcd under the bridge's lease (usbroam attach --select), claims moved with migrations. */
+  fleet?: { etcd: string | string[]; prefix?: string; leaseTtlSeconds?: number };
 }
 
 interface BridgeFlags {
@@ -55,9 +58,25 @@ interface BridgeFlags {
   logLevel?: string;
   metricsListen?: string;
   captureDir?: string;
+  etcd?: string;
+  fleetPrefix?: string;
+  leaseTtl?: string;
 }
 
-const KNOWN = new Set(['control', 'controlTls', 'controlAllow', 'insecure', 'vms', 'server', 'runDir', 'logLevel', 'metricsListen', 'captureDir']);
+const KNOWN = new Set(['control', 'controlTls', 'controlAllow', 'insecure', 'vms', 'server', 'runDir', 'logLevel', 'metricsListen', 'captureDir', 'fleet']);
+
+/** The bridge's fleet, when --etcd or the config's fleet names etcd; its identity is its server certificate's CN. */
+async function bridgeFleet(f: BridgeFlags, cfg: BridgeConfig, servers: ConnectionOptions, log: ReturnType<typeof createLogger>): Promise<BridgeFleet | undefined> {
+  const etcd = f.etcd ?? cfg.fleet?.etcd;
+  if (!etcd) return undefined;
+  if (!servers.cert) throw new Error('--etcd: the bridge claims devices as the identity of its client certificate; give --server-cert');
+  const ttl = f.leaseTtl !== undefined ? Number(f.leaseTtl) : cfg.fleet?.leaseTtlSeconds;
+  if (ttl !== undefined && (!Number.isInteger(ttl) || ttl < 2 || ttl > 3600)) throw new Error(`--lease-ttl ${ttl} must be whole seconds from 2 to 3600`);
+  const { BridgeFleet, certificateIdentity } = await import('../fleet/bridge-fleet.js');
+  const fleet = new BridgeFleet({ etcd, identity: certificateIdentity(servers.cert), leaseTtlS: ttl, prefix: f.fleetPrefix ?? cfg.fleet?.prefix, log });
+  log.info({ etcd, identity: fleet.identity }, 'bridge in the fleet');
+  return fleet;
+}
 
 export function loadBridgeConfig(file: string): BridgeConfig {
   let parsed: unknown;
@@ -111,6 +130,9 @@ export function bridgeCommand(): Command {
     .option('--run-dir <dir>', `directory of the chardev sockets (default ${defaultRunDir()})`)
     .option('--log-level <level>', 'pino level (default info)')
     .option('--metrics-listen <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP)')
+    .option('--etcd <urls>', 'the fleet: etcd endpoints URL[,URL...]; attach --select claims devices under this bridge\'s lease, and migrations move claims')
+    .option('--fleet-prefix <prefix>', 'with --etcd: the fleet key prefix (default /usbroam/v1/)')
+    .option('--lease-ttl <s>', "with --etcd: TTL of the bridge's lease: how long the claims of a dead bridge last (default 10)")
     .option('--capture-dir <dir>', "write a pcap (usbmon format) per attachment of the URBs as the bridge sees them, to compare with the server's `usbroam capture`")
     .action(async (f: BridgeFlags) => {
       const cfg = f.config ? loadBridgeConfig(f.config) : {};
@@ -126,7 +148,8 @@ export function bridgeCommand(): Command {
         ...(f.serverKey ? { key: f.serverKey } : {}),
         ...(f.serverInsecure ? { insecure: true } : {}),
       };
-      const bridge = new Bridge({ log, runDir: f.runDir ?? cfg.runDir ?? defaultRunDir() });
+      const fleet = await bridgeFleet(f, cfg, servers, log);
+      const bridge = new Bridge({ log, runDir: f.runDir ?? cfg.runDir ?? defaultRunDir(), incomingClaims: fleet });
       const control = new BridgeControlServer({
         bridge,
         listen: f.control ?? cfg.control,
@@ -134,6 +157,7 @@ export function bridgeCommand(): Command {
         insecure: f.insecure ?? cfg.insecure,
         allow: [...(cfg.controlAllow ?? []), ...(f.controlAllow ?? [])],
         servers,
+        fleet,
         log,
       });
       for (const v of vmList(cfg, f.vm)) control.addVm(v.name, v.qmpSocket);
@@ -149,6 +173,6 @@ export function bridgeCommand(): Command {
       if (captureDir) observers.push(new BridgeCapture(path.resolve(captureDir), log));
       if (observers.length) bridge.observer = allOf(observers);
       await control.start();
-      exitOnSignals(log, 'stopping: detaching every device', (sig) => Promise.all([control.stop(sig), metrics?.close()]), () => ({ attachments: bridge.list().length }));
+      exitOnSignals(log, 'stopping: detaching every device', (sig) => Promise.all([control.stop(sig).then(() => fleet?.close()), metrics?.close()]), () => ({ attachments: bridge.list().length }));
     });
 }

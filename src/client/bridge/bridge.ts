@@ -15,6 +15,7 @@ import type { RemoteDevice } from '../sdk/remote-device.js';
 import { Attachment, type AttachmentCloseInfo, type AttachmentStats } from './attachment.js';
 import type { AttachmentOrigin, BridgeObserver } from './bridge-metrics.js';
 import { standBy } from './handoff/destination.js';
+import type { HeldClaim, IncomingClaim, IncomingClaims } from './held-claim.js';
 import { VmMigrations } from './handoff/vm-migration.js';
 import { connectChardev, hotplugRedir, qemuArgsFor, redirIds, unplugRedir, type ColdPlugArgs, type RedirPlug } from './qemu-attach.js';
 
@@ -41,6 +42,8 @@ export interface AttachRequest {
    * `socketPath` instead of hot-plugging.
    */
   coldPlugged?: { socketPath: string };
+  /** A fleet claim on the device: its token is presented at session open; the attachment gives it up when it ends. */
+  claim?: HeldClaim & { token: string };
 }
 
 export interface AttachmentInfo {
@@ -58,6 +61,8 @@ export interface AttachmentInfo {
   product: string;
   serial: string;
   stats: AttachmentStats;
+  /** The fleet claim held ("host/device-id"), if any. */
+  fleetClaim?: string;
 }
 
 interface Entry {
@@ -66,6 +71,9 @@ interface Entry {
   device: RemoteDevice;
   chardevId: string;
   detaching: boolean;
+  claim?: HeldClaim;
+  /** A client of this attachment only (one that presents a claim token), closed with it. */
+  ownClient?: UsbHostClient;
 }
 
 interface Vm {
@@ -120,6 +128,8 @@ export interface BridgeOptions {
    * otherwise; see handoff/xhci-dequeue.ts). Default true; false only to show what it fixes.
    */
   rewindXhciOnSwitchover?: boolean;
+  /** The fleet: a migration destination offers to hold the claim of the session it stands by on. */
+  incomingClaims?: IncomingClaims;
 }
 
 export class Bridge extends EventEmitter {
@@ -132,13 +142,15 @@ export class Bridge extends EventEmitter {
   /** Metrics and capture (bridge-metrics.ts, bridge-capture.ts): told of each attachment as it starts. */
   observer?: BridgeObserver;
 
-  private readonly standbys = new Map<string, { device: RemoteDevice; release: () => void }>();
+  private readonly standbys = new Map<string, { device: RemoteDevice; release: () => void; claim?: IncomingClaim }>();
+  private readonly incomingClaims?: IncomingClaims;
   private readonly migrations: VmMigrations;
 
   constructor(opts: BridgeOptions = {}) {
     super();
     this.log = opts.log ?? silentLogger;
     this.runDir = opts.runDir ?? path.join(os.tmpdir(), `usbroam-bridge-${process.pid}`);
+    this.incomingClaims = opts.incomingClaims;
     mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
     this.migrations = new VmMigrations({
       log: this.log,
@@ -150,8 +162,8 @@ export class Bridge extends EventEmitter {
       attachmentsOf: (vm) => [...this.attachments.values()].filter((e) => e.info.vm === vm).map((e) => ({ id: e.info.id, bus: e.info.bus, att: e.att })),
       handedOff: (id) => {
         const e = this.attachments.get(id);
-        if (e) e.detaching = true; // handed off: do not unplug anything
         this.attachments.delete(id);
+        if (e) this.handedOffEntry(e);
       },
       emit: (ev) => this.emit('handOff', ev),
     });
@@ -206,14 +218,24 @@ export class Bridge extends EventEmitter {
       throw err;
     }
     const dev = standby.device;
-    this.standbys.set(id, { device: dev, release: standby.release });
+    let claim: IncomingClaim | undefined;
+    try {
+      claim = await this.incomingClaims?.offer(req.sessionId);
+    } catch (err) {
+      log.warn({ err: (err as Error).message }, 'cannot offer to hold the fleet claim of this session; it stays with the source');
+    }
+    this.standbys.set(id, { device: dev, release: standby.release, claim });
     log.info({ bus, socketPath }, 'standing by for the session (migration destination)');
     const attached = standby.takeOver.then(({ attachment, origin }) => {
       const entry = this.entryOf({ id, vm: req.vm, server: client.address, bus, socketPath, hotPlugged: true }, attachment, dev, chardevId);
+      entry.claim = claim?.takenOver();
       this.register(entry, origin);
       return this.infoOf(entry);
     });
-    attached.catch((err) => log.warn({ err: (err as Error).message }, 'standby ended without a take-over'));
+    attached.catch((err) => {
+      log.warn({ err: (err as Error).message }, 'standby ended without a take-over');
+      void claim?.withdraw();
+    });
     return { id, vm: req.vm, sessionId: req.sessionId, socketPath, attached };
   }
 
@@ -222,6 +244,7 @@ export class Bridge extends EventEmitter {
     const s = this.standbys.get(id);
     if (!s) throw new Error(`no standby ${id}`);
     s.release();
+    void s.claim?.withdraw();
     const qmp = await this.qmpOf(vm);
     await unplugRedir(qmp, { id, chardevId: `${id}-chr` }, { timeoutMs: 10_000 }).catch(() => {});
   }
@@ -251,13 +274,22 @@ export class Bridge extends EventEmitter {
   async attach(req: AttachRequest): Promise<AttachmentInfo> {
     const vmLog = this.log.child({ vm: req.vm });
     if (!this.vms.has(req.vm)) throw new Error(`unknown VM ${req.vm}`);
-    const client = this.clientFor(req.server);
-    const device = await client.openDevice(req.selector, { log: vmLog, maxInFlight: 1 << 30 });
+    // A claim token goes in the Connect metadata of every call of a client: one client for this attachment.
+    const ownClient = req.claim ? new UsbHostClient({ ...req.server, log: this.log, claimToken: req.claim.token }) : undefined;
+    const client = ownClient ?? this.clientFor(req.server);
+    let device: RemoteDevice;
+    try {
+      device = await client.openDevice(req.selector, { log: vmLog, maxInFlight: 1 << 30 });
+    } catch (err) {
+      ownClient?.close();
+      throw err;
+    }
     const d = device.device;
     const ids = redirIds(d.id);
     const id = req.id ?? ids.id;
     if (this.attachments.has(id)) {
       await device.close();
+      ownClient?.close();
       throw new Error(`attachment ${id} exists already`);
     }
     const chardevId = req.id ? `${id}-chr` : ids.chardevId;
@@ -274,6 +306,8 @@ export class Bridge extends EventEmitter {
       const socket = await connectChardev(socketPath);
       const att = new Attachment({ device, socket, log, id });
       const entry = this.entryOf({ id, vm: req.vm, server: client.address, bus, socketPath, hotPlugged: !req.coldPlugged }, att, device, chardevId);
+      entry.claim = req.claim;
+      entry.ownClient = ownClient;
       this.register(entry, 'attach');
       log.info({ bus, socketPath, session: device.sessionId }, 'device attached to VM');
       return this.infoOf(entry);
@@ -281,8 +315,26 @@ export class Bridge extends EventEmitter {
       log.warn({ err: (err as Error).message }, 'attach failed');
       if (qmp && !req.coldPlugged) await unplugRedir(qmp, { id, chardevId }, { timeoutMs: 10_000 }).catch(() => {});
       await device.close().catch(() => {});
+      ownClient?.close();
       throw err;
     }
+  }
+
+  /** The session went to a migration destination: nothing to unplug; the claim follows it. */
+  private handedOffEntry(e: Entry): void {
+    e.detaching = true;
+    const claim = e.claim;
+    e.claim = undefined;
+    void claim?.handedOff(e.info.sessionId).finally(() => e.ownClient?.close());
+    if (!claim) e.ownClient?.close();
+  }
+
+  /** The attachment ended here: give its claim up and close its own client. */
+  private ended(e: Entry): void {
+    const claim = e.claim;
+    e.claim = undefined;
+    void claim?.release();
+    e.ownClient?.close();
   }
 
   private entryOf(where: Pick<AttachmentInfo, 'id' | 'vm' | 'server' | 'bus' | 'socketPath' | 'hotPlugged'>, att: Attachment, device: RemoteDevice, chardevId: string): Entry {
@@ -302,11 +354,12 @@ export class Bridge extends EventEmitter {
   private async onAttachmentClosed(e: Entry, ci: AttachmentCloseInfo): Promise<void> {
     if (ci.reason === 'handed off') {
       // The session (and the guest's device) moved to the migration destination.
-      e.detaching = true;
       this.attachments.delete(e.info.id);
+      if (!e.detaching) this.handedOffEntry(e);
       return;
     }
     if (e.detaching) return;
+    this.ended(e);
     // Closed by itself (device gone, malformed input, QEMU closed the chardev): drop the
     // usb-redir device we hot-plugged so the VM is left clean.
     this.attachments.delete(e.info.id);
@@ -336,6 +389,7 @@ export class Bridge extends EventEmitter {
       }
     } finally {
       await e.att.close('detached');
+      this.ended(e);
     }
   }
 
@@ -348,7 +402,7 @@ export class Bridge extends EventEmitter {
   }
 
   private infoOf(e: Entry): AttachmentInfo {
-    return { ...e.info, state: e.att.state, stats: e.att.stats };
+    return { ...e.info, state: e.att.state, stats: e.att.stats, fleetClaim: e.claim?.label };
   }
 
   /** Detach everything, close QMP connections and server channels. */
