@@ -9,7 +9,7 @@ import type { HeldClaim, IncomingClaim, IncomingClaims } from '../client/bridge/
 import type { Logger } from '../common/log.js';
 import { FleetClaimant, type FleetClaim } from './claims.js';
 import { connectEtcd, parseEndpoints, type EtcdConnection } from './etcd.js';
-import { FleetError, isEtcdUnreachable, Status } from './errors.js';
+import { abortable, FleetError, isEtcdUnreachable, Status } from './errors.js';
 import { FleetKeys } from './keys.js';
 import { parseFleetSelector } from './selector.js';
 
@@ -36,6 +36,7 @@ export function certificateIdentity(certFile: string): string {
 const MOVE_RETRY_MS = [250, 500, 1000, 2000, 4000, 8000];
 const FIND_RETRY_MS = 200;
 const FIND_FOR_MS = 60_000;
+const OFFER_WITHIN_MS = 3000;
 
 interface Member {
   etcd: EtcdConnection;
@@ -131,8 +132,22 @@ export class BridgeFleet implements IncomingClaims {
   /** A migration destination: offer the bridge's default claimant to hold the session's claim. */
   async offer(sessionId: string): Promise<IncomingClaim | undefined> {
     if (!this.defaultKey) return undefined;
-    const claimant = await this.claimant();
-    const offer = await claimant.offer(sessionId);
+    // A migration waits for prepare-incoming: with etcd away, give up the offer soon rather than hold it up.
+    const ac = new AbortController();
+    const t = setTimeout(() => ac.abort(), OFFER_WITHIN_MS);
+    const { claimant, offer } = await abortable(
+      (async () => {
+        const c = await this.claimant();
+        const o = await c.offer(sessionId);
+        if (ac.signal.aborted) await c.withdraw(o).catch(() => {}); // too late: nobody would take the claim here
+        return { claimant: c, offer: o };
+      })(),
+      ac.signal,
+    )
+      .catch((err) => {
+        throw ac.signal.aborted ? new FleetError(Status.UNAVAILABLE, `no claim offer for session ${sessionId} within ${OFFER_WITHIN_MS} ms: etcd unreachable?`) : err;
+      })
+      .finally(() => clearTimeout(t));
     const log = this.opts.log?.child({ session: sessionId });
     let withdrawn = false;
     return {
