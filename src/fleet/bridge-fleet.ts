@@ -135,12 +135,17 @@ export class BridgeFleet implements IncomingClaims {
     // A migration waits for prepare-incoming: with etcd away, give up the offer soon rather than hold it up.
     const ac = new AbortController();
     const t = setTimeout(() => ac.abort(), OFFER_WITHIN_MS);
-    const { claimant, offer } = await abortable(
+    const { claimant, offer, source } = await abortable(
       (async () => {
         const c = await this.claimant();
         const o = await c.offer(sessionId);
+        // The claim to take over ourselves if the source does not move it (it may die after the hand-off).
+        const source = await c.claimOfSession(sessionId).catch((err) => {
+          this.opts.log?.warn({ session: sessionId, err: (err as Error).message }, 'cannot look up the claim of the incoming session; only the source can move it');
+          return undefined;
+        });
         if (ac.signal.aborted) await c.withdraw(o).catch(() => {}); // too late: nobody would take the claim here
-        return { claimant: c, offer: o };
+        return { claimant: c, offer: o, source };
       })(),
       ac.signal,
     )
@@ -161,17 +166,28 @@ export class BridgeFleet implements IncomingClaims {
         let found: FleetClaim | undefined;
         let released = false;
         const t0 = Date.now();
-        // The source moves the claim right after the hand-off: look for it until it is here.
+        // The source moves the claim right after the hand-off, and so do we, from the source's claim as it was at
+        // prepare-incoming: the first guarded transaction wins, the other finds it done. Without that claim (it was
+        // not known here) only the source can move it: look for it until it is here.
         const finding = (async () => {
-          while (!released && !this.closed && Date.now() - t0 < FIND_FOR_MS) {
-            found = await claimant.findOffered(offer.offer).catch(() => undefined);
+          for (let i = 0; !released && !this.closed && Date.now() - t0 < FIND_FOR_MS; i++) {
+            try {
+              found = source ? await claimant.takeFromSource(source, offer) : await claimant.findOffered(offer.offer);
+            } catch (err) {
+              if (!isEtcdUnreachable(err)) {
+                log?.error({ host: source?.record.host, device: source?.record.deviceId, err: (err as Error).message }, 'the fleet claim cannot follow the session');
+                return;
+              }
+              log?.warn({ host: source?.record.host, device: source?.record.deviceId, err: (err as Error).message }, 'fleet claim take-over failed; retrying');
+            }
             if (found) {
               log?.info({ host: found.record.host, device: found.record.deviceId, ms: Date.now() - t0 }, 'fleet claim arrived with the session');
               return;
             }
-            await new Promise((r) => setTimeout(r, FIND_RETRY_MS).unref());
+            const wait = source ? MOVE_RETRY_MS[Math.min(i, MOVE_RETRY_MS.length - 1)] : FIND_RETRY_MS;
+            await new Promise((r) => setTimeout(r, wait).unref());
           }
-          if (!found && !released) log?.warn('the fleet claim did not follow the session (the source bridge did not move it)');
+          if (!found && !released) log?.warn(`the fleet claim did not follow the session within ${FIND_FOR_MS} ms (the source bridge did not move it, and it could not be taken here)`);
         })();
         return {
           get label() {

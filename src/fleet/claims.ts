@@ -250,8 +250,70 @@ export class FleetClaimant extends EventEmitter {
       throw new FleetError(Status.FAILED_PRECONDITION, `claim on device ${record.deviceId} is under lease ${record.lease} of ${record.claimant}, not ours`);
     }
     const claim = { key, record, device: { ...device, claim: record } };
-    this.held.set(key, claim);
+    if (record.lease === this.lease.leaseId) {
+      this.held.set(key, claim);
+    } else {
+      // Moved to us under a lease we have lost since: take it back under the current one like our own claims.
+      this.orphaned.push(claim);
+      const lease = this.lease.leaseId;
+      if (lease) void this.reclaim(lease);
+    }
     return claim;
+  }
+
+  /**
+   * Migration destination, at prepare-incoming: the claim on the device that session `sessionId` has open, as its
+   * server publishes it, if that claim belongs to the identity holding the session (the source bridge).
+   */
+  async claimOfSession(sessionId: string): Promise<{ key: string; record: ClaimRecord } | undefined> {
+    let devices: FleetDevice[];
+    try {
+      devices = await this.directory.list({ labels: {} });
+    } catch (err) {
+      throw etcdFailure(`cannot look up the device of session ${sessionId}`, this.etcd.endpoints, err);
+    }
+    const d = devices.find((x) => x.session?.sessionId === sessionId);
+    if (!d?.claim || d.claim.claimant !== d.session?.identity) return undefined;
+    return { key: this.keys.claim(d.host, d.id), record: d.claim };
+  }
+
+  /**
+   * Migration destination, after the take-over: move the source's claim to our offer ourselves (the source may have
+   * died before doing it). One transaction guarded by the claim's revision while it is still the source's claim
+   * (same claimant and token; its lease may have been renewed), putting the offered record under our lease and
+   * deleting the offer. If the source moved it first, that is the result; if the source's lease ran out first, the
+   * claim is created again if still absent. Never deletes the claim key.
+   */
+  async takeFromSource(source: { key: string; record: ClaimRecord }, offer: { key: string; offer: ClaimOffer }, device?: FleetDevice): Promise<FleetClaim> {
+    const src = source.record;
+    const what = `cannot take over the claim on device ${src.deviceId} on host ${src.host} with session ${offer.offer.sessionId}`;
+    for (let attempt = 0; attempt < 8; attempt++) {
+      const lease = this.leaseOrFail(what);
+      const next: ClaimRecord = { ...src, claimant: this.identity, token: offer.offer.token, lease, since: new Date().toISOString() };
+      const put = this.etcd.client.put(source.key).value(encodeRecord(next)).lease(lease);
+      let kv: IKeyValue | undefined;
+      let res;
+      try {
+        kv = (await this.etcd.client.get(source.key).exec()).kvs[0];
+        const now = kv && decodeRecord<ClaimRecord>(source.key, kv.value);
+        if (now && now.claimant === this.identity && now.token === offer.offer.token) return this.adopt(source.key, now, device ?? deviceOf(now));
+        if (now && (now.claimant !== src.claimant || now.token !== src.token)) {
+          throw new FleetError(Status.ABORTED, `${what}: it is held by ${describeHolder(now)}`, [now]);
+        }
+        const guard = now ? this.etcd.client.if(source.key, 'Mod', '==', kv!.mod_revision) : this.etcd.client.if(source.key, 'Create', '==', 0).and(this.keys.device(src.host, src.deviceId), 'Create', '>', 0);
+        res = await guard.then(put, this.etcd.client.delete().key(offer.key)).commit();
+        if (!now && res.succeeded) this.opts.log?.warn({ claimant: this.identity, host: src.host, device: src.deviceId }, 'fleet claim of the source had expired before the move; claimed again with the session');
+      } catch (err) {
+        if (err instanceof FleetError) throw err;
+        throw etcdFailure(what, this.etcd.endpoints, err);
+      }
+      if (res.succeeded) {
+        this.opts.log?.info({ claimant: this.identity, from: src.claimant, host: src.host, device: src.deviceId, lease }, 'fleet claim moved from the migration source by the destination');
+        return this.adopt(source.key, next, device ?? deviceOf(next));
+      }
+      // The claim changed between the read and the transaction (the source moved it, or renewed its lease): look again.
+    }
+    throw new FleetError(Status.ABORTED, `${what}: the claim kept changing`);
   }
 
   /**
@@ -296,6 +358,15 @@ export class FleetClaimant extends EventEmitter {
       throw etcdFailure(what, this.etcd.endpoints, err);
     }
     const offer = raw ? decodeRecord<ClaimOffer>(offerKey, raw) : undefined;
+    if (!offer) {
+      const now = await this.etcd.client.get(claim.key).buffer().then((b) => (b ? decodeRecord<ClaimRecord>(claim.key, b) : undefined)).catch(() => undefined);
+      if (now && now.token !== claim.record.token && now.claimant !== this.identity) {
+        // The destination took the claim itself (it does after the take-over), deleting the offer with it.
+        this.held.delete(claim.key);
+        this.opts.log?.info({ claimant: this.identity, to: now.claimant, host: now.host, device: now.deviceId }, 'fleet claim already moved by the migration destination');
+        return now;
+      }
+    }
     if (!offer) throw new FleetError(Status.FAILED_PRECONDITION, `${what}: the destination offered to hold no claim (is its bridge in the fleet?)`);
     const next: ClaimRecord = { ...claim.record, claimant: offer.claimant, token: offer.token, lease: offer.lease, since: new Date().toISOString() };
     let res;
@@ -336,7 +407,7 @@ export class FleetClaimant extends EventEmitter {
     for (const kv of res.kvs) {
       const key = kv.key.toString();
       const r = decodeRecord<ClaimRecord>(key, kv.value);
-      if (!r || r.token !== offer.token || r.lease !== offer.lease) continue;
+      if (!r || r.token !== offer.token || r.claimant !== this.identity) continue;
       const dev = await this.directory.list({ host: r.host, id: r.deviceId, labels: {} }).catch(() => []);
       const device = dev[0] ?? ({ host: r.host, id: r.deviceId, claim: r } as FleetDevice);
       return this.adopt(key, r, device);
@@ -390,4 +461,9 @@ export async function readClaim(etcd: EtcdConnection, keys: FleetKeys, host: str
     throw etcdFailure(`cannot read the fleet claim on device ${deviceId}`, etcd.endpoints, err);
   }
   return v ? decodeRecord<ClaimRecord>(key, v) : undefined;
+}
+
+/** A device record for a claim whose device the directory did not list (only host and id are known). */
+function deviceOf(r: ClaimRecord): FleetDevice {
+  return { host: r.host, id: r.deviceId, claim: r } as FleetDevice;
 }
