@@ -13,6 +13,7 @@ import { newRegistry, serveMetrics, type MetricsEndpoint } from '../common/obser
 import { defaultRunDir } from '../client/bridge-control/address.js';
 import { BridgeControlServer } from '../client/bridge-control/server.js';
 import type { ConnectionOptions } from '../client/sdk/credentials.js';
+import type { BridgeFleet } from '../fleet/bridge-fleet.js';
 
 /** The JSON config file of `usbroam bridge --config`; flags override it. */
 export interface BridgeConfig {
@@ -41,6 +42,8 @@ export interface BridgeConfig {
   reattachMs?: number;
   /** How long a lost URB channel tries to resume its session. */
   resumeWindowMs?: number;
+  /** The fleet: claims in etcd under the bridge's lease (usbroam attach --select), claims moved with migrations. */
+  fleet?: { etcd: string | string[]; prefix?: string; leaseTtlSeconds?: number };
 }
 
 interface BridgeFlags {
@@ -64,9 +67,12 @@ interface BridgeFlags {
   stateDir?: string;
   reattachMs?: string;
   resumeWindowMs?: string;
+  etcd?: string;
+  fleetPrefix?: string;
+  leaseTtl?: string;
 }
 
-const KNOWN = new Set(['control', 'controlTls', 'controlAllow', 'insecure', 'vms', 'server', 'runDir', 'logLevel', 'metricsListen', 'captureDir', 'stateDir', 'reattachMs', 'resumeWindowMs']);
+const KNOWN = new Set(['control', 'controlTls', 'controlAllow', 'insecure', 'vms', 'server', 'runDir', 'logLevel', 'metricsListen', 'captureDir', 'stateDir', 'reattachMs', 'resumeWindowMs', 'fleet']);
 
 /** Default of --reattach-ms: ten minutes of retries (a server reboot). */
 const DEFAULT_REATTACH_MS = 600_000;
@@ -76,6 +82,19 @@ function msFlag(name: string, v: string | number | undefined): number | undefine
   const n = Number(v);
   if (!Number.isInteger(n) || n < 0) throw new Error(`${name} must be a whole number of milliseconds >= 0, not "${v}"`);
   return n;
+}
+
+/** The bridge's fleet, when --etcd or the config's fleet names etcd; its identity is its server certificate's CN. */
+async function bridgeFleet(f: BridgeFlags, cfg: BridgeConfig, servers: ConnectionOptions, log: ReturnType<typeof createLogger>): Promise<BridgeFleet | undefined> {
+  const etcd = f.etcd ?? cfg.fleet?.etcd;
+  if (!etcd) return undefined;
+  if (!servers.cert) throw new Error('--etcd: the bridge claims devices as the identity of its client certificate; give --server-cert');
+  const ttl = f.leaseTtl !== undefined ? Number(f.leaseTtl) : cfg.fleet?.leaseTtlSeconds;
+  if (ttl !== undefined && (!Number.isInteger(ttl) || ttl < 2 || ttl > 3600)) throw new Error(`--lease-ttl ${ttl} must be whole seconds from 2 to 3600`);
+  const { BridgeFleet, certificateIdentity } = await import('../fleet/bridge-fleet.js');
+  const fleet = new BridgeFleet({ etcd, identity: certificateIdentity(servers.cert), leaseTtlS: ttl, prefix: f.fleetPrefix ?? cfg.fleet?.prefix, log });
+  log.info({ etcd, identity: fleet.identity }, 'bridge in the fleet');
+  return fleet;
 }
 
 export function loadBridgeConfig(file: string): BridgeConfig {
@@ -131,6 +150,9 @@ export function bridgeCommand(): Command {
     .option('--run-dir <dir>', `directory of the chardev sockets (default ${defaultRunDir()})`)
     .option('--log-level <level>', 'pino level (default info)')
     .option('--metrics-listen <host:port>', 'serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP)')
+    .option('--etcd <urls>', 'the fleet: etcd endpoints URL[,URL...]; attach --select claims devices under this bridge\'s lease, and migrations move claims')
+    .option('--fleet-prefix <prefix>', 'with --etcd: the fleet key prefix (default /usbroam/v1/)')
+    .option('--lease-ttl <s>', "with --etcd: TTL of the bridge's lease: how long the claims of a dead bridge last (default 10)")
     .option('--capture-dir <dir>', "write a pcap (usbmon format) per attachment of the URBs as the bridge sees them, to compare with the server's `usbroam capture`")
     .option('--state-dir <dir>', 'keep a record of the attachments here (bridge-state.json, written atomically); a bridge restarted after a crash re-attaches them')
     .option('--reattach-ms <ms>', `after a session is lost for good (server restarted, network cut longer than its grace period), keep trying to re-attach the device for this long; 0: unplug it for good (default ${DEFAULT_REATTACH_MS})`)
@@ -149,6 +171,7 @@ export function bridgeCommand(): Command {
         ...(f.serverKey ? { key: f.serverKey } : {}),
         ...(f.serverInsecure ? { insecure: true } : {}),
       };
+      const fleet = await bridgeFleet(f, cfg, servers, log);
       const stateDir = f.stateDir ?? cfg.stateDir;
       const bridge = new Bridge({
         log,
@@ -156,6 +179,7 @@ export function bridgeCommand(): Command {
         stateDir: stateDir ? path.resolve(stateDir) : undefined,
         reattachWindowMs: msFlag('--reattach-ms', f.reattachMs ?? cfg.reattachMs) ?? DEFAULT_REATTACH_MS,
         resumeWindowMs: msFlag('--resume-window-ms', f.resumeWindowMs ?? cfg.resumeWindowMs),
+        incomingClaims: fleet,
       });
       const control = new BridgeControlServer({
         bridge,
@@ -164,6 +188,7 @@ export function bridgeCommand(): Command {
         insecure: f.insecure ?? cfg.insecure,
         allow: [...(cfg.controlAllow ?? []), ...(f.controlAllow ?? [])],
         servers,
+        fleet,
         log,
       });
       for (const v of vmList(cfg, f.vm)) control.addVm(v.name, v.qmpSocket);
@@ -184,6 +209,6 @@ export function bridgeCommand(): Command {
         (r) => r.length && log.info({ restored: r }, 'attachments of the previous bridge restored'),
         (err: Error) => log.error({ err: err.message }, 'cannot restore the attachments of the previous bridge'),
       );
-      exitOnSignals(log, 'stopping: detaching every device', (sig) => Promise.all([control.stop(sig), metrics?.close()]), () => ({ attachments: bridge.list().length }));
+      exitOnSignals(log, 'stopping: detaching every device', (sig) => Promise.all([control.stop(sig).then(() => fleet?.close()), metrics?.close()]), () => ({ attachments: bridge.list().length }));
     });
 }

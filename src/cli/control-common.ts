@@ -76,5 +76,6 @@ export function describeAttachment(a: Attachment): string {
   const dev = d ? `${d.id} ${hex4(d.vendorId)}:${hex4(d.productId)} ${`${d.manufacturer} ${d.product}`.trim()} [serial ${d.serial || '-'}]` : '?';
   const c = a.counters;
   const io = c ? `  urbs ${c.urbsCompleted}/${c.urbsSubmitted}, ${c.bytesFromQemu} B out, ${c.bytesToQemu} B in` : '';
-  return `${a.id}  vm ${a.vm}  ${stateName(a.state)}  ${dev}  on ${a.bus}${a.hotPlugged ? '' : ' (cold-plugged)'}  from ${a.server} session ${a.sessionId}${io}`;
+  const claim = a.fleetClaim ? `  fleet claim ${a.fleetClaim}` : '';
+  return `${a.id}  vm ${a.vm}  ${stateName(a.state)}  ${dev}  on ${a.bus}${a.hotPlugged ? '' : ' (cold-plugged)'}  from ${a.server} session ${a.sessionId}${claim}${io}`;
 }

@@ -124,7 +124,10 @@ export async function runServer(cfg: ServerConfig, dataDir: string, fleetFlags: 
   // Fleet: the session-open claim check is set before the server listens, registration starts once it does.
   const fleetCfg = fleetConfig(fleetFlags, cfg.fleet);
   const fleet = fleetCfg ? await startServerFleet(fleetCfg, log) : undefined;
-  if (fleet) server.sessions.openGuard = fleet.guard;
+  if (fleet) {
+    server.sessions.openGuard = fleet.guard;
+    fleet.watchSessions(server.sessions);
+  }
   await server.start();
   fleet?.publish(server.address, server.registry);
   exitOnSignals(log, 'stopping: no new streams; ending sessions', (sig) => Promise.all([fleet?.stop(), server.stop(sig)]));

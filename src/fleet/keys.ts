@@ -3,6 +3,7 @@
 //   <prefix>hosts/<host>                 HostRecord    under the server's lease
 //   <prefix>devices/<host>/<device id>   DeviceRecord  under the server's lease
 //   <prefix>claims/<host>/<device id>    ClaimRecord   under the claimant's (bridge's) lease
+//   <prefix>offers/<session id>          ClaimOffer    under a migration destination's lease
 //
 // Host names and device ids are percent-encoded, so a '/' in either cannot
 // reach another key. Records are JSON: small, readable with etcdctl.
@@ -53,6 +54,15 @@ export interface ClaimRecord {
   since: string;
 }
 
+/** A migration destination standing by on a session offers to hold its claim: the record it will have there. */
+export interface ClaimOffer {
+  sessionId: string;
+  claimant: string;
+  token: string;
+  lease: string;
+  since: string;
+}
+
 export class FleetKeys {
   constructor(readonly prefix = DEFAULT_PREFIX) {
     if (!prefix.endsWith('/')) throw new Error(`fleet key prefix "${prefix}" must end with "/"`);
@@ -81,6 +91,12 @@ export class FleetKeys {
   claim(host: string, id: string): string {
     return this.hostClaims(host) + enc(id);
   }
+  get offers(): string {
+    return `${this.prefix}offers/`;
+  }
+  offer(sessionId: string): string {
+    return this.offers + enc(sessionId);
+  }
   /** What a key under the prefix names, or undefined for a foreign key. */
   parse(key: string): { kind: 'host'; host: string } | { kind: 'device' | 'claim'; host: string; id: string } | undefined {
     if (!key.startsWith(this.prefix)) return undefined;
@@ -100,7 +116,7 @@ export class FleetKeys {
 const enc = (s: string) => encodeURIComponent(s);
 const dec = (s: string) => decodeURIComponent(s);
 
-export function encodeRecord(r: HostRecord | DeviceRecord | ClaimRecord): string {
+export function encodeRecord(r: HostRecord | DeviceRecord | ClaimRecord | ClaimOffer): string {
   const s = JSON.stringify(r);
   if (Buffer.byteLength(s) > MAX_RECORD_BYTES) throw new Error(`fleet record is ${Buffer.byteLength(s)} bytes, over the ${MAX_RECORD_BYTES}-byte bound`);
   return s;

@@ -7,6 +7,7 @@ import type { FleetConfig } from './config.js';
 import { connectEtcd, type EtcdConnection } from './etcd.js';
 import { FleetKeys } from './keys.js';
 import { FleetPublisher, type DeviceSource } from './publisher.js';
+import { SessionClaimWatch, type WatchedSessions } from './session-watch.js';
 
 export interface ServerFleet {
   etcd: EtcdConnection;
@@ -14,6 +15,8 @@ export interface ServerFleet {
   publisher?: FleetPublisher;
   /** Start publishing `address` (or the configured advertise address) and the devices of `source`. */
   publish(address: string, source: DeviceSource): FleetPublisher;
+  /** End open sessions whose claim vanishes or moves to another identity (see session-watch.ts). */
+  watchSessions(sessions: WatchedSessions): SessionClaimWatch;
   /** Leave the fleet (revoke the lease) and close the connection. */
   stop(): Promise<void>;
 }
@@ -22,6 +25,7 @@ export async function startServerFleet(cfg: FleetConfig, log: Logger): Promise<S
   const etcd = await connectEtcd(cfg.etcd);
   const keys = new FleetKeys(cfg.prefix);
   const flog = log.child({ fleetHost: cfg.hostName });
+  let watch: SessionClaimWatch | undefined;
   const fleet: ServerFleet = {
     etcd,
     guard: fleetClaimGuard(etcd, keys, cfg.hostName, flog),
@@ -43,7 +47,13 @@ export async function startServerFleet(cfg: FleetConfig, log: Logger): Promise<S
       flog.info({ etcd: cfg.etcd, address: advertised, ttlS: cfg.leaseTtlS }, 'joining the fleet');
       return fleet.publisher;
     },
+    watchSessions(sessions) {
+      watch = new SessionClaimWatch(etcd, keys, cfg.hostName, sessions, flog);
+      watch.start();
+      return watch;
+    },
     async stop() {
+      await watch?.stop();
       await fleet.publisher?.stop();
       etcd.close();
     },

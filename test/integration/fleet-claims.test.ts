@@ -165,6 +165,37 @@ describe('fleet on etcd (one member)', function () {
     expect(back.claimant).to.equal('third');
   });
 
+  it('moves a claim to a destination\'s offer: guarded by the holder\'s record and the offer; no offer or a withdrawn one moves nothing', async () => {
+    await publish('offer', new FakeDeviceSource([fakeDevice('o1')]));
+    const [src, dst] = await Promise.all([claimant('src-bridge'), claimant('dst-bridge')]);
+    const claim = await src.claim(sel('host=offer'));
+    // No offer for the session: refused, the claim stays.
+    const none = await rejection(src.handToOffer(claim, 'sess-1'));
+    expect(none.code).to.equal(Status.FAILED_PRECONDITION);
+    expect(none.message).to.include('offered to hold no claim');
+    // An offer withdrawn (cancelled migration) before the move: the same.
+    const o1 = await dst.offer('sess-1');
+    await dst.withdraw(o1);
+    expect((await rejection(src.handToOffer(claim, 'sess-1'))).code).to.equal(Status.FAILED_PRECONDITION);
+    expect((await new FleetDirectory(conn, keys).list(sel('host=offer')))[0].claim).to.deep.equal(claim.record);
+    // A standing offer: one transaction puts the offered record under the destination's lease and deletes the offer.
+    const o2 = await dst.offer('sess-2');
+    expect(await dst.findOffered(o2.offer)).to.equal(undefined);
+    const moved = await src.handToOffer(claim, 'sess-2');
+    expect(moved).to.include({ claimant: 'dst-bridge', lease: dst.lease.leaseId, token: o2.offer.token });
+    expect(await conn.client.get(o2.key).string()).to.equal(null);
+    const found = await dst.findOffered(o2.offer);
+    expect(found?.record).to.deep.equal(moved);
+    // The source's record is stale now: it cannot move the claim again, even to a new offer.
+    await dst.offer('sess-3');
+    const stale = await rejection(src.handToOffer(claim, 'sess-3'));
+    expect(stale.code).to.equal(Status.FAILED_PRECONDITION);
+    expect(stale.message).to.include('held by dst-bridge');
+    // The destination moves it on the same way, to the next destination's offer.
+    const o4 = await src.offer('sess-4');
+    expect(await dst.handToOffer(found!, 'sess-4')).to.include({ claimant: 'src-bridge', token: o4.offer.token });
+  });
+
   it('a claimant killed -9 frees its device once its lease TTL runs out', async () => {
     await publish('killed', new FakeDeviceSource([fakeDevice('k1', { serial: 'KILL-1' })]));
     const { child, claim } = await startClaimantProcess(etcd.endpoints, 'doomed', 'serial=KILL-1', TTL, keys.prefix);

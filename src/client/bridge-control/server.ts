@@ -43,6 +43,7 @@ import type { AttachmentInfo, Bridge } from '../bridge/bridge.js';
 import type { DeviceSelector } from '../sdk/client.js';
 import type { ConnectionOptions } from '../sdk/credentials.js';
 import { ChannelClosedError } from '../sdk/remote-device.js';
+import type { HeldClaim } from '../bridge/held-claim.js';
 import { isLoopbackHost, parseControlAddress, type ControlAddress } from './address.js';
 
 export { defaultControlSocket, defaultRunDir, isLoopbackHost, parseControlAddress, type ControlAddress } from './address.js';
@@ -65,7 +66,14 @@ export interface BridgeControlOptions {
   allow?: string[];
   /** How the bridge reaches USB host servers: default address and its own client credentials. */
   servers?: ConnectionOptions;
+  /** The fleet (src/fleet/bridge-fleet.ts): AttachDevice with fleet_select claims the device in etcd first. */
+  fleet?: FleetAttach;
   log?: Logger;
+}
+
+/** What AttachDevice needs of the fleet: resolve a selector and claim the device under the bridge's lease. */
+export interface FleetAttach {
+  claim(selector: string, etcd?: string): Promise<{ claim: { device: { id: string; address: string } }; held: HeldClaim & { token: string } }>;
 }
 
 /** A failure with a gRPC status code, for the control API. */
@@ -101,6 +109,7 @@ export function attachmentToProto(info: AttachmentInfo, device?: Device): PbAtta
     socketPath: info.socketPath,
     state: STATES[info.state] ?? AttachmentState.ATTACHMENT_STATE_UNSPECIFIED,
     hotPlugged: info.hotPlugged,
+    fleetClaim: info.fleetClaim ?? '',
     counters: {
       bytesFromQemu: info.stats.bytesFromQemu,
       bytesToQemu: info.stats.bytesToQemu,
@@ -117,6 +126,7 @@ export function attachmentToProto(info: AttachmentInfo, device?: Device): PbAtta
 /** Any failure of an attach/detach -> a gRPC status code and a message a person can act on. */
 export function toControlError(err: unknown, ctx: { vm?: string; server?: string } = {}): ControlError {
   if (err instanceof ControlError) return err;
+  if (err instanceof Error && err.name === 'FleetError') return new ControlError((err as Error & { code: grpc.status }).code, err.message);
   const e = err as Error & { code?: unknown; details?: string };
   const msg = e?.message ?? String(err);
   if (err instanceof ChannelClosedError || (typeof e.code === 'number' && e.details !== undefined)) {
@@ -228,6 +238,7 @@ export class BridgeControlServer {
       }
     }
     this.knownVm(req.vm);
+    if (req.fleetSelect) return this.attachFromFleet(req);
     const sel = req.device ?? { id: '', vidPid: '', serial: '', portPath: '' };
     const selector: DeviceSelector = {};
     if (sel.id) selector.id = sel.id;
@@ -239,6 +250,11 @@ export class BridgeControlServer {
     const servers = this.opts.servers ?? {};
     const address = req.server || servers.address;
     if (!address) throw new ControlError(S.INVALID_ARGUMENT, 'server is required (the bridge has no default USB host server)');
+    this.checkPlacement(req);
+    return this.attachTo(req, address, selector);
+  }
+
+  private checkPlacement(req: AttachDeviceRequest): void {
     if (req.bus && !/^[A-Za-z0-9_.-]+$/.test(req.bus)) throw new ControlError(S.INVALID_ARGUMENT, `bus "${req.bus}" is not a QEMU bus name`);
     if (req.attachmentId && !/^[A-Za-z][A-Za-z0-9_.-]*$/.test(req.attachmentId)) {
       throw new ControlError(S.INVALID_ARGUMENT, `attachment id "${req.attachmentId}" must be a QEMU id: a letter, then letters, digits, "-", "_", "."`);
@@ -246,20 +262,42 @@ export class BridgeControlServer {
     if (req.attachmentId && this.bridge.list().some((a) => a.id === req.attachmentId)) {
       throw new ControlError(S.ALREADY_EXISTS, `attachment ${req.attachmentId} exists already`);
     }
+  }
+
+  private async attachTo(req: AttachDeviceRequest, address: string, selector: DeviceSelector, claim?: HeldClaim & { token: string }): Promise<AttachDeviceResponse> {
     try {
       const info = await this.bridge.attach({
         vm: req.vm,
-        server: { ...servers, address },
+        server: { ...(this.opts.servers ?? {}), address },
         selector,
         bus: req.bus || undefined,
         filter: req.filter || undefined,
         id: req.attachmentId || undefined,
         coldPlugged: req.coldPlugSocket ? { socketPath: path.resolve(req.coldPlugSocket) } : undefined,
+        claim,
       });
-      this.log.info({ vm: req.vm, attachment: info.id, device: info.deviceId, server: info.server }, 'attached (control API)');
+      this.log.info({ vm: req.vm, attachment: info.id, device: info.deviceId, server: info.server, fleetClaim: info.fleetClaim }, 'attached (control API)');
       return { attachment: this.toProto(info) };
     } catch (err) {
       throw toControlError(err, { vm: req.vm, server: address });
+    }
+  }
+
+  /** fleet_select: claim the device in etcd under the bridge's lease, then attach it from the server that holds it. */
+  private async attachFromFleet(req: AttachDeviceRequest): Promise<AttachDeviceResponse> {
+    if (req.server || (req.device && Object.values(req.device).some(Boolean))) {
+      throw new ControlError(S.INVALID_ARGUMENT, 'fleet_select names the device: leave server and device empty');
+    }
+    if (!this.opts.fleet) throw new ControlError(S.FAILED_PRECONDITION, 'this bridge is not in a fleet: start it with --etcd URL[,URL...]');
+    this.checkPlacement(req);
+    const { claim, held } = await this.opts.fleet.claim(req.fleetSelect, req.fleetEtcd || undefined).catch((err) => {
+      throw toControlError(err, { vm: req.vm });
+    });
+    try {
+      return await this.attachTo(req, claim.device.address, { id: claim.device.id }, held);
+    } catch (err) {
+      await held.release();
+      throw err;
     }
   }
 

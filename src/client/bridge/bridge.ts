@@ -18,6 +18,7 @@ import type { AttachmentOrigin, BridgeObserver } from './bridge-metrics.js';
 import { BridgeStateFile, type SavedAttachment } from './bridge-state.js';
 import { isLostSession, Reattacher } from './reconnect.js';
 import { standBy } from './handoff/destination.js';
+import type { HeldClaim, IncomingClaim, IncomingClaims } from './held-claim.js';
 import { VmMigrations } from './handoff/vm-migration.js';
 import { coldPluggedRedir, connectChardev, hotplugRedir, qemuArgsFor, redirIds, unplugRedir, type ColdPlugArgs, type RedirPlug } from './qemu-attach.js';
 
@@ -44,6 +45,8 @@ export interface AttachRequest {
    * `socketPath` instead of hot-plugging.
    */
   coldPlugged?: { socketPath: string };
+  /** A fleet claim on the device: its token is presented at session open; the attachment gives it up when it ends. */
+  claim?: HeldClaim & { token: string };
 }
 
 export interface AttachmentInfo {
@@ -61,6 +64,8 @@ export interface AttachmentInfo {
   product: string;
   serial: string;
   stats: AttachmentStats;
+  /** The fleet claim held ("host/device-id"), if any. */
+  fleetClaim?: string;
 }
 
 interface Entry {
@@ -73,6 +78,9 @@ interface Entry {
   conn: { server: ConnectionOptions; filter?: string };
   /** The session was lost for good (not closed on purpose): re-attach it. */
   lost?: boolean;
+  claim?: HeldClaim;
+  /** A client of this attachment only (one that presents a claim token), closed with it. */
+  ownClient?: UsbHostClient;
 }
 
 interface Vm {
@@ -139,6 +147,8 @@ export interface BridgeOptions {
   reattachWindowMs?: number;
   /** How long a lost URB channel tries to resume its session before it is lost. Default 25000 ms. */
   resumeWindowMs?: number;
+  /** The fleet: a migration destination offers to hold the claim of the session it stands by on. */
+  incomingClaims?: IncomingClaims;
 }
 
 export class Bridge extends EventEmitter {
@@ -151,7 +161,8 @@ export class Bridge extends EventEmitter {
   /** Metrics and capture (bridge-metrics.ts, bridge-capture.ts): told of each attachment as it starts. */
   observer?: BridgeObserver;
 
-  private readonly standbys = new Map<string, { device: RemoteDevice; release: () => void; coldPlugged: boolean }>();
+  private readonly standbys = new Map<string, { device: RemoteDevice; release: () => void; coldPlugged: boolean; claim?: IncomingClaim }>();
+  private readonly incomingClaims?: IncomingClaims;
   private readonly migrations: VmMigrations;
   private readonly state?: BridgeStateFile;
   private readonly reattacher: Reattacher;
@@ -161,6 +172,7 @@ export class Bridge extends EventEmitter {
     super();
     this.log = opts.log ?? silentLogger;
     this.runDir = opts.runDir ?? path.join(os.tmpdir(), `usbroam-bridge-${process.pid}`);
+    this.incomingClaims = opts.incomingClaims;
     mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
     this.deviceOptions = { maxInFlight: 1 << 30, reconnectWindowMs: opts.resumeWindowMs };
     this.state = opts.stateDir ? new BridgeStateFile(opts.stateDir) : undefined;
@@ -185,8 +197,8 @@ export class Bridge extends EventEmitter {
       attachmentsOf: (vm) => [...this.attachments.values()].filter((e) => e.info.vm === vm).map((e) => ({ id: e.info.id, bus: e.info.bus, att: e.att })),
       handedOff: (id) => {
         const e = this.attachments.get(id);
-        if (e) e.detaching = true; // handed off: do not unplug anything
         this.attachments.delete(id);
+        if (e) this.handedOffEntry(e);
         this.persist();
       },
       emit: (ev) => this.emit('handOff', ev),
@@ -245,14 +257,24 @@ export class Bridge extends EventEmitter {
       throw err;
     }
     const dev = standby.device;
-    this.standbys.set(id, { device: dev, release: standby.release, coldPlugged: !!coldPlugged });
+    let claim: IncomingClaim | undefined;
+    try {
+      claim = await this.incomingClaims?.offer(req.sessionId);
+    } catch (err) {
+      log.warn({ err: (err as Error).message }, 'cannot offer to hold the fleet claim of this session; it stays with the source');
+    }
+    this.standbys.set(id, { device: dev, release: standby.release, coldPlugged: !!coldPlugged, claim });
     log.info({ bus, socketPath }, 'standing by for the session (migration destination)');
     const attached = standby.takeOver.then(({ attachment, origin }) => {
       const entry = this.entryOf({ id, vm: req.vm, server: client.address, bus, socketPath, hotPlugged: !coldPlugged }, attachment, dev, coldPlugged?.chardevId ?? chardevId, { server: req.server, filter: req.filter });
+      entry.claim = claim?.takenOver();
       this.register(entry, origin);
       return this.infoOf(entry);
     });
-    attached.catch((err) => log.warn({ err: (err as Error).message }, 'standby ended without a take-over'));
+    attached.catch((err) => {
+      log.warn({ err: (err as Error).message }, 'standby ended without a take-over');
+      void claim?.withdraw();
+    });
     return { id, vm: req.vm, sessionId: req.sessionId, socketPath, attached };
   }
 
@@ -261,6 +283,7 @@ export class Bridge extends EventEmitter {
     const s = this.standbys.get(id);
     if (!s) throw new Error(`no standby ${id}`);
     s.release();
+    void s.claim?.withdraw();
     if (s.coldPlugged) return; // QEMU's own device: it stays
     const qmp = await this.qmpOf(vm);
     await unplugRedir(qmp, { id, chardevId: `${id}-chr` }, { timeoutMs: 10_000 }).catch(() => {});
@@ -291,13 +314,22 @@ export class Bridge extends EventEmitter {
   async attach(req: AttachRequest): Promise<AttachmentInfo> {
     const vmLog = this.log.child({ vm: req.vm });
     if (!this.vms.has(req.vm)) throw new Error(`unknown VM ${req.vm}`);
-    const client = this.clientFor(req.server);
-    const device = await client.openDevice(req.selector, { ...this.deviceOptions, log: vmLog });
+    // A claim token goes in the Connect metadata of every call of a client: one client for this attachment.
+    const ownClient = req.claim ? new UsbHostClient({ ...req.server, log: this.log, claimToken: req.claim.token }) : undefined;
+    const client = ownClient ?? this.clientFor(req.server);
+    let device: RemoteDevice;
+    try {
+      device = await client.openDevice(req.selector, { ...this.deviceOptions, log: vmLog });
+    } catch (err) {
+      ownClient?.close();
+      throw err;
+    }
     const d = device.device;
     const ids = redirIds(d.id);
     const id = req.id ?? ids.id;
     if (this.attachments.has(id)) {
       await device.close();
+      ownClient?.close();
       throw new Error(`attachment ${id} exists already`);
     }
     const chardevId = req.id ? `${id}-chr` : ids.chardevId;
@@ -314,6 +346,8 @@ export class Bridge extends EventEmitter {
       const socket = await connectChardev(socketPath);
       const att = new Attachment({ device, socket, log, id });
       const entry = this.entryOf({ id, vm: req.vm, server: client.address, bus, socketPath, hotPlugged: !req.coldPlugged }, att, device, chardevId, { server: req.server, filter: req.filter });
+      entry.claim = req.claim;
+      entry.ownClient = ownClient;
       this.register(entry, 'attach');
       log.info({ bus, socketPath, session: device.sessionId }, 'device attached to VM');
       return this.infoOf(entry);
@@ -321,8 +355,26 @@ export class Bridge extends EventEmitter {
       log.warn({ err: (err as Error).message }, 'attach failed');
       if (qmp && !req.coldPlugged) await unplugRedir(qmp, { id, chardevId }, { timeoutMs: 10_000 }).catch(() => {});
       await device.close().catch(() => {});
+      ownClient?.close();
       throw err;
     }
+  }
+
+  /** The session went to a migration destination: nothing to unplug; the claim follows it. */
+  private handedOffEntry(e: Entry): void {
+    e.detaching = true;
+    const claim = e.claim;
+    e.claim = undefined;
+    void claim?.handedOff(e.info.sessionId).finally(() => e.ownClient?.close());
+    if (!claim) e.ownClient?.close();
+  }
+
+  /** The attachment ended here: give its claim up and close its own client. */
+  private ended(e: Entry): void {
+    const claim = e.claim;
+    e.claim = undefined;
+    void claim?.release();
+    e.ownClient?.close();
   }
 
   private entryOf(
@@ -398,12 +450,13 @@ export class Bridge extends EventEmitter {
   private async onAttachmentClosed(e: Entry, ci: AttachmentCloseInfo): Promise<void> {
     if (ci.reason === 'handed off') {
       // The session (and the guest's device) moved to the migration destination.
-      e.detaching = true;
       this.attachments.delete(e.info.id);
       this.persist();
+      if (!e.detaching) this.handedOffEntry(e);
       return;
     }
     if (e.detaching) return;
+    this.ended(e);
     // Closed by itself (device gone, malformed input, QEMU closed the chardev): drop the
     // usb-redir device we hot-plugged so the VM is left clean.
     this.attachments.delete(e.info.id);
@@ -445,6 +498,7 @@ export class Bridge extends EventEmitter {
       }
     } finally {
       await e.att.close('detached');
+      this.ended(e);
     }
   }
 
@@ -457,7 +511,7 @@ export class Bridge extends EventEmitter {
   }
 
   private infoOf(e: Entry): AttachmentInfo {
-    return { ...e.info, state: e.att.state, stats: e.att.stats };
+    return { ...e.info, state: e.att.state, stats: e.att.stats, fleetClaim: e.claim?.label };
   }
 
   /** Detach everything, close QMP connections and server channels. */

@@ -122,6 +122,18 @@ export interface AttachDeviceRequest {
    * it instead of hot-plugging.
    */
   coldPlugSocket: string;
+  /**
+   * The fleet: instead of `server` and `device`, a fleet selector (e.g.
+   * "serial=ABC", "label license=cad", "1050:0407,host=lab-2") resolved in
+   * etcd. The bridge takes the device's claim under its own etcd lease (one
+   * transaction: exactly one of racing bridges wins; the others get
+   * ALREADY_EXISTS, or RESOURCE_EXHAUSTED when every match is taken, naming the
+   * holders) and connects to the server that holds the device, presenting the
+   * claim's token. UNAVAILABLE names etcd when it cannot be reached.
+   */
+  fleetSelect: string;
+  /** etcd endpoints, URL[,URL...]. Empty: the bridge's own (`usbroam bridge --etcd`). */
+  fleetEtcd: string;
 }
 
 export interface AttachDeviceResponse {
@@ -177,7 +189,11 @@ export interface Attachment {
   state: AttachmentState;
   /** False when the device was on QEMU's command line (cold plug). */
   hotPlugged: boolean;
-  counters?: AttachmentCounters | undefined;
+  counters?:
+    | AttachmentCounters
+    | undefined;
+  /** The fleet claim the attachment holds ("host/device-id"), empty without one. */
+  fleetClaim: string;
 }
 
 function createBasePrepareIncomingRequest(): PrepareIncomingRequest {
@@ -653,6 +669,8 @@ function createBaseAttachDeviceRequest(): AttachDeviceRequest {
     filter: "",
     attachmentId: "",
     coldPlugSocket: "",
+    fleetSelect: "",
+    fleetEtcd: "",
   };
 }
 
@@ -681,6 +699,12 @@ export const AttachDeviceRequest: MessageFns<AttachDeviceRequest> = {
     }
     if (message.coldPlugSocket !== "") {
       writer.uint32(66).string(message.coldPlugSocket);
+    }
+    if (message.fleetSelect !== "") {
+      writer.uint32(74).string(message.fleetSelect);
+    }
+    if (message.fleetEtcd !== "") {
+      writer.uint32(82).string(message.fleetEtcd);
     }
     return writer;
   },
@@ -762,6 +786,22 @@ export const AttachDeviceRequest: MessageFns<AttachDeviceRequest> = {
             message.coldPlugSocket = reader.string();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.fleetSelect = reader.string();
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.fleetEtcd = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -796,6 +836,16 @@ export const AttachDeviceRequest: MessageFns<AttachDeviceRequest> = {
         : isSet(object.cold_plug_socket)
         ? globalThis.String(object.cold_plug_socket)
         : "",
+      fleetSelect: isSet(object.fleetSelect)
+        ? globalThis.String(object.fleetSelect)
+        : isSet(object.fleet_select)
+        ? globalThis.String(object.fleet_select)
+        : "",
+      fleetEtcd: isSet(object.fleetEtcd)
+        ? globalThis.String(object.fleetEtcd)
+        : isSet(object.fleet_etcd)
+        ? globalThis.String(object.fleet_etcd)
+        : "",
     };
   },
 
@@ -825,6 +875,12 @@ export const AttachDeviceRequest: MessageFns<AttachDeviceRequest> = {
     if (message.coldPlugSocket !== "") {
       obj.coldPlugSocket = message.coldPlugSocket;
     }
+    if (message.fleetSelect !== "") {
+      obj.fleetSelect = message.fleetSelect;
+    }
+    if (message.fleetEtcd !== "") {
+      obj.fleetEtcd = message.fleetEtcd;
+    }
     return obj;
   },
 
@@ -843,6 +899,8 @@ export const AttachDeviceRequest: MessageFns<AttachDeviceRequest> = {
     message.filter = object.filter ?? "";
     message.attachmentId = object.attachmentId ?? "";
     message.coldPlugSocket = object.coldPlugSocket ?? "";
+    message.fleetSelect = object.fleetSelect ?? "";
+    message.fleetEtcd = object.fleetEtcd ?? "";
     return message;
   },
 };
@@ -1429,6 +1487,7 @@ function createBaseAttachment(): Attachment {
     state: 0,
     hotPlugged: false,
     counters: undefined,
+    fleetClaim: "",
   };
 }
 
@@ -1463,6 +1522,9 @@ export const Attachment: MessageFns<Attachment> = {
     }
     if (message.counters !== undefined) {
       AttachmentCounters.encode(message.counters, writer.uint32(82).fork()).join();
+    }
+    if (message.fleetClaim !== "") {
+      writer.uint32(90).string(message.fleetClaim);
     }
     return writer;
   },
@@ -1560,6 +1622,14 @@ export const Attachment: MessageFns<Attachment> = {
             message.counters = AttachmentCounters.decode(reader, reader.uint32());
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.fleetClaim = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1596,6 +1666,11 @@ export const Attachment: MessageFns<Attachment> = {
         ? globalThis.Boolean(object.hot_plugged)
         : false,
       counters: isSet(object.counters) ? AttachmentCounters.fromJSON(object.counters) : undefined,
+      fleetClaim: isSet(object.fleetClaim)
+        ? globalThis.String(object.fleetClaim)
+        : isSet(object.fleet_claim)
+        ? globalThis.String(object.fleet_claim)
+        : "",
     };
   },
 
@@ -1631,6 +1706,9 @@ export const Attachment: MessageFns<Attachment> = {
     if (message.counters !== undefined) {
       obj.counters = AttachmentCounters.toJSON(message.counters);
     }
+    if (message.fleetClaim !== "") {
+      obj.fleetClaim = message.fleetClaim;
+    }
     return obj;
   },
 
@@ -1653,6 +1731,7 @@ export const Attachment: MessageFns<Attachment> = {
     message.counters = (object.counters !== undefined && object.counters !== null)
       ? AttachmentCounters.fromPartial(object.counters)
       : undefined;
+    message.fleetClaim = object.fleetClaim ?? "";
     return message;
   },
 };
