@@ -1,0 +1,4 @@
+import type { SoakOptions, SoakPart } from './types.js';
+export async function run(_o: SoakOptions): Promise<SoakPart> {
+  return {};
+}
