@@ -53,6 +53,9 @@ export async function run({ durationS, progress }: SoakOptions): Promise<SoakPar
     const rssPerIdle = (rssIdle - rssBeforeIdle) / SESSIONS;
     progress(`${SESSIONS} idle sessions: server RSS ${rssBeforeIdle} -> ${rssIdle} KiB (${rssPerIdle.toFixed(1)} KiB per session)`);
 
+    // Before the load has grown the heap: a session on the default set's loopback.
+    const rssInflight = await inflightRss(newClient(), pid, progress);
+
     // Load.
     const hist = new LatencyHistogram();
     const ios = devs.map((d) => new LoopIo(d, { urbBytes: URB_BYTES, window: WINDOW, onRtt: (us) => hist.add(us) }));
@@ -82,7 +85,6 @@ export async function run({ durationS, progress }: SoakOptions): Promise<SoakPar
     for (const [i, r] of results.entries()) if (r.errors.length) progress(`session on emu-2-${i + 1}: ${r.errors.slice(0, 3).join('; ')}`);
     await Promise.all(devs.map((d) => d.close()));
 
-    const rssInflight = await inflightRss(newClient(), pid, progress);
     return {
       sessions: SESSIONS,
       load_seconds: round(seconds, 1),
@@ -111,7 +113,7 @@ export async function run({ durationS, progress }: SoakOptions): Promise<SoakPar
  * is filled first (1 MiB, so it is not counted), then the OUTs wait at the device until read back.
  */
 async function inflightRss(client: UsbHostClient, pid: number, progress: (m: string) => void): Promise<number> {
-  const dev = await client.openDevice({ id: 'emu-2-1' });
+  const dev = await client.openDevice({ id: 'emu-1-2' });
   await prepareLoop(dev);
   const payload = Buffer.alloc(INFLIGHT_URB_BYTES, 0x5a);
   const out = (n: number) => Array.from({ length: n }, () => dev.submit({ endpoint: LOOP_BULK_OUT, type: TransferType.TRANSFER_BULK, data: payload }));
