@@ -1,4 +1,5 @@
-// The shape of a bench:soak part (bench/soak/*.ts): bench/soak.ts runs the parts and merges their fields.
+// What a bench:soak part returns: its figures, merged by bench/soak.ts into one JSON line.
+
 export type FaultOutcome = { ok: boolean; detail: string; [k: string]: unknown };
 
 export type SoakPart = {
@@ -9,4 +10,11 @@ export type SoakPart = {
   [k: string]: unknown;
 };
 
-export type SoakRun = (opts: { durationS: number; progress: (msg: string) => void }) => Promise<SoakPart>;
+export interface SoakOptions {
+  /** How long the timed phases run (load: the whole load phase). */
+  durationS: number;
+  /** A progress line (to stderr). */
+  progress: (msg: string) => void;
+}
+
+export type SoakRun = (opts: SoakOptions) => Promise<SoakPart>;

@@ -6,6 +6,7 @@ import { createLogger, type Logger } from '../common/log.js';
 import { exitOnSignals } from './common.js';
 import { createDefaultEmulatedBackend, parseEmulatedSpeed } from '../server/backends/emulated/emulated-backend.js';
 import type { UsbBackend } from '../server/backends/types.js';
+import { LoopbackDevice } from '../server/backends/emulated/loopback.js';
 import { normalizeAllowRules } from '../server/backends/libusb/policy.js';
 import { DEFAULT_LISTEN, loadConfigFile, type ServerConfig } from '../server/config.js';
 import { UsbHostServer } from '../server/server.js';
@@ -24,6 +25,7 @@ export interface ServeFlags {
   admin?: string[];
   graceMs?: string;
   emulated?: boolean;
+  emulatedCount?: string;
   diskImage?: string;
   diskSizeMib?: string;
   diskSpeed?: string;
@@ -57,6 +59,11 @@ export function serveConfig(f: ServeFlags): ServerConfig {
   const emulated = file.emulated ?? (f.emulated === false ? undefined : {});
   if (emulated && f.diskImage) emulated.disk = { image: f.diskImage, sizeMiB: f.diskSizeMib ? Number(f.diskSizeMib) : undefined };
   if (emulated && f.diskSpeed && emulated.disk !== false) emulated.disk = { ...emulated.disk, speed: f.diskSpeed as 'high' };
+  if (f.emulatedCount !== undefined) {
+    if (!emulated) throw new Error('--emulated-count needs the emulated devices (not --no-emulated)');
+    emulated.count = parseEmulatedCount(f.emulatedCount);
+  }
+  if (emulated?.count !== undefined) parseEmulatedCount(String(emulated.count)); // fail early (config file)
   if (emulated?.disk) parseEmulatedSpeed(emulated.disk.speed ?? 'high', 'disk speed'); // fail early
   let libusb = file.libusb ? { ...file.libusb } : undefined;
   if (f.libusb || f.libusbAllow?.length || f.libusbPollMs) libusb = { ...(libusb ?? {}), enabled: true };
@@ -80,22 +87,39 @@ export function serveConfig(f: ServeFlags): ServerConfig {
   };
 }
 
+/** Most extra loopback devices `--emulated-count` exports. */
+export const MAX_EMULATED_COUNT = 1024;
+
+function parseEmulatedCount(v: string): number {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0 || n > MAX_EMULATED_COUNT) throw new Error(`--emulated-count must be an integer from 0 to ${MAX_EMULATED_COUNT}, not "${v}"`);
+  return n;
+}
+
+/**
+ * The i-th (1-based) extra loopback device of `--emulated-count`: bus 2, port i, id emu-2-<i>,
+ * serial USBROAM-LOOP-2-<i>; many sessions at once (load tests) each get a device of their own.
+ */
+export function extraLoopback(i: number, log?: Logger): LoopbackDevice {
+  return new LoopbackDevice({ bus: 2, portPath: [i], serial: `USBROAM-LOOP-2-${i}`, logger: log });
+}
+
 export async function emulatedBackends(cfg: ServerConfig, dataDir: string, log?: Logger): Promise<UsbBackend[]> {
   if (!cfg.emulated) return [];
   const disk = cfg.emulated.disk;
   const image = disk && disk.image ? disk.image : path.join(dataDir, 'disk.img');
   mkdirSync(path.dirname(image), { recursive: true });
-  return [
-    await createDefaultEmulatedBackend({
-      massStorage: disk !== false,
-      imagePath: image,
-      imageSizeBytes: (disk && disk.sizeMiB ? disk.sizeMiB : 64) * 1024 * 1024,
-      diskSpeed: disk && disk.speed ? parseEmulatedSpeed(disk.speed, 'disk speed') : undefined,
-      logger: log,
-      loopback: cfg.emulated.loopback !== false,
-      serial: cfg.emulated.serial !== false,
-    }),
-  ];
+  const backend = await createDefaultEmulatedBackend({
+    massStorage: disk !== false,
+    imagePath: image,
+    imageSizeBytes: (disk && disk.sizeMiB ? disk.sizeMiB : 64) * 1024 * 1024,
+    diskSpeed: disk && disk.speed ? parseEmulatedSpeed(disk.speed, 'disk speed') : undefined,
+    logger: log,
+    loopback: cfg.emulated.loopback !== false,
+    serial: cfg.emulated.serial !== false,
+  });
+  for (let i = 1; i <= (cfg.emulated.count ?? 0); i++) backend.add(extraLoopback(i, log));
+  return [backend];
 }
 
 /** The libusb backend when configured (enabled unless `enabled: false`). */
@@ -147,6 +171,7 @@ export function serveCommand(): Command {
     .option('--admin <identity...>', 'identities that may list and close every session')
     .option('--grace-ms <ms>', 'how long a session without a stream keeps its device (default 30000)')
     .option('--no-emulated', 'do not export the emulated devices')
+    .option('--emulated-count <n>', `also export N loopback devices (bus 2, ids emu-2-1 ... emu-2-N; up to ${MAX_EMULATED_COUNT})`)
     .option('--disk-image <file>', 'image file of the emulated disk (sparse; created if missing)')
     .option('--disk-size-mib <n>', 'size of a new disk image (default 64)')
     .option('--disk-speed <speed>', 'bus speed of the emulated disk: high (default), super (1 MiB SCSI commands; xHCI only) or full')

@@ -13,6 +13,8 @@ export interface EmulatedConfig {
   disk?: { image?: string; sizeMiB?: number; speed?: 'full' | 'high' | 'super' } | false;
   loopback?: boolean;
   serial?: boolean;
+  /** Extra loopback devices on bus 2 (ids emu-2-1 ... emu-2-N), e.g. for load tests. */
+  count?: number;
 }
 
 export interface LibusbConfig {

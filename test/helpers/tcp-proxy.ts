@@ -1,89 +1,81 @@
 // A TCP proxy the test controls: forwards to a target, and can cut every
-// connection (a network failure as a client sees it), refuse new ones, or hold
-// every byte for a while (a blackhole: a link that goes silent without a reset,
-// then heals; TCP's retransmits deliver what was held).
+// connection (a network failure as a client sees it), refuse new ones,
+// blackhole the network (nothing passes either way, nobody is told), or
+// forward new connections to another port (a restarted server).
 import net from 'node:net';
+
+interface Pair {
+  client: net.Socket;
+  upstream?: net.Socket;
+  /** One side closed during a blackhole: the other learns when it ends. */
+  closedInHole: boolean;
+}
 
 export class TcpProxy {
   private server?: net.Server;
   private readonly sockets = new Set<net.Socket>();
+  private readonly pairs = new Set<Pair>();
   private refusing = false;
-  /** While set (blackhole): connections forward nothing; new ones wait here. */
-  private held?: { pairs: Array<[net.Socket, net.Socket]>; waiting: net.Socket[] };
-  private readonly pairs = new Set<[net.Socket, net.Socket]>();
+  private holed = false;
   port = 0;
 
   constructor(
     private readonly targetHost: string,
-    private readonly targetPort: number,
+    private targetPort: number,
   ) {}
 
   async start(): Promise<string> {
     this.server = net.createServer((client) => {
       if (this.refusing) return client.destroy();
-      if (this.held) {
-        client.pause();
-        client.on('error', () => {});
-        this.sockets.add(client);
-        client.on('close', () => this.sockets.delete(client));
-        this.held.waiting.push(client);
-        return;
-      }
-      this.forward(client);
+      const pair: Pair = { client, closedInHole: false };
+      this.pairs.add(pair);
+      this.track(client);
+      client.on('close', () => this.sideClosed(pair));
+      if (this.holed) client.pause(); // connected, but nothing gets through until the hole ends
+      else this.connectUpstream(pair);
     });
     await new Promise<void>((r) => this.server!.listen(0, '127.0.0.1', r));
     this.port = (this.server.address() as net.AddressInfo).port;
     return `127.0.0.1:${this.port}`;
   }
 
-  private forward(client: net.Socket): void {
-    const upstream = net.connect(this.targetPort, this.targetHost);
-    for (const s of [client, upstream]) {
-      this.sockets.add(s);
-      s.on('close', () => this.sockets.delete(s));
-      s.on('error', () => {});
-    }
-    const pair: [net.Socket, net.Socket] = [client, upstream];
-    this.pairs.add(pair);
-    client.pipe(upstream);
-    upstream.pipe(client);
-    client.resume();
-    client.on('close', () => {
-      this.pairs.delete(pair);
-      upstream.destroy();
-    });
-    upstream.on('close', () => client.destroy());
+  private track(s: net.Socket): void {
+    this.sockets.add(s);
+    s.on('close', () => this.sockets.delete(s));
+    s.on('error', () => {});
   }
 
-  /**
-   * Blackhole for `ms`: nothing is forwarded either way and new connections are accepted but not
-   * forwarded (no reset: the peers notice only by their own timeouts); then everything held
-   * flows again.
-   */
-  async blackhole(ms: number): Promise<void> {
-    const held = { pairs: [...this.pairs], waiting: [] as net.Socket[] };
-    this.held = held;
-    for (const [c, u] of held.pairs) {
-      c.unpipe(u);
-      u.unpipe(c);
-      c.pause();
-      u.pause();
+  private connectUpstream(pair: Pair): void {
+    const upstream = net.connect(this.targetPort, this.targetHost);
+    pair.upstream = upstream;
+    this.track(upstream);
+    upstream.on('close', () => this.sideClosed(pair));
+    this.forward(pair);
+  }
+
+  private forward(pair: Pair): void {
+    const { client, upstream } = pair;
+    client.pipe(upstream!);
+    upstream!.pipe(client);
+    client.resume();
+    upstream!.resume();
+  }
+
+  /** A side closed: the other follows, unless the network is blackholed (then it cannot know yet). */
+  private sideClosed(pair: Pair): void {
+    if (this.holed) {
+      pair.closedInHole = true;
+      return;
     }
-    await new Promise((r) => setTimeout(r, ms));
-    this.held = undefined;
-    for (const [c, u] of held.pairs) {
-      if (c.destroyed || u.destroyed) continue;
-      c.pipe(u);
-      u.pipe(c);
-    }
-    for (const c of held.waiting) if (!c.destroyed) this.forward(c);
+    pair.client.destroy();
+    pair.upstream?.destroy();
+    this.pairs.delete(pair);
   }
 
   /** Reset every open connection. */
   cut(): void {
     for (const s of this.sockets) s.resetAndDestroy();
     this.sockets.clear();
-    this.pairs.clear();
   }
 
   /** Cut, and refuse new connections for `ms`. */
@@ -98,11 +90,44 @@ export class TcpProxy {
     );
   }
 
+  /**
+   * A network cut for `ms`: no byte passes either way and no side hears of the other closing;
+   * new connections are accepted but get nowhere. Bytes already sent wait in the socket buffers
+   * (TCP would retransmit them), so a connection both ends keep through the cut carries on after it.
+   */
+  blackhole(ms: number): Promise<void> {
+    this.holed = true;
+    for (const { client, upstream } of this.pairs) {
+      if (!upstream) continue;
+      client.unpipe(upstream);
+      upstream.unpipe(client);
+      client.pause();
+      upstream.pause();
+    }
+    return new Promise((r) =>
+      setTimeout(() => {
+        this.holed = false;
+        for (const pair of [...this.pairs]) {
+          if (pair.closedInHole || pair.client.destroyed || pair.upstream?.destroyed) this.sideClosed(pair);
+          else if (!pair.upstream) this.connectUpstream(pair);
+          else this.forward(pair);
+        }
+        r();
+      }, ms),
+    );
+  }
+
+  /** Forward new connections to `port` (e.g. a server restarted on another port). */
+  retarget(port: number): void {
+    this.targetPort = port;
+  }
+
   get connections(): number {
     return this.sockets.size;
   }
 
   async stop(): Promise<void> {
+    this.holed = false;
     this.cut();
     await new Promise<void>((r) => (this.server ? this.server.close(() => r()) : r()));
   }
