@@ -12,6 +12,8 @@ export interface EmulatedConfig {
    */
   disk?: { image?: string; sizeMiB?: number; speed?: 'full' | 'high' | 'super' } | false;
   loopback?: boolean;
+  /** ms the loopback device takes to answer its slow vendor request (IN 0x5d; default 0). */
+  controlLatencyMs?: number;
   serial?: boolean;
 }
 

@@ -91,6 +91,8 @@ export interface DefaultEmulatedBackendOptions {
   /** Leave out devices. */
   massStorage?: boolean;
   loopback?: boolean;
+  /** ms the loopback device takes to answer its slow vendor request (see loopback.ts). */
+  controlLatencyMs?: number;
   serial?: boolean;
 }
 
@@ -129,7 +131,7 @@ export async function createDefaultEmulatedBackend(opts: DefaultEmulatedBackendO
     );
   }
   if (opts.loopback ?? true) {
-    backend.add(new LoopbackDevice({ ...common, portPath: [2], serial: 'USBROAM-LOOP-0001' }));
+    backend.add(new LoopbackDevice({ ...common, portPath: [2], serial: 'USBROAM-LOOP-0001', controlLatencyMs: opts.controlLatencyMs }));
   }
   if (opts.serial ?? true) {
     backend.add(new SerialDevice({ ...common, portPath: [3], serial: 'USBROAM-ACM-0001' }));
