@@ -28,6 +28,7 @@ export interface ServeFlags {
   diskSizeMib?: string;
   diskSpeed?: string;
   controlLatencyMs?: string;
+  emulatedFtdi?: boolean;
   libusb?: boolean;
   libusbAllow?: string[];
   libusbPollMs?: string;
@@ -58,6 +59,7 @@ export function serveConfig(f: ServeFlags): ServerConfig {
   const emulated = file.emulated ?? (f.emulated === false ? undefined : {});
   if (emulated && f.diskImage) emulated.disk = { image: f.diskImage, sizeMiB: f.diskSizeMib ? Number(f.diskSizeMib) : undefined };
   if (emulated && f.diskSpeed && emulated.disk !== false) emulated.disk = { ...emulated.disk, speed: f.diskSpeed as 'high' };
+  if (emulated && f.emulatedFtdi) emulated.ftdi = true;
   if (emulated && f.controlLatencyMs !== undefined) {
     const ms = Number(f.controlLatencyMs);
     if (!Number.isInteger(ms) || ms < 0 || ms > 60_000) throw new Error(`--control-latency-ms must be an integer from 0 to 60000, not "${f.controlLatencyMs}"`);
@@ -100,6 +102,7 @@ export async function emulatedBackends(cfg: ServerConfig, dataDir: string, log?:
       logger: log,
       loopback: cfg.emulated.loopback !== false,
       controlLatencyMs: cfg.emulated.controlLatencyMs,
+      ftdi: cfg.emulated.ftdi === true,
       serial: cfg.emulated.serial !== false,
     }),
   ];
@@ -155,6 +158,7 @@ export function serveCommand(): Command {
     .option('--disk-size-mib <n>', 'size of a new disk image (default 64)')
     .option('--disk-speed <speed>', 'bus speed of the emulated disk: high (default), super (1 MiB SCSI commands; xHCI only) or full')
     .option('--control-latency-ms <ms>', 'how long the emulated loopback device takes to answer its slow vendor request (IN 0x5d), to keep control transfers in flight (default 0)')
+    .option('--emulated-ftdi', 'also export an emulated FTDI FT232R-like echo port (0403:6001, serial USBROAM-FTDI-0001)')
     .option('--libusb', 'export real USB devices through libusb (only those matching --libusb-allow; hubs never)')
     .option('--libusb-allow <rule...>', 'libusb export rule (repeatable; implies --libusb): "*", vvvv:pppp, or vid=,pid=,serial=,class=,bus=,port=1.4 joined by commas')
     .option('--libusb-poll-ms <ms>', 'libusb device list poll interval (default 500; 0: libusb hotplug events only)')

@@ -15,6 +15,8 @@ export interface EmulatedConfig {
   /** ms the loopback device takes to answer its slow vendor request (IN 0x5d; default 0). */
   controlLatencyMs?: number;
   serial?: boolean;
+  /** An FTDI FT232R-like echo port (0403:6001; default off). */
+  ftdi?: boolean;
 }
 
 export interface LibusbConfig {
