@@ -217,6 +217,9 @@ export interface XhciDeviceLocation {
   devCtx: bigint;
   /** 32 or 64 (HCCPARAMS1.CSZ). */
   ctxSize: number;
+  /** The controller's BAR0 and CAPLENGTH (for its runtime registers). */
+  bar?: bigint;
+  capLength?: number;
 }
 
 /**
@@ -241,7 +244,7 @@ export async function locateXhciDevice(qmp: QmpClient, controllerId: string, dev
   const [ctxLo, ctxHi] = await readPhys(qmp, dcbaap + 8n * BigInt(slot), 2);
   const devCtx = ((BigInt(ctxHi!) << 32n) | BigInt(ctxLo!)) & ~0x3fn;
   if (devCtx === 0n) throw new Error(`xHCI slot ${slot} has no device context`);
-  return { slot, devCtx, ctxSize };
+  return { slot, devCtx, ctxSize, bar, capLength };
 }
 
 /** Device context index of an endpoint address: 1 for the control endpoint, else 2n + IN. */
