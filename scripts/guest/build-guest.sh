@@ -73,7 +73,9 @@ BUSYBOX=/bin/busybox
 file_is_static() { ! ldd "$1" >/dev/null 2>&1; }
 file_is_static "$BUSYBOX" || { log "$BUSYBOX is not static (install busybox-static)"; exit 1; }
 
-SCRIPT_HASH="$(sha256sum "$SCRIPT_PATH" | cut -c1-12)"
+# The guest's helper programs are part of the key: editing one rebuilds the image.
+USBCTL_SRC="$(dirname "$SCRIPT_PATH")/usbctl.c"
+SCRIPT_HASH="$(cat "$SCRIPT_PATH" "$USBCTL_SRC" | sha256sum | cut -c1-12)"
 
 # Fast path: the current image was built by this script and the apt lists have
 # not changed since (so linux-image-amd64 cannot point at a newer kernel).
@@ -177,6 +179,12 @@ for p in "${ORDER[@]}"; do
   echo "$name" >> "$ROOT/etc/modules.order"
   names+=("$name")
 done
+# usbctl (scripts/guest/usbctl.c): concurrent usbfs control transfers, which busybox cannot do.
+if command -v gcc >/dev/null; then
+  gcc -static -Os -s -o "$ROOT/bin/usbctl" "$USBCTL_SRC" >&2 || { log "gcc failed on $USBCTL_SRC"; exit 1; }
+else
+  log "no gcc: the guest has no usbctl (tests of concurrent control transfers fail)"
+fi
 echo "usbroam-guest" > "$ROOT/etc/hostname"
 echo "root:x:0:0:root:/root:/bin/sh" > "$ROOT/etc/passwd"
 

@@ -29,6 +29,8 @@ export interface ServeFlags {
   diskImage?: string;
   diskSizeMib?: string;
   diskSpeed?: string;
+  controlLatencyMs?: string;
+  emulatedFtdi?: boolean;
   libusb?: boolean;
   libusbAllow?: string[];
   libusbPollMs?: string;
@@ -64,6 +66,12 @@ export function serveConfig(f: ServeFlags): ServerConfig {
     emulated.count = parseEmulatedCount(f.emulatedCount);
   }
   if (emulated?.count !== undefined) parseEmulatedCount(String(emulated.count)); // fail early (config file)
+  if (emulated && f.emulatedFtdi) emulated.ftdi = true;
+  if (emulated && f.controlLatencyMs !== undefined) {
+    const ms = Number(f.controlLatencyMs);
+    if (!Number.isInteger(ms) || ms < 0 || ms > 60_000) throw new Error(`--control-latency-ms must be an integer from 0 to 60000, not "${f.controlLatencyMs}"`);
+    emulated.controlLatencyMs = ms;
+  }
   if (emulated?.disk) parseEmulatedSpeed(emulated.disk.speed ?? 'high', 'disk speed'); // fail early
   let libusb = file.libusb ? { ...file.libusb } : undefined;
   if (f.libusb || f.libusbAllow?.length || f.libusbPollMs) libusb = { ...(libusb ?? {}), enabled: true };
@@ -116,6 +124,8 @@ export async function emulatedBackends(cfg: ServerConfig, dataDir: string, log?:
     diskSpeed: disk && disk.speed ? parseEmulatedSpeed(disk.speed, 'disk speed') : undefined,
     logger: log,
     loopback: cfg.emulated.loopback !== false,
+    controlLatencyMs: cfg.emulated.controlLatencyMs,
+    ftdi: cfg.emulated.ftdi === true,
     serial: cfg.emulated.serial !== false,
   });
   for (let i = 1; i <= (cfg.emulated.count ?? 0); i++) backend.add(extraLoopback(i, log));
@@ -175,6 +185,8 @@ export function serveCommand(): Command {
     .option('--disk-image <file>', 'image file of the emulated disk (sparse; created if missing)')
     .option('--disk-size-mib <n>', 'size of a new disk image (default 64)')
     .option('--disk-speed <speed>', 'bus speed of the emulated disk: high (default), super (1 MiB SCSI commands; xHCI only) or full')
+    .option('--control-latency-ms <ms>', 'how long the emulated loopback device takes to answer its slow vendor request (IN 0x5d), to keep control transfers in flight (default 0)')
+    .option('--emulated-ftdi', 'also export an emulated FTDI FT232R-like echo port (0403:6001, serial USBROAM-FTDI-0001)')
     .option('--libusb', 'export real USB devices through libusb (only those matching --libusb-allow; hubs never)')
     .option('--libusb-allow <rule...>', 'libusb export rule (repeatable; implies --libusb): "*", vvvv:pppp, or vid=,pid=,serial=,class=,bus=,port=1.4 joined by commas')
     .option('--libusb-poll-ms <ms>', 'libusb device list poll interval (default 500; 0: libusb hotplug events only)')

@@ -12,9 +12,13 @@ export interface EmulatedConfig {
    */
   disk?: { image?: string; sizeMiB?: number; speed?: 'full' | 'high' | 'super' } | false;
   loopback?: boolean;
+  /** ms the loopback device takes to answer its slow vendor request (IN 0x5d; default 0). */
+  controlLatencyMs?: number;
   serial?: boolean;
   /** Extra loopback devices on bus 2 (ids emu-2-1 ... emu-2-N), e.g. for load tests. */
   count?: number;
+  /** An FTDI FT232R-like echo port (0403:6001; default off). */
+  ftdi?: boolean;
 }
 
 export interface LibusbConfig {

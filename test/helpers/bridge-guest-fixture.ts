@@ -114,13 +114,13 @@ export interface MigrationSetup {
  * `diskMiB` disk, and the teardown of what the tests add to `guests` and `children`
  * (`beforeTeardown` first, for bridges in this process).
  */
-export function useMigrationSetup(opts: { name: string; diskMiB: number; beforeTeardown?: () => Promise<void>; extraServerArgs?: () => string[] }): MigrationSetup {
+export function useMigrationSetup(opts: { name: string; diskMiB: number; beforeTeardown?: () => Promise<void>; /** More `usbroam serve` flags (a function: evaluated in the before hook). */ extraServerArgs?: () => string[]; /** More `usbroam serve` flags. */ serverArgs?: string[] }): MigrationSetup {
   const m = { guests: [], children: [] } as unknown as MigrationSetup;
   before(async function () {
     this.timeout(900_000);
     m.image = await e2eImageOrSkip(this);
     m.dir = mkdtempSync(path.join(os.tmpdir(), `${opts.name}-`));
-    m.server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', path.join(m.dir, 'disk.img'), '--disk-size-mib', String(opts.diskMiB), ...(opts.extraServerArgs?.() ?? [])]);
+    m.server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', path.join(m.dir, 'disk.img'), '--disk-size-mib', String(opts.diskMiB), ...(opts.serverArgs ?? []), ...(opts.extraServerArgs?.() ?? [])]);
     m.serverOpts = { address: m.server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
   });
   after(async () => {

@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { silentLogger } from '../../src/common/log.js';
 import type { QmpClient } from '../../src/qemu/qmp/client.js';
-import { bar0Of, rewindXhciDequeues, usbAddressOf } from '../../src/client/bridge/handoff/xhci-dequeue.js';
+import { bar0Of, endpointDci, rewindXhciDequeues, usbAddressOf } from '../../src/client/bridge/handoff/xhci-dequeue.js';
 
 const INFO_USB = `  Device 0.0, Port 1, Speed 12 Mb/s, Product QEMU USB Tablet
   Device 0.2, Port 5, Speed 480 Mb/s, Product usb-redir, ID: usbroam-acm
@@ -217,5 +217,35 @@ describe('xHCI dequeue rewind (pre-switchover work-around for QEMU xHCI migratio
     let err: Error | undefined;
     await rewindXhciDequeues(q.qmp(), { controllerId: 'ehci', deviceId: 'usbroam-acm', endpoints: [{ endpoint: 0x81, oldestId: 0x7002000n, count: 1 }], runDir: dir, log: silentLogger }).catch((e: Error) => (err = e));
     expect(err?.message).to.match(/not an xHCI controller/);
+  });
+
+  it('points the control endpoint context (DCI 1) at the Setup Stage TRB of the oldest control TD in flight', async () => {
+    const q = new FakeQemu(dir);
+    layout(q);
+    expect([endpointDci(0), endpointDci(0x80), endpointDci(0x81), endpointDci(0x02)]).to.deep.equal([1, 1, 3, 4]);
+    // ep0: running, control (type 4), dequeue past 3 TDs (Setup, Data, Status each) at 0x7004000, cycle 1.
+    q.set(DEVCTX + 32n, 1, 4 << 3, 0x7004000 + 16 * 9 + 1, 0);
+    for (let td = 0; td < 4; td++) {
+      const a = 0x7004000n + BigInt(16 * 3 * td);
+      q.set(a, 0x5dc0, 0x400000, 8, (2 << 10) | (1 << 6) | 1); // Setup Stage, IDT, cycle 1
+      q.set(a + 16n, 0x7100000, 0, 64, (3 << 10) | (1 << 16) | 1); // Data Stage IN
+      q.set(a + 32n, 0, 0, 0, (4 << 10) | 1); // Status Stage
+    }
+    const res = await rewindXhciDequeues(q.qmp(), {
+      controllerId: 'xhci',
+      deviceId: 'usbroam-acm',
+      endpoints: [{ endpoint: 0, oldestId: 0x7004000n + 48n, count: 2 }],
+      runDir: dir,
+      log: silentLogger,
+    });
+    expect(res.skipped).to.deep.equal([]);
+    expect(res.patched.map((p) => p.endpoint)).to.deep.equal([0]);
+    expect(q.dw(DEVCTX + 32n + 8n)).to.equal(0x7004000 + 48 + 1);
+    expect(q.dw(DEVCTX + 32n)).to.equal(1);
+    expect(q.dw(DEVCTX + 32n + 4n)).to.equal(4 << 3);
+    // An id that is a Data Stage TRB (not the start of a control TD) is refused.
+    const bad = await rewindXhciDequeues(q.qmp(), { controllerId: 'xhci', deviceId: 'usbroam-acm', endpoints: [{ endpoint: 0, oldestId: 0x7004000n + 16n, count: 1 }], runDir: dir, log: silentLogger });
+    expect(bad.patched).to.deep.equal([]);
+    expect(bad.skipped[0]!.why).to.match(/not Setup Stage/);
   });
 });

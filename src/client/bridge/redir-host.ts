@@ -60,7 +60,7 @@ export interface RedirHostOptions {
   flow: () => void;
   /** The state went to a hand-off: completions and op answers are no longer this host's. */
   exported: () => boolean;
-  /** A bulk request was answered (for the hand-off's view of the TDs QEMU has in flight). */
+  /** A bulk or control (endpoint 0) request was answered (for the hand-off's view of the TDs QEMU has in flight). */
   bulkAnswered?: (urbId: number, id: bigint, endpoint: number) => void;
   /** 'connected', 'deviceGone' (reason), 'rejected' (why) are emitted here. */
   events: { emit(event: string, ...args: unknown[]): boolean };

@@ -61,6 +61,7 @@ export class DataRequests {
     private readonly o: {
       exported: () => boolean;
       flow: () => void;
+      /** A bulk or control request was answered (control under endpoint 0). */
       bulkAnswered?: (urbId: number, id: bigint, endpoint: number) => void;
     },
   ) {
@@ -173,7 +174,7 @@ export class DataRequests {
       return;
     }
     this.reply(e, c.status, c.data, c.actualLength);
-    if (e.kind === 'bulk') this.o.bulkAnswered?.(urbId, e.id, e.endpoint);
+    if (e.kind === 'bulk' || e.kind === 'control') this.o.bulkAnswered?.(urbId, e.id, e.kind === 'control' ? 0 : e.endpoint);
     this.o.flow();
   }
 
@@ -186,7 +187,7 @@ export class DataRequests {
     if (e.cancelled || this.h.closed) return;
     this.h.log.debug({ attachment: this.h.id, err: err.message }, 'URB failed on the channel');
     this.reply(e, Status.ioerror, EMPTY, 0);
-    if (e.kind === 'bulk') this.o.bulkAnswered?.(urbId, e.id, e.endpoint);
+    if (e.kind === 'bulk' || e.kind === 'control') this.o.bulkAnswered?.(urbId, e.id, e.kind === 'control' ? 0 : e.endpoint);
   }
 
   /** Answer a data packet (usbredirhost *_packet_complete). */

@@ -1,10 +1,14 @@
-// Which bulk TDs QEMU still has in flight at a switchover: requests not answered yet, and those
-// answered with bytes QEMU has not read. QEMU's xHCI does not migrate its transfers, so the
-// destination must fetch these again (xhci-dequeue.ts points the endpoint context at the oldest).
+// Which bulk and control TDs QEMU still has in flight at a switchover: requests not answered
+// yet, and those answered with bytes QEMU has not read. QEMU's xHCI does not migrate its
+// transfers, so the destination must fetch these again (xhci-dequeue.ts points the endpoint
+// context at the oldest). Control requests (either direction) are kept under endpoint 0: QEMU
+// sends the control TDs of ep0 one at a time (its USB core queues the others, and that queue
+// does not migrate either), so the oldest one we know is the one the ring must go back to.
 import type { BulkPacket } from '../../../qemu/usbredir/index.js';
 import type { InFlight } from '../redir-host.js';
 
 export interface QemuBulkInFlight {
+  /** 0: the control endpoint. */
   endpoint: number;
   /** usbredir ids, oldest first. */
   ids: bigint[];
@@ -51,8 +55,9 @@ export class BulkAnswers {
     const per = new Map<number, { urbId: number; id: bigint; streamId: number }[]>();
     for (const [ep, list] of this.answered) for (const x of list) if (x.end > consumed) (per.get(ep) ?? per.set(ep, []).get(ep)!).push({ urbId: x.urbId, id: x.id, streamId: 0 });
     for (const [urbId, e] of requests) {
-      if (e.kind !== 'bulk' || e.cancelled) continue;
-      (per.get(e.endpoint) ?? per.set(e.endpoint, []).get(e.endpoint)!).push({ urbId, id: e.id, streamId: (e.pkt as BulkPacket).streamId ?? 0 });
+      if ((e.kind !== 'bulk' && e.kind !== 'control') || e.cancelled) continue;
+      const ep = e.kind === 'control' ? 0 : e.endpoint;
+      (per.get(ep) ?? per.set(ep, []).get(ep)!).push({ urbId, id: e.id, streamId: e.kind === 'bulk' ? ((e.pkt as BulkPacket).streamId ?? 0) : 0 });
     }
     const out: QemuBulkInFlight[] = [];
     for (const [ep, xs] of per) {
@@ -66,8 +71,8 @@ export class BulkAnswers {
   }
 }
 
-/** Bulk requests of QEMU in flight at the server (a hint that a rewind may be needed). */
+/** Bulk or control requests of QEMU in flight at the server (a hint that a rewind may be needed). */
 export function hasBulkInFlight(requests: ReadonlyMap<number, InFlight>): boolean {
-  for (const e of requests.values()) if (e.kind === 'bulk' && !e.cancelled) return true;
+  for (const e of requests.values()) if ((e.kind === 'bulk' || e.kind === 'control') && !e.cancelled) return true;
   return false;
 }

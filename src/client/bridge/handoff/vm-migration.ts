@@ -8,6 +8,7 @@ import type { QmpClient } from '../../../qemu/qmp/client.js';
 import type { Attachment } from '../attachment.js';
 import { HandOffRefusedError, type HandOffInfo } from './state.js';
 import { GdbWriter, locateXhciDevice, rewindXhciDequeues, type XhciDeviceLocation } from './xhci-dequeue.js';
+import { oldestUncompletedTd } from './xhci-event-ring.js';
 
 /** Emitted (as 'handOff') for each hand-off attempt at the end of a migration. */
 export interface HandOffEvent {
@@ -248,7 +249,23 @@ export class VmMigrations {
       else return true;
       return false;
     });
-    if (!usable.length) {
+    // Bulk receiving endpoints: their oldest uncompleted TD from the event ring (xhci-event-ring.ts).
+    const receiving: { endpoint: number; id: bigint }[] = [];
+    for (const endpoint of e.att.bulkReceivingEndpoints()) {
+      try {
+        const loc = await (location ?? locateXhciDevice(qmp, e.bus.replace(/\.\d+$/, ''), e.id));
+        if (loc.bar === undefined || loc.capLength === undefined) continue;
+        const td = await oldestUncompletedTd(qmp, { ...loc, bar: loc.bar, capLength: loc.capLength }, endpoint);
+        if (td.why) rec.skipped.push(`ep ${endpoint.toString(16)} (bulk receiving): ${td.why}`);
+        else if (td.id !== undefined && td.id !== td.dequeue) receiving.push({ endpoint, id: td.id });
+        // Fetched at QEMU's last kick: the destination fetches it again anyway; only its completion is needed.
+        else if (td.id !== undefined && td.written) e.att.completeEmptyForDestination(endpoint, td.id);
+      } catch (err) {
+        rec.skipped.push(`ep ${endpoint.toString(16)} (bulk receiving): ${(err as Error).message}`);
+      }
+    }
+    rec.inFlight += receiving.length;
+    if (!usable.length && !receiving.length) {
       if (rec.skipped.length) log.warn({ skipped: rec.skipped }, 'bulk TDs in flight at the switchover that the destination xHCI may not fetch again');
       return;
     }
@@ -257,12 +274,13 @@ export class VmMigrations {
       const res = await rewindXhciDequeues(qmp, {
         controllerId,
         deviceId: e.id,
-        endpoints: usable.map((x) => ({ endpoint: x.endpoint, oldestId: x.ids[0]!, count: x.ids.length })),
+        endpoints: [...usable.map((x) => ({ endpoint: x.endpoint, oldestId: x.ids[0]!, count: x.ids.length })), ...receiving.map((x) => ({ endpoint: x.endpoint, oldestId: x.id, count: 1 }))],
         runDir: this.d.runDir,
         log,
         location,
         gdb,
       });
+      for (const r of receiving) if (res.patched.some((p) => p.endpoint === r.endpoint)) e.att.completeEmptyForDestination(r.endpoint, r.id);
       rec.patched = res.patched.length;
       rec.unchanged = res.unchanged.length;
       rec.skipped.push(...res.skipped.map((s) => `ep ${s.endpoint.toString(16)}: ${s.why}`));

@@ -25,10 +25,19 @@
 // flight (bulk completes in order on an endpoint; checked by the caller), or they would run
 // twice.
 //
-// Not covered: control TDs (ep0 has one in flight at a time unless two drivers send control
-// requests at once; QEMU answers some requests itself, so the oldest is not always known here),
-// bulk streams, and endpoints QEMU serves by usbredir bulk receiving (quirked FTDI-like devices:
-// their TDs are never sent to us, so their addresses are unknown). Skipped endpoints are logged.
+// Control TDs on ep0 the same way: when several processes send control requests at once the
+// guest queues several TDs on ep0; QEMU's xHCI fetches them all but its USB core sends them to
+// usb-redir one at a time and keeps the rest in a queue that does not migrate. The oldest one
+// we know (sent to us, answered or not, and not read by QEMU) is the one usb-redir has in flight;
+// every later TD on the ring is still queued in the core, so pointing the context at that TD's
+// Setup TRB makes the destination fetch them all again: the first is answered from
+// already_in_flight, the rest go to the device in order. (Requests QEMU answers itself,
+// SET_ADDRESS and the configuration/interface ones it turns into usbredir control packets, are
+// not data packets: if one of those is the oldest in flight, we do not know it and do not rewind.)
+//
+// Not covered: bulk streams, and endpoints QEMU serves by usbredir bulk receiving (quirked
+// FTDI-like devices: their TDs are never sent to us, so their addresses are unknown). Skipped
+// endpoints are logged.
 //
 // QEMU has no QMP/HMP command that writes guest memory; its gdbstub does (physical addresses
 // with `Qqemu.PhyMemMode:1`). It is started on a unix socket for the write only and stopped
@@ -39,7 +48,7 @@ import path from 'node:path';
 import type { Logger } from '../../../common/log.js';
 import type { QmpClient } from '../../../qemu/qmp/client.js';
 
-/** The TDs QEMU has in flight on one bulk endpoint (oldest first). */
+/** The TDs QEMU has in flight on one bulk endpoint, or the control endpoint (0). */
 export interface EndpointInFlight {
   endpoint: number;
   /** usbredir id (= guest-physical address of the first TRB) of the oldest TD in flight. */
@@ -208,6 +217,9 @@ export interface XhciDeviceLocation {
   devCtx: bigint;
   /** 32 or 64 (HCCPARAMS1.CSZ). */
   ctxSize: number;
+  /** The controller's BAR0 and CAPLENGTH (for its runtime registers). */
+  bar?: bigint;
+  capLength?: number;
 }
 
 /**
@@ -232,7 +244,13 @@ export async function locateXhciDevice(qmp: QmpClient, controllerId: string, dev
   const [ctxLo, ctxHi] = await readPhys(qmp, dcbaap + 8n * BigInt(slot), 2);
   const devCtx = ((BigInt(ctxHi!) << 32n) | BigInt(ctxLo!)) & ~0x3fn;
   if (devCtx === 0n) throw new Error(`xHCI slot ${slot} has no device context`);
-  return { slot, devCtx, ctxSize };
+  return { slot, devCtx, ctxSize, bar, capLength };
+}
+
+/** Device context index of an endpoint address: 1 for the control endpoint, else 2n + IN. */
+export function endpointDci(endpoint: number): number {
+  const n = endpoint & 0x0f;
+  return n === 0 ? 1 : n * 2 + (endpoint & 0x80 ? 1 : 0);
 }
 
 function le32(a: number, b: number): Uint8Array {
@@ -270,7 +288,7 @@ export async function rewindXhciDequeues(
   const { slot, devCtx, ctxSize } = await (opts.location ?? locateXhciDevice(qmp, opts.controllerId, opts.deviceId));
   const reads = await Promise.all(
     opts.endpoints.map(async (ep) => {
-      const dci = (ep.endpoint & 0x0f) * 2 + (ep.endpoint & 0x80 ? 1 : 0);
+      const dci = endpointDci(ep.endpoint);
       const ctxAddr = devCtx + BigInt(ctxSize * dci);
       const okId = ep.oldestId !== 0n && (ep.oldestId & 0xfn) === 0n;
       const [ctx, trb] = await Promise.all([readPhys(qmp, ctxAddr, 4), okId ? readPhys(qmp, ep.oldestId, 4) : Promise.resolve(undefined)]);
@@ -282,13 +300,15 @@ export async function rewindXhciDequeues(
     const [d0, d1, d2, d3] = ctx;
     const state = d0! & 0x7;
     const type = (d1! >> 3) & 0x7;
-    const wantType = ep.endpoint & 0x80 ? 6 : 2;
+    const control = (ep.endpoint & 0x0f) === 0;
+    const wantType = control ? 4 : ep.endpoint & 0x80 ? 6 : 2;
+    const what = control ? 'control' : `bulk ${ep.endpoint & 0x80 ? 'IN' : 'OUT'}`;
     if (state !== 1) {
       res.skipped.push({ endpoint: ep.endpoint, why: `endpoint context state ${state}, not running` });
       continue;
     }
     if (type !== wantType) {
-      res.skipped.push({ endpoint: ep.endpoint, why: `endpoint context type ${type}, not bulk ${ep.endpoint & 0x80 ? 'IN' : 'OUT'}` });
+      res.skipped.push({ endpoint: ep.endpoint, why: `endpoint context type ${type}, not ${what}` });
       continue;
     }
     if ((d0! >> 10) & 0x1f) {
@@ -302,8 +322,10 @@ export async function rewindXhciDequeues(
     }
     const ctl = trb[3]!;
     const trbType = (ctl >> 10) & 0x3f;
-    if (trbType !== 1) {
-      res.skipped.push({ endpoint: ep.endpoint, why: `TRB at 0x${id.toString(16)} has type ${trbType}, not Normal` });
+    // A bulk TD starts with a Normal TRB (1), a control TD with a Setup Stage TRB (2).
+    const wantTrb = control ? 2 : 1;
+    if (trbType !== wantTrb) {
+      res.skipped.push({ endpoint: ep.endpoint, why: `TRB at 0x${id.toString(16)} has type ${trbType}, not ${control ? 'Setup Stage' : 'Normal'}` });
       continue;
     }
     const lo = Number(id & 0xfffffff0n) | (ctl & 1);

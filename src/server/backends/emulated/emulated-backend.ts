@@ -8,6 +8,7 @@ import { silentLogger, type Logger } from '../../../common/log.js';
 import type { EmulatedDevice } from './emulated-device.js';
 import { MassStorageDevice } from './mass-storage.js';
 import { LoopbackDevice } from './loopback.js';
+import { FtdiDevice } from './ftdi.js';
 import { SerialDevice } from './serial.js';
 
 export class EmulatedBackend extends EventEmitter implements UsbBackend {
@@ -91,7 +92,11 @@ export interface DefaultEmulatedBackendOptions {
   /** Leave out devices. */
   massStorage?: boolean;
   loopback?: boolean;
+  /** ms the loopback device takes to answer its slow vendor request (see loopback.ts). */
+  controlLatencyMs?: number;
   serial?: boolean;
+  /** Add the FTDI FT232R-like echo port (port 4, id emu-1-4; default off). */
+  ftdi?: boolean;
 }
 
 /** Names of the speeds an emulated device can run at (for flags and config files). */
@@ -129,10 +134,13 @@ export async function createDefaultEmulatedBackend(opts: DefaultEmulatedBackendO
     );
   }
   if (opts.loopback ?? true) {
-    backend.add(new LoopbackDevice({ ...common, portPath: [2], serial: 'USBROAM-LOOP-0001' }));
+    backend.add(new LoopbackDevice({ ...common, portPath: [2], serial: 'USBROAM-LOOP-0001', controlLatencyMs: opts.controlLatencyMs }));
   }
   if (opts.serial ?? true) {
     backend.add(new SerialDevice({ ...common, portPath: [3], serial: 'USBROAM-ACM-0001' }));
+  }
+  if (opts.ftdi) {
+    backend.add(new FtdiDevice({ bus: 1, logger: opts.logger, portPath: [4], serial: 'USBROAM-FTDI-0001' }));
   }
   return backend;
 }

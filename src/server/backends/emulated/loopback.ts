@@ -20,6 +20,8 @@
 //            interruptPackets u32, isoInPackets u32, isoOutBytes u64.
 //   OUT 0x02 RESET_COUNTERS.  OUT 0x03 SET_MODE wValue 0 = pattern, 1 = loop.
 //   OUT 0x5b / IN 0x5c: write / read back a control buffer (up to 4 KiB, usbtest style).
+//   IN  0x5d SLOW_READ: after `controlLatencyMs`, wLength bytes (up to 4 KiB), byte j =
+//            (wValue + 7 * wIndex + j) & 0xff (keeps control transfers in flight, checkable).
 import { crc32 } from 'node:zlib';
 import { Speed, UrbStatus, type EndpointInfo, type IsoPacket, type Urb, type UrbResult } from '../types.js';
 import {
@@ -47,6 +49,14 @@ export const VREQ_RESET_COUNTERS = 0x02;
 export const VREQ_SET_MODE = 0x03;
 export const VREQ_CONTROL_WRITE = 0x5b;
 export const VREQ_CONTROL_READ = 0x5c;
+export const VREQ_SLOW_READ = 0x5d;
+
+/** What SLOW_READ answers for wValue, wIndex, wLength. */
+export function slowReadPattern(wValue: number, wIndex: number, length: number): Uint8Array {
+  const b = new Uint8Array(length);
+  for (let j = 0; j < length; j++) b[j] = (wValue + 7 * wIndex + j) & 0xff;
+  return b;
+}
 
 export type LoopbackMode = 'pattern' | 'loop';
 
@@ -58,6 +68,8 @@ export interface LoopbackOptions extends EmulatedDeviceOptions {
   serial?: string;
   vendorId?: number;
   productId?: number;
+  /** ms SLOW_READ (IN 0x5d) takes to answer (default 0). */
+  controlLatencyMs?: number;
 }
 
 export interface LoopbackCounters {
@@ -93,11 +105,13 @@ export class LoopbackDevice extends EmulatedDevice {
   private readonly pattern: Buffer;
   private controlBuffer: Uint8Array = new Uint8Array(0);
   private lastInterrupt = 0;
+  private readonly controlLatencyMs: number;
 
   constructor(options: LoopbackOptions = {}) {
     super((speed) => LoopbackDevice.describe(options, speed), options);
     this.mode = options.mode ?? 'pattern';
     this.interruptIntervalMs = options.interruptIntervalMs ?? 8;
+    this.controlLatencyMs = options.controlLatencyMs ?? 0;
     this.fifo = new ByteFifo(options.loopBufferBytes ?? 1024 * 1024);
     this.bulkMps = bulkMaxPacketSize(this.speed);
     this.isoMps = this.speed === Speed.Full ? 1023 : 1024;
@@ -143,7 +157,7 @@ export class LoopbackDevice extends EmulatedDevice {
     this.fifo.clear();
   }
 
-  protected override controlRequest(s: SetupPacket, data: Uint8Array | undefined): TransferReturn {
+  protected override controlRequest(s: SetupPacket, data: Uint8Array | undefined, ctx: TransferContext): TransferReturn {
     if (((s.bmRequestType >> 5) & 3) !== 2) return STALL;
     const isIn = (s.bmRequestType & 0x80) !== 0;
     switch (s.bRequest) {
@@ -175,9 +189,24 @@ export class LoopbackDevice extends EmulatedDevice {
       case VREQ_CONTROL_READ:
         if (!isIn) return STALL;
         return result(UrbStatus.Success, this.controlBuffer.slice(0, s.wLength));
+      case VREQ_SLOW_READ:
+        if (!isIn || s.wLength > 4096) return STALL;
+        return this.slowRead(s, ctx);
       default:
         return STALL;
     }
+  }
+
+  private slowRead(s: SetupPacket, ctx: TransferContext): TransferReturn {
+    const answer = () => result(UrbStatus.Success, slowReadPattern(s.wValue, s.wIndex, s.wLength));
+    if (this.controlLatencyMs <= 0) return answer();
+    return new Promise<UrbResult>((resolve) => {
+      const t = setTimeout(() => resolve(answer()), this.controlLatencyMs);
+      ctx.onCancel(() => {
+        clearTimeout(t);
+        resolve(result(UrbStatus.Cancelled));
+      });
+    });
   }
 
   protected override transfer(ep: EndpointInfo, urb: Urb, ctx: TransferContext): TransferReturn {
