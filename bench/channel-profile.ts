@@ -1,6 +1,8 @@
 // CPU profiles of one URB-channel workload (a bench:channel phase), client and server:
 //
-//   npx tsx bench/channel-profile.ts --phase out|in|rtt|small [--count N] [--dir DIR]
+//   npx tsx bench/channel-profile.ts --phase out|in|rtt|small [--count N] [--dir DIR] [--no-profile]
+//
+// --no-profile: no profiler on either side, only the CPU figure (to compare settings quickly).
 //
 // The server runs with --cpu-prof (its whole life: startup shows up as tsx/esbuild frames; tsx's
 // loader thread writes a second, small profile: the server's is the largest CPU.*.cpuprofile); this
@@ -20,7 +22,8 @@ import { measureCpu } from './support/cpu.js';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const log = (s: string) => process.stderr.write(`[bench:channel-profile] ${s}\n`);
-const { values: flags } = parseArgs({ options: { phase: { type: 'string' }, count: { type: 'string' }, dir: { type: 'string' } } });
+const { values: flags } = parseArgs({ options: { phase: { type: 'string' }, count: { type: 'string' }, dir: { type: 'string' }, 'no-profile': { type: 'boolean' } } });
+const profiling = !flags['no-profile'];
 const phase = flags.phase ?? 'out';
 const CHUNK = 64 * 1024;
 const defaults: Record<string, number> = { out: 4096, in: 4096, rtt: 10_000, small: 200_000 };
@@ -48,9 +51,7 @@ async function main() {
   const child = spawn(
     process.execPath,
     [
-      '--cpu-prof',
-      '--cpu-prof-dir',
-      dir,
+      ...(profiling ? ['--cpu-prof', '--cpu-prof-dir', dir] : []),
       path.join(root, 'bin/usbroam.js'),
       'serve',
       '--listen',
@@ -96,20 +97,21 @@ async function main() {
   log(`warm-up, then ${count} units of "${phase}"`);
   await work[phase]!(Math.ceil(count / 10));
   const session = new Session();
-  session.connect();
-  await session.post('Profiler.enable');
-  await session.post('Profiler.start');
+  if (profiling) {
+    session.connect();
+    await session.post('Profiler.enable');
+    await session.post('Profiler.start');
+  }
   const m = await measureCpu([child.pid!], () => work[phase]!(count));
-  const { profile } = await session.post('Profiler.stop');
   const clientFile = path.join(dir, `client-${phase}.cpuprofile`);
-  writeFileSync(clientFile, JSON.stringify(profile));
+  if (profiling) writeFileSync(clientFile, JSON.stringify((await session.post('Profiler.stop')).profile));
   await dev.close();
   client.close();
   child.kill('SIGTERM');
   await new Promise((r) => child.once('exit', r));
   const unit = phase === 'out' || phase === 'in' ? 'mib' : 'urb';
   const units = unit === 'mib' ? (count * CHUNK) / (1024 * 1024) : count;
-  log(`profiles: ${clientFile}, the server's CPU.*.cpuprofile in ${dir}`);
+  if (profiling) log(`profiles: ${clientFile}, the server's CPU.*.cpuprofile in ${dir}`);
   console.log(JSON.stringify({ phase, count, wall_ms: Math.round(m.wallMs), [`cpu_us_per_${unit}`]: +(m.cpuUs / units).toFixed(1) }));
   process.exit(0);
 }
