@@ -125,7 +125,7 @@ export async function fuzzMethods(client: grpc.Client, methods: MethodUnderFuzz[
         continue;
       }
       count(tally, r.code);
-      if (r.code === S.DEADLINE_EXCEEDED) violation(tally, `${m.path}: no answer before the deadline`);
+      if (r.code === S.DEADLINE_EXCEEDED) violation(tally, `${m.path}: no answer before the deadline: ${Buffer.from(bytes).toString("hex").slice(0, 160)}`);
       else if (bad && (r.code !== S.INVALID_ARGUMENT || !/is not a valid protobuf message/.test(r.details))) {
         violation(tally, `${m.path}: bytes that do not parse ended ${S[r.code]} "${r.details}": ${Buffer.from(bytes).toString('hex').slice(0, 64)}`);
       } else if (r.code === S.INTERNAL || r.code === S.UNKNOWN) violation(tally, `${m.path}: ${S[r.code]} "${r.details}"`);
