@@ -7,7 +7,8 @@ import path from 'node:path';
 import type { Logger } from '../common/log.js';
 import { REPO_ROOT } from '../common/repo-root.js';
 import { grpcJsServiceDefinition } from '../common/grpc-definition.js';
-import { bindServer, callLogInterceptor, HealthAndReflection, mutualTlsCredentials, stopServer, type TlsFiles } from '../common/grpc-server-kit.js';
+import { bindServer, callLogInterceptor, HealthAndReflection, identityOf, mutualTlsCredentials, stopServer, type TlsFiles } from '../common/grpc-server-kit.js';
+import { RequestDecodingServer } from '../common/request-decoding.js';
 import { UsbHostDefinition } from '../gen/usbroam/v1/usbhost.js';
 import { Acl, type AclConfig } from './acl.js';
 import type { UsbBackend } from './backends/types.js';
@@ -90,7 +91,11 @@ export class UsbHostServer {
       this.observe.metrics.droppedFrom(hub);
     }
     const admins = opts.admins ?? [];
-    this.grpcServer = new grpc.Server({ ...GRPC_CHANNEL_OPTIONS, interceptors: [callLogInterceptor(opts.log, 'call', true)] });
+    const insecureIdentity = opts.insecure ? (opts.insecureIdentity ?? 'anonymous') : undefined;
+    this.grpcServer = new RequestDecodingServer(
+      { ...GRPC_CHANNEL_OPTIONS, interceptors: [callLogInterceptor(opts.log, 'call', true)] },
+      { log: opts.log, identify: (call) => identityOf(call, insecureIdentity) },
+    );
     const definition = grpcJsServiceDefinition(UsbHostDefinition);
     this.grpcServer.addService(
       definition,
@@ -99,7 +104,7 @@ export class UsbHostServer {
         sessions: this.sessions,
         acl,
         admins,
-        insecureIdentity: opts.insecure ? (opts.insecureIdentity ?? 'anonymous') : undefined,
+        insecureIdentity,
         log: opts.log,
         accepting: () => this.accepting,
         observer: this.observe,

@@ -189,7 +189,8 @@ describe('malformed URB-channel input', function () {
     const ch = new RawChannel(srv.address, 'bridge');
     ch.sendRaw(Uint8Array.of(0xff, 0xff, 0xff, 0xff, 0x0f));
     await ch.until(() => ch.status);
-    expect(ch.status!.code).to.be.oneOf([grpc.status.INTERNAL, grpc.status.INVALID_ARGUMENT]);
+    expect(ch.status!.code).to.equal(grpc.status.INVALID_ARGUMENT);
+    expect(ch.status!.details).to.match(/\/usbroam.v1.UsbHost\/Connect \(5 bytes\) is not a valid protobuf message/);
     ch.close();
   });
 });

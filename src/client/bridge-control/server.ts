@@ -17,9 +17,11 @@ import {
   serviceError,
   stopServer,
   withIdentity,
+  type AuthenticatedCall,
   type TlsFiles,
   type UnaryHandler,
 } from '../../common/grpc-server-kit.js';
+import { RequestDecodingServer } from '../../common/request-decoding.js';
 import { silentLogger, type Logger } from '../../common/log.js';
 import { REPO_ROOT } from '../../common/repo-root.js';
 import { QmpConnectError, QmpDisconnectedError, QmpError, QmpTimeoutError } from '../../qemu/qmp/client.js';
@@ -169,15 +171,16 @@ export class BridgeControlServer {
       }
       if (!opts.insecure && !opts.tls) throw new Error(`control over TCP (${this.listenAt.hostPort}) needs mutual TLS: --control-ca, --control-cert and --control-key (or --insecure on loopback)`);
     }
-    this.grpcServer = new grpc.Server({ interceptors: [callLogInterceptor(this.log, 'control call', false)] });
-    const definition = grpcJsServiceDefinition(BridgeDefinition);
     const unix = this.listenAt.kind === 'unix';
+    const identify = (call: AuthenticatedCall) => (unix ? 'local' : opts.insecure ? 'anonymous' : identityOf(call));
+    this.grpcServer = new RequestDecodingServer({ interceptors: [callLogInterceptor(this.log, 'control call', false)] }, { log: this.log, identify });
+    const definition = grpcJsServiceDefinition(BridgeDefinition);
     this.grpcServer.addService(
       definition,
       withIdentity(
         definition,
         {
-          identify: (call) => (unix ? 'local' : opts.insecure ? 'anonymous' : identityOf(call)),
+          identify,
           refuse: (id) => {
             const allow = unix || opts.insecure ? [] : (opts.allow ?? []);
             return allow.length && !allow.includes(id) ? serviceError(S.PERMISSION_DENIED, `identity ${id} may not use this bridge's control API`) : undefined;

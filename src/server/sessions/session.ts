@@ -49,7 +49,7 @@ export class Session extends EventEmitter {
       journalBytes: () => this.channel.journalBytes,
     };
     this.urbs = new UrbExecutor(handle, limits, log, out);
-    handle.on('gone', (reason: string) => this.onDeviceGone(reason));
+    handle.on('gone', this.onGone);
   }
 
   get device(): DeviceInfo {
@@ -289,6 +289,9 @@ export class Session extends EventEmitter {
     }
   }
 
+  // A handle can outlive the session (an emulated device is its own handle): the listener goes when the session does.
+  private readonly onGone = (reason: string): void => this.onDeviceGone(reason);
+
   private onDeviceGone(reason: string): void {
     if (this.state === 'closed') return;
     this.log.warn({ reason }, 'device gone');
@@ -338,6 +341,7 @@ export class Session extends EventEmitter {
         this.channel.flushAll();
       }
       this.state = 'closed';
+      this.handle.off('gone', this.onGone);
       this.urbs.markClosed();
       try {
         if (opts.reset) await this.handle.reset();
