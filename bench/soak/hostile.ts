@@ -17,7 +17,7 @@ import { connectProperty, newTally } from '../../src/devkit/hostile/connect-mode
 import { abandonedStreamsCase, oversizedServerCase, randomBytesCase, type ServerUnderTest } from '../../src/devkit/hostile/server-cases.js';
 import { startServerProcess } from '../../src/devkit/server-process.js';
 import { spread } from '../support/rounds.js';
-import type { FaultOutcome, SoakPart, SoakPartOptions } from './types.js';
+import type { FaultOutcome, SoakPart, SoakOptions } from './types.js';
 
 const GRACE_MS = 1000;
 const FUZZ_SERIAL = 'USBROAM-LOOP-0001';
@@ -48,7 +48,7 @@ async function echoFor(dev: Awaited<ReturnType<UsbHostClient['openDevice']>>, ms
   return { bytes, errors };
 }
 
-export async function run(opts: SoakPartOptions): Promise<SoakPart> {
+export async function run(opts: SoakOptions): Promise<SoakPart> {
   const { progress } = opts;
   const scale = Math.max(1, Math.round(opts.durationS / 60));
   const dir = mkdtempSync(path.join(os.tmpdir(), 'usbroam-soak-hostile-'));
