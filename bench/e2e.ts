@@ -24,6 +24,9 @@
 // (the disk at disk_speed), local_write_MBps, local_read_MBps, write_ratio, read_ratio
 // (usbroam / local), the cache=none figures (local_direct_*), with "both" the other speed's
 // usbroam_<speed>_* figures and ratios, and with the default xHCI bus the same over EHCI (ehci_*).
+// On xHCI also the UAS disk (serve --emulated-uas: bulk streams, SuperSpeed) on the same image:
+// uas_write_MBps, uas_read_MBps, uas_vs_bot_write / uas_vs_bot_read (vs the headline BOT disk),
+// uas_bridge_cpu_ms_per_mib, uas_server_cpu_ms_per_mib and their per-URB figures.
 // Also (unless --no-floor) the "usb-redir floor": the same image behind the bridge's usbredir
 // device side in this process with no URB channel (floor_*_MBps, floor_*_ratio vs local, and
 // write_vs_floor / read_vs_floor = what the channel costs), at the headline speed and, with
@@ -162,7 +165,7 @@ async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: stri
   return { unplug, urbs: () => att.stats.urbsCompleted };
 }
 
-async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed, ServerProcess>, diskPath: string, dir: string): Promise<Record<Target, Figures>> {
+async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed, ServerProcess>, diskPath: string, dir: string, uasServer?: ServerProcess): Promise<Record<Target, Figures>> {
   const H = HOST_CONTROLLERS[hc];
   const speeds = diskSpeedsFor(hc);
   const usbroamTargets = new Map<Target, DiskSpeed>(speeds.map((sp, i) => [i === 0 ? 'usbroam' : `usbroam_${sp}`, sp]));
@@ -174,7 +177,9 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
   const g: Guest = guest;
   // The floor at each measured speed: 'usbredir_floor' at the headline speed, 'usbredir_floor_<speed>' the others.
   const floorTargets = new Map<Target, DiskSpeed>(withFloor ? speeds.map((sp, i) => [i === 0 ? 'usbredir_floor' : `usbredir_floor_${sp}`, sp]) : []);
-  const targets: Target[] = [...usbroamTargets.keys(), 'local', 'local_direct', ...floorTargets.keys()];
+  // 'uas': the UAS disk (bulk streams, SuperSpeed; xHCI only) on the same image, beside the BOT disk.
+  const withUas = hc === 'xhci' && uasServer !== undefined;
+  const targets: Target[] = [...usbroamTargets.keys(), ...(withUas ? ['uas'] : []), 'local', 'local_direct', ...floorTargets.keys()];
   const out: Record<Target, Figures> = Object.fromEntries(targets.map((t) => [t, emptyFigures()]));
   let localSeq = 0;
   try {
@@ -183,16 +188,18 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
 
     const plug = async (t: Target, round: number): Promise<Plugged> => {
       const sp = usbroamTargets.get(t);
-      if (sp) {
-        const info = await bridge.attach({ vm: 'vm', server: serverOpts(sp), selector: { serial: 'USBROAM-MSC-0001' }, bus: H.bus });
+      if (sp || t === 'uas') {
+        const server = sp ? servers[sp] : uasServer!;
+        const opts = { address: server.address.replace('127.0.0.1', 'localhost'), ...clientTls('bridge') };
+        const info = await bridge.attach({ vm: 'vm', server: opts, selector: { serial: sp ? 'USBROAM-MSC-0001' : 'USBROAM-UAS-0001' }, bus: H.bus });
         await waitForDisk(g);
         const kb = (await g.sh('cat /sys/block/sda/queue/max_sectors_kb')).trim();
-        if (round === 0) progress(`${H.name} ${t}: disk at ${sp} speed, guest max_sectors_kb ${kb}`);
+        if (round === 0) progress(`${H.name} ${t}: disk at ${sp ?? 'super (UAS)'} speed, guest max_sectors_kb ${kb}`);
         const unplug = async () => {
           await bridge.detach('vm', info.id);
           await waitGoneInGuest(g, '/sys/block/sda');
         };
-        return { unplug, urbs: () => bridge.list('vm').find((a) => a.id === info.id)?.stats.urbsCompleted ?? 0, serverPid: servers[sp].child.pid };
+        return { unplug, urbs: () => bridge.list('vm').find((a) => a.id === info.id)?.stats.urbsCompleted ?? 0, serverPid: server.child.pid };
       }
       const floorSpeed = floorTargets.get(t);
       if (floorSpeed) return plugFloor(g, H.bus, floorSpeed, diskPath, dir, ++localSeq);
@@ -278,7 +285,7 @@ async function main(): Promise<void> {
   // One USB host server process per disk speed, started one after the other (the first creates
   // the image), all on the same image file; only one of them has the disk attached at a time.
   const speeds = [...new Set([...diskSpeedsFor(bus), ...(withEhci ? diskSpeedsFor('ehci') : [])])];
-  const servers: Partial<Record<DiskSpeed, ServerProcess>> = {};
+  const servers: Partial<Record<DiskSpeed | 'uas', ServerProcess>> = {};
   try {
     for (const sp of speeds) {
       const server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', diskPath, '--disk-size-mib', String(DISK_MIB), '--disk-speed', sp]);
@@ -306,6 +313,13 @@ async function main(): Promise<void> {
       result[`${prefix}local_direct_read_MBps`] = r2(m('local_direct', 'read'));
       ratio('write_ratio_vs_direct', 'usbroam', 'local_direct', 'write');
       ratio('read_ratio_vs_direct', 'usbroam', 'local_direct', 'read');
+      if (f['uas']) {
+        // The UAS disk next to the BOT disk at SuperSpeed (the headline 'usbroam' target on xHCI).
+        result[`${prefix}uas_write_MBps`] = r2(m('uas', 'write'));
+        result[`${prefix}uas_read_MBps`] = r2(m('uas', 'read'));
+        ratio('uas_vs_bot_write', 'uas', 'usbroam', 'write');
+        ratio('uas_vs_bot_read', 'uas', 'usbroam', 'read');
+      }
       for (const t of Object.keys(f).filter((x) => x.startsWith('usbroam_'))) {
         result[`${prefix}${t}_write_MBps`] = r2(m(t, 'write'));
         result[`${prefix}${t}_read_MBps`] = r2(m(t, 'read'));
@@ -334,7 +348,7 @@ async function main(): Promise<void> {
       }
       // CPU per MiB and per URB: the bridge (this process) and the server, usbroam targets and the floor.
       const r1 = (x: number) => (Number.isFinite(x) ? Math.round(x * 10) / 10 : null);
-      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_' })) {
+      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_' })) {
         const fig = f[t];
         if (!fig) continue;
         const both = (a: number[], b: number[]) => median(a.map((x, i) => (x + b[i]!) / 2));
@@ -352,8 +366,15 @@ async function main(): Promise<void> {
       }
       result[`${prefix}samples`] = Object.fromEntries(Object.entries(f).map(([t, v]) => [t, { write: v.write.map(r2), read: v.read.map(r2) }]));
     };
+    let uasServer: ServerProcess | undefined;
+    if (bus === 'xhci') {
+      // Its own process: the UAS disk on the same image (its BOT disk on a scratch image, unused).
+      uasServer = await startServerProcess(['--allow', 'bridge=*', '--disk-image', path.join(dir, 'unused-msc.img'), '--disk-size-mib', '1', '--emulated-uas', diskPath]);
+      servers.uas = uasServer;
+      progress(`USB host server (own process) on ${uasServer.address}, UAS disk at super speed, image ${diskPath}`);
+    }
     const all = servers as Record<DiskSpeed, ServerProcess>;
-    add('', await benchBus(bus, image, all, diskPath, dir), bus);
+    add('', await benchBus(bus, image, all, diskPath, dir, uasServer), bus);
     if (withEhci) add('ehci_', await benchBus('ehci', image, all, diskPath, dir), 'ehci');
     result.elapsed_s = Math.round((Date.now() - t0) / 1000);
     console.log(JSON.stringify(result));

@@ -14,6 +14,7 @@ const PARTS: Record<string, () => Promise<{ run: SoakRun }>> = {
   'sdk-faults': () => import('./soak/sdk-faults.js'),
   'guest-faults': () => import('./soak/guest-faults.js'),
   hostile: () => import('./soak/hostile.js'),
+  'slow-consumer': () => import('./soak/slow-consumer.js'),
 };
 
 /** Merge `part` into `into`: fault tables by name, counts summed, other fields set (first part wins a name). */

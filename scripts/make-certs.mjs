@@ -2,6 +2,14 @@
 // Development certificates for usbroam's mutual-TLS gRPC transport (shells out to `openssl`, no deps).
 //
 //   node scripts/make-certs.mjs [--out DIR] [--client NAME]... [--san DNS:x|IP:y]... [--force] [--quiet]
+//   node scripts/make-certs.mjs revoke --dir DIR (--name NAME | --cert FILE)... [--crl-days N] [--quiet]
+//   node scripts/make-certs.mjs crl --dir DIR [--crl-days N] [--quiet]
+//
+// revoke: adds the certificate (DIR/NAME.pem, or FILE) to the CA's revocation database
+// (crl-index.txt, kept beside the CA) and writes DIR/crl.pem, a CRL signed by ca.pem/ca.key with
+// every certificate revoked so far. crl: (re)writes crl.pem with what is revoked so far (none at
+// first): a fresh nextUpdate. Servers read it with --crl and again on SIGHUP. A CA that is made
+// anew drops its revocation database and crl.pem (they belong to the old CA).
 //
 // Output dir: --out DIR, else $USBROAM_CERTS_DIR, else certs/out/ (gitignored).
 // Makes:
@@ -17,9 +25,9 @@
 // Idempotent: if every file exists nothing is done. A CA whose pem+key exist is reused and only
 // missing leaf certificates are issued from it; a (re)created CA re-issues all of its leaves.
 // --force regenerates everything.
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -34,13 +42,22 @@ function usage(code) {
       '  --client NAME  also issue a client certificate NAME.pem/NAME.key (repeatable)\n' +
       '  --san SAN      extra subjectAltName for the server certificate (repeatable)\n' +
       '  --force        regenerate everything even if the files exist\n' +
-      '  --quiet        print nothing unless something fails',
+      '  --quiet        print nothing unless something fails\n' +
+      'usage: node scripts/make-certs.mjs revoke --dir DIR (--name NAME | --cert FILE)... [--crl-days N] [--quiet]\n' +
+      '       node scripts/make-certs.mjs crl --dir DIR [--crl-days N] [--quiet]\n' +
+      '  revoke         revoke DIR/NAME.pem (or FILE) and write DIR/crl.pem signed by DIR/ca.pem\n' +
+      '  crl            (re)write DIR/crl.pem with the certificates revoked so far\n' +
+      '  --dir DIR      the directory of ca.pem/ca.key (same as --out)\n' +
+      `  --crl-days N   the CRL's validity (nextUpdate), days (default ${DEFAULT_CRL_DAYS}); an expired CRL refuses every client`,
   );
   process.exit(code);
 }
 
+const DEFAULT_CRL_DAYS = 365;
+
 function parseArgs(argv) {
-  const opts = { out: undefined, clients: [], sans: [], force: false, quiet: false };
+  const opts = { command: 'make', out: undefined, clients: [], sans: [], revoke: [], crlDays: DEFAULT_CRL_DAYS, force: false, quiet: false };
+  if (argv[0] === 'revoke' || argv[0] === 'crl') opts.command = argv.shift();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const eq = a.indexOf('=');
@@ -56,8 +73,24 @@ function parseArgs(argv) {
     };
     switch (flag) {
       case '--out':
+      case '--dir':
         opts.out = value();
         break;
+      case '--name':
+        opts.revoke.push({ name: value() });
+        break;
+      case '--cert':
+        opts.revoke.push({ file: value() });
+        break;
+      case '--crl-days': {
+        const v = value();
+        opts.crlDays = Number(v);
+        if (!Number.isInteger(opts.crlDays) || opts.crlDays < 1 || opts.crlDays > 3650) {
+          console.error(`make-certs: --crl-days must be a whole number of days from 1 to 3650, not ${JSON.stringify(v)}`);
+          process.exit(2);
+        }
+        break;
+      }
       case '--client':
         opts.clients.push(value());
         break;
@@ -88,6 +121,28 @@ const RESERVED = new Set(['ca', 'server', 'other-ca', 'intruder']);
 
 const opts = parseArgs(process.argv.slice(2));
 const outDir = path.resolve(opts.out ?? process.env.USBROAM_CERTS_DIR ?? path.join(root, 'certs', 'out'));
+const files = (n) => [path.join(outDir, `${n}.pem`), path.join(outDir, `${n}.key`)];
+const CRL_FILES = ['crl-index.txt', 'crl-index.txt.attr', 'crl-index.txt.old', 'crl-index.txt.attr.old', 'crlnumber', 'crlnumber.old', 'crl.pem'];
+
+if (opts.command !== 'make') {
+  if (opts.clients.length || opts.sans.length || opts.force) {
+    console.error(`make-certs ${opts.command}: --client, --san and --force belong to making certificates`);
+    usage(2);
+  }
+  if (opts.command === 'revoke' && !opts.revoke.length) {
+    console.error('make-certs revoke: name what to revoke: --name NAME (DIR/NAME.pem) or --cert FILE');
+    usage(2);
+  }
+  if (opts.command === 'crl' && opts.revoke.length) {
+    console.error('make-certs crl: --name/--cert belong to revoke');
+    usage(2);
+  }
+  process.exit(revokeAndWriteCrl());
+}
+if (opts.revoke.length || opts.crlDays !== DEFAULT_CRL_DAYS) {
+  console.error('make-certs: --name, --cert and --crl-days belong to the revoke and crl commands');
+  usage(2);
+}
 
 for (const n of opts.clients) {
   if (!NAME_RE.test(n) || RESERVED.has(n)) {
@@ -127,7 +182,6 @@ const cas = [
   },
 ];
 
-const files = (n) => [path.join(outDir, `${n}.pem`), path.join(outDir, `${n}.key`)];
 const have = (n) => files(n).every((f) => existsSync(f));
 
 const allPresent = cas.every((ca) => have(ca.name) && ca.leaves.every((l) => have(l.name)));
@@ -195,6 +249,7 @@ function makeCa(ca) {
   ]);
   const cert = openssl(['req', '-new', '-x509', '-config', cnf, '-extensions', 'ext', '-key', key, '-days', '3650', '-sha256', '-set_serial', serial()]);
   writeFileSync(pem, cert, { mode: 0o644 });
+  if (ca.name === 'ca') for (const f of CRL_FILES) rmSync(path.join(outDir, f), { force: true }); // the old CA's revocations
   made.push(`${ca.name}.pem/.key  CA "${ca.cn}"`);
 }
 
@@ -237,4 +292,83 @@ try {
 if (!opts.quiet || process.exitCode) {
   console.log(`make-certs: wrote to ${outDir}:`);
   for (const m of made) console.log(`  ${m}`);
+}
+
+/** The CA's revocation database (openssl ca's index, CRL number) and the CRL itself, in the output dir. */
+function crlFiles() {
+  return { index: path.join(outDir, 'crl-index.txt'), number: path.join(outDir, 'crlnumber'), crl: path.join(outDir, 'crl.pem') };
+}
+
+/** revoke / crl: add certificates to the CA's revocation database, then write crl.pem from it. Returns the exit code. */
+function revokeAndWriteCrl() {
+  const [caPem, caKey] = files('ca');
+  if (!existsSync(caPem) || !existsSync(caKey)) {
+    console.error(`make-certs ${opts.command}: no CA in ${outDir} (ca.pem and ca.key): make the certificates first`);
+    return 1;
+  }
+  const targets = opts.revoke.map((r) => (r.file ? path.resolve(r.file) : path.join(outDir, `${r.name}.pem`)));
+  for (const t of targets) {
+    if (!existsSync(t)) {
+      console.error(`make-certs revoke: no certificate ${t}`);
+      return 1;
+    }
+  }
+  const f = crlFiles();
+  if (!existsSync(f.index)) writeFileSync(f.index, '');
+  if (!existsSync(f.number)) writeFileSync(f.number, '01\n');
+  const tmpDir = mkdtempSync(path.join(os.tmpdir(), 'usbroam-crl-'));
+  const cnf = path.join(tmpDir, 'ca.cnf');
+  writeFileSync(
+    cnf,
+    [
+      '[ca]',
+      'default_ca = usbroam',
+      '[usbroam]',
+      `database = ${f.index}`,
+      `crlnumber = ${f.number}`,
+      `certificate = ${caPem}`,
+      `private_key = ${caKey}`,
+      'default_md = sha256',
+      'unique_subject = no',
+      'crl_extensions = crl_ext',
+      '[crl_ext]',
+      'authorityKeyIdentifier = keyid:always',
+      '',
+    ].join('\n'),
+  );
+  const run = (args) => {
+    try {
+      return execFileSync('openssl', args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, OPENSSL_CONF: '' } });
+    } catch (e) {
+      throw new Error(`openssl ${args.join(' ')} failed: ${e.stderr ? e.stderr.toString() : e.message}`);
+    }
+  };
+  const done = [];
+  try {
+    for (const t of targets) {
+      // A certificate of another CA would be listed in a CRL that does not cover it.
+      const issued = spawnSync('openssl', ['verify', '-partial_chain', '-CAfile', caPem, t], { encoding: 'utf8' });
+      if (issued.status !== 0) throw new Error(`${t} is not signed by ${caPem}: ${issued.stdout}${issued.stderr}`.trim());
+      const serialHex = run(['x509', '-in', t, '-noout', '-serial']).toString().trim().replace(/^serial=/, '');
+      const subject = run(['x509', '-in', t, '-noout', '-subject']).toString().trim();
+      const already = readFileSync(f.index, 'utf8').split('\n').some((l) => l.startsWith('R\t') && l.split('\t')[3]?.toUpperCase() === serialHex.toUpperCase());
+      if (!already) run(['ca', '-config', cnf, '-revoke', t, '-batch']);
+      done.push(`${path.basename(t)} serial ${serialHex} (${subject})${already ? ' was already revoked' : ' revoked'}`);
+    }
+    const crl = run(['ca', '-config', cnf, '-gencrl', '-crldays', String(opts.crlDays), '-batch']);
+    const tmpCrl = `${f.crl}.tmp`;
+    writeFileSync(tmpCrl, crl, { mode: 0o644 });
+    renameSync(tmpCrl, f.crl); // atomic: a server reloading on SIGHUP never reads half a file
+  } catch (e) {
+    console.error(`make-certs ${opts.command}: ${e.message}`);
+    return 1;
+  } finally {
+    rmSync(tmpDir, { recursive: true, force: true });
+  }
+  if (!opts.quiet) {
+    for (const d of done) console.log(`make-certs: ${d}`);
+    const revoked = readFileSync(f.index, 'utf8').split('\n').filter((l) => l.startsWith('R\t')).length;
+    console.log(`make-certs: wrote ${f.crl} (${revoked} revoked, valid ${opts.crlDays} days); reload servers with SIGHUP`);
+  }
+  return 0;
 }

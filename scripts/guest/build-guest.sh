@@ -35,7 +35,7 @@ T0=$(now_ms)
 
 # Modules wanted in the guest; dependencies are resolved with modprobe.
 MODULES=(
-  xhci-pci ehci-pci usb-storage sd_mod
+  xhci-pci ehci-pci usb-storage uas sd_mod
   virtio_pci 9pnet_virtio 9p virtio_net
   cdc-acm usbhid hid-generic evdev
   ftdi_sio

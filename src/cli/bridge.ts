@@ -5,7 +5,7 @@ import { Command, Option } from 'commander';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { createLogger } from '../common/log.js';
-import { exitOnSignals } from './common.js';
+import { exitOnSignals, reloadOnSighup } from './common.js';
 import { Bridge } from '../client/bridge/bridge.js';
 import { allOf, BridgeMetrics, type BridgeObserver } from '../client/bridge/bridge-metrics.js';
 import { BridgeCapture } from '../client/bridge/bridge-capture.js';
@@ -19,8 +19,8 @@ import type { BridgeFleet } from '../fleet/bridge-fleet.js';
 export interface BridgeConfig {
   /** Control API: unix socket path or host:port. */
   control?: string;
-  /** Control API over TCP: mTLS material. */
-  controlTls?: { ca: string; cert: string; key: string };
+  /** Control API over TCP: mTLS material; `crl`: a CRL of the CA (re-read on SIGHUP with the rest). */
+  controlTls?: { ca: string; cert: string; key: string; crl?: string };
   /** Control API over TCP: identities allowed (default: every certificate the CA signed). */
   controlAllow?: string[];
   /** Control API: plaintext TCP (loopback only). */
@@ -52,6 +52,8 @@ interface BridgeFlags {
   controlCa?: string;
   controlCert?: string;
   controlKey?: string;
+  controlCrl?: string;
+  crl?: string;
   controlAllow?: string[];
   insecure?: boolean;
   vm: string[];
@@ -110,7 +112,11 @@ export function loadBridgeConfig(file: string): BridgeConfig {
   const base = path.dirname(path.resolve(file));
   const rel = (p: string | undefined) => (p ? path.resolve(base, p) : p);
   const cfg = parsed as BridgeConfig;
-  if (cfg.controlTls) cfg.controlTls = { ca: rel(cfg.controlTls.ca)!, cert: rel(cfg.controlTls.cert)!, key: rel(cfg.controlTls.key)! };
+  if (cfg.controlTls) {
+    const unknownTls = Object.keys(cfg.controlTls).filter((k) => !['ca', 'cert', 'key', 'crl'].includes(k));
+    if (unknownTls.length) throw new Error(`config file ${file}: unknown key(s) controlTls.${unknownTls.join(', controlTls.')} (known: ca, cert, key, crl)`);
+    cfg.controlTls = { ca: rel(cfg.controlTls.ca)!, cert: rel(cfg.controlTls.cert)!, key: rel(cfg.controlTls.key)!, ...(cfg.controlTls.crl ? { crl: rel(cfg.controlTls.crl) } : {}) };
+  }
   if (cfg.server) cfg.server = { ...cfg.server, ca: rel(cfg.server.ca), cert: rel(cfg.server.cert), key: rel(cfg.server.key) };
   if (cfg.stateDir) cfg.stateDir = rel(cfg.stateDir);
   return cfg;
@@ -129,6 +135,19 @@ export function vmList(cfg: BridgeConfig, flags: string[]): { name: string; qmpS
   return [...out].map(([name, qmpSocket]) => ({ name, qmpSocket: path.resolve(qmpSocket) }));
 }
 
+/** The control listener's TLS files from the flags (which win) and the config file. */
+function controlTlsOf(f: BridgeFlags, cfg: BridgeConfig): BridgeConfig['controlTls'] {
+  let tls = f.controlCa || f.controlCert || f.controlKey ? { ca: f.controlCa!, cert: f.controlCert!, key: f.controlKey!, crl: cfg.controlTls?.crl } : cfg.controlTls;
+  if (tls && (!tls.ca || !tls.cert || !tls.key)) throw new Error('control mutual TLS needs all of --control-ca, --control-cert and --control-key');
+  const crl = f.controlCrl ?? f.crl;
+  if (crl) {
+    if (!tls) throw new Error('--control-crl needs control mutual TLS (--control-ca, --control-cert, --control-key)');
+    tls = { ...tls, crl };
+  }
+  if (tls && !tls.crl) delete tls.crl;
+  return tls;
+}
+
 const collect = (v: string, prev: string[]) => [...prev, v];
 
 export function bridgeCommand(): Command {
@@ -139,6 +158,8 @@ export function bridgeCommand(): Command {
     .option('--control-ca <file>', 'control API over TCP: CA that signs orchestrator certificates')
     .option('--control-cert <file>', "control API over TCP: the bridge's certificate")
     .option('--control-key <file>', "control API over TCP: the bridge's private key")
+    .option('--control-crl <file>', 'control API over TCP: CRL (PEM) of the control CA; listed certificates are refused (re-read on SIGHUP)')
+    .addOption(new Option('--crl <file>', 'same as --control-crl').hideHelp())
     .option('--control-allow <identity>', 'control API over TCP: an identity allowed to call (repeatable; default every certificate the CA signed)', collect, [])
     .option('--insecure', 'control API over plaintext TCP (loopback only)')
     .option('--vm <name=qmp-socket>', 'a VM and its QMP socket (repeatable)', collect, [])
@@ -160,9 +181,7 @@ export function bridgeCommand(): Command {
     .action(async (f: BridgeFlags) => {
       const cfg = f.config ? loadBridgeConfig(f.config) : {};
       const log = createLogger({ name: 'usbroam-bridge', level: f.logLevel ?? cfg.logLevel });
-      const controlTls =
-        f.controlCa || f.controlCert || f.controlKey ? { ca: f.controlCa!, cert: f.controlCert!, key: f.controlKey! } : cfg.controlTls;
-      if (controlTls && (!controlTls.ca || !controlTls.cert || !controlTls.key)) throw new Error('control mutual TLS needs all of --control-ca, --control-cert and --control-key');
+      const controlTls = controlTlsOf(f, cfg);
       const servers: ConnectionOptions = {
         ...(cfg.server ?? {}),
         ...(f.server ? { address: f.server } : {}),
@@ -209,6 +228,10 @@ export function bridgeCommand(): Command {
         (r) => r.length && log.info({ restored: r }, 'attachments of the previous bridge restored'),
         (err: Error) => log.error({ err: err.message }, 'cannot restore the attachments of the previous bridge'),
       );
+      // SIGHUP: the control listener's certificate, key, CA and CRL again (config file re-read).
+      reloadOnSighup(log, 'reloading the control API TLS material', async () => {
+        control.reloadTls(controlTlsOf(f, f.config ? loadBridgeConfig(f.config) : {}));
+      });
       exitOnSignals(log, 'stopping: detaching every device', (sig) => Promise.all([control.stop(sig).then(() => fleet?.close()), metrics?.close()]), () => ({ attachments: bridge.list().length }));
     });
 }

@@ -75,6 +75,31 @@ export function exitOnSignals(log: Logger, what: string, stop: (signal: string) 
   process.once('SIGINT', () => onSignal('SIGINT'));
 }
 
+/**
+ * SIGHUP runs `reload` (one at a time; a SIGHUP during a reload runs it once more after), logged
+ * with `what`. A reload that throws is logged and the process goes on: SIGHUP never ends it.
+ */
+export function reloadOnSighup(log: Logger, what: string, reload: () => Promise<unknown>): void {
+  let running: Promise<void> | undefined;
+  let again = false;
+  const run = (): void => {
+    log.info({ signal: 'SIGHUP' }, what);
+    running = reload()
+      .catch((err: Error) => log.error({ reload: 'refused', err: err.message }, 'reload refused: keeping the previous configuration'))
+      .then(() => {
+        running = undefined;
+        if (again) {
+          again = false;
+          run();
+        }
+      });
+  };
+  process.on('SIGHUP', () => {
+    if (running) again = true;
+    else run();
+  });
+}
+
 /** Print a failure the way a person can act on it, and set the exit code. */
 export function reportError(err: unknown): void {
   const e = err as Error & { details?: string; code?: number };

@@ -3,7 +3,7 @@ import { Command, Option } from 'commander';
 import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { createLogger, type Logger } from '../common/log.js';
-import { exitOnSignals } from './common.js';
+import { exitOnSignals, reloadOnSighup } from './common.js';
 import { createDefaultEmulatedBackend, parseEmulatedSpeed } from '../server/backends/emulated/emulated-backend.js';
 import type { UsbBackend } from '../server/backends/types.js';
 import { LoopbackDevice } from '../server/backends/emulated/loopback.js';
@@ -20,17 +20,21 @@ export interface ServeFlags {
   ca?: string;
   cert?: string;
   key?: string;
+  crl?: string;
   insecure?: boolean;
   allow?: string[];
   admin?: string[];
   graceMs?: string;
+  sessionBufferMib?: string;
   emulated?: boolean;
   emulatedCount?: string;
   diskImage?: string;
   diskSizeMib?: string;
   diskSpeed?: string;
+  diskLatencyMs?: string;
   controlLatencyMs?: string;
   emulatedFtdi?: boolean;
+  emulatedUas?: boolean | string;
   libusb?: boolean;
   libusbAllow?: string[];
   libusbPollMs?: string;
@@ -54,10 +58,24 @@ export function serveConfig(f: ServeFlags): ServerConfig {
     if (!identity || !rule) throw new Error(`--allow "${a}" must be IDENTITY=* or IDENTITY=vvvv:pppp`);
     acl[identity] = rule === '*' ? '*' : [...((acl[identity] as []) ?? []), { vidPid: rule }];
   }
-  const tls = f.ca || f.cert || f.key ? { ca: f.ca!, cert: f.cert!, key: f.key! } : file.tls;
+  let tls = f.ca || f.cert || f.key ? { ca: f.ca!, cert: f.cert!, key: f.key!, crl: file.tls?.crl } : file.tls;
   if (tls && (!tls.ca || !tls.cert || !tls.key)) throw new Error('mutual TLS needs all of --ca, --cert and --key');
+  if (tls) {
+    const unknown = Object.keys(tls).filter((k) => !['ca', 'cert', 'key', 'crl'].includes(k));
+    if (unknown.length) throw new Error(`config file: unknown key(s) tls.${unknown.join(', tls.')} (known: ca, cert, key, crl)`);
+  }
+  if (f.crl) {
+    if (!tls) throw new Error('--crl needs mutual TLS (--ca, --cert, --key)');
+    tls = { ...tls, crl: f.crl };
+  }
+  if (tls && !tls.crl) delete tls.crl;
   const limits = { ...(file.limits ?? {}) };
   if (f.graceMs) limits.graceMs = Number(f.graceMs);
+  if (f.sessionBufferMib !== undefined) {
+    const mib = Number(f.sessionBufferMib);
+    if (!Number.isInteger(mib) || mib < 1 || mib > 4096) throw new Error(`--session-buffer-mib must be an integer from 1 to 4096, not "${f.sessionBufferMib}"`);
+    limits.maxBufferedBytes = mib * 1024 * 1024;
+  }
   const emulated = file.emulated ?? (f.emulated === false ? undefined : {});
   if (emulated && f.diskImage) emulated.disk = { image: f.diskImage, sizeMiB: f.diskSizeMib ? Number(f.diskSizeMib) : undefined };
   if (emulated && f.diskSpeed && emulated.disk !== false) emulated.disk = { ...emulated.disk, speed: f.diskSpeed as 'high' };
@@ -67,12 +85,15 @@ export function serveConfig(f: ServeFlags): ServerConfig {
   }
   if (emulated?.count !== undefined) parseEmulatedCount(String(emulated.count)); // fail early (config file)
   if (emulated && f.emulatedFtdi) emulated.ftdi = true;
+  if (emulated && f.emulatedUas) emulated.uas = typeof f.emulatedUas === 'string' ? { image: f.emulatedUas } : (emulated.uas || true);
   if (emulated && f.controlLatencyMs !== undefined) {
     const ms = Number(f.controlLatencyMs);
     if (!Number.isInteger(ms) || ms < 0 || ms > 60_000) throw new Error(`--control-latency-ms must be an integer from 0 to 60000, not "${f.controlLatencyMs}"`);
     emulated.controlLatencyMs = ms;
   }
+  if (emulated && f.diskLatencyMs !== undefined && emulated.disk !== false) emulated.disk = { ...emulated.disk, latencyMs: Number(f.diskLatencyMs) };
   if (emulated?.disk) parseEmulatedSpeed(emulated.disk.speed ?? 'high', 'disk speed'); // fail early
+  if (emulated?.disk && emulated.disk.latencyMs !== undefined) checkDiskLatency(emulated.disk.latencyMs);
   let libusb = file.libusb ? { ...file.libusb } : undefined;
   if (f.libusb || f.libusbAllow?.length || f.libusbPollMs) libusb = { ...(libusb ?? {}), enabled: true };
   if (libusb && f.libusbAllow?.length) libusb.allow = [...(libusb.allow ?? []), ...f.libusbAllow];
@@ -112,6 +133,10 @@ export function extraLoopback(i: number, log?: Logger): LoopbackDevice {
   return new LoopbackDevice({ bus: 2, portPath: [i], serial: `USBROAM-LOOP-2-${i}`, logger: log });
 }
 
+function checkDiskLatency(ms: unknown): void {
+  if (typeof ms !== 'number' || !Number.isInteger(ms) || ms < 0 || ms > 60_000) throw new Error(`disk latency must be an integer 0..60000 ms, not ${String(ms)}`);
+}
+
 export async function emulatedBackends(cfg: ServerConfig, dataDir: string, log?: Logger): Promise<UsbBackend[]> {
   if (!cfg.emulated) return [];
   const disk = cfg.emulated.disk;
@@ -122,14 +147,24 @@ export async function emulatedBackends(cfg: ServerConfig, dataDir: string, log?:
     imagePath: image,
     imageSizeBytes: (disk && disk.sizeMiB ? disk.sizeMiB : 64) * 1024 * 1024,
     diskSpeed: disk && disk.speed ? parseEmulatedSpeed(disk.speed, 'disk speed') : undefined,
+    diskLatencyMs: disk ? disk.latencyMs : undefined,
     logger: log,
     loopback: cfg.emulated.loopback !== false,
     controlLatencyMs: cfg.emulated.controlLatencyMs,
     ftdi: cfg.emulated.ftdi === true,
+    uas: uasDisk(cfg.emulated.uas, dataDir),
     serial: cfg.emulated.serial !== false,
   });
   for (let i = 1; i <= (cfg.emulated.count ?? 0); i++) backend.add(extraLoopback(i, log));
   return [backend];
+}
+
+function uasDisk(uas: NonNullable<ServerConfig['emulated']>['uas'], dataDir: string): { imagePath: string; sizeBytes: number } | undefined {
+  if (!uas) return undefined;
+  const o = uas === true ? {} : uas;
+  const imagePath = o.image ?? path.join(dataDir, 'uas.img');
+  mkdirSync(path.dirname(imagePath), { recursive: true });
+  return { imagePath, sizeBytes: (o.sizeMiB ?? 64) * 1024 * 1024 };
 }
 
 /** The libusb backend when configured (enabled unless `enabled: false`). */
@@ -142,7 +177,7 @@ export async function libusbBackends(cfg: ServerConfig, log?: Logger): Promise<U
 }
 
 /** Start a server from a configuration; SIGTERM/SIGINT stop it cleanly (exit 0). */
-export async function runServer(cfg: ServerConfig, dataDir: string, fleetFlags: FleetFlags = {}): Promise<UsbHostServer> {
+export async function runServer(cfg: ServerConfig, dataDir: string, fleetFlags: FleetFlags = {}, reread?: () => ServerConfig): Promise<UsbHostServer> {
   const log = createLogger({ name: 'usbroam-server', level: cfg.logLevel });
   const server = new UsbHostServer({
     listen: cfg.listen,
@@ -165,6 +200,11 @@ export async function runServer(cfg: ServerConfig, dataDir: string, fleetFlags: 
   await server.start();
   fleet?.publish(server.address, server.registry);
   exitOnSignals(log, 'stopping: no new streams; ending sessions', (sig) => Promise.all([fleet?.stop(), server.stop(sig)]));
+  // SIGHUP: the config file (and the same flags) again; TLS files and CRL re-read, ACL replaced.
+  reloadOnSighup(log, 'reloading TLS material and ACL', async () => {
+    const next = (reread ?? (() => cfg))();
+    await server.reload({ tls: next.tls, acl: next.acl });
+  });
   return server;
 }
 
@@ -176,17 +216,21 @@ export function serveCommand(): Command {
     .addOption(new Option('--ca <file>', 'CA that signs client certificates').env('USBROAM_CA'))
     .addOption(new Option('--cert <file>', 'server certificate').env('USBROAM_CERT'))
     .addOption(new Option('--key <file>', 'server private key').env('USBROAM_KEY'))
+    .addOption(new Option('--crl <file>', 'CRL (PEM) signed by the CA: certificates it lists are refused; re-read on SIGHUP with the certificate, key, CA and ACL').env('USBROAM_CRL'))
     .option('--insecure', 'plaintext without client authentication (loopback or unix socket only)')
     .option('--allow <identity=rule...>', 'ACL entry: IDENTITY=* or IDENTITY=vvvv:pppp (repeatable)')
     .option('--admin <identity...>', 'identities that may list and close every session')
     .option('--grace-ms <ms>', 'how long a session without a stream keeps its device (default 30000)')
+    .option('--session-buffer-mib <n>', 'MiB a session holds for a client that has not acknowledged them (completions, in-flight URB data); at the bound it takes no new URB, and a client that does not read for the grace period loses the session (default 32)')
     .option('--no-emulated', 'do not export the emulated devices')
     .option('--emulated-count <n>', `also export N loopback devices (bus 2, ids emu-2-1 ... emu-2-N; up to ${MAX_EMULATED_COUNT})`)
     .option('--disk-image <file>', 'image file of the emulated disk (sparse; created if missing)')
     .option('--disk-size-mib <n>', 'size of a new disk image (default 64)')
     .option('--disk-speed <speed>', 'bus speed of the emulated disk: high (default), super (1 MiB SCSI commands; xHCI only) or full')
+    .option('--disk-latency-ms <ms>', 'each READ/WRITE command of the emulated disk waits this long before its data moves (default 0; for tests: a bulk URB surely in flight)')
     .option('--control-latency-ms <ms>', 'how long the emulated loopback device takes to answer its slow vendor request (IN 0x5d), to keep control transfers in flight (default 0)')
     .option('--emulated-ftdi', 'also export an emulated FTDI FT232R-like echo port (0403:6001, serial USBROAM-FTDI-0001)')
+    .option('--emulated-uas [image]', 'also export an emulated USB Attached SCSI disk at SuperSpeed (1209:7302, id emu-1-5, bulk streams; default image <data dir>/uas.img)')
     .option('--libusb', 'export real USB devices through libusb (only those matching --libusb-allow; hubs never)')
     .option('--libusb-allow <rule...>', 'libusb export rule (repeatable; implies --libusb): "*", vvvv:pppp, or vid=,pid=,serial=,class=,bus=,port=1.4 joined by commas')
     .option('--libusb-poll-ms <ms>', 'libusb device list poll interval (default 500; 0: libusb hotplug events only)')
@@ -203,6 +247,6 @@ export function serveCommand(): Command {
       fleetConfig(f, cfg.fleet); // fail early on bad fleet flags
       const dataDir = path.resolve('.cache/server');
       if (!existsSync(dataDir)) mkdirSync(dataDir, { recursive: true });
-      await runServer(cfg, dataDir, f);
+      await runServer(cfg, dataDir, f, () => serveConfig(f));
     });
 }

@@ -5,6 +5,7 @@ import type * as grpc from '@grpc/grpc-js';
 import type { ServerMessage } from '../gen/usbroam/v1/usbhost.js';
 import { ScratchBuffer } from './encode-buffers.js';
 import { encodeClientMessage, encodeServerMessage } from './frame-codec.js';
+import { decodeClientMessage, decodeServerMessage } from './frame-decode.js';
 
 interface MessageType<T> {
   encode(message: T): { finish(): Uint8Array };
@@ -35,10 +36,13 @@ export function grpcJsServiceDefinition(def: { fullName: string; methods: Record
       originalName: m.name[0].toLowerCase() + m.name.slice(1),
     };
   }
-  // The URB channel's hot messages: one allocation, URB data copied once.
+  // The URB channel's hot messages: encoded with one allocation, URB data copied once; decoded
+  // without ts-proto's per-field costs (frame-decode.ts).
   const connect = out.Connect;
   if (def.fullName === 'usbroam.v1.UsbHost' && connect) {
     connect.requestSerialize = encodeClientMessage as (v: unknown) => Buffer;
+    connect.requestDeserialize = decodeClientMessage;
+    connect.responseDeserialize = decodeServerMessage;
     // grpc-js's server copies what a serializer returns into its own frame before write() returns
     // (BaseServerInterceptingCall.serializeMessage), so the server encodes into one reused buffer.
     // Its client copies later, after promise turns: the SDK encodes requests into a BufferPool and

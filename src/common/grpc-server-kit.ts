@@ -6,15 +6,12 @@ import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation, protoPath as healthProtoPath } from 'grpc-health-check';
-import { readFileSync } from 'node:fs';
 import type { PeerCertificate } from 'node:tls';
 import type { Logger } from './log.js';
+import { loadTlsMaterial, type TlsFiles } from './tls-material.js';
+import { ReloadableServerCredentials } from './tls-reload.js';
 
-export interface TlsFiles {
-  ca: string;
-  cert: string;
-  key: string;
-}
+export type { TlsFiles } from './tls-material.js';
 
 /** A call whose TLS peer can be asked for (every grpc-js server call). */
 export interface AuthenticatedCall {
@@ -135,9 +132,12 @@ export class HealthAndReflection {
   }
 }
 
-/** Server credentials for mutual TLS: a client certificate signed by `ca` is required. */
-export function mutualTlsCredentials(t: TlsFiles): grpc.ServerCredentials {
-  return grpc.ServerCredentials.createSsl(readFileSync(t.ca), [{ cert_chain: readFileSync(t.cert), private_key: readFileSync(t.key) }], true);
+/**
+ * Server credentials for mutual TLS: a client certificate signed by `ca` (and not revoked by
+ * `crl`) is required. Replaceable while serving (tls-reload.ts); throws on bad material.
+ */
+export function mutualTlsCredentials(t: TlsFiles): ReloadableServerCredentials {
+  return new ReloadableServerCredentials(loadTlsMaterial(t));
 }
 
 export function bindServer(server: grpc.Server, target: string, creds: grpc.ServerCredentials): Promise<number> {

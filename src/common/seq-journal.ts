@@ -107,6 +107,9 @@ export class SeqJournal<F> {
     let h = this.head;
     while (h < e.length && e[h].seq <= seq) {
       this.byteCount -= e[h].bytes;
+      // The entry stays in the array until the next compaction (up to ~1024 of them): its frame and
+      // payload must not, or a session would keep megabytes of acknowledged completions alive.
+      (e[h] as { frame: unknown }).frame = undefined;
       h++;
     }
     // Compact now and then rather than shift() per entry.

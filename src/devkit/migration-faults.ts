@@ -110,6 +110,7 @@ export async function startMarkedVm(opts: { image: GuestImage; dir: string; name
 export class MarkListener {
   readonly marks: { t: number; line: string }[] = [];
   private readonly socks: net.Socket[] = [];
+  private readonly waiters = new Set<() => void>();
 
   async connect(sockPath: string, timeoutMs = 20_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
@@ -127,6 +128,7 @@ export class MarkListener {
             buf = buf.slice(i + 1);
             if (line) this.marks.push({ t, line });
           }
+          for (const w of [...this.waiters]) w();
         });
         s.on('error', () => {});
         this.socks.push(s);
@@ -166,8 +168,32 @@ export class MarkListener {
     return g.length ? g[Math.floor(g.length / 2)]! : 0;
   }
 
-  count(re: RegExp): number {
-    return this.marks.filter((m) => re.test(m.line)).length;
+  /** Marks matching `re`, those after `since` (performance.now()) only if given. */
+  count(re: RegExp, since = -Infinity): number {
+    return this.marks.filter((m) => m.t > since && re.test(m.line)).length;
+  }
+
+  /**
+   * Resolves once `n` marks matching `re` arrived after `since` (performance.now(); default: all
+   * marks so far count); rejects naming `what` after `timeoutMs`. Woken by each arriving line.
+   */
+  waitForCount(re: RegExp, n: number, opts: { since?: number; timeoutMs?: number; what?: string } = {}): Promise<void> {
+    const since = opts.since ?? -Infinity;
+    const timeoutMs = opts.timeoutMs ?? 120_000;
+    return new Promise<void>((resolve, reject) => {
+      const check = () => {
+        if (this.count(re, since) < n) return;
+        this.waiters.delete(check);
+        clearTimeout(timer);
+        resolve();
+      };
+      const timer = setTimeout(() => {
+        this.waiters.delete(check);
+        reject(new Error(`timed out after ${timeoutMs} ms waiting for ${opts.what ?? `${n} marks ${re}`} (${this.count(re, since)} arrived)`));
+      }, timeoutMs);
+      this.waiters.add(check);
+      check();
+    });
   }
 
   close(): void {
@@ -299,13 +325,27 @@ export async function startSlotWriter(g: Guest, opts: SlotWriterOptions = {}): P
   await g.sh(`cat > /tmp/w.sh <<'EOS'\n${slotWriterScript(opts)}\nEOS\nrm -f /tmp/stop /tmp/wlog; (sh /tmp/w.sh > /dev/null 2>&1 &)`);
 }
 
+/** Stop the slot writer and wait (in the guest) for its DONE line. */
 export async function stopSlotWriter(g: Guest, timeoutMs = 120_000): Promise<void> {
-  await g.sh('touch /tmp/stop');
-  const deadline = Date.now() + timeoutMs;
-  while (!/DONE/.test(await g.sh('tail -n1 /tmp/wlog 2>/dev/null || true'))) {
-    if (Date.now() > deadline) throw new Error('the guest writer did not stop');
-    await delay(500);
-  }
+  const tries = Math.ceil(timeoutMs / 100);
+  const r = await g.run(`touch /tmp/stop; i=0; until tail -n1 /tmp/wlog 2>/dev/null | grep -q DONE || [ $i -ge ${tries} ]; do usleep 100000; i=$((i + 1)); done; tail -n1 /tmp/wlog | grep -q DONE`, { timeoutMs: timeoutMs + 30_000 });
+  if (r.exitCode !== 0) throw new Error(`the guest writer did not stop within ${timeoutMs} ms`);
+}
+
+/**
+ * Wait in the guest for a USB disk (sd*) with its /dev node; returns its name. After a replug it
+ * may come back under another name.
+ */
+export async function waitUsbDisk(g: Guest, timeoutMs = 120_000): Promise<string> {
+  const tries = Math.ceil(timeoutMs / 100);
+  const r = await g.run(
+    `i=0; while :; do for d in /sys/block/sd*; do [ -e "$d" ] && [ -e /dev/\${d##*/} ] && { echo "DISK \${d##*/}"; break 2; }; done; [ $i -ge ${tries} ] && break; usleep 100000; i=$((i + 1)); done`,
+    { timeoutMs: timeoutMs + 30_000 },
+  );
+  const m = /DISK (sd[a-z]+)/.exec(r.output);
+  if (m) return m[1]!;
+  const dm = (await g.dmesg()).split('\n').filter((l) => /usb|sd[a-z]|scsi/i.test(l)).slice(-25).join('\n');
+  throw new Error(`no USB disk in the guest within ${timeoutMs} ms; dmesg:\n${dm}\nQEMU:\n${g.qemuLog().slice(-1500)}`);
 }
 
 export interface SlotVerification {

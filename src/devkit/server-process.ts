@@ -2,7 +2,7 @@
 import type { ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { REPO_ROOT } from '../common/repo-root.js';
-import { testCerts } from './certs.js';
+import { testCerts, type CertDir } from './certs.js';
 import { spawnUntilReady } from './child-process-lines.js';
 
 export interface ServerProcess {
@@ -12,8 +12,9 @@ export interface ServerProcess {
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
-export async function startServerProcess(args: string[] = []): Promise<ServerProcess> {
-  const c = testCerts();
+/** `usbroam serve` with `args`, certificates of `opts.certs` (default: the shared test certificates). */
+export async function startServerProcess(args: string[] = [], opts: { certs?: CertDir } = {}): Promise<ServerProcess> {
+  const c = opts.certs ?? testCerts();
   const { child, logs, ready: address } = await spawnUntilReady(
     process.execPath,
     [

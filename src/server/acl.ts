@@ -6,14 +6,32 @@ import { matchesSelector, validateSelector, type Selector } from './devices/sele
 /** identity -> selectors; the identity "*" applies to every authenticated client. */
 export type AclConfig = Record<string, Selector[] | '*'>;
 
+type Rules = Map<string, Selector[] | '*'>;
+
 export class Acl {
-  private readonly rules = new Map<string, Selector[] | '*'>();
+  private rules: Rules;
 
   constructor(config: AclConfig) {
+    this.rules = Acl.parse(config);
+  }
+
+  /** New rules (a reload): every check from now on uses them. Throws, keeping the old ones, on a bad entry. */
+  replace(config: AclConfig): void {
+    this.rules = Acl.parse(config);
+  }
+
+  /** Identities with an entry. */
+  get identities(): string[] {
+    return [...this.rules.keys()];
+  }
+
+  private static parse(config: AclConfig): Rules {
+    const rules: Rules = new Map();
+    if (!config || typeof config !== 'object' || Array.isArray(config)) throw new Error('the acl must be an object: identity -> "*" or a list of selectors');
     for (const [identity, selectors] of Object.entries(config)) {
-      if (selectors === '*') this.rules.set(identity, '*');
+      if (selectors === '*') rules.set(identity, '*');
       else if (Array.isArray(selectors)) {
-        this.rules.set(
+        rules.set(
           identity,
           selectors.map((s, i) => {
             try {
@@ -25,6 +43,7 @@ export class Acl {
         );
       } else throw new Error(`acl entry for "${identity}" must be "*" or a list of selectors`);
     }
+    return rules;
   }
 
   allows(identity: string, device: DeviceInfo): boolean {

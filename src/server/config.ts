@@ -8,9 +8,10 @@ import type { FleetConfigFile } from '../fleet/config.js';
 export interface EmulatedConfig {
   /**
    * A mass-storage disk backed by a sparse image file (default <data dir>/disk.img). `speed`: the bus speed it enumerates at
-   * (default "high"; "super" gives 1 MiB SCSI commands in a Linux guest, but only on xHCI).
+   * (default "high"; "super" gives 1 MiB SCSI commands in a Linux guest, but only on xHCI). `latencyMs`: each READ/WRITE
+   * command waits this long before its data moves (default 0), so that tests find a bulk URB in flight when they act.
    */
-  disk?: { image?: string; sizeMiB?: number; speed?: 'full' | 'high' | 'super' } | false;
+  disk?: { image?: string; sizeMiB?: number; speed?: 'full' | 'high' | 'super'; latencyMs?: number } | false;
   loopback?: boolean;
   /** ms the loopback device takes to answer its slow vendor request (IN 0x5d; default 0). */
   controlLatencyMs?: number;
@@ -19,6 +20,11 @@ export interface EmulatedConfig {
   count?: number;
   /** An FTDI FT232R-like echo port (0403:6001; default off). */
   ftdi?: boolean;
+  /**
+   * A USB Attached SCSI disk at SuperSpeed (1209:7302, bulk streams; xHCI guests bind `uas`), backed by its own image
+   * (default <data dir>/uas.img, 64 MiB when created). Default off.
+   */
+  uas?: { image?: string; sizeMiB?: number } | boolean;
 }
 
 export interface LibusbConfig {
@@ -36,7 +42,8 @@ export interface LibusbConfig {
 
 export interface ServerConfig {
   listen: string;
-  tls?: { ca: string; cert: string; key: string };
+  /** Mutual TLS; `crl`: a CRL (PEM) signed by the CA. All re-read on SIGHUP. */
+  tls?: { ca: string; cert: string; key: string; crl?: string };
   insecure?: boolean;
   acl: AclConfig;
   admins: string[];

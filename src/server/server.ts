@@ -8,6 +8,8 @@ import type { Logger } from '../common/log.js';
 import { REPO_ROOT } from '../common/repo-root.js';
 import { grpcJsServiceDefinition } from '../common/grpc-definition.js';
 import { bindServer, callLogInterceptor, HealthAndReflection, identityOf, mutualTlsCredentials, stopServer, type TlsFiles } from '../common/grpc-server-kit.js';
+import { TlsPeers, type ReloadableServerCredentials } from '../common/tls-reload.js';
+import { reloadServer, tlsSummary, type ReloadOutcome, type ServerReload } from './reload.js';
 import { RequestDecodingServer } from '../common/request-decoding.js';
 import { UsbHostDefinition } from '../gen/usbroam/v1/usbhost.js';
 import { Acl, type AclConfig } from './acl.js';
@@ -74,6 +76,10 @@ export class UsbHostServer {
   /** Metrics, URB capture and state-change logs. */
   readonly observe: ServerObservability;
   private metricsEndpoint?: MetricsEndpoint;
+  private readonly acl: Acl;
+  private creds?: ReloadableServerCredentials;
+  private peers?: TlsPeers;
+  private reloading: Promise<unknown> = Promise.resolve();
 
   constructor(private readonly opts: ServerOptions) {
     if (!opts.insecure && !opts.tls) throw new Error('mutual TLS needs --ca, --cert and --key (or --insecure on loopback)');
@@ -81,7 +87,7 @@ export class UsbHostServer {
       throw new Error(`--insecure is allowed only on loopback or a unix socket, not on ${opts.listen}`);
     }
     const limits = { ...defaultLimits, ...opts.limits };
-    const acl = new Acl(opts.acl);
+    const acl = (this.acl = new Acl(opts.acl));
     this.registry = new DeviceRegistry(opts.backends);
     this.observe = new ServerObservability(opts.log);
     this.sessions = new SessionManager(this.registry, acl, limits, opts.log, this.observe);
@@ -121,16 +127,24 @@ export class UsbHostServer {
       opts.log.warn({ listen: opts.listen }, 'INSECURE: serving plaintext without client authentication; every client is "' + (opts.insecureIdentity ?? 'anonymous') + '"');
       creds = grpc.ServerCredentials.createInsecure();
     } else {
-      creds = mutualTlsCredentials(opts.tls!);
+      creds = this.creds = mutualTlsCredentials(opts.tls!);
     }
     const port = await bindServer(this.grpcServer, opts.listen, creds);
     raiseReceiveWindows(this.grpcServer, RECEIVE_WINDOW_BYTES);
+    if (!opts.insecure) this.peers = new TlsPeers(this.grpcServer);
     if (!opts.insecure) watchTlsRefusals(this.grpcServer, (reason, peer, err) => this.observe.refused(reason, { peer, message: `TLS handshake refused: ${err.message}` }));
     if (opts.metricsListen && this.observe.metrics) this.metricsEndpoint = await serveMetrics(this.observe.metrics.registry, opts.metricsListen, opts.log);
     this.address = opts.listen.startsWith('unix:') ? opts.listen : opts.listen.replace(/:\d+$/, `:${port}`);
     this.health.setServing(true);
-    opts.log.info({ address: this.address, tls: !opts.insecure, devices: this.registry.list().length }, 'USB host server listening');
+    opts.log.info({ address: this.address, tls: !opts.insecure, ...(this.creds ? tlsSummary(this.creds.current) : {}), devices: this.registry.list().length }, 'USB host server listening');
     return this.address;
+  }
+
+  /** Re-read TLS material and ACL (SIGHUP); see reload.ts. Reloads run one at a time. */
+  reload(next: ServerReload): Promise<ReloadOutcome> {
+    const run = this.reloading.then(() => reloadServer({ log: this.opts.log, acl: this.acl, sessions: this.sessions, creds: this.creds, peers: this.peers }, next));
+    this.reloading = run.catch(() => {});
+    return run;
   }
 
   /** Stop accepting, end sessions (cancel in flight, release claims), stop. */

@@ -7,10 +7,12 @@
 //     unknown), and does a clean device replug (device_disconnect + device_connect), logged as
 //     such. The guest sees one unplug and replug of the disk, never corrupt data: the data
 //     written before verifies, and so does every write the guest saw complete;
-//  3. migration while a large read and a large write are in flight (bulk URBs outstanding at the
-//     switchover): every read returns the data, the written region holds the last write.
+//  3. migrations while a READ and a WRITE of the disk are in flight: the server's disk holds each
+//     command's data URB for --disk-latency-ms, and each migration starts once a bulk URB is in
+//     flight, so every hand-off carries one (asserted); the READs return the data, the WRITEs land.
 import { expect } from 'chai';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Bridge, type AttachmentInfo } from '../../src/client/bridge/bridge.js';
@@ -21,34 +23,22 @@ import {
   BridgeChild,
   capturingLogger,
   classifyDmesg,
+  MarkListener,
   runMigration,
   startMarkedVm,
   startSlotWriter,
   stopSlotWriter,
   verifySlots,
+  waitUsbDisk as waitDisk,
 } from '../../src/devkit/migration-faults.js';
 import { migrateWithHandOff, startVmGuest } from '../../src/devkit/migration-rig.js';
 import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
-import { sleep } from '../helpers/wait.js';
+import { until, withTimeout } from '../helpers/wait.js';
 import { TcpProxy } from '../helpers/tcp-proxy.js';
 import { type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
 
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
 const SERIAL = 'USBROAM-MSC-0001';
-
-async function waitDisk(g: Guest, timeoutMs = 120_000): Promise<string> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const r = await g.run('for d in /sys/block/sd*; do [ -e "$d" ] && [ -e /dev/${d##*/} ] && echo ${d##*/}; done');
-    const m = /\bsd[a-z]+\b/.exec(r.output);
-    if (m) return m[0];
-    if (Date.now() > deadline) {
-      const dm = (await g.dmesg()).split('\n').filter((l) => /usb|sd[a-z]|scsi/i.test(l)).slice(-25).join('\n');
-      throw new Error(`no USB disk in the guest; dmesg:\n${dm}\nQEMU:\n${g.qemuLog().slice(-1500)}`);
-    }
-    await sleep(500);
-  }
-}
 
 /** Write `mib` MiB of random data at `offMib`; returns its sha256. */
 async function writeRef(g: Guest, offMib: number, mib: number): Promise<string> {
@@ -96,27 +86,32 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
     cleanups.push(() => proxy.stop());
     const bridge = new Bridge({ log: log.child({ host: 'A' }), runDir: path.join(dir, 'net') });
     cleanups.push(() => bridge.close());
-    const { guest, bridgeQmp } = await startMarkedVm({ image, dir, name: 'net0' });
+    const { guest, bridgeQmp, markSock } = await startMarkedVm({ image, dir, name: 'net0' });
     guests.push(guest);
+    const marks = new MarkListener();
+    cleanups.push(async () => marks.close());
+    await marks.connect(markSock);
     bridge.addVm({ name: 'net0', qmpSocket: bridgeQmp });
     await bridge.attach({ vm: 'net0', server: { ...serverOpts, address: `localhost:${proxy.port}` }, selector: { serial: SERIAL }, bus: 'xhci.0' });
     await waitDisk(guest);
     const ref = await writeRef(guest, 0, 4);
-    await startSlotWriter(guest);
-    await sleep(4000);
-    const before = Number((await guest.sh('grep -c ok /tmp/wlog || true')).trim());
+    await startSlotWriter(guest, { marks: true });
+    // The writer's marks (one per completed write, on /dev/ttyS1): it is writing.
+    await marks.waitForCount(/^W /, 10, { what: '10 completed writes before the outage' });
+    const before = marks.count(/^W /);
     const t0 = Date.now();
     await proxy.outage(3000);
     const outageMs = Date.now() - t0;
+    const tBack = performance.now();
     // The bridge reconnects through the proxy once it accepts again; I/O carries on.
-    await sleep(6000);
-    const after = Number((await guest.sh('grep -c ok /tmp/wlog || true')).trim());
+    await marks.waitForCount(/^W /, 5, { since: tBack, what: '5 writes completed after the outage' });
+    const after = marks.count(/^W /, tBack);
     expect(proxy.connections, 'the bridge reconnected through the proxy').to.be.greaterThan(0);
     await stopSlotWriter(guest);
     const v = await verifySlots(guest);
     const dm = classifyDmesg(await guest.dmesg());
-    console.log(`      outage ${outageMs} ms; writes ${v.writes} (${before} before the cut, ${after} 6 s after it began), failed ${v.failedWrites}, verified ${v.verified} slots, bad ${v.bad.length}`);
-    expect(after, 'writes completed after the outage').to.be.greaterThan(before);
+    console.log(`      outage ${outageMs} ms; writes ${v.writes} (${before} before the cut, ${after} after it), failed ${v.failedWrites}, verified ${v.verified} slots, bad ${v.bad.length}`);
+    expect(after, 'writes completed after the outage').to.be.greaterThan(0);
     expect(v.failedWrites).to.equal(0);
     expect(v.bad).to.deep.equal([]);
     expect(await readRef(guest, 0, 4)).to.equal(ref);
@@ -132,12 +127,16 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
     cleanups.push(() => bridgeB.close());
     const src = await startMarkedVm({ image, dir, name: 'k0' });
     guests.push(src.guest);
+    const marks = new MarkListener();
+    cleanups.push(async () => marks.close());
+    await marks.connect(src.markSock);
     await child.call('addVm', { name: 'k0', qmpSocket: src.bridgeQmp });
     const att = await child.call<AttachmentInfo>('attach', { vm: 'k0', server: serverOpts, selector: { serial: SERIAL }, bus: 'xhci.0' });
     await waitDisk(src.guest);
     const ref = await writeRef(src.guest, 0, 4);
-    await startSlotWriter(src.guest);
-    await sleep(3000);
+    await startSlotWriter(src.guest, { marks: true });
+    await marks.waitForCount(/^W /, 10, { what: '10 completed writes before the migration' });
+    let active: Promise<unknown> | undefined;
     let attached: Promise<AttachmentInfo> | undefined;
     let tKill = 0;
     let pausedAtSwitchover = false;
@@ -146,14 +145,18 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
       dir,
       src: src.guest,
       dstName: 'k1',
+      marks,
       prepareDst: async (dst) => {
+        // Registered before `migrate`: the kill waits for QEMU to be sending RAM.
+        active = src.guest.events.waitForEvent('MIGRATION', (e: { data: { status: string } }) => e.data.status === 'active', { timeoutMs: 120_000 });
+        active.catch(() => {});
         bridgeB.addVm({ name: 'k1', qmpSocket: dst.bridgeQmp });
         const inc = await bridgeB.prepareIncoming({ vm: 'k1', server: serverOpts, sessionId: att.sessionId, id: att.id, bus: att.bus });
         attached = inc.attached;
         attached.catch(() => {});
       },
       whileMigrating: async () => {
-        await sleep(200);
+        await active;
         tKill = Date.now();
         await child.kill('SIGKILL');
         // The source bridge had turned pause-before-switchover on: with it gone, the migration
@@ -173,7 +176,7 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
     guests.push(r.dst.guest);
     void src.guest.stop();
     expect(r.status, 'QEMU completes the migration').to.equal('completed');
-    const info = await Promise.race([attached!, sleep(60_000).then(() => undefined)]);
+    const info = await withTimeout(attached!, 60_000, 'the destination to take the session over');
     expect(info, 'the destination took the session over').to.not.equal(undefined);
     const tTake = Date.now();
     expect(child.events.filter((e) => e.event === 'handOff'), 'the killed source never handed off').to.deep.equal([]);
@@ -181,13 +184,8 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
     expect(lost.length, 'the destination logs the source-lost replug').to.equal(1);
     const g = r.dst.guest;
     const disk = await waitDisk(g);
-    // The writer carries on against the replugged disk.
-    const n0 = Number((await g.sh('grep -c ok /tmp/wlog || true')).trim());
-    const deadline = Date.now() + 120_000;
-    while (Number((await g.sh('grep -c ok /tmp/wlog || true')).trim()) < n0 + 5) {
-      if (Date.now() > deadline) throw new Error('no writes completed after the replug');
-      await sleep(1000);
-    }
+    // The writer carries on against the replugged disk (its marks now come from the destination).
+    await marks.waitForCount(/^W /, 5, { since: performance.now(), what: '5 writes completed after the replug' });
     await stopSlotWriter(g);
     const v = await verifySlots(g);
     const dm = classifyDmesg(await g.dmesg());
@@ -200,80 +198,64 @@ describe('e2e migration faults: network outage, source bridge killed, bulk URBs 
     expect(await readRef(g, 0, 4), 'data written before the migration').to.equal(ref);
   });
 
-  it('migrates while a large read and a large write are in flight: checksums verify', async () => {
+  it('migrates while a READ and a WRITE of the disk are in flight (disk latency): every hand-off carries a bulk URB in flight; the data verifies', async () => {
+    // A server of its own whose disk holds the data URB of each READ/WRITE for LATENCY_MS: a
+    // bulk URB stays in flight from the moment the guest issues a command. Its image is filled
+    // from here: the guest reads it back through the migrations; what the guest writes is read
+    // here from the image file.
+    const LATENCY_MS = 4000;
+    const BLK = 65536;
+    const sdir = path.join(dir, 'lat');
+    mkdirSync(sdir, { recursive: true });
+    const img = path.join(sdir, 'disk.img');
+    const content = Buffer.alloc(16 * 1024 * 1024);
+    randomBytes(64 * BLK).copy(content);
+    writeFileSync(img, content);
+    const latServer = await startServerProcess(['--allow', 'bridge=*', '--disk-image', img, '--disk-latency-ms', String(LATENCY_MS)]);
+    cleanups.push(() => latServer.stop());
+    const latOpts = { ...serverOpts, address: latServer.address.replace('127.0.0.1', 'localhost') };
+    const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
     const bridgeA = new Bridge({ log: log.child({ host: 'A' }), runDir: path.join(dir, 'bulk-A') });
     const bridgeB = new Bridge({ log: log.child({ host: 'B' }), runDir: path.join(dir, 'bulk-B') });
     cleanups.push(() => bridgeA.close(), () => bridgeB.close());
-    // 384 MiB: with 128 MiB the two 8 MiB images in tmpfs plus the direct-I/O buffers of both loops
-    // got the guest shell OOM-killed.
-    const memoryMb = 384;
-    const { guest, bridgeQmp } = await startVmGuest({ image, dir, name: 'b0', memoryMb });
+    const { guest, bridgeQmp } = await startVmGuest({ image, dir, name: 'b0' });
     guests.push(guest);
     bridgeA.addVm({ name: 'b0', qmpSocket: bridgeQmp });
-    const att = await bridgeA.attach({ vm: 'b0', server: serverOpts, selector: { serial: SERIAL }, bus: 'xhci.0' });
+    const att = await bridgeA.attach({ vm: 'b0', server: latOpts, selector: { serial: SERIAL }, bus: 'xhci.0' });
     await waitDisk(guest);
-    // Each loop in a subshell of its own: no job notices of the guest shell in later outputs.
-    // A third loop only reads (no checksum in the guest), so that the device is nearly always
-    // busy and bulk URBs are outstanding at the switchover.
-    // R: 8 MiB at 0 (read over and over, 2 MiB per read(2)); W: 8 MiB at 32 MiB (written over and over, two
-    // alternating random images so the last write is identifiable).
-    const ref = await writeRef(guest, 0, 8);
-    await guest.sh(`for k in 0 1; do dd if=/dev/urandom of=/tmp/big.$k bs=1M count=8 2>/dev/null; sha256sum /tmp/big.$k | cut -d' ' -f1 > /tmp/big.$k.sha; done`, { timeoutMs: 60_000 });
-    await guest.sh(`rm -f /tmp/stop /tmp/rlog /tmp/bwlog
-( (while [ ! -e /tmp/stop ]; do dd if=/dev/sda bs=2M count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1 >> /tmp/rlog; done; echo DONE >> /tmp/rlog) > /dev/null 2>&1 &)
-( (k=0; while [ ! -e /tmp/stop ]; do if dd if=/tmp/big.$((k % 2)) of=/dev/sda bs=2M seek=16 oflag=direct conv=fsync 2>/dev/null; then echo "$k ok" >> /tmp/bwlog; else echo "$k ERR" >> /tmp/bwlog; fi; k=$((k + 1)); done; echo DONE >> /tmp/bwlog) > /dev/null 2>&1 &)
-( (while [ ! -e /tmp/stop ]; do dd if=/dev/sda of=/dev/null bs=2M count=8 iflag=direct 2>/dev/null; done) > /dev/null 2>&1 &)`);
-    await sleep(3000);
-    // Whether a bulk request is outstanding at the switchover is timing: migrate on (A -> B -> A ...)
-    // until a hand-off carried one (in flight, or its completion unread by QEMU), at most 20 times
-    // (usb-storage has one command at a time, and under TCG the guest spends most of its time between
-    // URBs, so a switchover finds one pending only now and then: 1-5 migrations were needed, once more than 10).
     const hosts = [{ name: 'A', bridge: bridgeA }, { name: 'B', bridge: bridgeB }];
     let cur = { guest, vm: 'b0', att };
-    let r!: Awaited<ReturnType<typeof migrateWithHandOff>>;
-    let migrations = 0;
-    for (let i = 1; i <= 20; i++) {
-      r = await migrateWithHandOff({ image, dir, src: cur.guest, srcVm: cur.vm, srcHost: hosts[(i - 1) % 2]!, dstHost: hosts[i % 2]!, dstVm: `b${i}`, attachment: cur.att, server: serverOpts, log, memoryMb });
-      migrations = i;
+    const figures: string[] = [];
+    const MIGRATIONS = 2;
+    for (let i = 1; i <= MIGRATIONS; i++) {
+      const host = hosts[(i - 1) % 2]!;
+      // One READ(10) of block i and one WRITE(10) of a fresh random block at 64 + i, each one
+      // 64 KiB SCSI command, each in a process of its own; the disk takes them one at a time,
+      // so a data URB is in flight for about 2 x LATENCY_MS from here on.
+      await cur.guest.sh(`rm -f /tmp/r.${i} /tmp/w.${i}; head -c ${BLK} /dev/urandom > /tmp/blk.${i}; sha256sum /tmp/blk.${i} | cut -d' ' -f1 > /tmp/blk.${i}.sha
+( (s=$(dd if=/dev/sda bs=${BLK} skip=${i} count=1 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1); echo "$s" > /tmp/r.${i}.t; mv /tmp/r.${i}.t /tmp/r.${i}) > /dev/null 2>&1 &)
+( (if dd if=/tmp/blk.${i} of=/dev/sda bs=${BLK} seek=$((64 + ${i})) oflag=direct conv=fsync 2>/dev/null; then echo ok > /tmp/w.${i}.t; else echo ERR > /tmp/w.${i}.t; fi; mv /tmp/w.${i}.t /tmp/w.${i}) > /dev/null 2>&1 &)`);
+      // Migrate once the source bridge has a bulk URB of these commands at the server.
+      await until('a bulk URB in flight at the server', () => host.bridge.list(cur.vm).find((a) => a.id === cur.att.id)!.stats.inFlight > 0, 60_000, 20);
+      const r = await migrateWithHandOff({ image, dir, src: cur.guest, srcVm: cur.vm, srcHost: host, dstHost: hosts[i % 2]!, dstVm: `b${i}`, attachment: cur.att, server: latOpts, log });
       guests.push(r.dst);
       void cur.guest.stop();
       expect(r.status).to.equal('completed');
       expect(r.handOff?.ok, r.handOff?.error).to.equal(true);
-      if (r.handOff!.info!.inFlight > 0 || r.handOff!.info!.unreadInSocket > 0) break;
+      const hi = r.handOff!.info!;
+      figures.push(`${host.name}->${hosts[i % 2]!.name}: migration ${r.totalMs} ms, downtime ${r.downtimeMs} ms; hand-off +${r.handOff!.sinceCompletedMs!.toFixed(1)} ms: in flight ${hi.inFlight}, unread ${hi.unreadInSocket} B, re-sent ${hi.toQemuBytes} B`);
+      expect(hi.inFlight, `migration ${i}: bulk URBs in flight at the hand-off (${figures[i - 1]})`).to.be.greaterThan(0);
+      // Both commands complete on the destination.
+      await r.dst.waitForPath(`/tmp/r.${i}`, { timeoutMs: 120_000 });
+      await r.dst.waitForPath(`/tmp/w.${i}`, { timeoutMs: 120_000 });
+      const [got, wrote, blkSha] = (await r.dst.sh(`cat /tmp/r.${i} /tmp/w.${i} /tmp/blk.${i}.sha`)).trim().split('\n').map((x) => x.trim());
+      expect(got, `READ of block ${i} in flight across migration ${i}`).to.equal(sha(content.subarray(i * BLK, (i + 1) * BLK)));
+      expect(wrote, `WRITE ${i} in flight across migration ${i}`).to.equal('ok');
+      const onDisk = readFileSync(img).subarray((64 + i) * BLK, (65 + i) * BLK);
+      expect(sha(onDisk), `block ${64 + i} in the server's image holds WRITE ${i}`).to.equal(blkSha);
       cur = { guest: r.dst, vm: `b${i}`, att: r.attached! };
-      await sleep(1000);
     }
-    const hi = r.handOff!.info!;
-    const g = r.dst;
-    // Let both loops finish at least one more whole transfer on the destination.
-    const count = async (f: string) => Number((await g.sh(`grep -c . ${f} || true`)).trim());
-    const [r0, w0] = [await count('/tmp/rlog'), await count('/tmp/bwlog')];
-    const deadline = Date.now() + 180_000;
-    while ((await count('/tmp/rlog')) < r0 + 1 || (await count('/tmp/bwlog')) < w0 + 1) {
-      if (Date.now() > deadline) throw new Error(`no bulk transfer completed on the destination within 180 s (dmesg: ${classifyDmesg(await g.dmesg()).bad.join(' | ')})`);
-      await sleep(1000);
-    }
-    await g.sh('touch /tmp/stop');
-    const stopBy = Date.now() + 180_000;
-    while (!/DONE[\s\S]*DONE/.test(await g.sh('tail -n1 /tmp/rlog; tail -n1 /tmp/bwlog'))) {
-      if (Date.now() > stopBy) throw new Error('the bulk loops did not stop');
-      await sleep(500);
-    }
-    const reads = (await g.sh('grep -v DONE /tmp/rlog || true')).trim().split('\n').filter(Boolean);
-    const writes = (await g.sh('grep -v DONE /tmp/bwlog || true')).trim().split('\n').filter(Boolean);
-    const lastW = writes[writes.length - 1]!.split(' ');
-    const wantW = (await g.sh(`cat /tmp/big.${Number(lastW[0]) % 2}.sha`)).trim();
-    const gotW = (await g.sh('dd if=/dev/sda bs=2M skip=16 count=4 iflag=direct 2>/dev/null | sha256sum | cut -d" " -f1', { timeoutMs: 120_000 })).trim();
-    const dm = classifyDmesg(await g.dmesg());
-    console.log(`      ${migrations} migration(s); downtime ${r.downtimeMs} ms; hand-off +${r.handOff!.sinceCompletedMs!.toFixed(1)} ms: in flight ${hi.inFlight}, unread ${hi.unreadInSocket} B, re-sent ${hi.toQemuBytes} B; ` +
-      `${reads.length} reads of 8 MiB (${reads.filter((x) => x !== ref).length} differed), ${writes.length} writes of 8 MiB (${writes.filter((x) => x.endsWith('ERR')).length} failed)`);
-    // Outstanding for the guest at the switchover: URBs still at the server (in flight), or
-    // completions already in the chardev socket that QEMU had not read (re-sent by the destination).
-    expect(hi.inFlight + hi.unreadInSocket, 'bulk URBs were outstanding at the switchover (in flight or their completions unread)').to.be.greaterThan(0);
-    expect(reads.filter((x) => x !== ref)).to.deep.equal([]);
-    expect(writes.filter((x) => x.endsWith('ERR'))).to.deep.equal([]);
-    expect(lastW[1]).to.equal('ok');
-    expect(gotW).to.equal(wantW);
-    expect(dm.bad).to.deep.equal([]);
+    console.log(`      disk latency ${LATENCY_MS} ms; ${figures.join('; ')}`);
+    expect(classifyDmesg(await cur.guest.dmesg()).bad).to.deep.equal([]);
   });
 });

@@ -13,10 +13,14 @@ export class FakeQemu {
   ended = false;
   private waiters: (() => void)[] = [];
 
-  constructor(readonly socket: net.Socket) {
+  /** ackDisconnect: answer device_disconnect with device_disconnect_ack, as QEMU does. */
+  constructor(readonly socket: net.Socket, opts: { ackDisconnect?: boolean } = {}) {
     socket.on('data', (b: Buffer) => {
       try {
-        for (const p of this.parser.push(b)) this.packets.push(p);
+        for (const p of this.parser.push(b)) {
+          this.packets.push(p);
+          if (opts.ackDisconnect && p.type === 'device_disconnect') this.send({ type: 'device_disconnect_ack', id: p.id });
+        }
       } catch (err) {
         this.error = err as Error;
       }

@@ -31,6 +31,7 @@ import { readClaim } from '../../src/fleet/claims.js';
 import { parseFleetSelector as sel } from '../../src/fleet/selector.js';
 import { AttachmentState } from '../../src/gen/usbroam/v1/bridge.js';
 import { FakeQemu } from '../helpers/bridge-fake-qemu.js';
+import { startColdPlugQmp, type FakeQmp } from '../helpers/fake-qmp.js';
 
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
 const TTL = 2;
@@ -53,7 +54,7 @@ async function coldPlugQemu(dir: string, name: string): Promise<{ socketPath: st
   await new Promise<void>((r) => listener.listen(socketPath, r));
   const qemu = new Promise<FakeQemu>((r) =>
     listener.once('connection', (s) => {
-      const q = new FakeQemu(s);
+      const q = new FakeQemu(s, { ackDisconnect: true });
       q.hello();
       r(q);
     }),
@@ -78,6 +79,7 @@ describe('fleet: bridges attach by fleet selector (real etcd, server processes, 
   const servers: ServerProcess[] = [];
   const bridges: TestBridge[] = [];
   const children: ChildProcess[] = [];
+  const monitors: FakeQmp[] = [];
 
   before(async () => {
     etcd = await startEtcd(1);
@@ -97,6 +99,7 @@ describe('fleet: bridges attach by fleet selector (real etcd, server processes, 
   });
   after(async () => {
     for (const c of children) c.kill('SIGKILL');
+    await Promise.all(monitors.map((m) => m.stop()));
     for (const b of bridges) {
       b.client.close();
       await b.control.stop('test over').catch(() => {});
@@ -114,7 +117,10 @@ describe('fleet: bridges attach by fleet selector (real etcd, server processes, 
     const bridge = new Bridge({ log, runDir: path.join(tmp, `run-${identity}-${bridges.length}`), incomingClaims: fleet });
     const sock = path.join(tmp, `control-${identity}-${bridges.length}.sock`);
     const control = new BridgeControlServer({ bridge, listen: sock, servers: tls, fleet, log });
-    control.addVm('vm1', path.join(tmp, 'no-qemu-here.qmp'));
+    // The VM's QMP monitor: the bridge follows its migration events (there are none here).
+    const qmp = await startColdPlugQmp(tmp, `qmp-${identity}-${bridges.length}.sock`);
+    monitors.push(qmp);
+    control.addVm('vm1', qmp.path);
     await control.start();
     const b = { bridge, control, client: new BridgeControlClient({ address: sock }), fleet };
     bridges.push(b);
@@ -218,7 +224,9 @@ describe('fleet: bridges attach by fleet selector (real etcd, server processes, 
     const run = path.join(tmp, 'child');
     const control = path.join(run, 'bridge.sock');
     const tls = clientTls('bridge');
-    const child = spawn(process.execPath, ['bin/usbroam.js', 'bridge', '--control', control, '--run-dir', run, '--vm', `vm1=${path.join(tmp, 'no-qemu-here.qmp')}`,
+    const qmp = await startColdPlugQmp(tmp, 'qmp-child.sock');
+    monitors.push(qmp);
+    const child = spawn(process.execPath, ['bin/usbroam.js', 'bridge', '--control', control, '--run-dir', run, '--vm', `vm1=${qmp.path}`,
       '--server-ca', tls.ca, '--server-cert', tls.cert, '--server-key', tls.key, '--etcd', etcd.endpoints.join(','), '--lease-ttl', String(TTL)], { stdio: ['ignore', 'pipe', 'pipe'] });
     children.push(child);
     let out = '';

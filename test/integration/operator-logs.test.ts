@@ -40,7 +40,7 @@ describe('operator logs: refused TLS handshakes and session state changes (pino 
   const lines: Line[] = [];
 
   const waitFor = async (pred: (l: Line) => boolean, what: string): Promise<Line> => {
-    for (let i = 0; i < 200; i++) {
+    for (let i = 0; i < 600; i++) {
       const hit = lines.find(pred);
       if (hit) return hit;
       await new Promise((r) => setTimeout(r, 25));
@@ -58,7 +58,8 @@ describe('operator logs: refused TLS handshakes and session state changes (pino 
       backends: [await createDefaultEmulatedBackend({ imagePath: path.join(dir, 'disk.img'), imageSizeBytes: 4 * 1024 * 1024 })],
       acl: { bridge: '*', viewer: '*' },
       admins: ['bridge'],
-      limits: { graceMs: 400, standbyTakeoverMs: 200 },
+      // Long enough for a resume on a loaded machine; the expiry case waits it out once.
+      limits: { graceMs: 3000, standbyTakeoverMs: 200 },
       log,
     });
     address = await server.start();

@@ -335,6 +335,51 @@ describe('emulated mass storage (BOT/SCSI)', () => {
     expect((await bulkIn(dev, MSC_BULK_IN, 13)).status).to.equal(UrbStatus.Inval);
   });
 
+  it('latencyMs holds each READ/WRITE data URB in flight until the delay ends; commands without disk data do not wait', async () => {
+    const slow = await MassStorageDevice.create({ imagePath: join(dir, 'slow.img'), sizeBytes: SIZE, latencyMs: 60_000 });
+    const b = new EmulatedBackend();
+    b.add(slow);
+    await b.open(slow.id);
+    await slow.setConfiguration(1);
+    try {
+      // INQUIRY moves no disk data: its data and CSW complete although the latency is a minute.
+      expect((await bulkOut(slow, MSC_BULK_OUT, cbw(1, 36, true, [0x12, 0, 0, 0, 36, 0]))).status).to.equal(UrbStatus.Success);
+      expect((await bulkIn(slow, MSC_BULK_IN, 36)).actualLength).to.equal(36);
+      expect(parseCsw(await bulkIn(slow, MSC_BULK_IN, 13)).status).to.equal(0);
+      // READ(10) of block 0: the CBW completes, the data URB stays in flight (an image read completes meanwhile).
+      expect((await bulkOut(slow, MSC_BULK_OUT, cbw(2, 512, true, [0x28, 0, ...be32(0), 0, ...be16(1), 0]))).status).to.equal(UrbStatus.Success);
+      const id = 777;
+      let settled = false;
+      const data = bulkIn(slow, MSC_BULK_IN, 512, id).finally(() => (settled = true));
+      await readFile(join(dir, 'slow.img'));
+      await new Promise((r) => setImmediate(r));
+      expect(settled).to.equal(false);
+      expect(slow.cancel(id)).to.equal(true);
+      expect((await data).status).to.equal(UrbStatus.Cancelled);
+    } finally {
+      await b.close();
+    }
+    // A short latency: the data arrives after it, intact.
+    const d2 = await MassStorageDevice.create({ imagePath: join(dir, 'slow.img'), latencyMs: 5 });
+    const b2 = new EmulatedBackend();
+    b2.add(d2);
+    await b2.open(d2.id);
+    await d2.setConfiguration(1);
+    try {
+      const payload = randomBytes(1024);
+      expect((await bulkOut(d2, MSC_BULK_OUT, cbw(3, 1024, false, [0x2a, 0, ...be32(4), 0, ...be16(2), 0]))).status).to.equal(UrbStatus.Success);
+      expect((await bulkOut(d2, MSC_BULK_OUT, payload)).status).to.equal(UrbStatus.Success);
+      expect(parseCsw(await bulkIn(d2, MSC_BULK_IN, 13)).status).to.equal(0);
+      expect((await bulkOut(d2, MSC_BULK_OUT, cbw(4, 1024, true, [0x28, 0, ...be32(4), 0, ...be16(2), 0]))).status).to.equal(UrbStatus.Success);
+      const back = await bulkIn(d2, MSC_BULK_IN, 1024);
+      expect(Buffer.from(back.data!).equals(payload)).to.equal(true);
+      expect(parseCsw(await bulkIn(d2, MSC_BULK_IN, 13)).status).to.equal(0);
+    } finally {
+      await b2.close();
+    }
+    expect(() => new MassStorageDevice({ imagePath: join(dir, 'x.img'), latencyMs: -1 })).to.throw(/disk latency/);
+  });
+
   it('creates a sparse image of the requested size', async () => {
     const st = await stat(join(dir, 'disk.img'));
     expect(st.size).to.equal(SIZE);

@@ -185,4 +185,20 @@ describe('emulated disk speed', () => {
     await writeFile(file, JSON.stringify({ emulated: { disk: false } }));
     expect(serveConfig({ config: file, diskSpeed: 'super' }).emulated?.disk).to.equal(false);
   });
+
+  it('usbroam serve: --disk-latency-ms and the config file disk.latencyMs reach the disk; a bad value fails early', async () => {
+    const cfg = serveConfig({ diskImage: join(dir, 'lat.img'), diskSizeMib: '4', diskLatencyMs: '250' });
+    expect(cfg.emulated?.disk).to.deep.include({ latencyMs: 250 });
+    const [b] = (await emulatedBackends(cfg, dir)) as EmulatedBackend[];
+    backends.push(b!);
+    expect((b!.get('emu-1-1') as MassStorageDevice).latencyMs).to.equal(250);
+    expect(() => serveConfig({ diskLatencyMs: 'soon' })).to.throw(/disk latency must be an integer/);
+    expect(() => serveConfig({ diskLatencyMs: '-5' })).to.throw(/disk latency must be an integer/);
+    const file = join(dir, 'lat.json');
+    await writeFile(file, JSON.stringify({ emulated: { disk: { image: join(dir, 'lat2.img'), sizeMiB: 4, latencyMs: 40 } } }));
+    expect(serveConfig({ config: file }).emulated?.disk).to.deep.include({ latencyMs: 40 });
+    expect(serveConfig({ config: file, diskLatencyMs: '7' }).emulated?.disk).to.deep.include({ latencyMs: 7 });
+    await writeFile(file, JSON.stringify({ emulated: { disk: { latencyMs: 'x' } } }));
+    expect(() => serveConfig({ config: file })).to.throw(/disk latency must be an integer/);
+  });
 });

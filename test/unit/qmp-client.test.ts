@@ -1,6 +1,5 @@
 import { expect } from 'chai';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import {
@@ -11,106 +10,8 @@ import {
   QmpTimeoutError,
   type QmpEvent,
 } from '../../src/qemu/qmp/client.js';
+import { FakeQmp } from '../helpers/fake-qmp.js';
 import { nextEvent, sleep } from '../helpers/wait.js';
-
-type Cmd = { execute?: string; 'exec-oob'?: string; arguments?: Record<string, unknown>; id?: unknown };
-type Reply = { return: unknown } | { error: { class: string; desc: string } } | null;
-
-/** A scriptable QMP server on a unix socket; like QEMU it serves one client at a time. */
-class FakeQmp {
-  readonly path: string;
-  server: net.Server | null = null;
-  conn: net.Socket | null = null;
-  received: Cmd[] = [];
-  connections = 0;
-  capabilities = ['oob'];
-  sendGreeting = true;
-  /** Return a reply to answer at once, null to hold the command (answer later with reply()). */
-  handler: (cmd: Cmd) => Reply = (cmd) => ({ return: { echo: cmd.execute } });
-  held: Cmd[] = [];
-  private waiters: Array<() => void> = [];
-
-  constructor(dir: string, name = 'qmp.sock') {
-    this.path = path.join(dir, name);
-  }
-
-  async start(): Promise<void> {
-    this.server = net.createServer({ pauseOnConnect: false }, (sock) => this.onConn(sock));
-    this.server.maxConnections = 4;
-    await new Promise<void>((r) => this.server!.listen(this.path, r));
-  }
-
-  private onConn(sock: net.Socket): void {
-    if (this.conn) {
-      // Busy: like QEMU, accept but stay silent.
-      sock.on('error', () => {});
-      return;
-    }
-    this.conn = sock;
-    this.connections++;
-    sock.on('error', () => {});
-    sock.on('close', () => {
-      if (this.conn === sock) this.conn = null;
-    });
-    if (this.sendGreeting) {
-      this.write({ QMP: { version: { qemu: { major: 7, minor: 2, micro: 22 }, package: 'fake' }, capabilities: this.capabilities } });
-    }
-    let buf = '';
-    sock.on('data', (d) => {
-      buf += d.toString('utf8');
-      let i: number;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, i).trim();
-        buf = buf.slice(i + 1);
-        if (!line) continue;
-        const cmd = JSON.parse(line) as Cmd;
-        this.received.push(cmd);
-        for (const w of this.waiters.splice(0)) w();
-        if (cmd.execute === 'qmp_capabilities') {
-          const en = (cmd.arguments?.enable as string[] | undefined) ?? [];
-          const bad = en.find((c) => !this.capabilities.includes(c));
-          this.write(bad ? { error: { class: 'GenericError', desc: `bad cap ${bad}` }, id: cmd.id } : { return: {}, id: cmd.id });
-          continue;
-        }
-        const r = this.handler(cmd);
-        if (r === null) this.held.push(cmd);
-        else this.write({ ...r, id: cmd.id });
-      }
-    });
-  }
-
-  write(obj: unknown): void {
-    this.conn?.write(JSON.stringify(obj) + '\r\n');
-  }
-
-  reply(cmd: Cmd, r: Exclude<Reply, null>): void {
-    this.write({ ...r, id: cmd.id });
-  }
-
-  event(name: string, data?: Record<string, unknown>): void {
-    this.write({ event: name, ...(data ? { data } : {}), timestamp: { seconds: 1, microseconds: 2 } });
-  }
-
-  async waitReceived(n: number): Promise<void> {
-    while (this.received.length < n) await new Promise<void>((r) => this.waiters.push(r));
-  }
-
-  async waitHeld(n: number): Promise<void> {
-    while (this.held.length < n) await new Promise<void>((r) => this.waiters.push(r));
-  }
-
-  drop(): void {
-    this.conn?.destroy();
-    this.conn = null;
-  }
-
-  async stop(): Promise<void> {
-    this.drop();
-    if (this.server) await new Promise<void>((r) => this.server!.close(() => r()));
-    this.server = null;
-    fs.rmSync(this.path, { force: true });
-  }
-}
 
 describe('QmpClient', function () {
   this.timeout(10_000);

@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { silentLogger } from '../../src/common/log.js';
 import type { QmpClient } from '../../src/qemu/qmp/client.js';
-import { bar0Of, endpointDci, rewindXhciDequeues, usbAddressOf } from '../../src/client/bridge/handoff/xhci-dequeue.js';
+import { bar0Of, endpointDci, GdbWriter, rewindXhciDequeues, usbAddressOf } from '../../src/client/bridge/handoff/xhci-dequeue.js';
 
 const INFO_USB = `  Device 0.0, Port 1, Speed 12 Mb/s, Product QEMU USB Tablet
   Device 0.2, Port 5, Speed 480 Mb/s, Product usb-redir, ID: usbroam-acm
@@ -149,6 +149,19 @@ describe('xHCI dequeue rewind (pre-switchover work-around for QEMU xHCI migratio
     expect(bar0Of(INFO_PCI, 'xhci')).to.deep.equal({ bar: 0xfebf0000n, xhci: true });
     expect(bar0Of(INFO_PCI, 'ehci')).to.deep.equal({ bar: 0xfebf1000n, xhci: false });
     expect(bar0Of(INFO_PCI, 'xhc')).to.equal(undefined);
+  });
+
+  it('one gdbstub shared by concurrent writers (several attachments of one VM): every write gets its own reply', async () => {
+    const q = new FakeQemu(dir);
+    const g = await GdbWriter.open(q.qmp(), dir);
+    try {
+      const addrs = [0x7004000n, 0x7004020n, 0x7004040n];
+      await Promise.all(addrs.map((a, i) => g.write(a, Buffer.from([i + 1, 0, 0, 0]))));
+      expect(addrs.map((a) => q.dw(a))).to.deep.equal([1, 2, 3]);
+      expect(q.gdbWrites).to.have.length(3);
+    } finally {
+      await g.close();
+    }
   });
 
   it('points each endpoint context at the oldest TD in flight (address | its cycle bit), through the gdbstub, and stops the gdbstub', async () => {

@@ -22,6 +22,8 @@ import {
   type UnaryHandler,
 } from '../../common/grpc-server-kit.js';
 import { RequestDecodingServer } from '../../common/request-decoding.js';
+import { loadTlsMaterial } from '../../common/tls-material.js';
+import { TlsPeers, type ReloadableServerCredentials } from '../../common/tls-reload.js';
 import { silentLogger, type Logger } from '../../common/log.js';
 import { REPO_ROOT } from '../../common/repo-root.js';
 import { QmpConnectError, QmpDisconnectedError, QmpError, QmpTimeoutError } from '../../qemu/qmp/client.js';
@@ -60,7 +62,7 @@ export interface BridgeControlOptions {
   bridge: Bridge;
   /** Unix socket path (`unix:/p` or `/p`) or host:port. Default: defaultControlSocket(). */
   listen?: string;
-  /** mTLS for TCP: the CA that signs orchestrator certificates, our certificate and key. */
+  /** mTLS for TCP: the CA that signs orchestrator certificates, our certificate and key, and a CRL of that CA. */
   tls?: ControlTlsFiles;
   /** Plaintext TCP: loopback only. */
   insecure?: boolean;
@@ -158,6 +160,8 @@ export class BridgeControlServer {
   private readonly listenAt: ControlAddress;
   private readonly vms = new Map<string, string | undefined>();
   private accepting = true;
+  private creds?: ReloadableServerCredentials;
+  private peers?: TlsPeers;
   /** `unix:/path` or host:port (with the real port when 0 was asked). */
   address = '';
 
@@ -398,7 +402,7 @@ export class BridgeControlServer {
       creds = grpc.ServerCredentials.createInsecure();
       target = at.hostPort;
     } else {
-      creds = mutualTlsCredentials(opts.tls!);
+      creds = this.creds = mutualTlsCredentials(opts.tls!);
       target = at.hostPort;
     }
     // The socket file is created by bind: make it owner-only from birth, then chmod to be sure.
@@ -410,10 +414,40 @@ export class BridgeControlServer {
       if (oldMask !== undefined) process.umask(oldMask);
     }
     if (at.kind === 'unix') chmodSync(at.path, 0o600);
+    if (this.creds) this.peers = new TlsPeers(this.grpcServer);
     this.address = at.kind === 'unix' ? target : at.hostPort.replace(/:\d+$/, `:${port}`);
     this.health.setServing(true);
-    this.log.info({ address: this.address, tls: at.kind === 'tcp' && !opts.insecure, vms: [...this.vms.keys()] }, 'bridge control API listening');
+    this.log.info({ address: this.address, tls: at.kind === 'tcp' && !opts.insecure, crl: opts.tls?.crl, vms: [...this.vms.keys()] }, 'bridge control API listening');
     return this.address;
+  }
+
+  /**
+   * Re-read the control listener's TLS files (SIGHUP): new handshakes use them; connections of
+   * certificates they no longer accept (revoked, another CA) are closed. Broken files: the old
+   * material stays, the error is logged and returned. Attachments are not touched.
+   */
+  reloadTls(tls: ControlTlsFiles | undefined = this.opts.tls): { ok: boolean; error?: string; connectionsClosed: string[] } {
+    if (!this.creds) {
+      this.log.info({ reload: 'done', address: this.address }, 'control API reload: it runs without TLS, nothing to re-read');
+      return { ok: true, connectionsClosed: [] };
+    }
+    let material;
+    try {
+      if (!tls) throw new Error('the new configuration has no control TLS material: the control API does not switch to plaintext (restart the bridge)');
+      material = loadTlsMaterial(tls);
+    } catch (err) {
+      const error = (err as Error).message;
+      this.log.error({ reload: 'refused', err: error, files: tls }, 'control API reload refused: keeping the previous TLS material');
+      return { ok: false, error, connectionsClosed: [] };
+    }
+    this.creds.replace(material);
+    const refused = this.peers?.refusedBy(material) ?? [];
+    for (const p of refused) {
+      this.log.warn({ reload: 'connection_closed', peer: p.peer, identity: p.identity, serial: p.serial, reason: `tls_${p.reason}`, err: p.message }, 'control connection closed by reload: its client certificate is no longer accepted');
+      TlsPeers.close(p);
+    }
+    this.log.info({ reload: 'done', cert: tls.cert, ca: tls.ca, crl: tls.crl, revoked: material.crl?.count ?? 0, connectionsClosed: refused.length }, 'control API reloaded its TLS material');
+    return { ok: true, connectionsClosed: refused.map((p) => p.peer) };
   }
 
   /** Refuse new calls, detach everything (clean unplugs), stop the server, remove the socket. */

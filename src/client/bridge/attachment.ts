@@ -306,10 +306,6 @@ export class Attachment extends EventEmitter {
   bulkReceivingEndpoints(): number[] {
     return this.handoff.bulkReceivingEndpoints();
   }
-  /** While frozen: an empty completion of a bulk receiving TD for the destination (see AttachmentHandOff). */
-  completeEmptyForDestination(endpoint: number, id: bigint): void {
-    this.handoff.completeEmptyForDestination(endpoint, id);
-  }
   /** While frozen: per bulk endpoint, the TDs QEMU has in flight, oldest first (for the xHCI rewind). */
   qemuBulkInFlight(): QemuBulkInFlight[] {
     return this.handoff.qemuBulkInFlight();

@@ -3,6 +3,7 @@
 // a usb-redir device (or serves a cold-plugged one), and runs an Attachment; detach() unplugs
 // it and closes the session. The gRPC control API (bridge-control/) and the CLI drive it. The
 // live-migration hand-off (source and destination) is in handoff/.
+import { status as GrpcStatus } from '@grpc/grpc-js';
 import { EventEmitter } from 'node:events';
 import { mkdirSync } from 'node:fs';
 import type net from 'node:net';
@@ -149,6 +150,17 @@ export interface BridgeOptions {
   resumeWindowMs?: number;
   /** The fleet: a migration destination offers to hold the claim of the session it stands by on. */
   incomingClaims?: IncomingClaims;
+  /**
+   * prepareIncoming: longest wait for the USB host server to park the standby stream (a server
+   * that does not answer, e.g. a TLS handshake that never completes). Default 10000 ms.
+   */
+  standbyOpenTimeoutMs?: number;
+}
+
+/** The standby's server did not answer in time: DEADLINE_EXCEEDED, as the control API passes it on. */
+function standbyDeadline(sessionId: string, ms: number): Error {
+  const details = `no answer within ${ms} ms to the standby for session ${sessionId}: the server is unreachable or does not complete the TLS handshake`;
+  return Object.assign(new Error(details), { code: GrpcStatus.DEADLINE_EXCEEDED, details });
 }
 
 export class Bridge extends EventEmitter {
@@ -168,11 +180,14 @@ export class Bridge extends EventEmitter {
   private readonly reattacher: Reattacher;
   private readonly deviceOptions: RemoteDeviceOptions;
 
+  private readonly standbyOpenTimeoutMs: number;
+
   constructor(opts: BridgeOptions = {}) {
     super();
     this.log = opts.log ?? silentLogger;
     this.runDir = opts.runDir ?? path.join(os.tmpdir(), `usbroam-bridge-${process.pid}`);
     this.incomingClaims = opts.incomingClaims;
+    this.standbyOpenTimeoutMs = opts.standbyOpenTimeoutMs ?? 10_000;
     mkdirSync(this.runDir, { recursive: true, mode: 0o700 });
     this.deviceOptions = { maxInFlight: 1 << 30, reconnectWindowMs: opts.resumeWindowMs };
     this.state = opts.stateDir ? new BridgeStateFile(opts.stateDir) : undefined;
@@ -250,11 +265,17 @@ export class Bridge extends EventEmitter {
     const socketPath = coldPlugged?.socketPath ?? this.socketPathFor(req.vm, id);
     if (!coldPlugged) await hotplugRedir(qmp, { id, chardevId, socketPath, bus, filter: req.filter, port: req.port });
     let standby;
+    const pending = standBy({ client, sessionId: req.sessionId, socketPath, id, log, sessionLog: vmLog, onEnd: () => this.standbys.delete(id) });
+    let timer: NodeJS.Timeout | undefined;
     try {
-      standby = await standBy({ client, sessionId: req.sessionId, socketPath, id, log, sessionLog: vmLog, onEnd: () => this.standbys.delete(id) });
+      const ms = this.standbyOpenTimeoutMs;
+      standby = await Promise.race([pending, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(standbyDeadline(req.sessionId, ms)), ms)))]);
     } catch (err) {
+      pending.then((late) => late.release(), () => {}); // parked after the deadline: let it go
       if (!coldPlugged) await unplugRedir(qmp, { id, chardevId }, { timeoutMs: 10_000 }).catch(() => {});
       throw err;
+    } finally {
+      clearTimeout(timer);
     }
     const dev = standby.device;
     let claim: IncomingClaim | undefined;
@@ -369,12 +390,13 @@ export class Bridge extends EventEmitter {
     if (!claim) e.ownClient?.close();
   }
 
-  /** The attachment ended here: give its claim up and close its own client. */
-  private ended(e: Entry): void {
+  /** The attachment ended here: give its claim up and close its own client. Resolves once the claim is given up. */
+  private async ended(e: Entry): Promise<void> {
     const claim = e.claim;
     e.claim = undefined;
-    void claim?.release();
+    const released = claim?.release();
     e.ownClient?.close();
+    await released;
   }
 
   private entryOf(
@@ -456,7 +478,7 @@ export class Bridge extends EventEmitter {
       return;
     }
     if (e.detaching) return;
-    this.ended(e);
+    void this.ended(e);
     // Closed by itself (device gone, malformed input, QEMU closed the chardev): drop the
     // usb-redir device we hot-plugged so the VM is left clean.
     this.attachments.delete(e.info.id);
@@ -498,7 +520,7 @@ export class Bridge extends EventEmitter {
       }
     } finally {
       await e.att.close('detached');
-      this.ended(e);
+      await this.ended(e); // detach returns with the device free in the fleet
     }
   }
 

@@ -12,6 +12,8 @@ export interface ChannelCall {
   end(): void;
   /** Break the stream (as a lost connection would). */
   cancel(): void;
+  /** Stop (true) or go on (false) reading server messages: the transport's flow control backs up to the server. */
+  setReading(on: boolean): void;
 }
 
 /** What a Connect stream reports to its RemoteDevice. */

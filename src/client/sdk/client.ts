@@ -99,6 +99,7 @@ export class UsbHostClient {
         }
       },
       cancel: () => call.cancel(),
+      setReading: (on) => (on ? call.resume() : call.pause()),
     };
   };
 

@@ -103,6 +103,8 @@ export class RemoteDevice extends EventEmitter {
   private handedOff?: Pending<void>;
   /** Reconnections so far (for tests and metrics). */
   reconnects = 0;
+  /** pauseReading() is in force (on this stream and any reconnected one). */
+  private readingPaused = false;
 
   private constructor(
     private readonly openStream: StreamOpener,
@@ -175,6 +177,7 @@ export class RemoteDevice extends EventEmitter {
         void this.streamEnded(st, error);
       },
     });
+    if (this.readingPaused) st.call.setReading(false);
     st.write({ frames: [{ seq: this.channel.highestSeq, kind: { $case: 'open', value: { target } } }] });
     return opened;
   }
@@ -259,6 +262,23 @@ export class RemoteDevice extends EventEmitter {
   /** Break the current stream as a network failure would (for tests and fault injection). */
   dropStream(): void {
     this.current?.call?.cancel();
+  }
+
+  /**
+   * Test hook: stop reading the gRPC stream, as a client that stops reading its completions
+   * would. Submits still go out; completions back up through HTTP/2 flow control to the server,
+   * which holds further URBs at its byte bound and ends the session after its grace period.
+   * Nothing on the URB path looks at it: it pauses the underlying call.
+   */
+  pauseReading(): void {
+    this.readingPaused = true;
+    this.current?.call?.setReading(false);
+  }
+
+  /** Test hook: read the stream again after pauseReading(); what waited arrives. */
+  resumeReading(): void {
+    this.readingPaused = false;
+    this.current?.call?.setReading(true);
   }
 
   // ------------------------------------------------------------ inbound

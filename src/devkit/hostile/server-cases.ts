@@ -57,16 +57,22 @@ export async function randomBytesCase(srv: ServerUnderTest, runsPerMethod: numbe
   } finally {
     client.close();
   }
-  const refusals = srv.logs
-    .slice(logsBefore)
-    .map((l) => {
-      try {
-        return JSON.parse(l) as { msg?: string; identity?: string; peer?: string; method?: string };
-      } catch {
-        return {};
-      }
-    })
-    .filter((l) => l.msg === 'request refused: its bytes do not parse');
+  const refusalsLogged = () =>
+    srv.logs
+      .slice(logsBefore)
+      .map((l) => {
+        try {
+          return JSON.parse(l) as { msg?: string; identity?: string; peer?: string; method?: string };
+        } catch {
+          return {};
+        }
+      })
+      .filter((l) => l.msg === 'request refused: its bytes do not parse');
+  // The server's log lines come through its stdout pipe, the statuses through the TLS socket: the
+  // last lines may still be on their way when the last call has ended.
+  const deadline = Date.now() + 5000;
+  while (refusalsLogged().length < tally.undecodable && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  const refusals = refusalsLogged();
   const logged = refusals.filter((l) => l.identity === srv.admin && /^127\.0\.0\.1:\d+$/.test(l.peer ?? '')).length;
   const ok = tally.internal_count === 0 && tally.violations.length === 0 && tally.undecodable > 0 && logged === tally.undecodable;
   return {

@@ -17,6 +17,7 @@ export type RefusalReason =
   | 'tls_unknown_ca'
   | 'tls_expired'
   | 'tls_no_certificate'
+  | 'tls_revoked'
   | 'tls_bad_certificate'
   | 'tls_other'
   | 'unauthenticated'

@@ -13,6 +13,7 @@ export function tlsRefusalReason(err: Error & { code?: string }): RefusalReason 
   if (/PEER_DID_NOT_RETURN_A_CERTIFICATE|did not return a certificate|CERTIFICATE_REQUIRED/i.test(text)) return 'tls_no_certificate';
   if (/CERT_HAS_EXPIRED|CERTIFICATE_EXPIRED|CERT_NOT_YET_VALID|certificate has expired/i.test(text)) return 'tls_expired';
   if (/UNABLE_TO_GET_ISSUER_CERT|UNABLE_TO_VERIFY_LEAF_SIGNATURE|SELF_SIGNED_CERT|UNKNOWN_CA|unknown ca|unable to get (local )?issuer/i.test(text)) return 'tls_unknown_ca';
+  if (/CERT_REVOKED|certificate revoked/i.test(text)) return 'tls_revoked';
   if (/CERT|certificate/i.test(text)) return 'tls_bad_certificate';
   return 'tls_other';
 }

@@ -7,9 +7,18 @@ export interface SessionLimits {
   maxUrbBytes: number;
   /** URBs executing at once; beyond it the session stops reading its stream (flow control). */
   maxInFlight: number;
-  /** Unacknowledged server frames, in payload bytes. */
+  /** Unacknowledged server frames, in payload bytes (a backstop: maxBufferedBytes holds them first). */
   maxJournalBytes: number;
-  /** How long a session without a stream keeps its claim. */
+  /**
+   * Bytes a session holds for its client: server frames it has not acknowledged plus the data of the
+   * URBs in flight. At the bound the session takes no new URB from its stream until the client
+   * acknowledges (flow control); a client that does not read for graceMs loses the session.
+   */
+  maxBufferedBytes: number;
+  /**
+   * How long a session without a stream keeps its claim; also how long a stream may not drain (or
+   * its client not acknowledge at the byte bound) before the session ends.
+   */
   graceMs: number;
   /** Receiving streams pause (stop resubmitting) while the journal holds more than this. */
   receivingPauseBytes: number;
@@ -21,6 +30,7 @@ export const defaultLimits: SessionLimits = {
   maxUrbBytes: 8 * 1024 * 1024,
   maxInFlight: 512,
   maxJournalBytes: 256 * 1024 * 1024,
+  maxBufferedBytes: 32 * 1024 * 1024,
   graceMs: 30_000,
   receivingPauseBytes: 8 * 1024 * 1024,
   standbyTakeoverMs: 3000,

@@ -6,16 +6,18 @@
 // (duplicates dropped by seq, SeqChannel) by the UrbExecutor; every server data
 // frame is journaled until acknowledged and replayed after a resume. While no
 // stream is attached the session keeps executing what is in flight and journals
-// the completions, for a grace period.
+// the completions, for a grace period. A client that stops reading is held to a byte bound (no new
+// URB until it acknowledges) and loses the session when it does not drain within the grace period.
 import { EventEmitter } from 'node:events';
 import { status as Status } from '@grpc/grpc-js';
 import type { Logger } from '../../common/log.js';
-import { SeqChannel } from '../../common/seq-channel.js';
+import { SeqChannel, type ChannelLink } from '../../common/seq-channel.js';
 import { InvalidAckError, JournalOverflowError } from '../../common/seq-journal.js';
 import type { ClientFrame, HandOff, ServerFrame } from '../../gen/usbroam/v1/usbhost.js';
 import type { DeviceHandle, DeviceInfo } from '../backends/types.js';
 import { ChannelProtocolError, type SessionLimits, type SessionStream } from './session-types.js';
 import { UrbExecutor, type ExecutorOutput } from './urb-executor.js';
+import { ConsumerWatch } from './consumer-watch.js';
 import type { SessionObserver } from '../observe/observer.js';
 
 export { ChannelProtocolError, defaultLimits, type SessionLimits, type SessionStream } from './session-types.js';
@@ -33,6 +35,8 @@ export class Session extends EventEmitter {
   private takeoverTimer?: NodeJS.Timeout;
   private standby?: { stream: SessionStream; identity: string };
   private closing?: Promise<void>;
+  /** Is the attached stream's client reading? (ends the session when it stops for graceMs) */
+  private readonly watch: ConsumerWatch;
 
   constructor(
     readonly id: string,
@@ -47,7 +51,9 @@ export class Session extends EventEmitter {
       emit: (kind, bytes) => this.appendFrame(kind, bytes),
       error: (code, message, clientSeq) => this.sendError(code, message, clientSeq),
       journalBytes: () => this.channel.journalBytes,
+      held: (on) => this.watch.setHeld(on),
     };
+    this.watch = new ConsumerWatch(limits.graceMs, () => this.channel.journalBytes > 0, (s) => this.onStalled(s.ms, s.blocked));
     this.urbs = new UrbExecutor(handle, limits, log, out);
     handle.on('gone', this.onGone);
   }
@@ -120,9 +126,38 @@ export class Session extends EventEmitter {
     clearTimeout(this.takeoverTimer);
     this.stream = stream;
     this.state = 'attached';
+    this.watch.reset();
     stream.write({ frames: [first] });
-    this.channel.attach(stream, lastServerSeq);
+    this.channel.attach(this.watchedLink(stream), lastServerSeq);
     this.emit('attached');
+  }
+
+  /** `stream` as the channel's link, telling the watch when its transport fills and drains. */
+  private watchedLink(stream: SessionStream): ChannelLink<ServerFrame> {
+    return {
+      write: (m) => {
+        const ok = stream.write(m);
+        if (!ok && this.stream === stream) this.watch.setBlocked(true);
+        return ok;
+      },
+      onceDrain: (cb) =>
+        stream.onceDrain(() => {
+          if (this.stream === stream) this.watch.setBlocked(false);
+          cb();
+        }),
+    };
+  }
+
+  /** The client did not drain its stream (or acknowledge at the byte bound) for `ms`: end the session. */
+  private onStalled(ms: number, blocked: boolean): void {
+    if (this.closing || this.state !== 'attached' || !this.stream) return;
+    const journalBytes = this.channel.journalBytes;
+    const message =
+      `session ${this.id} on device ${this.device.id}: client ${this.stream.peer} did not read completions for ${(ms / 1000).toFixed(1)} s ` +
+      `(${journalBytes} bytes unacknowledged, bound ${this.limits.maxBufferedBytes}; ${blocked ? 'its stream does not drain' : 'it does not acknowledge'}); the session is ended and the device released`;
+    this.log.error({ stalledMs: ms, journalBytes, maxBufferedBytes: this.limits.maxBufferedBytes, streamBlocked: blocked }, 'client did not read completions within the grace period; ending the session');
+    this.sendError(Status.RESOURCE_EXHAUSTED, message, 0);
+    void this.close('client did not read completions', { reset: true, code: Status.RESOURCE_EXHAUSTED, message });
   }
 
   /**
@@ -210,6 +245,7 @@ export class Session extends EventEmitter {
     if (this.stream !== stream || this.state === 'closed') return;
     this.stream = undefined;
     this.channel.detach(stream);
+    this.watch.reset();
     this.state = 'detached';
     this.detachedAt = Date.now();
     this.log.warn({ why, graceMs: this.limits.graceMs, inFlight: this.urbs.inFlightCount }, 'stream lost; session kept for its grace period');
@@ -250,13 +286,16 @@ export class Session extends EventEmitter {
       throw new ChannelProtocolError(Status.INVALID_ARGUMENT, `client frame seq ${frame.seq} has no known kind`, frame.seq);
     }
     if (kind.$case === 'ack') {
+      const before = this.channel.ackedSeq;
       try {
         this.channel.peerAcked(kind.value.seq);
       } catch (err) {
         if (err instanceof InvalidAckError) throw new ChannelProtocolError(Status.INVALID_ARGUMENT, err.message, frame.seq);
         throw err;
       }
-      this.urbs.maybeResumeReceivers();
+      if (this.channel.ackedSeq === before) return;
+      this.watch.progress();
+      this.urbs.acked();
       return;
     }
     if (kind.$case === 'open') {
@@ -331,6 +370,7 @@ export class Session extends EventEmitter {
     if (this.closing) return this.closing;
     this.closing = (async () => {
       clearTimeout(this.graceTimer);
+      this.watch.reset();
       this.channel.stop();
       this.log.info({ why, inFlight: this.urbs.inFlightCount }, 'closing session');
       await this.urbs.stopAllReceivers();

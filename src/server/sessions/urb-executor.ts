@@ -19,11 +19,15 @@ export interface ExecutorOutput {
   error(code: Status, message: string, clientSeq: number): void;
   /** Weighted bytes the client has not acknowledged yet. */
   journalBytes(): number;
+  /** The stream's next submit waits for the client to acknowledge (true: the byte bound is full), or goes on. */
+  held(on: boolean): void;
 }
 
 interface InFlight {
   backendId: number;
   endpoint: number;
+  /** What the URB holds or will bring back: its IN length or its OUT data. */
+  bytes: number;
 }
 
 const EMPTY = new Uint8Array(0);
@@ -36,6 +40,8 @@ export class UrbExecutor {
   /** Endpoints whose URBs the backend cannot execute, already reported to the client (UNIMPLEMENTED). */
   private readonly unsupportedTold = new Set<number>();
   private nextBackendId = 1;
+  /** Sum of the in-flight URBs' bytes. */
+  private inFlightBytes = 0;
   private slotWaiters: (() => void)[] = [];
   /** The session closed: completions are dropped, every slot waiter released. */
   private closed = false;
@@ -56,16 +62,27 @@ export class UrbExecutor {
 
   // ------------------------------------------------------------ flow control
 
-  /** Another URB may be submitted now (or the session is closed: frames are refused anyway). */
+  /**
+   * Another URB may be submitted now (or the session is closed: frames are refused anyway): fewer
+   * than maxInFlight in flight, and unacknowledged frames plus in-flight data under maxBufferedBytes
+   * (one URB may pass the bound: the journal stays within it plus maxUrbBytes).
+   */
   hasSlot(): boolean {
-    return this.inFlight.size < this.limits.maxInFlight || this.closed;
+    return (this.inFlight.size < this.limits.maxInFlight && !this.overBytes()) || this.closed;
   }
 
-  /** Resolves when another URB may be submitted. */
+  /** The byte bound is full: what the client has not acknowledged plus what is in flight. */
+  private overBytes(): boolean {
+    return this.out.journalBytes() + this.inFlightBytes >= this.limits.maxBufferedBytes;
+  }
+
+  /** Resolves when another URB may be submitted; tells `out.held` while the byte bound is why not. */
   async waitForSlot(): Promise<void> {
     while (!this.hasSlot()) {
+      this.out.held(this.overBytes());
       await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
     }
+    this.out.held(false);
   }
 
   /** Call `cb` once when a slot frees up (or the session closes). */
@@ -107,7 +124,9 @@ export class UrbExecutor {
       isoPackets: s.isoPackets.length ? s.isoPackets.map((p) => ({ length: p.length, status: UrbStatus.Success, actualLength: 0 })) : undefined,
       timeoutMs: s.timeoutMs,
     };
-    this.inFlight.set(s.urbId, { backendId, endpoint: s.endpoint });
+    const bytes = isIn ? s.length : s.data.length;
+    this.inFlight.set(s.urbId, { backendId, endpoint: s.endpoint, bytes });
+    this.inFlightBytes += bytes;
     this.stats.urbsSubmitted++;
     const observer = this.observer;
     if (!observer) return this.handle.submit(urb, (r) => this.completed(s.urbId, r));
@@ -142,6 +161,8 @@ export class UrbExecutor {
   }
 
   private completed(urbId: number, r: UrbResult): void {
+    const f = this.inFlight.get(urbId);
+    if (f) this.inFlightBytes -= f.bytes;
     this.inFlight.delete(urbId);
     this.stats.urbsCompleted++;
     if (this.closed) return;
@@ -251,8 +272,9 @@ export class UrbExecutor {
     r.start();
   }
 
-  /** The client acknowledged: receiving streams paused on a full journal may go on. */
-  maybeResumeReceivers(): void {
+  /** The client acknowledged: a submit held by the byte bound and receiving streams paused on a full journal may go on. */
+  acked(): void {
+    if (this.slotWaiters.length && this.hasSlot()) for (const w of this.slotWaiters.splice(0)) w();
     if (this.out.journalBytes() > this.limits.receivingPauseBytes) return;
     for (const r of this.receivers.values()) r.resumeIfPaused();
   }

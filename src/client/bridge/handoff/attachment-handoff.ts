@@ -93,18 +93,6 @@ export class AttachmentHandOff {
   }
 
   /**
-   * While frozen: queue (in the held output, so for the destination) an empty successful
-   * bulk_packet for QEMU's TD `id` on a bulk receiving endpoint. QEMU migrates the id of the
-   * TD it had waiting for buffered data in already_in_flight, so the destination, fetching that
-   * TD again after the xHCI rewind, waits for a completion with that id instead of serving it
-   * from its buffer; this completion ends it with no data (the buffered data stays for the next TD).
-   */
-  completeEmptyForDestination(endpoint: number, id: bigint): void {
-    if (this._phase.kind !== 'frozen') throw new Error('not frozen');
-    this.a.host.send({ type: 'bulk_packet', id, endpoint, status: 0, length: 0, streamId: 0, data: new Uint8Array(0) });
-  }
-
-  /**
    * Source side, first half, while the source QEMU is paused before it saves its device state
    * (MIGRATION 'pre-switchover', capability pause-before-switchover): hold our output, read
    * what QEMU wrote, and measure exactly how many of our bytes it has not read.

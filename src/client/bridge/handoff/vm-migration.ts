@@ -26,7 +26,16 @@ export interface HandOffEvent {
    * xHCI fetches them again (see xhci-dequeue.ts): endpoints whose context was rewound, already
    * right, or skipped (with why).
    */
-  xhciRewind?: { inFlight: number; patched: number; unchanged: number; skipped: string[]; tookMs: number; error?: string };
+  xhciRewind?: {
+    inFlight: number;
+    patched: number;
+    unchanged: number;
+    /** Of the patched, bulk receiving endpoints (their oldest uncompleted TD, from the event ring). */
+    receiving?: number;
+    skipped: string[];
+    tookMs: number;
+    error?: string;
+  };
   /**
    * Under libvirt (which continues the migration itself): QEMU's migration status when the freeze
    * and the xHCI rewind were done; 'pre-switchover' means they were done before libvirt continued.
@@ -250,6 +259,12 @@ export class VmMigrations {
       return false;
     });
     // Bulk receiving endpoints: their oldest uncompleted TD from the event ring (xhci-event-ring.ts).
+    // QEMU does not count these TDs as in flight (usbredir_fill_already_in_flight skips bulk
+    // receiving endpoints) and migrates its buffered data (bufpq): the destination serves a TD it
+    // fetches again like a new one, from that buffer or the next buffered_bulk_packet. So the
+    // context only has to point at the oldest uncompleted TD; nothing is sent for it. (A
+    // completion for its id would find the TD the destination fetched and complete it behind
+    // usb-redir's back, leaving pending_async_packet set: QEMU aborts on the next TD.)
     const receiving: { endpoint: number; id: bigint }[] = [];
     for (const endpoint of e.att.bulkReceivingEndpoints()) {
       try {
@@ -257,9 +272,8 @@ export class VmMigrations {
         if (loc.bar === undefined || loc.capLength === undefined) continue;
         const td = await oldestUncompletedTd(qmp, { ...loc, bar: loc.bar, capLength: loc.capLength }, endpoint);
         if (td.why) rec.skipped.push(`ep ${endpoint.toString(16)} (bulk receiving): ${td.why}`);
+        // At the context's dequeue pointer: fetched at QEMU's last kick (or not written yet), the destination fetches it anyway.
         else if (td.id !== undefined && td.id !== td.dequeue) receiving.push({ endpoint, id: td.id });
-        // Fetched at QEMU's last kick: the destination fetches it again anyway; only its completion is needed.
-        else if (td.id !== undefined && td.written) e.att.completeEmptyForDestination(endpoint, td.id);
       } catch (err) {
         rec.skipped.push(`ep ${endpoint.toString(16)} (bulk receiving): ${(err as Error).message}`);
       }
@@ -280,7 +294,7 @@ export class VmMigrations {
         location,
         gdb,
       });
-      for (const r of receiving) if (res.patched.some((p) => p.endpoint === r.endpoint)) e.att.completeEmptyForDestination(r.endpoint, r.id);
+      rec.receiving = receiving.filter((r) => res.patched.some((p) => p.endpoint === r.endpoint)).length;
       rec.patched = res.patched.length;
       rec.unchanged = res.unchanged.length;
       rec.skipped.push(...res.skipped.map((s) => `ep ${s.endpoint.toString(16)}: ${s.why}`));

@@ -35,9 +35,11 @@
 // SET_ADDRESS and the configuration/interface ones it turns into usbredir control packets, are
 // not data packets: if one of those is the oldest in flight, we do not know it and do not rewind.)
 //
-// Not covered: bulk streams, and endpoints QEMU serves by usbredir bulk receiving (quirked
-// FTDI-like devices: their TDs are never sent to us, so their addresses are unknown). Skipped
-// endpoints are logged.
+// Endpoints QEMU serves by usbredir bulk receiving (quirked FTDI-like devices) never send their
+// TDs to us: their oldest uncompleted TD is found in the event ring (xhci-event-ring.ts); QEMU
+// migrates their buffered data and does not count their TDs as in flight, so the destination
+// serves the TDs it fetches again as new ones. Not covered: bulk streams. Skipped endpoints are
+// logged.
 //
 // QEMU has no QMP/HMP command that writes guest memory; its gdbstub does (physical addresses
 // with `Qqemu.PhyMemMode:1`). It is started on a unix socket for the write only and stopped
@@ -123,10 +125,15 @@ function rspPacket(data: string): string {
   return `$${data}#${sum.toString(16).padStart(2, '0')}`;
 }
 
-/** A minimal gdb remote-protocol client: one request, one reply at a time. */
+/**
+ * A minimal gdb remote-protocol client: one request, one reply at a time. Requests made while
+ * one is outstanding wait their turn (the rewinds of several attachments of one VM share a
+ * gdbstub): a reply answers the oldest request, never a later one.
+ */
 class GdbLink {
   private buf = '';
   private waiter?: (reply: string) => void;
+  private turn: Promise<unknown> = Promise.resolve();
   constructor(private readonly sock: net.Socket) {
     sock.setEncoding('latin1');
     sock.on('data', (d: string) => {
@@ -151,6 +158,11 @@ class GdbLink {
     }
   }
   request(data: string, timeoutMs = 3000): Promise<string> {
+    const r = this.turn.then(() => this.send(data, timeoutMs));
+    this.turn = r.catch(() => {});
+    return r;
+  }
+  private send(data: string, timeoutMs: number): Promise<string> {
     return new Promise((resolve, reject) => {
       const t = setTimeout(() => {
         this.waiter = undefined;

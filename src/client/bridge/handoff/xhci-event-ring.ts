@@ -57,14 +57,14 @@ async function nextTrb(qmp: QmpClient, addr: bigint): Promise<bigint> {
 /**
  * The address of the oldest TD fetched and not completed on `endpoint` of the device at `loc`, or
  * undefined with the reason (no completion in the event ring yet, an event-data event, a TD
- * that does not end within MAX_TD_TRBS). `dequeue` is the endpoint context's TR dequeue pointer;
- * `written`: the TD at `id` exists (when id is the dequeue pointer: the guest wrote it).
+ * that does not end within MAX_TD_TRBS). `dequeue` is the endpoint context's TR dequeue pointer:
+ * when `id` is the same, the destination fetches that TD (if the guest wrote it) anyway.
  */
 export async function oldestUncompletedTd(
   qmp: QmpClient,
   loc: XhciDeviceLocation & { bar: bigint; capLength: number },
   endpoint: number,
-): Promise<{ id?: bigint; dequeue: bigint; written?: boolean; why?: string }> {
+): Promise<{ id?: bigint; dequeue: bigint; why?: string }> {
   const dci = endpointDci(endpoint);
   const ctx = await readPhys(qmp, loc.devCtx + BigInt(loc.ctxSize * dci), 4);
   const dequeue = ptr(ctx[2]!, ctx[3]!) & ~0xfn;
@@ -84,10 +84,5 @@ export async function oldestUncompletedTd(
     if (!(t[3]! & 0x10)) break; // no chain bit: the TD's last TRB
     p = await nextTrb(qmp, p);
   }
-  const id = await nextTrb(qmp, p);
-  // At the context's dequeue pointer, the TD was fetched at QEMU's last kick iff the guest has
-  // written it (its cycle bit is the context's dequeue cycle state): guests ring the doorbell right
-  // after writing a TD, and QEMU fetches in the doorbell write.
-  const written = id === dequeue ? ((await trbAt(qmp, id))[3]! & 1) === (ctx[2]! & 1) : true;
-  return { id, dequeue, written };
+  return { id: await nextTrb(qmp, p), dequeue };
 }

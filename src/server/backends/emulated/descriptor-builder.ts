@@ -10,7 +10,7 @@ export function bulkMaxPacketSize(speed: Speed): number {
 }
 
 /** A bulk endpoint; SuperSpeed companion: bMaxBurst, log2 of the number of streams. */
-export function bulkEndpoint(address: number, maxPacketSize: number, ss: { maxBurst?: number; maxStreamsExp?: number } = {}): EndpointSpec {
+export function bulkEndpoint(address: number, maxPacketSize: number, ss: { maxBurst?: number; maxStreamsExp?: number; extra?: Uint8Array } = {}): EndpointSpec {
   return { address, type: TransferType.Bulk, maxPacketSize, interval: 0, ...ss };
 }
 

@@ -39,6 +39,8 @@ export interface EndpointSpec {
   mult?: number;
   /** SuperSpeed periodic: wBytesPerInterval. */
   bytesPerInterval?: number;
+  /** Class-specific descriptors placed after the endpoint (and its SuperSpeed companion), e.g. UAS pipe usage. */
+  extra?: Uint8Array;
 }
 
 export interface InterfaceSpec {
@@ -171,6 +173,7 @@ function buildConfig(
         const bpi = periodic ? (ep.bytesPerInterval ?? ep.maxPacketSize * ((ep.maxBurst ?? 0) + 1)) : 0;
         w.u8(6).u8(DT_SS_ENDPOINT_COMPANION).u8(ep.maxBurst ?? 0).u8(attrs).u16(bpi);
       }
+      if (ep.extra) w.raw(ep.extra);
     }
   }
   w.patchU16(2, w.length);

@@ -9,6 +9,7 @@ import type { EmulatedDevice } from './emulated-device.js';
 import { MassStorageDevice } from './mass-storage.js';
 import { LoopbackDevice } from './loopback.js';
 import { FtdiDevice } from './ftdi.js';
+import { UasDevice } from './uas.js';
 import { SerialDevice } from './serial.js';
 
 export class EmulatedBackend extends EventEmitter implements UsbBackend {
@@ -88,6 +89,8 @@ export interface DefaultEmulatedBackendOptions {
   speed?: Speed;
   /** Speed of the mass-storage disk only (default `speed`). */
   diskSpeed?: Speed;
+  /** Milliseconds each READ/WRITE command of the disk waits before its data moves (default 0). */
+  diskLatencyMs?: number;
   logger?: Logger;
   /** Leave out devices. */
   massStorage?: boolean;
@@ -97,6 +100,8 @@ export interface DefaultEmulatedBackendOptions {
   serial?: boolean;
   /** Add the FTDI FT232R-like echo port (port 4, id emu-1-4; default off). */
   ftdi?: boolean;
+  /** Add a SuperSpeed UAS disk on this image (port 5, id emu-1-5; default none). */
+  uas?: { imagePath: string; sizeBytes?: number };
 }
 
 /** Names of the speeds an emulated device can run at (for flags and config files). */
@@ -130,6 +135,7 @@ export async function createDefaultEmulatedBackend(opts: DefaultEmulatedBackendO
         sizeBytes: opts.imageSizeBytes,
         readOnly: opts.readOnly,
         serial: 'USBROAM-MSC-0001',
+        latencyMs: opts.diskLatencyMs,
       }),
     );
   }
@@ -141,6 +147,9 @@ export async function createDefaultEmulatedBackend(opts: DefaultEmulatedBackendO
   }
   if (opts.ftdi) {
     backend.add(new FtdiDevice({ bus: 1, logger: opts.logger, portPath: [4], serial: 'USBROAM-FTDI-0001' }));
+  }
+  if (opts.uas) {
+    backend.add(await UasDevice.create({ bus: 1, logger: opts.logger, portPath: [5], speed: Speed.Super, imagePath: opts.uas.imagePath, sizeBytes: opts.uas.sizeBytes, readOnly: opts.readOnly }));
   }
   return backend;
 }

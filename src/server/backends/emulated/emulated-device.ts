@@ -3,8 +3,11 @@
 //
 // URB model
 // ---------
-// * One FIFO queue per endpoint (0x00/0x80 share the control queue). URBs on
-//   an endpoint start in submission order and complete in submission order.
+// * One FIFO queue per endpoint (0x00/0x80 share the control queue), and on a
+//   bulk endpoint with streams allocated one per (endpoint, stream id): each
+//   stream is its own pipe, so a URB waiting on one stream never holds up
+//   another. URBs on a queue start in submission order and complete in
+//   submission order.
 //   By default one URB executes at a time per endpoint; a subclass can allow
 //   several to execute concurrently (pipelineDepth) - they still complete in
 //   order. Endpoints are independent of each other.
@@ -15,8 +18,13 @@
 // * Cancel: a queued URB completes Cancelled without executing; an executing
 //   URB is told through its TransferContext and completes Cancelled at once
 //   (the device discards its eventual result).
+// * Bulk streams: allocBulkStreams(endpoints, n) gives each endpoint stream ids
+//   1..n (n at most its companion's MaxStreams); a URB with a stream id on an
+//   endpoint without streams, past n, or stream 0 on an endpoint with streams,
+//   completes Inval. freeBulkStreams / alt setting / configuration changes and
+//   reset drop the allocation (cancelling the streams' URBs).
 // * Halt (Linux/real-device semantics): a URB that stalls completes with Stall
-//   and halts its endpoint. While halted, every queued and newly submitted URB
+//   and halts its endpoint (every stream of it). While halted, every queued and newly submitted URB
 //   on that endpoint completes with Stall without executing (what a halted
 //   endpoint answers on the wire), until clearHalt() / CLEAR_FEATURE(HALT).
 //   Control endpoint stalls are protocol stalls: they affect only that URB.
@@ -114,12 +122,19 @@ class Ctx implements TransferContext {
 
 interface EndpointQueue {
   key: number;
+  /** epKey of the endpoint (the key without the stream id). */
+  ep: number;
+  streamId: number;
   entries: Pending[];
   /** Entries [0, nStarted) have started (executing or finished). */
   nStarted: number;
   running: number;
-  halted: boolean;
   pumpScheduled: boolean;
+}
+
+/** Queue key: endpoint (epKey) in the low byte, stream id above it. */
+function queueKey(endpoint: number, streamId: number): number {
+  return epKey(endpoint) + streamId * 256;
 }
 
 
@@ -140,6 +155,10 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
   /** Active endpoints (address -> info) for the current config/alt settings. */
   private activeEndpoints = new Map<number, EndpointInfo>();
   private readonly queues = new Map<number, EndpointQueue>();
+  /** Halted endpoints (epKey). */
+  private readonly halted = new Set<number>();
+  /** Endpoints with bulk streams allocated: address -> number of streams (ids 1..n). */
+  private readonly streams = new Map<number, number>();
   private readonly byUrbId = new Map<number, Pending>();
   private cachedInfo: DeviceInfo | undefined;
   /** This device as the chapter 9 standard requests see it. */
@@ -233,12 +252,31 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
     return this.activeConfig;
   }
   isHalted(endpoint: number): boolean {
-    return this.queues.get(epKey(endpoint))?.halted ?? false;
+    return this.halted.has(epKey(endpoint));
   }
-  /** Number of URBs queued or executing on an endpoint (not yet delivered). */
+  /** Number of URBs queued or executing on an endpoint, every stream of it (not yet delivered). */
   inFlight(endpoint?: number): number {
     if (endpoint === undefined) return this.byUrbId.size;
-    return this.queues.get(epKey(endpoint))?.entries.length ?? 0;
+    let n = 0;
+    for (const q of this.queuesOf(epKey(endpoint))) n += q.entries.length;
+    return n;
+  }
+  /** Streams allocated on an endpoint (0: none). */
+  streamsOf(endpoint: number): number {
+    return this.streams.get(endpoint) ?? 0;
+  }
+
+  private *queuesOf(ep: number): Iterable<EndpointQueue> {
+    for (const q of this.queues.values()) if (q.ep === ep) yield q;
+  }
+
+  private queueFor(key: number, ep: number, streamId: number): EndpointQueue {
+    let q = this.queues.get(key);
+    if (!q) {
+      q = { key, ep, streamId, entries: [], nStarted: 0, running: 0, pumpScheduled: false };
+      this.queues.set(key, q);
+    }
+    return q;
   }
 
   private activeConfigSummary(): ConfigurationSummary | undefined {
@@ -266,6 +304,8 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
   protected onConfigurationChanged(_value: number): void {}
   protected onInterfaceChanged(_interfaceNumber: number, _alternateSetting: number): void {}
   protected onHaltCleared(_endpoint: number): void {}
+  /** Bulk streams were allocated or freed. */
+  protected onStreamsChanged(): void {}
   /** Port reset / close: drop all transient protocol state. */
   protected onReset(): void {}
   protected onGone(): void {}
@@ -315,19 +355,19 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
     if (urb.length > MAX_URB_BYTES || (urb.data && urb.data.length > MAX_URB_BYTES) || urb.length < 0) {
       return fail(UrbStatus.Inval);
     }
-    const key = epKey(urb.endpoint);
-    if (key === 0) {
-      if (urb.type !== TransferType.Control || !urb.setup || urb.setup.length < 8) return fail(UrbStatus.Inval);
+    const ep = epKey(urb.endpoint);
+    const streamId = urb.streamId ?? 0;
+    if (ep === 0) {
+      if (urb.type !== TransferType.Control || !urb.setup || urb.setup.length < 8 || streamId !== 0) return fail(UrbStatus.Inval);
     } else {
-      const ep = this.activeEndpoints.get(urb.endpoint);
-      if (!ep || ep.type !== urb.type) return fail(UrbStatus.Inval);
+      const info = this.activeEndpoints.get(urb.endpoint);
+      if (!info || info.type !== urb.type) return fail(UrbStatus.Inval);
       if (urb.type === TransferType.Isochronous && !urb.isoPackets?.length) return fail(UrbStatus.Inval);
+      const n = this.streams.get(urb.endpoint);
+      if (n === undefined ? streamId !== 0 : streamId < 1 || streamId > n) return fail(UrbStatus.Inval);
     }
-    let q = this.queues.get(key);
-    if (!q) {
-      q = { key, entries: [], nStarted: 0, running: 0, halted: false, pumpScheduled: false };
-      this.queues.set(key, q);
-    }
+    const key = queueKey(ep, streamId);
+    const q = this.queueFor(key, ep, streamId);
     if (q.entries.length >= this.maxQueued) return fail(UrbStatus.Inval);
     const p: Pending = { urb, done, q, state: 0 };
     q.entries.push(p);
@@ -376,7 +416,7 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
   private pump(q: EndpointQueue): void {
     if (this.queues.get(q.key) !== q) return;
     // Start what may start.
-    if (q.halted) {
+    if (this.halted.has(q.ep)) {
       while (q.nStarted < q.entries.length) {
         const p = q.entries[q.nStarted++]!;
         p.state = 2;
@@ -385,11 +425,11 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
     } else {
       const ep = q.key === 0 ? undefined : this.activeEndpoints.get(q.entries[q.nStarted]?.urb.endpoint ?? -1);
       const depth = ep ? Math.max(1, this.pipelineDepth(ep)) : 1;
-      while (q.nStarted < q.entries.length && q.running < depth && !q.halted) {
+      while (q.nStarted < q.entries.length && q.running < depth && !this.halted.has(q.ep)) {
         const p = q.entries[q.nStarted++]!;
         this.start(p);
       }
-      if (q.halted) {
+      if (this.halted.has(q.ep)) {
         // A synchronous stall halted the endpoint: later queued URBs fail.
         while (q.nStarted < q.entries.length) {
           const p = q.entries[q.nStarted++]!;
@@ -475,7 +515,7 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
     p.state = 2;
     p.q.running--;
     p.result = this.fixup(p, r);
-    if (r.status === UrbStatus.Stall && p.q.key !== 0) p.q.halted = true;
+    if (r.status === UrbStatus.Stall && p.q.ep !== 0) this.setHalted(p.q.ep);
   }
 
   private finish(p: Pending, r: UrbResult): void {
@@ -487,7 +527,7 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
   /** Complete every pending URB with `status` (reset/close/gone/config change). */
   private failAll(status: UrbStatus, filter?: (key: number) => boolean): void {
     for (const q of this.queues.values()) {
-      if (filter && !filter(q.key)) continue;
+      if (filter && !filter(q.ep)) continue;
       const entries = q.entries;
       q.entries = [];
       q.nStarted = 0;
@@ -507,26 +547,24 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
 
   /** Device-side halt (e.g. mass storage protocol errors). */
   protected halt(endpoint: number): void {
-    const key = epKey(endpoint);
-    if (key === 0) return;
-    let q = this.queues.get(key);
-    if (!q) {
-      q = { key, entries: [], nStarted: 0, running: 0, halted: false, pumpScheduled: false };
-      this.queues.set(key, q);
-    }
-    q.halted = true;
-    this.schedulePump(q);
+    const ep = epKey(endpoint);
+    if (ep === 0) return;
+    this.setHalted(ep);
+  }
+
+  /** Halt an endpoint: every stream's queue fails what it has not started. */
+  private setHalted(ep: number): void {
+    if (this.halted.has(ep)) return;
+    this.halted.add(ep);
+    for (const q of this.queuesOf(ep)) this.schedulePump(q);
   }
 
   private doClearHalt(endpoint: number): boolean {
-    const key = epKey(endpoint);
-    if (key === 0) return true;
+    const ep = epKey(endpoint);
+    if (ep === 0) return true;
     if (!this.activeEndpoints.has(endpoint)) return false;
-    const q = this.queues.get(key);
-    if (q) {
-      q.halted = false;
-      this.schedulePump(q);
-    }
+    this.halted.delete(ep);
+    for (const q of this.queuesOf(ep)) this.schedulePump(q);
     this.onHaltCleared(endpoint);
     return true;
   }
@@ -536,7 +574,9 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
   private applyConfiguration(value: number): boolean {
     if (value !== 0 && !this.configSummaries.some((c) => c.value === value)) return false;
     this.failAll(UrbStatus.Cancelled, (k) => k !== 0);
-    for (const [k, q] of this.queues) if (k !== 0 && q.entries.length === 0) this.queues.delete(k);
+    for (const [k, q] of this.queues) if (q.ep !== 0 && q.entries.length === 0) this.queues.delete(k);
+    for (const ep of [...this.halted]) if (ep !== 0) this.halted.delete(ep);
+    this.streams.clear();
     this.activeConfig = value;
     this.altSettings.clear();
     this.rebuildEndpoints();
@@ -552,7 +592,9 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
     const cur = altSettingEndpoints(cfg, interfaceNumber, this.altSettings.get(interfaceNumber) ?? 0);
     const affected = new Set<number>([...(cur?.endpoints ?? []), ...next.endpoints].map((e) => epKey(e.address)));
     this.failAll(UrbStatus.Cancelled, (k) => affected.has(k));
-    for (const k of affected) this.queues.delete(k);
+    for (const [k, q] of this.queues) if (affected.has(q.ep)) this.queues.delete(k);
+    for (const ep of affected) this.halted.delete(ep);
+    for (const a of [...this.streams.keys()]) if (affected.has(epKey(a))) this.streams.delete(a);
     this.altSettings.set(interfaceNumber, alt);
     this.rebuildEndpoints();
     this.onInterfaceChanged(interfaceNumber, alt);
@@ -622,20 +664,47 @@ export abstract class EmulatedDevice extends EventEmitter implements DeviceHandl
   private resetState(): void {
     this.failAll(UrbStatus.Cancelled);
     this.queues.clear();
+    this.halted.clear();
+    this.streams.clear();
     this.activeConfig = 0;
     this.altSettings.clear();
     this.rebuildEndpoints();
     this.onReset();
   }
 
-  async allocBulkStreams(_endpoints: number[], _numStreams: number): Promise<number> {
+  /**
+   * Give each endpoint stream ids 1..numStreams (what usbfs USBDEVFS_ALLOC_STREAMS does); every
+   * endpoint must be an active bulk endpoint whose companion allows that many streams.
+   */
+  async allocBulkStreams(endpoints: number[], numStreams: number): Promise<number> {
     this.check();
-    throw new UsbError('bulk streams not supported by emulated devices', UrbStatus.Inval);
+    if (endpoints.length === 0) throw new UsbError(`device ${this.id}: alloc streams without endpoints`, UrbStatus.Inval);
+    if (!Number.isInteger(numStreams) || numStreams < 1) throw new UsbError(`device ${this.id}: cannot allocate ${numStreams} streams`, UrbStatus.Inval);
+    for (const address of endpoints) {
+      const ep = this.activeEndpoints.get(address);
+      const hex = `0x${address.toString(16)}`;
+      if (!ep || ep.type !== TransferType.Bulk) throw new UsbError(`device ${this.id}: endpoint ${hex} is not an active bulk endpoint`, UrbStatus.Inval);
+      if (ep.maxStreams < numStreams) {
+        throw new UsbError(`device ${this.id}: endpoint ${hex} supports ${ep.maxStreams} streams, ${numStreams} asked`, UrbStatus.Inval);
+      }
+      if (this.streams.has(address)) throw new UsbError(`device ${this.id}: endpoint ${hex} already has streams`, UrbStatus.Inval);
+      if (this.inFlight(address) > 0) throw new UsbError(`device ${this.id}: endpoint ${hex} has URBs in flight`, UrbStatus.Inval);
+    }
+    for (const address of endpoints) this.streams.set(address, numStreams);
+    this.onStreamsChanged();
+    return numStreams;
   }
 
-  async freeBulkStreams(_endpoints: number[]): Promise<void> {
+  async freeBulkStreams(endpoints: number[]): Promise<void> {
     this.check();
-    throw new UsbError('bulk streams not supported by emulated devices', UrbStatus.Inval);
+    for (const address of endpoints) {
+      if (!this.streams.has(address)) throw new UsbError(`device ${this.id}: endpoint 0x${address.toString(16)} has no streams`, UrbStatus.Inval);
+    }
+    const eps = new Set(endpoints.map(epKey));
+    this.failAll(UrbStatus.Cancelled, (k) => eps.has(k));
+    for (const [k, q] of this.queues) if (eps.has(q.ep)) this.queues.delete(k);
+    for (const address of endpoints) this.streams.delete(address);
+    this.onStreamsChanged();
   }
 
   /** Cancel everything and release the device; it can be opened again through the backend. */

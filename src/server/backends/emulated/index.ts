@@ -4,6 +4,8 @@ export * from './mass-storage.js';
 export * from './loopback.js';
 export * from './serial.js';
 export * from './ftdi.js';
+export * from './uas.js';
+export * as uasIu from './uas-iu.js';
 export * from './byte-fifo.js';
 export * from './urb-helpers.js';
 export * as descriptors from './descriptors.js';

@@ -101,7 +101,7 @@ export class LoopbackDevice extends EmulatedDevice {
   private readonly interruptIntervalMs: number;
   private readonly bulkMps: number;
   private readonly isoMps: number;
-  /** Pattern prefix, a whole number of packets long. */
+  /** Pattern prefix, a whole number of packets long; bulk IN results are views of it, never written. */
   private readonly pattern: Buffer;
   private controlBuffer: Uint8Array = new Uint8Array(0);
   private lastInterrupt = 0;
@@ -248,10 +248,14 @@ export class LoopbackDevice extends EmulatedDevice {
       return r instanceof Promise ? r.then(ok) : ok(r);
     }
     const n = urb.length;
-    const out = Buffer.allocUnsafeSlow(n);
     const p = this.pattern;
-    for (let off = 0; off < n; off += p.length) p.copy(out, off, 0, Math.min(p.length, n - off));
     this.counters.bytesIn += n;
+    // Up to the pattern's length the data is a view of it, as a real device's DMA costs the host
+    // nothing: no allocation and no copy per URB (the session only reads a result's data; it is
+    // copied once, into the outgoing message).
+    if (n <= p.length) return result(UrbStatus.Success, p.subarray(0, n), n);
+    const out = Buffer.allocUnsafeSlow(n);
+    for (let off = 0; off < n; off += p.length) p.copy(out, off, 0, Math.min(p.length, n - off));
     return result(UrbStatus.Success, out, n);
   }
 

@@ -20,6 +20,7 @@
 //  An invalid or not meaningful CBW stalls both bulk endpoints until a
 //  Bulk-Only Mass Storage Reset (class request 0xFF) followed by clear halts.
 import { open, type FileHandle } from 'node:fs/promises';
+import { setTimeout as delay } from 'node:timers/promises';
 import { Speed, UrbStatus, type EndpointInfo, type Urb, type UrbResult } from '../types.js';
 import {
   ACK,
@@ -81,11 +82,17 @@ export interface MassStorageOptions extends EmulatedDeviceOptions {
   removable?: boolean;
   /** Caching mode page WCE bit (default true: the guest sends SYNCHRONIZE CACHE, which fsyncs). */
   writeCache?: boolean;
+  /**
+   * Milliseconds each READ/WRITE command waits before its first data URB completes (default 0), like a slow
+   * medium: tests use it so that a bulk URB is surely in flight when they act (a migration's switchover).
+   */
+  latencyMs?: number;
 }
 
 type Phase = 'cbw' | 'data-in' | 'data-out' | 'csw' | 'need-reset';
 
-interface Command {
+/** A SCSI command as the transports (BOT here, UAS in uas.ts) carry it. */
+export interface ScsiCommand {
   tag: number;
   hostLength: number;
   hostIn: boolean;
@@ -102,16 +109,28 @@ interface Command {
   disk?: 'read' | 'write' | 'discard';
   diskOffset: number;
   io: Promise<unknown>[];
+  /** Resolves when the medium is "ready" for this command's data (after `latencyMs`); unset without latency. */
+  ready?: Promise<void>;
   /** OUT data of a failed command: accepted and dropped, residue = H. */
   rejected?: boolean;
+  /** The sense of a failed command (UAS returns it in the command's sense IU). */
+  sense?: Sense;
+}
+type Command = ScsiCommand;
+
+/** A command before execute(): no data, good status. */
+export function newScsiCommand(tag: number, hostLength: number, hostIn: boolean): ScsiCommand {
+  return { tag, hostLength, hostIn, status: 0, dir: 'none', deviceLength: 0, deviceDone: 0, transferred: 0, diskOffset: 0, io: [] };
 }
 
 
 export class MassStorageDevice extends EmulatedDevice {
   readonly imagePath: string;
   readonly readOnly: boolean;
+  /** Wait of each READ/WRITE command before its data moves (MassStorageOptions.latencyMs). */
+  readonly latencyMs: number;
   private readonly opts: MassStorageOptions;
-  private fh: FileHandle | undefined;
+  protected fh: FileHandle | undefined;
   private blocks = 0;
   private phase: Phase = 'cbw';
   private cmd: Command | undefined;
@@ -130,12 +149,15 @@ export class MassStorageDevice extends EmulatedDevice {
     return d;
   }
 
-  constructor(options: MassStorageOptions) {
-    super((speed) => MassStorageDevice.describe(options, speed), options);
+  /** @param describe the device's descriptors (a subclass's own; default the BOT disk's). */
+  constructor(options: MassStorageOptions, describe: (o: MassStorageOptions, speed: Speed) => DeviceSpec = MassStorageDevice.describe) {
+    super((speed) => describe(options, speed), options);
     this.opts = options;
     this.imagePath = options.imagePath;
     this.readOnly = options.readOnly ?? false;
     this.bulkMps = bulkMaxPacketSize(this.speed);
+    this.latencyMs = options.latencyMs ?? 0;
+    if (!Number.isFinite(this.latencyMs) || this.latencyMs < 0 || this.latencyMs > 60_000) throw new Error(`disk latency must be 0..60000 ms, not ${this.latencyMs}`);
   }
 
   static describe(o: MassStorageOptions, speed: Speed): DeviceSpec {
@@ -315,18 +337,7 @@ export class MassStorageDevice extends EmulatedDevice {
     const lun = d[13]! & 0x0f;
     const cbLen = d[14]! & 0x1f;
     if (cbLen < 1 || cbLen > 16 || (d[13]! & 0xf0) !== 0 || (flags & 0x3f) !== 0) return this.protocolError();
-    const cmd: Command = {
-      tag: u32le(d, 4),
-      hostLength: u32le(d, 8),
-      hostIn: (flags & 0x80) !== 0,
-      status: 0,
-      dir: 'none',
-      deviceLength: 0,
-      deviceDone: 0,
-      transferred: 0,
-      diskOffset: 0,
-      io: [],
-    };
+    const cmd = newScsiCommand(u32le(d, 4), u32le(d, 8), (flags & 0x80) !== 0);
     const cdb = d.slice(15, 15 + cbLen);
     this.scsiStats.commands++;
     if (lun !== 0) {
@@ -336,6 +347,7 @@ export class MassStorageDevice extends EmulatedDevice {
     }
     this.cmd = cmd;
     this.enterDataPhase(cmd);
+    if (this.latencyMs > 0 && (cmd.disk === 'read' || cmd.disk === 'write') && cmd.deviceLength > 0) cmd.ready = delay(this.latencyMs, undefined, { ref: false });
     this.kick();
     return result(UrbStatus.Success, undefined, 31);
   }
@@ -397,7 +409,8 @@ export class MassStorageDevice extends EmulatedDevice {
         return result(UrbStatus.Success, buf, n);
       }
       const pos = cmd.diskOffset + start;
-      const p = readFully(fh, buf, pos).then(
+      const io = cmd.ready ? cmd.ready.then(() => readFully(fh, buf, pos)) : readFully(fh, buf, pos);
+      const p = io.then(
         () => {
           this.scsiStats.bytesRead += n;
           return result(UrbStatus.Success, buf, n);
@@ -430,7 +443,10 @@ export class MassStorageDevice extends EmulatedDevice {
     }
     if (devN > 0 && cmd.disk === 'write' && this.fh) {
       const pos = cmd.diskOffset + start;
-      const p = writeFully(this.fh, d.subarray(0, devN), pos).then(
+      const fh = this.fh;
+      const chunk = d.subarray(0, devN);
+      const io = cmd.ready ? cmd.ready.then(() => writeFully(fh, chunk, pos)) : writeFully(fh, chunk, pos);
+      const p = io.then(
         () => {
           this.scsiStats.bytesWritten += devN;
           return result(UrbStatus.Success, undefined, d.length);
@@ -473,9 +489,10 @@ export class MassStorageDevice extends EmulatedDevice {
 
   // ------------------------------------------------------------- SCSI
 
-  private fail(cmd: Command, key: number, asc: number, ascq: number): void {
+  protected fail(cmd: Command, key: number, asc: number, ascq: number): void {
     if (cmd.status === 0) cmd.status = 1;
     this.sense = { key, asc, ascq };
+    cmd.sense = this.sense;
     cmd.inBuf = undefined;
     if (cmd.disk === 'write' || cmd.disk === 'discard') {
       cmd.disk = 'discard';
@@ -494,7 +511,8 @@ export class MassStorageDevice extends EmulatedDevice {
     cmd.deviceLength = n;
   }
 
-  private execute(cmd: Command, cdb: Uint8Array): void {
+  /** Run a CDB: sets what data the command moves (dir, deviceLength, disk/inBuf) or fails it. */
+  protected execute(cmd: Command, cdb: Uint8Array): void {
     const op = cdb[0]!;
     if (op !== 0x03) this.sense = SENSE_NONE;
     const need = (n: number) => {
@@ -676,7 +694,7 @@ export class MassStorageDevice extends EmulatedDevice {
   }
 }
 
-async function readFully(fh: FileHandle, buf: Uint8Array, pos: number): Promise<void> {
+export async function readFully(fh: FileHandle, buf: Uint8Array, pos: number): Promise<void> {
   let off = 0;
   while (off < buf.length) {
     const { bytesRead } = await fh.read(buf, off, buf.length - off, pos + off);
@@ -688,7 +706,7 @@ async function readFully(fh: FileHandle, buf: Uint8Array, pos: number): Promise<
   }
 }
 
-async function writeFully(fh: FileHandle, data: Uint8Array, pos: number): Promise<void> {
+export async function writeFully(fh: FileHandle, data: Uint8Array, pos: number): Promise<void> {
   let off = 0;
   while (off < data.length) {
     const { bytesWritten } = await fh.write(data, off, data.length - off, pos + off);

@@ -19,6 +19,8 @@ export interface UrbSpec {
   flags?: number;
   isoPackets?: IsoPacket[];
   timeoutMs?: number;
+  /** Bulk stream id (default 0: none). */
+  streamId?: number;
 }
 
 export function makeUrb(spec: UrbSpec): Urb {
@@ -29,7 +31,7 @@ export function makeUrb(spec: UrbSpec): Urb {
     setup: spec.setup,
     data: spec.data,
     length: spec.length ?? spec.data?.length ?? 0,
-    streamId: 0,
+    streamId: spec.streamId ?? 0,
     flags: spec.flags ?? 0,
     isoPackets: spec.isoPackets,
     timeoutMs: spec.timeoutMs ?? 0,

@@ -3,3 +3,5 @@ export * from './libusb-device.js';
 export * from './info.js';
 export * from './policy.js';
 export * from './iso-koffi.js';
+export * from './koffi-libusb.js';
+export * from './streams-koffi.js';

@@ -62,7 +62,7 @@ export function readSysfs(bus: number, portPath: number[], attr: string, root = 
 }
 
 /** Max streams from an endpoint's SuperSpeed companion descriptor (in `extra`). */
-function maxStreamsOf(extra: Uint8Array | undefined, type: TransferType): number {
+export function maxStreamsOf(extra: Uint8Array | undefined, type: TransferType): number {
   if (!extra || type !== TransferType.Bulk) return 0;
   let off = 0;
   while (off + 2 <= extra.length) {

@@ -14,6 +14,7 @@ import { buildDeviceInfo, readSysfs, speedFromSysfs, sysfsName, type DeviceStrin
 import { LibusbDeviceHandle, type TransferFactory, type UsbOpenDeviceLike } from './libusb-device.js';
 import { isExported, isHub, type LibusbAllowRule } from './policy.js';
 import { koffiIsoEngine, type IsoEngine } from './iso-koffi.js';
+import { koffiStreamsEngine, type StreamsEngine } from './streams-koffi.js';
 
 /** The parts of the `usb` module the backend uses (a fake in unit tests). */
 export interface UsbModuleLike {
@@ -43,6 +44,12 @@ export interface LibusbBackendOptions {
    * when env USBROAM_LIBUSB_ISO=koffi. An engine may be given (unit tests).
    */
   iso?: boolean | IsoEngine;
+  /**
+   * Bulk streams through koffi + libusb-1.0 (usb@2 has none): libusb_alloc_streams and stream
+   * transfers on a second open that claims the stream-capable interfaces. Default: on when env
+   * USBROAM_LIBUSB_STREAMS=koffi. An engine may be given (unit tests).
+   */
+  streams?: boolean | StreamsEngine;
 }
 
 const require = createRequire(import.meta.url);
@@ -282,6 +289,19 @@ export class LibusbBackend extends EventEmitter implements UsbBackend {
   }
   private isoWarned = false;
 
+  private streamsEngine(): StreamsEngine | undefined {
+    const want = this.opts.streams ?? process.env.USBROAM_LIBUSB_STREAMS === 'koffi';
+    if (!want) return undefined;
+    if (typeof want === 'object') return want;
+    const { engine, error } = koffiStreamsEngine();
+    if (!engine && !this.streamsWarned) {
+      this.streamsWarned = true;
+      this.log.warn({ err: error }, 'bulk streams through koffi unavailable');
+    }
+    return engine;
+  }
+  private streamsWarned = false;
+
   async open(deviceId: string): Promise<DeviceHandle> {
     if (this.closed) throw new UsbError('libusb backend closed', UrbStatus.IoError);
     const entry = this.findExported(deviceId);
@@ -290,6 +310,7 @@ export class LibusbBackend extends EventEmitter implements UsbBackend {
     const handle = new LibusbDeviceHandle(entry.device, entry.info, this.usb.newTransfer, {
       logger: this.log,
       iso: this.isoEngine(),
+      streams: this.streamsEngine(),
       onClose: () => {
         if (this.handles.get(deviceId) === handle) this.handles.delete(deviceId);
       },

@@ -19,8 +19,9 @@ import {
   type UrbResult,
 } from '../types.js';
 import type { ConfigDescriptor } from 'usb/dist/usb/descriptors.js';
-import { currentSetting, type UsbDeviceLike } from './info.js';
+import { currentSetting, maxStreamsOf, type UsbDeviceLike } from './info.js';
 import type { IsoDevice, IsoEngine, IsoTransferDone } from './iso-koffi.js';
+import type { StreamTransferDone, StreamsDevice, StreamsEngine } from './streams-koffi.js';
 
 /** libusb_transfer_status values (node-usb puts them in LibUSBException.errno for completions). */
 export const TRANSFER_COMPLETED = 0;
@@ -57,7 +58,8 @@ export const ISO_UNIMPLEMENTED =
 export const STREAMS_UNIMPLEMENTED =
   'bulk streams are not implemented by the libusb backend: usb@2 (node-usb 2.x) has no binding for ' +
   'libusb_alloc_streams / libusb_free_streams / libusb_transfer_set_stream_id, and the libusb_device_handle it holds ' +
-  'is not reachable from koffi';
+  'is not reachable from koffi (the koffi path opens the device a second time in its own libusb context: ' +
+  'USBROAM_LIBUSB_STREAMS=koffi)';
 
 const hexEp = (ep: number) => `0x${ep.toString(16).padStart(2, '0')}`;
 
@@ -196,6 +198,15 @@ export function isoDurationMs(info: DeviceInfo, urb: Urb): number {
   return Math.min(1000, Math.max(1, Math.ceil(packets * period)));
 }
 
+/** Interface numbers with a stream-capable bulk endpoint (SuperSpeed companion MaxStreams) in any of their alt settings. */
+function streamInterfaces(cfg: ConfigDescriptor): Set<number> {
+  const out = new Set<number>();
+  for (const group of cfg.interfaces) {
+    for (const alt of group) if (alt.endpoints.some((e) => (e.bmAttributes & 3) === 2 && maxStreamsOf(e.extra, TransferType.Bulk) > 0)) out.add(alt.bInterfaceNumber);
+  }
+  return out;
+}
+
 /** Interface numbers with an isochronous endpoint in any of their alt settings. */
 function isoInterfaces(cfg: ConfigDescriptor): Set<number> {
   const out = new Set<number>();
@@ -238,10 +249,11 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     private readonly device: UsbOpenDeviceLike,
     info: DeviceInfo,
     private readonly newTransfer: TransferFactory,
-    opts: { logger?: Logger; onClose?: () => void; iso?: IsoEngine } = {},
+    opts: { logger?: Logger; onClose?: () => void; iso?: IsoEngine; streams?: StreamsEngine } = {},
   ) {
     super();
     this.isoEngine = opts.iso;
+    this.streamsEngine = opts.streams;
     this._info = info;
     this.activeConfig = info.activeConfiguration;
     this.log = (opts.logger ?? silentLogger).child({ device: info.id });
@@ -253,6 +265,11 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
   private isoDev: IsoDevice | undefined;
   /** Interfaces claimed through isoDev (those with an isochronous endpoint in some alt setting). */
   private readonly isoClaimed = new Set<number>();
+  /** Bulk streams through koffi (opt-in): a second open of the device for its stream-capable interfaces. */
+  private readonly streamsEngine: StreamsEngine | undefined;
+  private streamsDev: StreamsDevice | undefined;
+  /** Interfaces claimed through streamsDev: every bulk and interrupt URB of theirs goes there. */
+  private readonly streamsClaimed = new Set<number>();
 
   get info(): DeviceInfo {
     return this._info;
@@ -318,8 +335,28 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
         this.log.warn({ err: errText(err) }, 'cannot open the device through koffi for isochronous transfers; they stay unimplemented');
       }
     }
+    const streams = this.streamsEngine && cfg ? streamInterfaces(cfg) : new Set<number>();
+    for (const n of iso) streams.delete(n);
+    if (streams.size && !this.streamsDev && this.streamsEngine) {
+      try {
+        this.streamsDev = this.streamsEngine.open(this._info.bus, this._info.portPath);
+        this.log.info({ interfaces: [...streams] }, 'stream-capable interfaces opened through koffi + libusb');
+      } catch (err) {
+        this.log.warn({ err: errText(err) }, 'cannot open the device through koffi for bulk streams; they stay unimplemented');
+      }
+    }
     for (const n of numbers) {
-      if (this.claimed.has(n) || this.isoClaimed.has(n)) continue;
+      if (this.claimed.has(n) || this.isoClaimed.has(n) || this.streamsClaimed.has(n)) continue;
+      if (this.streamsDev && streams.has(n)) {
+        try {
+          this.streamsDev.claim(n);
+        } catch (err) {
+          throw new UsbError(`${this._info.id}: cannot claim interface ${n} (bulk streams, through koffi): ${errText(err)}`, UrbStatus.IoError);
+        }
+        this.streamsClaimed.add(n);
+        this.alts.set(n, 0);
+        continue;
+      }
       if (this.isoDev && iso.has(n)) {
         try {
           this.isoDev.claim(n);
@@ -367,6 +404,14 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
         if (!this.isGone) this.log.warn({ interface: n, err: errText(err) }, 'release interface (koffi) failed');
       }
       this.isoClaimed.delete(n);
+    }
+    for (const n of [...this.streamsClaimed]) {
+      try {
+        this.streamsDev?.release(n);
+      } catch (err) {
+        if (!this.isGone) this.log.warn({ interface: n, err: errText(err) }, 'release interface (koffi, streams) failed');
+      }
+      this.streamsClaimed.delete(n);
     }
   }
 
@@ -497,7 +542,9 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
       if (this.isoDev && this.isoClaimed.size) return `device ${this._info.id} endpoint ${hexEp(urb.endpoint)}: not an isochronous endpoint of the current alt settings`;
       return isoUnimplemented(this._info.id, urb.endpoint);
     }
-    if (urb.streamId && urb.type === TransferType.Bulk) return streamsUnimplemented(this._info.id, [urb.endpoint], urb.streamId);
+    if (urb.streamId && urb.type === TransferType.Bulk && this.streamsInterfaceOf(urb.endpoint) === undefined) {
+      return streamsUnimplemented(this._info.id, [urb.endpoint], urb.streamId);
+    }
     return undefined;
   }
 
@@ -571,6 +618,7 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     const ep = this.endpoint(urb.endpoint);
     if (!ep) return this.finishAsync(f, { status: UrbStatus.Stall, actualLength: 0 });
     if (ep.type !== urb.type) return this.finishAsync(f, { status: UrbStatus.Inval, actualLength: 0 });
+    if (this.streamsDev && this.streamsClaimed.has(ep.interfaceNumber)) return this.submitViaStreams(f, ep);
     if (urb.streamId) {
       this.warnOnce('streams', urb.endpoint, streamsUnimplemented(this._info.id, [urb.endpoint], urb.streamId));
       return this.finishAsync(f, { status: UrbStatus.Inval, actualLength: 0 });
@@ -590,6 +638,51 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     const mps = ep.maxPacketSize & 0x7ff;
     const zlp = (urb.flags & URB_ZERO_PACKET) !== 0 && buf.length > 0 && mps > 0 && buf.length % mps === 0;
     this.startTransfer(f, urb.endpoint, urb.type, zlp);
+  }
+
+  /** A bulk or interrupt URB of an interface claimed through koffi for streams (see streams-koffi.ts). */
+  private submitViaStreams(f: InFlight, ep: EndpointInfo): void {
+    const { urb } = f;
+    if (urb.streamId && (ep.type !== TransferType.Bulk || urb.streamId > ep.maxStreams)) return this.finishAsync(f, { status: UrbStatus.Inval, actualLength: 0 });
+    const isIn = (urb.endpoint & 0x80) !== 0;
+    const mps = ep.maxPacketSize & 0x7ff;
+    const len = urb.data?.length ?? 0;
+    try {
+      const cancel = this.streamsDev!.submit(
+        {
+          endpoint: urb.endpoint,
+          type: ep.type === TransferType.Bulk ? 2 : 3,
+          streamId: urb.streamId,
+          data: isIn ? undefined : urb.data,
+          length: isIn ? urb.length : len,
+          shortNotOk: (urb.flags & URB_SHORT_NOT_OK) !== 0,
+          zeroPacket: (urb.flags & URB_ZERO_PACKET) !== 0 && len > 0 && mps > 0 && len % mps === 0,
+          timeoutMs: urb.timeoutMs,
+        },
+        (r) => this.streamDone(f, r),
+      );
+      f.transfer = { submit: () => undefined, cancel: () => (cancel(), true) };
+    } catch (err) {
+      this.submitFailed(f, urb.endpoint, err);
+    }
+  }
+
+  private streamDone(f: InFlight, r: StreamTransferDone): void {
+    f.transfer = undefined;
+    if (r.status === TRANSFER_NO_DEVICE) this.markGone('device vanished during a transfer');
+    let status = transferStatusToUrb(r.status);
+    if (this.isGone && status !== UrbStatus.Success && status !== UrbStatus.Cancelled) status = UrbStatus.IoError;
+    if (f.cancelRequested && status === UrbStatus.Success && r.actualLength === 0) status = UrbStatus.Cancelled;
+    const result: UrbResult = r.data ? { status, data: r.data, actualLength: r.actualLength } : { status, actualLength: r.actualLength };
+    if (r.status === TRANSFER_NO_DEVICE) queueMicrotask(() => this.finish(f, result));
+    else this.finish(f, result);
+  }
+
+  /** The interface of an endpoint of the current alt settings claimed through koffi for streams, if it is one. */
+  private streamsInterfaceOf(endpoint: number): number | undefined {
+    if (!this.streamsDev) return undefined;
+    const ep = this.endpoint(endpoint);
+    return ep && this.streamsClaimed.has(ep.interfaceNumber) ? ep.interfaceNumber : undefined;
   }
 
   /** The active setting's endpoint with this address (the list is short: a loop, no closure). */
@@ -761,11 +854,12 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
 
   async setInterface(interfaceNumber: number, alternateSetting: number): Promise<void> {
     this.checkUsable('set interface');
-    if (!this.claimed.has(interfaceNumber) && !this.isoClaimed.has(interfaceNumber)) {
+    if (!this.claimed.has(interfaceNumber) && !this.isoClaimed.has(interfaceNumber) && !this.streamsClaimed.has(interfaceNumber)) {
       throw new UsbError(`${this._info.id}: interface ${interfaceNumber} is not in the active configuration`, UrbStatus.Inval);
     }
     try {
       if (this.isoClaimed.has(interfaceNumber)) this.isoDev!.setAlt(interfaceNumber, alternateSetting);
+      else if (this.streamsClaimed.has(interfaceNumber)) this.streamsDev!.setAlt(interfaceNumber, alternateSetting);
       else await cbToPromise((cb) => this.device.__setInterface(interfaceNumber, alternateSetting, cb));
     } catch (err) {
       throw this.opError(`set interface ${interfaceNumber} alt ${alternateSetting}`, err);
@@ -776,7 +870,7 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
 
   async getInterface(interfaceNumber: number): Promise<number> {
     this.checkUsable('get interface');
-    if (!this.claimed.has(interfaceNumber) && !this.isoClaimed.has(interfaceNumber)) {
+    if (!this.claimed.has(interfaceNumber) && !this.isoClaimed.has(interfaceNumber) && !this.streamsClaimed.has(interfaceNumber)) {
       throw new UsbError(`${this._info.id}: interface ${interfaceNumber} is not in the active configuration`, UrbStatus.Inval);
     }
     return this.alts.get(interfaceNumber) ?? 0;
@@ -787,6 +881,7 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     try {
       const iface = this.endpoint(endpoint)?.interfaceNumber;
       if (iface !== undefined && this.isoClaimed.has(iface)) this.isoDev!.clearHalt(endpoint);
+      else if (iface !== undefined && this.streamsClaimed.has(iface)) this.streamsDev!.clearHalt(endpoint);
       else await cbToPromise((cb) => this.device.__clearHalt(endpoint, cb));
     } catch (err) {
       throw this.opError(`clear halt of endpoint 0x${endpoint.toString(16)}`, err);
@@ -811,12 +906,46 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
     this.refreshActiveConfig(`${this._info.id}: reset`);
   }
 
-  async allocBulkStreams(endpoints: number[], _numStreams: number): Promise<number> {
-    throw new UsbError(streamsUnimplemented(this._info.id, endpoints), UrbStatus.Inval);
+  /**
+   * libusb_alloc_streams through koffi, when every endpoint is a stream-capable bulk endpoint of
+   * an interface claimed there; the number of streams the host controller gave (ids 1..n).
+   */
+  async allocBulkStreams(endpoints: number[], numStreams: number): Promise<number> {
+    this.checkUsable('alloc bulk streams');
+    const dev = this.streamsEndpoints(endpoints);
+    if (!Number.isInteger(numStreams) || numStreams < 1 || numStreams > 65533) {
+      throw new UsbError(`${this._info.id}: alloc bulk streams: ${numStreams} streams asked for (1-65533)`, UrbStatus.Inval);
+    }
+    try {
+      const n = dev.allocStreams(endpoints, numStreams);
+      this.log.info({ endpoints: endpoints.map(hexEp), asked: numStreams, allocated: n }, 'bulk streams allocated');
+      return n;
+    } catch (err) {
+      throw this.opError(`alloc ${numStreams} bulk streams on endpoints ${endpoints.map(hexEp).join(', ')}`, err);
+    }
   }
 
   async freeBulkStreams(endpoints: number[]): Promise<void> {
-    throw new UsbError(streamsUnimplemented(this._info.id, endpoints), UrbStatus.Inval);
+    this.checkUsable('free bulk streams');
+    const dev = this.streamsEndpoints(endpoints);
+    try {
+      dev.freeStreams(endpoints);
+    } catch (err) {
+      throw this.opError(`free bulk streams on endpoints ${endpoints.map(hexEp).join(', ')}`, err);
+    }
+  }
+
+  /** The koffi open that holds these endpoints' interfaces, or the UsbError saying why there is none. */
+  private streamsEndpoints(endpoints: number[]): StreamsDevice {
+    if (!this.streamsDev || !this.streamsClaimed.size) throw new UsbError(streamsUnimplemented(this._info.id, endpoints), UrbStatus.Inval);
+    if (!endpoints.length) throw new UsbError(`${this._info.id}: bulk streams: no endpoints given`, UrbStatus.Inval);
+    for (const address of endpoints) {
+      const ep = this.endpoint(address);
+      if (!ep || ep.type !== TransferType.Bulk || !this.streamsClaimed.has(ep.interfaceNumber) || ep.maxStreams === 0) {
+        throw new UsbError(`${this._info.id}: bulk streams: endpoint ${hexEp(address)} is not a stream-capable bulk endpoint of the current alt settings`, UrbStatus.Inval);
+      }
+    }
+    return this.streamsDev;
   }
 
   async close(): Promise<void> {
@@ -832,6 +961,12 @@ export class LibusbDeviceHandle extends EventEmitter implements DeviceHandle {
       this.log.warn({ err: errText(err) }, 'close (koffi) failed');
     }
     this.isoDev = undefined;
+    try {
+      this.streamsDev?.close();
+    } catch (err) {
+      this.log.warn({ err: errText(err) }, 'close (koffi, streams) failed');
+    }
+    this.streamsDev = undefined;
     // node-usb refuses to close while a request is pending; give late completions a moment.
     for (let i = 0; i < 50; i++) {
       try {

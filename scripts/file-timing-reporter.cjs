@@ -1,0 +1,56 @@
+// Mocha reporter: the spec reporter, plus a table of wall time per test file
+// at the end (from the first top-level describe of a file beginning to its
+// last one ending, so before/after hooks such as guest boots are counted).
+// CommonJS because mocha loads reporters with require().
+'use strict';
+const path = require('node:path');
+const Mocha = require('mocha');
+
+const { EVENT_SUITE_BEGIN, EVENT_SUITE_END, EVENT_RUN_END } = Mocha.Runner.constants;
+
+class FileTimingReporter extends Mocha.reporters.Spec {
+  constructor(runner, options) {
+    super(runner, options);
+    /** @type {Map<string, {start: number, end: number, tests: number, failures: number}>} */
+    const files = new Map();
+    const fileOf = (suite) => (suite.file ? path.relative(process.cwd(), suite.file) : undefined);
+    runner.on(EVENT_SUITE_BEGIN, (suite) => {
+      if (!suite.parent || !suite.parent.root) return;
+      const file = fileOf(suite);
+      if (!file) return;
+      const entry = files.get(file);
+      if (entry) return;
+      files.set(file, { start: Date.now(), end: Date.now(), tests: 0, failures: 0 });
+    });
+    runner.on(EVENT_SUITE_END, (suite) => {
+      if (!suite.parent || !suite.parent.root) return;
+      const entry = files.get(fileOf(suite) ?? '');
+      if (!entry) return;
+      entry.end = Date.now();
+      const tests = suite.total();
+      entry.tests += tests;
+    });
+    runner.on('fail', (test) => {
+      let suite = test.parent;
+      while (suite && suite.parent && !suite.parent.root) suite = suite.parent;
+      const entry = suite && files.get(fileOf(suite) ?? '');
+      if (entry) entry.failures += 1;
+    });
+    runner.once(EVENT_RUN_END, () => {
+      if (files.size === 0) return;
+      const rows = [...files.entries()].map(([file, e]) => ({ file, ms: e.end - e.start, ...e }));
+      rows.sort((a, b) => b.ms - a.ms);
+      const total = rows.reduce((sum, r) => sum + r.ms, 0);
+      const width = Math.max(...rows.map((r) => r.file.length));
+      const lines = ['', `  wall time per file (hooks included), ${rows.length} files, ${(total / 1000).toFixed(1)} s in all:`];
+      for (const r of rows) {
+        const failed = r.failures > 0 ? `  ${r.failures} failed` : '';
+        lines.push(`  ${(r.ms / 1000).toFixed(1).padStart(7)} s  ${r.file.padEnd(width)}  ${r.tests} test(s)${failed}`);
+      }
+      process.stdout.write(lines.join('\n') + '\n');
+    });
+  }
+}
+
+FileTimingReporter.description = 'spec, plus wall time per test file';
+module.exports = FileTimingReporter;
