@@ -1,23 +1,26 @@
-// The host (initiator) side of USB Attached SCSI information units, as a pure codec: command IUs
-// for the command pipe, and the IUs the status pipe returns (sense, response, read/write ready),
-// plus the few SCSI CDBs a test needs. No I/O: a caller submits the bytes on the UAS pipes
-// (command OUT without a stream; status, data-in and data-out with stream id = tag).
-// Layouts: UAS-2 (T10 2095-D) sections 6.2 (command IU), 6.4 (sense IU), 6.5 (response IU).
+// The host (initiator) side of USB Attached SCSI for tests and tools, pure (no I/O): command IUs
+// checked for what a host may send, the status-pipe IUs decoded, and the few SCSI CDBs and data
+// decoders a test needs. A caller submits the bytes on the UAS pipes (command OUT without a
+// stream; status, data-in and data-out with stream id = tag). The IU layouts themselves are in
+// one codec, the emulated UAS device's (src/server/backends/emulated/uas-iu.ts, both directions).
+import { commandIu } from '../server/backends/emulated/uas-iu.js';
+export {
+  IU_COMMAND,
+  IU_SENSE,
+  IU_RESPONSE,
+  IU_TASK_MGMT as IU_TASK_MANAGEMENT,
+  IU_READ_READY,
+  IU_WRITE_READY,
+  PIPE_COMMAND,
+  PIPE_STATUS,
+  PIPE_DATA_IN,
+  PIPE_DATA_OUT,
+  SCSI_GOOD,
+  SCSI_CHECK_CONDITION,
+  decodeStatusIu,
+  type StatusIu,
+} from '../server/backends/emulated/uas-iu.js';
 
-export const IU_COMMAND = 0x01;
-export const IU_SENSE = 0x03;
-export const IU_RESPONSE = 0x04;
-export const IU_TASK_MANAGEMENT = 0x05;
-export const IU_READ_READY = 0x06;
-export const IU_WRITE_READY = 0x07;
-
-/** UAS pipe usage ids (the pipe usage descriptor, type 0x24, after each endpoint). */
-export const PIPE_COMMAND = 1;
-export const PIPE_STATUS = 2;
-export const PIPE_DATA_IN = 3;
-export const PIPE_DATA_OUT = 4;
-
-export const COMMAND_IU_LENGTH = 32;
 const MAX_CDB = 16;
 
 /** A command IU: tag (1-65533 in use; with streams, the stream id), LUN (0-255, flat), a CDB of up to 16 bytes. */
@@ -25,49 +28,9 @@ export function encodeCommandIu(tag: number, cdb: Uint8Array, lun = 0): Uint8Arr
   if (!Number.isInteger(tag) || tag < 1 || tag > 0xfffd) throw new RangeError(`UAS command IU: tag ${tag} (1-65533)`);
   if (cdb.length < 6 || cdb.length > MAX_CDB) throw new RangeError(`UAS command IU: CDB of ${cdb.length} bytes (6-16; longer CDBs need additional CDB bytes, not supported here)`);
   if (!Number.isInteger(lun) || lun < 0 || lun > 255) throw new RangeError(`UAS command IU: LUN ${lun} (0-255)`);
-  const iu = new Uint8Array(COMMAND_IU_LENGTH);
-  const dv = new DataView(iu.buffer);
-  iu[0] = IU_COMMAND;
-  dv.setUint16(2, tag, false);
-  iu[4] = 0; // task attribute SIMPLE, priority 0
-  iu[6] = 0; // additional CDB length (dwords)
-  iu[9] = lun; // single-level LUN, peripheral addressing: byte 1 of the 8-byte LUN
-  iu.set(cdb, 16);
-  return iu;
+  // Single-level LUN, peripheral addressing: the LUN is byte 1 of the 8-byte LUN field (IU byte 9).
+  return commandIu(tag, cdb, BigInt(lun) << 48n);
 }
-
-export type StatusIu =
-  | { kind: 'sense'; tag: number; statusQualifier: number; status: number; sense: Uint8Array }
-  | { kind: 'response'; tag: number; responseCode: number; additionalInfo: number }
-  | { kind: 'read-ready' | 'write-ready'; tag: number };
-
-/** Decode an IU received on the status pipe; throws a RangeError naming what is wrong. */
-export function decodeStatusIu(bytes: Uint8Array): StatusIu {
-  if (bytes.length < 4) throw new RangeError(`UAS status IU: ${bytes.length} bytes (at least 4)`);
-  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const tag = dv.getUint16(2, false);
-  switch (bytes[0]) {
-    case IU_SENSE: {
-      if (bytes.length < 16) throw new RangeError(`UAS sense IU: ${bytes.length} bytes (at least 16)`);
-      const senseLength = dv.getUint16(14, false);
-      if (16 + senseLength > bytes.length) throw new RangeError(`UAS sense IU: sense length ${senseLength} past the IU's ${bytes.length} bytes`);
-      return { kind: 'sense', tag, statusQualifier: dv.getUint16(4, false), status: bytes[6]!, sense: bytes.slice(16, 16 + senseLength) };
-    }
-    case IU_RESPONSE:
-      if (bytes.length < 8) throw new RangeError(`UAS response IU: ${bytes.length} bytes (at least 8)`);
-      return { kind: 'response', tag, additionalInfo: (bytes[4]! << 16) | (bytes[5]! << 8) | bytes[6]!, responseCode: bytes[7]! };
-    case IU_READ_READY:
-      return { kind: 'read-ready', tag };
-    case IU_WRITE_READY:
-      return { kind: 'write-ready', tag };
-    default:
-      throw new RangeError(`UAS status IU: unknown IU id 0x${bytes[0]!.toString(16)}`);
-  }
-}
-
-/** SCSI status GOOD / CHECK CONDITION (the sense IU's status byte). */
-export const SCSI_GOOD = 0x00;
-export const SCSI_CHECK_CONDITION = 0x02;
 
 /** Sense key, ASC, ASCQ of fixed-format (0x70/0x71) or descriptor-format (0x72/0x73) sense data. */
 export function senseKey(sense: Uint8Array): { key: number; asc: number; ascq: number } | undefined {

@@ -123,3 +123,32 @@ export function taskManagementIu(tag: number, fn: number, taskTag: number, lun =
   new DataView(b.buffer).setBigUint64(8, lun);
   return b;
 }
+
+export type StatusIu =
+  | { kind: 'sense'; tag: number; statusQualifier: number; status: number; sense: Uint8Array }
+  | { kind: 'response'; tag: number; responseCode: number; additionalInfo: number }
+  | { kind: 'read-ready' | 'write-ready'; tag: number };
+
+/** Decode an IU received on the status pipe (the host side); throws a RangeError naming what is wrong. */
+export function decodeStatusIu(bytes: Uint8Array): StatusIu {
+  if (bytes.length < 4) throw new RangeError(`UAS status IU: ${bytes.length} bytes (at least 4)`);
+  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const tag = dv.getUint16(2, false);
+  switch (bytes[0]) {
+    case IU_SENSE: {
+      if (bytes.length < 16) throw new RangeError(`UAS sense IU: ${bytes.length} bytes (at least 16)`);
+      const senseLength = dv.getUint16(14, false);
+      if (16 + senseLength > bytes.length) throw new RangeError(`UAS sense IU: sense length ${senseLength} past the IU's ${bytes.length} bytes`);
+      return { kind: 'sense', tag, statusQualifier: dv.getUint16(4, false), status: bytes[6]!, sense: bytes.slice(16, 16 + senseLength) };
+    }
+    case IU_RESPONSE:
+      if (bytes.length < 8) throw new RangeError(`UAS response IU: ${bytes.length} bytes (at least 8)`);
+      return { kind: 'response', tag, additionalInfo: (bytes[4]! << 16) | (bytes[5]! << 8) | bytes[6]!, responseCode: bytes[7]! };
+    case IU_READ_READY:
+      return { kind: 'read-ready', tag };
+    case IU_WRITE_READY:
+      return { kind: 'write-ready', tag };
+    default:
+      throw new RangeError(`UAS status IU: unknown IU id 0x${bytes[0]!.toString(16)}`);
+  }
+}
