@@ -8,7 +8,7 @@ import { clientTls } from '../../src/devkit/certs.js';
 import { LoopIo, prepareLoop } from '../../src/devkit/loop-io.js';
 import { LOOP_BULK_IN, LOOP_BULK_OUT } from '../../src/server/backends/emulated/loopback.js';
 import { procCpuMicros, selfCpuMicros } from '../support/cpu.js';
-import { LatencyHistogram, settledRssKib, startSoakServer } from './support.js';
+import { LatencyHistogram, liveMemoryKib, rssKib, startSoakServer, type SoakServer } from './support.js';
 import type { SoakOptions, SoakPart } from './types.js';
 
 const SESSIONS = 64;
@@ -21,7 +21,7 @@ const INFLIGHT_URB_BYTES = 64 * 1024;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export async function run({ durationS, progress }: SoakOptions): Promise<SoakPart> {
-  const server = await startSoakServer(['--emulated-count', String(SESSIONS)]);
+  const server = await startSoakServer(['--emulated-count', String(SESSIONS)], undefined, { inspect: true });
   const pid = server.child.pid!;
   const tls = clientTls('bridge');
   const clients: UsbHostClient[] = [];
@@ -42,19 +42,24 @@ export async function run({ durationS, progress }: SoakOptions): Promise<SoakPar
     }
 
     // Idle sessions: each its own client connection (as 64 bridges would be), opened and configured.
-    const rssBeforeIdle = await settledRssKib(pid);
+    // Memory figures are taken after full collections in the server (its inspector), so they are what is held live.
+    const beforeIdle = await liveMemoryKib(server);
     const devs: RemoteDevice[] = [];
     for (let i = 1; i <= SESSIONS; i++) {
       const dev = await newClient().openDevice({ id: `emu-2-${i}` });
       await prepareLoop(dev);
       devs.push(dev);
     }
-    const rssIdle = await settledRssKib(pid);
-    const rssPerIdle = (rssIdle - rssBeforeIdle) / SESSIONS;
-    progress(`${SESSIONS} idle sessions: server RSS ${rssBeforeIdle} -> ${rssIdle} KiB (${rssPerIdle.toFixed(1)} KiB per session)`);
+    const idle = await liveMemoryKib(server);
+    const rssPerIdle = (idle.rssKib - beforeIdle.rssKib) / SESSIONS;
+    const heapPerIdle = (idle.heapUsedKib - beforeIdle.heapUsedKib) / SESSIONS;
+    progress(
+      `${SESSIONS} idle sessions: server RSS ${beforeIdle.rssKib} -> ${idle.rssKib} KiB (${rssPerIdle.toFixed(1)} KiB per session), ` +
+        `live heap ${beforeIdle.heapUsedKib} -> ${idle.heapUsedKib} KiB (${heapPerIdle.toFixed(1)} KiB per session)`,
+    );
 
     // Before the load has grown the heap: a session on the default set's loopback.
-    const rssInflight = await inflightRss(newClient(), pid, progress);
+    const inflight = await inflightMemory(newClient(), server, progress);
 
     // Load.
     const hist = new LatencyHistogram();
@@ -64,11 +69,11 @@ export async function run({ durationS, progress }: SoakOptions): Promise<SoakPar
     const t0 = performance.now();
     for (const io of ios) io.start();
     const end = t0 + durationS * 1000;
-    let peakRss = rssIdle;
+    let peakRss = idle.rssKib;
     while (performance.now() < end) {
       await sleep(Math.min(5000, end - performance.now()));
       const mib = ios.reduce((a, io) => a + io.progress.bytesVerified, 0) / 2 ** 20;
-      const rss = await settledRssKib(pid, 1, 0);
+      const rss = rssKib(pid);
       peakRss = Math.max(peakRss, rss);
       progress(`${((performance.now() - t0) / 1000).toFixed(0)} s: ${mib.toFixed(0)} MiB verified, ${hist.count} URBs, server RSS ${rss} KiB`);
     }
@@ -100,7 +105,10 @@ export async function run({ durationS, progress }: SoakOptions): Promise<SoakPar
       client_cpu_us_per_urb: round(clientCpu / urbs, 1),
       server_rss_peak_kib: peakRss,
       rss_per_idle_session_kib: round(rssPerIdle, 1),
-      rss_64_inflight_kib: rssInflight,
+      heap_per_idle_session_kib: round(heapPerIdle, 1),
+      rss_64_inflight_kib: inflight.rssKib,
+      heap_64_inflight_kib: inflight.heapUsedKib,
+      buffers_64_inflight_kib: inflight.arrayBuffersKib,
     };
   } finally {
     for (const c of clients) c.close();
@@ -109,17 +117,19 @@ export async function run({ durationS, progress }: SoakOptions): Promise<SoakPar
 }
 
 /**
- * Server RSS growth while one session holds 64 OUT URBs of 64 KiB in flight: the loopback's FIFO
- * is filled first (1 MiB, so it is not counted), then the OUTs wait at the device until read back.
+ * Server RSS and live heap growth while one session holds 64 OUT URBs of 64 KiB in flight: the
+ * loopback's FIFO is filled first (1 MiB, so it is not counted), then the OUTs wait at the device
+ * until read back. Their payloads are Buffers outside the V8 heap (buffers_64_inflight_kib: what is
+ * held; the RSS grows less where the allocator reuses pages freed before).
  */
-async function inflightRss(client: UsbHostClient, pid: number, progress: (m: string) => void): Promise<number> {
+async function inflightMemory(client: UsbHostClient, server: SoakServer, progress: (m: string) => void): Promise<{ rssKib: number; heapUsedKib: number; arrayBuffersKib: number }> {
   const dev = await client.openDevice({ id: 'emu-1-2' });
   await prepareLoop(dev);
   const payload = Buffer.alloc(INFLIGHT_URB_BYTES, 0x5a);
   const out = (n: number) => Array.from({ length: n }, () => dev.submit({ endpoint: LOOP_BULK_OUT, type: TransferType.TRANSFER_BULK, data: payload }));
   const fifoUrbs = (1024 * 1024) / INFLIGHT_URB_BYTES;
   await Promise.all(out(fifoUrbs));
-  const before = await settledRssKib(pid);
+  const before = await liveMemoryKib(server);
   const pending = out(INFLIGHT_URBS);
   for (let i = 0; ; i++) {
     const s = (await client.listSessions()).find((x) => x.id === dev.sessionId);
@@ -127,12 +137,14 @@ async function inflightRss(client: UsbHostClient, pid: number, progress: (m: str
     if (i > 100) throw new Error(`the server has ${s?.urbsInFlight} URBs in flight, not ${INFLIGHT_URBS}`);
     await sleep(100);
   }
-  const during = await settledRssKib(pid);
-  progress(`${INFLIGHT_URBS} x ${INFLIGHT_URB_BYTES / 1024} KiB URBs in flight: server RSS ${before} -> ${during} KiB`);
+  const during = await liveMemoryKib(server);
+  progress(
+    `${INFLIGHT_URBS} x ${INFLIGHT_URB_BYTES / 1024} KiB URBs in flight: server RSS ${before.rssKib} -> ${during.rssKib} KiB, live heap ${before.heapUsedKib} -> ${during.heapUsedKib} KiB, Buffers ${before.arrayBuffersKib} -> ${during.arrayBuffersKib} KiB`,
+  );
   const reads = Array.from({ length: fifoUrbs + INFLIGHT_URBS }, () => dev.submit({ endpoint: LOOP_BULK_IN, type: TransferType.TRANSFER_BULK, length: INFLIGHT_URB_BYTES }));
   await Promise.all([...pending, ...reads]);
   await dev.close();
-  return during - before;
+  return { rssKib: during.rssKib - before.rssKib, heapUsedKib: during.heapUsedKib - before.heapUsedKib, arrayBuffersKib: during.arrayBuffersKib - before.arrayBuffersKib };
 }
 
 const round = (x: number, digits: number) => (Number.isFinite(x) ? Math.round(x * 10 ** digits) / 10 ** digits : null);

@@ -12,14 +12,15 @@ export interface ServerProcess {
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
-/** `usbroam serve` with `args`, certificates of `opts.certs` (default: the shared test certificates). */
-export async function startServerProcess(args: string[] = [], opts: { certs?: CertDir } = {}): Promise<ServerProcess> {
+/** `usbroam serve` with `args`, certificates of `opts.certs` (default: the shared test certificates); `opts.nodeArgs` go to node. */
+export async function startServerProcess(args: string[] = [], opts: { certs?: CertDir; nodeArgs?: string[] } = {}): Promise<ServerProcess> {
   const c = opts.certs ?? testCerts();
   const { child, logs, ready: address } = await spawnUntilReady(
     process.execPath,
     [
       // e.g. USBROAM_SERVER_NODE_ARGS='--cpu-prof --cpu-prof-dir=/tmp/prof' to profile the server
       ...(process.env.USBROAM_SERVER_NODE_ARGS?.split(' ').filter(Boolean) ?? []),
+      ...(opts.nodeArgs ?? []),
       path.join(REPO_ROOT, 'bin/usbroam.js'),
       'serve',
       '--listen',
