@@ -36,7 +36,10 @@
 // the floor, the whole in-process device side) and server_cpu_ms_per_mib (the server process,
 // /proc/<pid>/stat), each also _write / _read, and bridge_cpu_us_per_urb / server_cpu_us_per_urb
 // (per URB completed at the attachment), and *_cpu_sys_share (the kernel's part of it); prefixed
-// high_, floor_, floor_high_, ehci_ like the rates.
+// high_, floor_, floor_high_, ehci_ like the rates. And QEMU's own CPU (all its threads) per MiB,
+// qemu_cpu_ms_per_mib_write / _read, and cores_busy_write / _read: the CPU time of QEMU, this
+// process and the server over the dd divided by its wall time, for every target (local_ too): on
+// 2 cores, a target near 2.0 is CPU-bound, and its rate is what its CPU per MiB allows.
 import { closeSync, fsyncSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -114,8 +117,29 @@ interface Figures {
   /** The kernel's (system) share of that CPU, per round, write and read together. */
   bridgeSysShare: number[];
   serverSysShare: number[];
+  /** QEMU's CPU ms per MiB (all its threads: TCG vCPU, main loop, I/O), per round. */
+  qemuCpuWrite: number[];
+  qemuCpuRead: number[];
+  /** Cores kept busy over the dd by QEMU + this process + the server (CPU time / wall time), per round. */
+  coresWrite: number[];
+  coresRead: number[];
 }
-const emptyFigures = (): Figures => ({ write: [], read: [], bridgeCpuWrite: [], bridgeCpuRead: [], serverCpuWrite: [], serverCpuRead: [], bridgeUsPerUrb: [], serverUsPerUrb: [], bridgeSysShare: [], serverSysShare: [] });
+const emptyFigures = (): Figures => ({
+  write: [],
+  read: [],
+  bridgeCpuWrite: [],
+  bridgeCpuRead: [],
+  serverCpuWrite: [],
+  serverCpuRead: [],
+  bridgeUsPerUrb: [],
+  serverUsPerUrb: [],
+  bridgeSysShare: [],
+  serverSysShare: [],
+  qemuCpuWrite: [],
+  qemuCpuRead: [],
+  coresWrite: [],
+  coresRead: [],
+});
 
 /** User+system CPU of this process, in ms. */
 function selfCpuMs(): number {
@@ -230,15 +254,21 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
       for (const t of order) {
         const plugged = await plug(t, r);
         try {
-          // CPU of this process (the bridge, or the floor's device side) and of the server over each dd.
-          const cpu0 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs(), selfSysMs(), pidCpuMs(plugged.serverPid, true)] as const;
+          // CPU of this process (the bridge, or the floor's device side), of the server and of QEMU over each dd.
+          const sample = () => [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs(), selfSysMs(), pidCpuMs(plugged.serverPid, true), pidCpuMs(g.pid), performance.now()] as const;
+          const cpu0 = sample();
           const w = await timedDd(g, `dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync`, sizeMiB * MiB);
-          const cpu1 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs(), selfSysMs(), pidCpuMs(plugged.serverPid, true)] as const;
+          const cpu1 = sample();
           await g.sh('sync; echo 3 > /proc/sys/vm/drop_caches');
-          const cpu2 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs(), selfSysMs(), pidCpuMs(plugged.serverPid, true)] as const;
+          const cpu2 = sample();
           const rd = await timedDd(g, `dd if=/dev/sda of=/tmp/y bs=1M count=${sizeMiB} iflag=direct`, sizeMiB * MiB);
-          const cpu3 = [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs(), selfSysMs(), pidCpuMs(plugged.serverPid, true)] as const;
+          const cpu3 = sample();
           const f = out[t]!;
+          f.qemuCpuWrite.push((cpu1[5] - cpu0[5]) / sizeMiB);
+          f.qemuCpuRead.push((cpu3[5] - cpu2[5]) / sizeMiB);
+          const cores = (a: typeof cpu0, b: typeof cpu0) => (b[0] - a[0] + b[1] - a[1] + b[5] - a[5]) / (b[6] - a[6]);
+          f.coresWrite.push(cores(cpu0, cpu1));
+          f.coresRead.push(cores(cpu2, cpu3));
           f.bridgeCpuWrite.push((cpu1[0] - cpu0[0]) / sizeMiB);
           f.bridgeCpuRead.push((cpu3[0] - cpu2[0]) / sizeMiB);
           if (plugged.serverPid !== undefined) {
@@ -363,6 +393,16 @@ async function main(): Promise<void> {
         result[`${prefix}${name}server_cpu_ms_per_mib_read`] = r1(median(fig.serverCpuRead));
         result[`${prefix}${name}server_cpu_us_per_urb`] = r1(median(fig.serverUsPerUrb));
         result[`${prefix}${name}server_cpu_sys_share`] = r2(median(fig.serverSysShare));
+      }
+      // QEMU's CPU and the cores all three kept busy: where 2 cores are the limit, a path that costs
+      // more CPU per MiB than the floor cannot reach the floor's rate (README, Performance).
+      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', local: 'local_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_' })) {
+        const fig = f[t];
+        if (!fig?.qemuCpuWrite.length) continue;
+        result[`${prefix}${name}qemu_cpu_ms_per_mib_write`] = r1(median(fig.qemuCpuWrite));
+        result[`${prefix}${name}qemu_cpu_ms_per_mib_read`] = r1(median(fig.qemuCpuRead));
+        result[`${prefix}${name}cores_busy_write`] = r2(median(fig.coresWrite));
+        result[`${prefix}${name}cores_busy_read`] = r2(median(fig.coresRead));
       }
       result[`${prefix}samples`] = Object.fromEntries(Object.entries(f).map(([t, v]) => [t, { write: v.write.map(r2), read: v.read.map(r2) }]));
     };
