@@ -51,6 +51,7 @@ const E2E_SECONDS = {
   'test/e2e/bridge-control.test.ts': 20,
   'test/e2e/bridge-unplug.test.ts': 17,
   'test/e2e/bridge-serial.test.ts': 16,
+  'test/e2e/uas-migrate.test.ts': 25,
   'test/e2e/harness-migrate.test.ts': 8,
 };
 const DEFAULT_SECONDS = 40;

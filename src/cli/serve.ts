@@ -92,6 +92,8 @@ export function serveConfig(f: ServeFlags): ServerConfig {
     emulated.controlLatencyMs = ms;
   }
   if (emulated && f.diskLatencyMs !== undefined && emulated.disk !== false) emulated.disk = { ...emulated.disk, latencyMs: Number(f.diskLatencyMs) };
+  if (emulated?.uas && f.diskLatencyMs !== undefined) emulated.uas = { ...(emulated.uas === true ? {} : emulated.uas), latencyMs: Number(f.diskLatencyMs) };
+  if (emulated?.uas && emulated.uas !== true && emulated.uas.latencyMs !== undefined) checkDiskLatency(emulated.uas.latencyMs);
   if (emulated?.disk) parseEmulatedSpeed(emulated.disk.speed ?? 'high', 'disk speed'); // fail early
   if (emulated?.disk && emulated.disk.latencyMs !== undefined) checkDiskLatency(emulated.disk.latencyMs);
   let libusb = file.libusb ? { ...file.libusb } : undefined;
@@ -159,12 +161,12 @@ export async function emulatedBackends(cfg: ServerConfig, dataDir: string, log?:
   return [backend];
 }
 
-function uasDisk(uas: NonNullable<ServerConfig['emulated']>['uas'], dataDir: string): { imagePath: string; sizeBytes: number } | undefined {
+function uasDisk(uas: NonNullable<ServerConfig['emulated']>['uas'], dataDir: string): { imagePath: string; sizeBytes: number; latencyMs?: number } | undefined {
   if (!uas) return undefined;
   const o = uas === true ? {} : uas;
   const imagePath = o.image ?? path.join(dataDir, 'uas.img');
   mkdirSync(path.dirname(imagePath), { recursive: true });
-  return { imagePath, sizeBytes: (o.sizeMiB ?? 64) * 1024 * 1024 };
+  return { imagePath, sizeBytes: (o.sizeMiB ?? 64) * 1024 * 1024, latencyMs: o.latencyMs };
 }
 
 /** The libusb backend when configured (enabled unless `enabled: false`). */
@@ -227,7 +229,7 @@ export function serveCommand(): Command {
     .option('--disk-image <file>', 'image file of the emulated disk (sparse; created if missing)')
     .option('--disk-size-mib <n>', 'size of a new disk image (default 64)')
     .option('--disk-speed <speed>', 'bus speed of the emulated disk: high (default), super (1 MiB SCSI commands; xHCI only) or full')
-    .option('--disk-latency-ms <ms>', 'each READ/WRITE command of the emulated disk waits this long before its data moves (default 0; for tests: a bulk URB surely in flight)')
+    .option('--disk-latency-ms <ms>', 'each READ/WRITE command of the emulated disks (mass storage and UAS) waits this long before its data moves (default 0; for tests: a bulk URB surely in flight)')
     .option('--control-latency-ms <ms>', 'how long the emulated loopback device takes to answer its slow vendor request (IN 0x5d), to keep control transfers in flight (default 0)')
     .option('--emulated-ftdi', 'also export an emulated FTDI FT232R-like echo port (0403:6001, serial USBROAM-FTDI-0001)')
     .option('--emulated-uas [image]', 'also export an emulated USB Attached SCSI disk at SuperSpeed (1209:7302, id emu-1-5, bulk streams; default image <data dir>/uas.img)')

@@ -47,7 +47,7 @@ let seq = 0;
 function traceArgs(dir: string, name: string): string[] {
   if (process.env.USBROAM_QEMU_TRACE !== '1') return [];
   const events = path.join(dir, 'trace-events');
-  writeFileSync(events, ['usb_xhci_xfer_*', 'usb_xhci_ep_*', 'usb_packet_*', 'migration_completion_*', 'vm_state_notify', 'runstate_set', 'savevm_section_start', 'savevm_state_complete_precopy', 'migrate_set_state'].join('\n') + '\n');
+  writeFileSync(events, [...(process.env.USBROAM_QEMU_TRACE_EVENTS?.split(',') ?? []), 'usb_xhci_xfer_*', 'usb_xhci_ep_*', 'usb_packet_*', 'migration_completion_*', 'vm_state_notify', 'runstate_set', 'savevm_section_start', 'savevm_state_complete_precopy', 'migrate_set_state'].join('\n') + '\n');
   return ['-msg', 'timestamp=on', '-trace', `events=${events}`, '-D', path.join(dir, `trace-${name}.log`)];
 }
 

@@ -24,7 +24,7 @@ export interface EmulatedConfig {
    * A USB Attached SCSI disk at SuperSpeed (1209:7302, bulk streams; xHCI guests bind `uas`), backed by its own image
    * (default <data dir>/uas.img, 64 MiB when created). Default off.
    */
-  uas?: { image?: string; sizeMiB?: number } | boolean;
+  uas?: { image?: string; sizeMiB?: number; latencyMs?: number } | boolean;
 }
 
 export interface LibusbConfig {

@@ -17,6 +17,7 @@ import { ALL_CAPS, UsbredirParser, UsbredirProtocolError, type Packet } from '..
 import { AttachmentHandOff } from './handoff/attachment-handoff.js';
 import type { QemuBulkInFlight } from './handoff/bulk-tds.js';
 import { parseHandOffState, type FrozenPosition, type HandOffInfo, type HandOffState } from './handoff/state.js';
+import type { StreamKick } from './handoff/xhci-streams.js';
 import { warmUpUnixQueues } from './handoff/unix-socket-queue.js';
 import { RedirHost, type AttachmentState } from './redir-host.js';
 import { ChardevOutput } from './socket-output.js';
@@ -114,8 +115,12 @@ export class Attachment extends EventEmitter {
   private readonly sendBound = (p: Packet) => this.send(p);
   private readonly flowBound = () => this.flow();
 
+  /** The source's hand-off state this attachment continues from (destination of a migration). */
+  private readonly resumedState?: HandOffState;
+
   constructor(opts: AttachmentOptions, resume?: Resume) {
     super();
+    this.resumedState = resume?.state;
     this.device = opts.device;
     this.socket = opts.socket;
     this.log = opts.log;
@@ -158,6 +163,7 @@ export class Attachment extends EventEmitter {
       },
       resume,
     );
+    for (const [ep, base] of resume?.state.xhciStreamArrays ?? []) this.handoff.xhciStreamArrays.set(ep, base);
     this.host = new RedirHost({
       device: this.device,
       caps: this.parser,
@@ -167,7 +173,7 @@ export class Attachment extends EventEmitter {
       close: (reason, err) => void this.close(reason, err),
       flow: this.flowBound,
       exported: () => this.handoff.exported,
-      bulkAnswered: (urbId, id, endpoint) => this.handoff.noteBulkAnswered(urbId, id, endpoint),
+      bulkAnswered: (urbId, id, endpoint, streamId) => this.handoff.noteBulkAnswered(urbId, id, endpoint, streamId),
       events: this,
       log: this.log,
       id: this.id,
@@ -305,6 +311,25 @@ export class Attachment extends EventEmitter {
   /** IN endpoints served by usbredir bulk receiving (see AttachmentHandOff). */
   bulkReceivingEndpoints(): number[] {
     return this.handoff.bulkReceivingEndpoints();
+  }
+  /** Endpoints with bulk streams allocated (UAS pipes). */
+  bulkStreamEndpoints(): number[] {
+    return this.host.bulkStreamEndpoints();
+  }
+  /** Source: the xHCI streams rewound at pre-switchover, sent with the hand-off state. */
+  setXhciStreamKicks(kicks: StreamKick[]): void {
+    this.handoff.xhciStreamKicks = kicks;
+  }
+  /** The guest-physical address of the xHCI stream context array of `endpoint`, if known. */
+  xhciStreamArray(endpoint: number): bigint | undefined {
+    return this.handoff.xhciStreamArrays.get(endpoint);
+  }
+  setXhciStreamArray(endpoint: number, base: bigint): void {
+    this.handoff.xhciStreamArrays.set(endpoint, base);
+  }
+  /** Destination: the xHCI streams whose doorbells must be rung once this attachment continues (from the source's state). */
+  get inheritedXhciStreamKicks(): StreamKick[] {
+    return this.resumedState?.xhciStreamKicks ?? [];
   }
   /** While frozen: per bulk endpoint, the TDs QEMU has in flight, oldest first (for the xHCI rewind). */
   qemuBulkInFlight(): QemuBulkInFlight[] {

@@ -61,7 +61,7 @@ export interface RedirHostOptions {
   /** The state went to a hand-off: completions and op answers are no longer this host's. */
   exported: () => boolean;
   /** A bulk or control (endpoint 0) request was answered (for the hand-off's view of the TDs QEMU has in flight). */
-  bulkAnswered?: (urbId: number, id: bigint, endpoint: number) => void;
+  bulkAnswered?: (urbId: number, id: bigint, endpoint: number, streamId: number) => void;
   /** 'connected', 'deviceGone' (reason), 'rejected' (why) are emitted here. */
   events: { emit(event: string, ...args: unknown[]): boolean };
   log: Logger;
@@ -80,6 +80,8 @@ export interface RedirHostSnapshot {
   connectSent: boolean;
   deviceGone: boolean;
   state: AttachmentState;
+  /** Endpoints with bulk streams allocated (the xHCI stream work-around at a switchover needs them all). */
+  bulkStreamEndpoints?: number[];
 }
 
 export class RedirHost implements StreamHost {
@@ -96,6 +98,8 @@ export class RedirHost implements StreamHost {
   private readonly queue: Packet[] = [];
   private dispatching = false;
   private activeConfiguration: number;
+  /** Endpoints with bulk streams allocated now (alloc_bulk_streams answered success, not freed since). */
+  private readonly bulkStreamEps = new Set<number>();
   private connectSent = false;
   private connectScheduled = false;
   private deviceGone = false;
@@ -417,11 +421,15 @@ export class RedirHost implements StreamHost {
         const eps: number[] = [];
         for (let i = 0; i < 32; i++) if (p.endpoints & (1 << i)) eps.push(((i & 0x10) << 3) | (i & 0x0f));
         const noStreams = p.type === 'alloc_bulk_streams' ? p.noStreams : 0;
+        // At once, not after the server answers: the bridge reads the xHCI stream context array
+        // pointers before QEMU's first stream kick overwrites them (xhci-streams.ts).
+        if (p.type === 'alloc_bulk_streams') this.o.events.emit('bulkStreamsAllocating', eps, p.noStreams);
         const op: DeviceOp['op'] =
           p.type === 'alloc_bulk_streams' ? { $case: 'allocBulkStreams', value: { endpoints: eps, numStreams: p.noStreams } } : { $case: 'freeBulkStreams', value: { endpoints: eps } };
         this.runOp(op, (r) => {
           let status = r.status as number;
           if (status === Status.success && p.type === 'alloc_bulk_streams' && r.value < noStreams) status = Status.ioerror;
+          if (status === Status.success) for (const ep of eps) p.type === 'alloc_bulk_streams' ? this.bulkStreamEps.add(ep) : this.bulkStreamEps.delete(ep);
           this.send({ type: 'bulk_streams_status', id: p.id, endpoints: p.endpoints >>> 0, noStreams, status });
         });
         return;
@@ -462,6 +470,7 @@ export class RedirHost implements StreamHost {
     }
     this.urbs.cancelAll();
     this.streams.clear();
+    this.bulkStreamEps.clear();
     this.runOp({ $case: 'setConfiguration', value: { value: configuration } }, (r) => {
       if (r.status === UrbStatus.URB_STATUS_SUCCESS) {
         this.activeConfiguration = configuration;
@@ -498,6 +507,7 @@ export class RedirHost implements StreamHost {
     // usbredirhost_reset: cancel pending URBs (telling the guest), stop streams, reset.
     this.urbs.cancelAll();
     this.streams.clear();
+    this.bulkStreamEps.clear();
     this.runOp({ $case: 'reset', value: {} }, (r) => {
       if (r.status !== UrbStatus.URB_STATUS_SUCCESS) {
         this.log.warn({ attachment: this.id, err: r.message }, 'device reset failed; disconnecting');
@@ -513,6 +523,11 @@ export class RedirHost implements StreamHost {
   // ------------------------------------------------------------------ hand-off
 
   /** The host's share of a hand-off state (references: encode it before anything else runs). */
+  /** Endpoints with bulk streams allocated now. */
+  bulkStreamEndpoints(): number[] {
+    return [...this.bulkStreamEps];
+  }
+
   snapshot(): RedirHostSnapshot {
     return {
       ...this.urbs.snapshot(),
@@ -521,6 +536,7 @@ export class RedirHost implements StreamHost {
       connectSent: this.connectSent,
       deviceGone: this.deviceGone,
       state: this._state,
+      bulkStreamEndpoints: [...this.bulkStreamEps],
     };
   }
 
@@ -532,6 +548,7 @@ export class RedirHost implements StreamHost {
     this.activeConfiguration = st.activeConfiguration;
     this.connectSent = st.connectSent;
     this.deviceGone = st.deviceGone;
+    for (const ep of st.bulkStreamEndpoints ?? []) this.bulkStreamEps.add(ep);
     this.streams.restore(st.streams);
     this.urbs.restore(st.inFlight, st.byRedirId, lastUrbId);
     if (st.connectSent) {

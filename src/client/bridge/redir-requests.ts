@@ -62,7 +62,7 @@ export class DataRequests {
       exported: () => boolean;
       flow: () => void;
       /** A bulk or control request was answered (control under endpoint 0). */
-      bulkAnswered?: (urbId: number, id: bigint, endpoint: number) => void;
+      bulkAnswered?: (urbId: number, id: bigint, endpoint: number, streamId: number) => void;
     },
   ) {
     this.nextUrbId = dev.peekNextUrbId();
@@ -174,7 +174,7 @@ export class DataRequests {
       return;
     }
     this.reply(e, c.status, c.data, c.actualLength);
-    if (e.kind === 'bulk' || e.kind === 'control') this.o.bulkAnswered?.(urbId, e.id, e.kind === 'control' ? 0 : e.endpoint);
+    if (e.kind === 'bulk' || e.kind === 'control') this.o.bulkAnswered?.(urbId, e.id, e.kind === 'control' ? 0 : e.endpoint, streamIdOf(e));
     this.o.flow();
   }
 
@@ -187,7 +187,7 @@ export class DataRequests {
     if (e.cancelled || this.h.closed) return;
     this.h.log.debug({ attachment: this.h.id, err: err.message }, 'URB failed on the channel');
     this.reply(e, Status.ioerror, EMPTY, 0);
-    if (e.kind === 'bulk' || e.kind === 'control') this.o.bulkAnswered?.(urbId, e.id, e.kind === 'control' ? 0 : e.endpoint);
+    if (e.kind === 'bulk' || e.kind === 'control') this.o.bulkAnswered?.(urbId, e.id, e.kind === 'control' ? 0 : e.endpoint, streamIdOf(e));
   }
 
   /** Answer a data packet (usbredirhost *_packet_complete). */
@@ -279,4 +279,9 @@ export class DataRequests {
     for (const [id, urbId] of byRedirId) this.byRedirId.set(id, urbId);
     this.nextUrbId = this.dev.peekNextUrbId();
   }
+}
+
+/** The bulk stream id of a request (0: none, or not bulk). */
+function streamIdOf(e: InFlight): number {
+  return e.kind === 'bulk' ? ((e.pkt as BulkPacket).streamId ?? 0) : 0;
 }

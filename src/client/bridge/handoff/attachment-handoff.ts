@@ -12,6 +12,7 @@ import type { ChardevOutput } from '../socket-output.js';
 import { BulkAnswers, hasBulkInFlight, type QemuBulkInFlight } from './bulk-tds.js';
 import { encodeHandOffState, HandOffRefusedError, type FrozenPosition, type HandOffInfo, type HandOffPhase, type HandOffState } from './state.js';
 import { PacketTrail } from './trail.js';
+import type { StreamKick } from './xhci-streams.js';
 import { unreadByPeer } from './unix-socket-queue.js';
 
 /** The attachment as the hand-off sees it. */
@@ -67,10 +68,15 @@ export class AttachmentHandOff {
     return k === 'freezing' || k === 'frozen' || k === 'measuring';
   }
 
+  /** Streams rewound at pre-switchover, for the destination's doorbells (set by the VM's migration, sent with the state). */
+  xhciStreamKicks: StreamKick[] = [];
+  /** Per stream endpoint, its stream context array (read when the streams were allocated, or inherited). */
+  readonly xhciStreamArrays = new Map<number, bigint>();
+
   /** A bulk request was answered (see bulk-tds.ts). */
-  noteBulkAnswered(urbId: number, id: bigint, endpoint: number): void {
+  noteBulkAnswered(urbId: number, id: bigint, endpoint: number, streamId = 0): void {
     const out = this.a.output;
-    this.bulk.note(urbId, id, endpoint, out.bytesWritten, out.bytesWritten - out.retained);
+    this.bulk.note(urbId, id, endpoint, out.bytesWritten, out.bytesWritten - out.retained, streamId);
   }
 
   hasBulkInFlight(): boolean {
@@ -298,6 +304,8 @@ export class AttachmentHandOff {
       lastUrbId: device.peekNextUrbId() - 1,
       device: Buffer.from(Device.encode(device.device).finish()).toString('base64'),
       positions: { bytesFromQemu: this.a.bytesFromQemu, bytesToQemu: output.bytesWritten, consumedByQemu: output.bytesWritten - toQemuBytes },
+      ...(this.xhciStreamKicks.length ? { xhciStreamKicks: this.xhciStreamKicks } : {}),
+      ...(this.xhciStreamArrays.size ? { xhciStreamArrays: [...this.xhciStreamArrays] } : {}),
     };
     return { bytes: encodeHandOffState(st), toQemuBytes, partial: parser.pendingPartial, inFlight: snapshot.inFlight.length };
   }

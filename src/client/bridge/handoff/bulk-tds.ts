@@ -12,6 +12,8 @@ export interface QemuBulkInFlight {
   endpoint: number;
   /** usbredir ids, oldest first. */
   ids: bigint[];
+  /** The bulk stream id of each (0: none), beside `ids`. */
+  streamIds: number[];
   /** They are the newest on the endpoint (everything older was answered and read). */
   contiguous: boolean;
   /** Some use bulk streams (no rewind possible). */
@@ -21,6 +23,7 @@ export interface QemuBulkInFlight {
 interface Answered {
   id: bigint;
   urbId: number;
+  streamId: number;
   /** Our output offset after the answer. */
   end: number;
 }
@@ -37,10 +40,10 @@ export class BulkAnswers {
    * A bulk request was answered; `end` is our output offset after the answer and `read` the
    * offset QEMU has surely read up to (output minus what the sent ring keeps).
    */
-  note(urbId: number, id: bigint, endpoint: number, end: number, read: number): void {
+  note(urbId: number, id: bigint, endpoint: number, end: number, read: number, streamId = 0): void {
     let list = this.answered.get(endpoint);
     if (!list) this.answered.set(endpoint, (list = []));
-    list.push({ id, urbId, end });
+    list.push({ id, urbId, end, streamId });
     while (list.length && (list[0]!.end <= read || list.length > MAX_PER_ENDPOINT)) {
       const d = list.shift()!;
       this.dropped.set(endpoint, Math.max(this.dropped.get(endpoint) ?? 0, d.urbId));
@@ -53,7 +56,7 @@ export class BulkAnswers {
    */
   inFlight(consumed: number, requests: ReadonlyMap<number, InFlight>): QemuBulkInFlight[] {
     const per = new Map<number, { urbId: number; id: bigint; streamId: number }[]>();
-    for (const [ep, list] of this.answered) for (const x of list) if (x.end > consumed) (per.get(ep) ?? per.set(ep, []).get(ep)!).push({ urbId: x.urbId, id: x.id, streamId: 0 });
+    for (const [ep, list] of this.answered) for (const x of list) if (x.end > consumed) (per.get(ep) ?? per.set(ep, []).get(ep)!).push({ urbId: x.urbId, id: x.id, streamId: x.streamId });
     for (const [urbId, e] of requests) {
       if ((e.kind !== 'bulk' && e.kind !== 'control') || e.cancelled) continue;
       const ep = e.kind === 'control' ? 0 : e.endpoint;
@@ -65,7 +68,7 @@ export class BulkAnswers {
       const minOut = xs[0]!.urbId;
       let maxRead = this.dropped.get(ep) ?? 0;
       for (const x of this.answered.get(ep) ?? []) if (x.end <= consumed) maxRead = Math.max(maxRead, x.urbId);
-      out.push({ endpoint: ep, ids: xs.map((x) => x.id), contiguous: maxRead < minOut, streams: xs.some((x) => x.streamId !== 0) });
+      out.push({ endpoint: ep, ids: xs.map((x) => x.id), streamIds: xs.map((x) => x.streamId), contiguous: maxRead < minOut, streams: xs.some((x) => x.streamId !== 0) });
     }
     return out;
   }

@@ -2,6 +2,7 @@
 // hand-off, and what the source learnt. Encoded as JSON (bigints tagged, packet data stripped)
 // with the usbredir parser's own share as UsbredirParser.serialize() bytes.
 import type { RedirHostSnapshot } from '../redir-host.js';
+import type { StreamKick } from './xhci-streams.js';
 
 /**
  * Where an attachment is in a hand-off. Output to QEMU is held (and QEMU's output drained
@@ -77,6 +78,10 @@ export interface HandOffState extends RedirHostSnapshot {
   /** base64 of usbroam.v1.Device. */
   device: string;
   positions: { bytesFromQemu: number; bytesToQemu: number; consumedByQemu: number };
+  /** xHCI streams the source rewound at pre-switchover: the destination rings their doorbells (xhci-streams.ts). */
+  xhciStreamKicks?: StreamKick[];
+  /** Per stream endpoint, the guest-physical address of its stream context array (xhci-streams.ts). */
+  xhciStreamArrays?: [number, bigint][];
 }
 
 /** Bound of the hand-off state (the URB channel's message limit is 64 MiB). */

@@ -8,6 +8,7 @@ import type { QmpClient } from '../../../qemu/qmp/client.js';
 import type { Attachment } from '../attachment.js';
 import { HandOffRefusedError, type HandOffInfo } from './state.js';
 import { GdbWriter, locateXhciDevice, rewindXhciDequeues, type XhciDeviceLocation } from './xhci-dequeue.js';
+import { rewindXhciStreams, type StreamKick } from './xhci-streams.js';
 import { oldestUncompletedTd } from './xhci-event-ring.js';
 
 /** Emitted (as 'handOff') for each hand-off attempt at the end of a migration. */
@@ -252,12 +253,37 @@ export class VmMigrations {
     }
     const rec: NonNullable<HandOffEvent['xhciRewind']> = { inFlight: eps.reduce((a, x) => a + x.ids.length, 0), patched: 0, unchanged: 0, skipped: [], tookMs: 0 };
     out.set(e.id, rec);
+    // Every endpoint with streams, also those with nothing in flight: a Running one aborts the destination.
+    const withStreams = eps.filter((x) => x.streams);
+    for (const ep of e.att.bulkStreamEndpoints()) if (!withStreams.some((x) => x.endpoint === ep)) withStreams.push({ endpoint: ep, ids: [], streamIds: [], contiguous: true, streams: true });
     const usable = eps.filter((x) => {
-      if (x.streams) rec.skipped.push(`ep ${x.endpoint.toString(16)}: bulk streams`);
+      if (x.streams) return false; // below, stream context by stream context
       else if (!x.contiguous) rec.skipped.push(`ep ${x.endpoint.toString(16)}: TDs in flight are not the newest on the endpoint`);
       else return true;
       return false;
     });
+    // Bulk streams (UAS): each stream context to its oldest TD in flight, the endpoint Stopped;
+    // the destination rings their doorbells (xhci-streams.ts).
+    const kicks: StreamKick[] = [];
+    for (const x of withStreams) {
+      try {
+        const loc = await (location ?? locateXhciDevice(qmp, e.bus.replace(/\.\d+$/, ''), e.id));
+        const r = await rewindXhciStreams(qmp, { location: loc, endpoint: x.endpoint, ids: x.ids, streamIds: x.streamIds, arrayBase: e.att.xhciStreamArray(x.endpoint), gdb });
+        if (r.skipped) rec.skipped.push(`ep ${x.endpoint.toString(16)} (streams): ${r.skipped}`);
+        if (r.kick) {
+          kicks.push(r.kick);
+          rec.patched += r.patched.length;
+          rec.unchanged += r.kick.streams.filter((st) => !r.patched.some((p) => p.stream === st)).length;
+          log.info(
+            { ep: x.endpoint.toString(16), streams: r.kick.streams, patched: r.patched.map((p) => ({ stream: p.stream, from: p.before.map((w) => w.toString(16)), to: p.after.map((w) => w.toString(16)), ...(p.link !== undefined ? { link: p.link.toString(16) } : {}) })) },
+            'xHCI stream contexts pointed at the oldest TD in flight (cycle state 0 behind a Link TRB), endpoint stopped (the destination rings their doorbells)',
+          );
+        }
+      } catch (err) {
+        rec.skipped.push(`ep ${x.endpoint.toString(16)} (streams): ${(err as Error).message}`);
+      }
+    }
+    e.att.setXhciStreamKicks(kicks);
     // Bulk receiving endpoints: their oldest uncompleted TD from the event ring (xhci-event-ring.ts).
     // QEMU does not count these TDs as in flight (usbredir_fill_already_in_flight skips bulk
     // receiving endpoints) and migrates its buffered data (bufpq): the destination serves a TD it

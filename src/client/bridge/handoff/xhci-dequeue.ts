@@ -152,6 +152,9 @@ class GdbLink {
       }
       this.buf = this.buf.slice(m[0].length);
       this.sock.write('+');
+      // A stop reply (T.. / S..) is a notification, not an answer: the gdbstub sends one when
+      // connecting stops a running VM. Replies to our packets are OK, E.. or hex.
+      if (/^[TS][0-9a-fA-F]{2}/.test(m[1]!)) continue;
       const w = this.waiter;
       this.waiter = undefined;
       w?.(m[1]!);

@@ -101,7 +101,7 @@ export interface DefaultEmulatedBackendOptions {
   /** Add the FTDI FT232R-like echo port (port 4, id emu-1-4; default off). */
   ftdi?: boolean;
   /** Add a SuperSpeed UAS disk on this image (port 5, id emu-1-5; default none). */
-  uas?: { imagePath: string; sizeBytes?: number };
+  uas?: { imagePath: string; sizeBytes?: number; latencyMs?: number };
 }
 
 /** Names of the speeds an emulated device can run at (for flags and config files). */
@@ -149,7 +149,7 @@ export async function createDefaultEmulatedBackend(opts: DefaultEmulatedBackendO
     backend.add(new FtdiDevice({ bus: 1, logger: opts.logger, portPath: [4], serial: 'USBROAM-FTDI-0001' }));
   }
   if (opts.uas) {
-    backend.add(await UasDevice.create({ bus: 1, logger: opts.logger, portPath: [5], speed: Speed.Super, imagePath: opts.uas.imagePath, sizeBytes: opts.uas.sizeBytes, readOnly: opts.readOnly }));
+    backend.add(await UasDevice.create({ bus: 1, logger: opts.logger, portPath: [5], speed: Speed.Super, imagePath: opts.uas.imagePath, sizeBytes: opts.uas.sizeBytes, readOnly: opts.readOnly, latencyMs: opts.uas.latencyMs }));
   }
   return backend;
 }

@@ -17,6 +17,7 @@
 // A command IU whose tag is outside the allocated streams cannot be answered on any stream: it
 // stalls the command pipe (the host resets). No READ READY / WRITE READY: those are for UAS
 // without streams (USB 2), which this device does not offer.
+import { setTimeout as delay } from 'node:timers/promises';
 import { Speed, UrbStatus, type EndpointInfo, type Urb, type UrbResult } from '../types.js';
 import { STALL, result, type TransferContext, type TransferReturn } from './emulated-device.js';
 import type { DeviceSpec } from './descriptors.js';
@@ -250,6 +251,8 @@ export class UasDevice extends MassStorageDevice {
     const cmd = newScsiCommand(tag, 0, false);
     if (iu.lun !== 0n) this.fail(cmd, 0x05, 0x25, 0x00); // LOGICAL UNIT NOT SUPPORTED
     else this.execute(cmd, iu.cdb);
+    // --disk-latency-ms: the data of a READ/WRITE moves only after this long (a stream surely in flight).
+    if (this.latencyMs > 0 && (cmd.disk === 'read' || cmd.disk === 'write') && cmd.deviceLength > 0) cmd.ready = delay(this.latencyMs, undefined, { ref: false });
     const task: Task = { tag, cmd, dataDone: cmd.status !== 0 || cmd.dir === 'none' || cmd.deviceLength === 0 };
     this.tasks.set(tag, task);
     if (task.dataDone) this.endData(task);
@@ -319,7 +322,7 @@ export class UasDevice extends MassStorageDevice {
       const fh = this.fh;
       const pos = cmd.diskOffset + start;
       const p = fh
-        ? readFully(fh, buf, pos).then(
+        ? (cmd.ready ? cmd.ready.then(() => readFully(fh, buf, pos)) : readFully(fh, buf, pos)).then(
             () => {
               this.scsiStats.bytesRead += n;
               return result(UrbStatus.Success, buf, n);
@@ -355,7 +358,8 @@ export class UasDevice extends MassStorageDevice {
     let ret: TransferReturn = accepted;
     if (take > 0 && cmd.disk === 'write' && this.fh) {
       const pos = cmd.diskOffset + start;
-      const p = writeFully(this.fh, d.subarray(0, take), pos).then(
+      const fh = this.fh;
+      const p = (cmd.ready ? cmd.ready.then(() => writeFully(fh, d.subarray(0, take), pos)) : writeFully(fh, d.subarray(0, take), pos)).then(
         () => {
           this.scsiStats.bytesWritten += take;
           return accepted;

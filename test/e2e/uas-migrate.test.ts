@@ -1,19 +1,15 @@
-// Live migration with the emulated UAS disk attached (bulk streams on qemu-xhci), with a reader
-// keeping commands in flight on their streams: the migration completes, the hand-off succeeds,
-// every read during and after it returns the data written before, and dmesg shows no reset.
+// Live migration with the emulated UAS disk attached (bulk streams on qemu-xhci), with readers
+// keeping commands in flight on their streams (the disk answers each command after 200 ms, so
+// stream TDs are in flight at the switchover every time): the migration completes, the hand-off
+// succeeds, the xHCI stream rewind skips nothing, every read during and after it returns the data
+// written before, and dmesg shows no UAS abort or reset.
 //
-// Pending (not in npm test): QEMU's xHCI does not migrate stream endpoints. Its post_load kicks
-// every running endpoint with stream id 0 (xhci_ep_kick_timer -> xhci_kick_epctx(epctx, 0)), and
-// for an endpoint with streams xhci_find_stream() starts with assert(streamid != 0): observed with
-// QEMU 7.2.22, the destination aborts ("hcd-xhci.c:1015: xhci_find_stream: Assertion `streamid != 0'
-// failed") as soon as it loads the state, and the hand-off ends with "standby released". Stream TDs
-// in flight are also only in the source's per-stream rings (the stream context's dequeue pointer
-// is written at each kick, like the endpoint context's; see xhci-dequeue.ts), and the bridge's
-// rewind skips stream endpoints. What is needed: at pre-switchover, rewind each stream context
-// (stream context array at the endpoint context's TR dequeue field, 16 bytes per stream id) to
-// the stream's oldest TD in flight and mark the endpoint context Stopped (no post_load kick);
-// on the destination, ring the doorbell (DB[slot] = epid | stream id << 16) for each stream with
-// TDs in flight.
+// What QEMU 7.2's xHCI gets wrong with streams across a migration, and the bridge mends at
+// pre-switchover (src/client/bridge/handoff/xhci-streams.ts): post_load kicks a Running stream
+// endpoint with stream 0 and aborts (assert in xhci_find_stream); the endpoint context's TR
+// dequeue field, which post_load reads as the stream context array, holds the last kicked
+// stream's dequeue pointer; a stream ring is restarted with cycle state 1 whatever its DCS bit;
+// and stream TDs in flight are never fetched again.
 import { expect } from 'chai';
 import path from 'node:path';
 import type { AttachmentInfo } from '../../src/client/bridge/bridge.js';
@@ -27,7 +23,7 @@ const BAD = /USB disconnect|reset (low|full|high|super|SuperSpeed)[^\n]*USB devi
 
 describe('e2e migration: the UAS disk (bulk streams) across live migration', function () {
   this.timeout(900_000);
-  const m = useMigrationSetup({ name: 'uas-migrate', diskMiB: 16, extraServerArgs: () => ['--emulated-uas', path.join(m.dir, 'uas.img')] });
+  const m = useMigrationSetup({ name: 'uas-migrate', diskMiB: 16, extraServerArgs: () => ['--emulated-uas', path.join(m.dir, 'uas.img'), '--disk-latency-ms', '200'] });
   let childA: BridgeChild | undefined;
   let childB: BridgeChild | undefined;
   let hostA: MigrationHost;
@@ -65,6 +61,9 @@ describe('e2e migration: the UAS disk (bulk streams) across live migration', fun
     m.guests.push(r.dst);
     expect(r.status).to.equal('completed');
     expect(r.handOff?.ok, r.handOff?.error).to.equal(true);
+    const xr = r.handOff!.xhciRewind;
+    expect(xr?.skipped, 'stream endpoints the rewind skipped').to.deep.equal([]);
+    expect(xr?.patched, 'stream contexts rewritten').to.be.greaterThan(0);
     const g = r.dst;
     const n0 = Number(await g.sh('wc -l < /tmp/rlog', { timeoutMs: 60_000 }));
     await until('reads on the destination', async () => Number(await g.sh('wc -l < /tmp/rlog')) > n0 + 8 || undefined, 120_000, 500);
