@@ -38,7 +38,7 @@
 // Endpoints QEMU serves by usbredir bulk receiving (quirked FTDI-like devices) never send their
 // TDs to us: their oldest uncompleted TD is found in the event ring (xhci-event-ring.ts); QEMU
 // migrates their buffered data and does not count their TDs as in flight, so the destination
-// serves the TDs it fetches again as new ones. Not covered: bulk streams. Skipped endpoints are
+// serves the TDs it fetches again as new ones. Bulk streams (UAS): xhci-streams.ts. Skipped endpoints are
 // logged.
 //
 // QEMU has no QMP/HMP command that writes guest memory; its gdbstub does (physical addresses
