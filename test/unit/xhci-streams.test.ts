@@ -3,13 +3,28 @@
 // destination with it: xhci_find_stream() starts a stream ring at the context's dequeue pointer
 // with cycle state 1 (whatever DCS says) and xhci_ring_fetch() follows Link TRBs.
 import { expect } from 'chai';
-import { checkStreamArray, doorbellWrite, oldestPerStream, planStreamRewind, type StreamPlan } from '../../src/client/bridge/handoff/xhci-streams.js';
+import { checkStreamArray, doorbellWrite, oldestPerStream, planStreamRewind, readXhciStreamArray, type StreamPlan } from '../../src/client/bridge/handoff/xhci-streams.js';
+import type { QmpClient } from '../../src/qemu/qmp/client.js';
 
 const TRB_NORMAL = 1;
 const TRB_LINK = 6;
 
 class Memory {
   readonly dw = new Map<bigint, number>();
+  /** A QMP client whose HMP `xp /Nwx ADDR` reads this memory (what readPhys uses). */
+  qmp(): QmpClient {
+    return {
+      execute: async (cmd: string, args: { 'command-line': string }) => {
+        const m = /^xp \/(\d+)wx 0x([0-9a-f]+)$/.exec(args['command-line']);
+        if (cmd !== 'human-monitor-command' || !m) throw new Error(`unexpected ${cmd} ${JSON.stringify(args)}`);
+        const a = BigInt(`0x${m[2]}`);
+        const words = Array.from({ length: Number(m[1]) }, (_, i) => `0x${this.read(a + BigInt(4 * i)).toString(16).padStart(8, '0')}`);
+        const lines: string[] = [];
+        for (let i = 0; i < words.length; i += 4) lines.push(`${(a + BigInt(4 * i)).toString(16).padStart(16, '0')}: ${words.slice(i, i + 4).join(' ')}`);
+        return lines.join('\r\n') + '\r\n';
+      },
+    } as unknown as QmpClient;
+  }
   read(addr: bigint): number {
     return this.dw.get(addr) ?? 0;
   }
@@ -187,5 +202,52 @@ describe('xHCI stream contexts at the switchover', () => {
     expect(checkStreamArray(ep, [0, 0, 0, 0, (TRB_NORMAL << 10) | 1, 0, 0, 0])).to.match(/stream context 1 .* not a primary transfer ring/);
     expect(checkStreamArray(ep, [0x1000, 0, 0, 0])).to.match(/stream context 0 .* not zero/);
     expect(checkStreamArray([1, 0, Number(STREAM_ARRAY), 0], array)).to.match(/no streams/);
+  });
+
+  describe('reading the stream context array when QEMU allocates the streams', () => {
+    const BAR = 0xfebf0000n;
+    const DEV_CTX = 0x7e000n;
+    const loc = { slot: 2, devCtx: DEV_CTX, ctxSize: 32, bar: BAR, capLength: 0x40 };
+    const DCI = 7; // ep 0x83
+    /** Guest RAM as after the guest's Configure Endpoint command for `DCI` with 4 streams. */
+    function guest(epDw2: number, opts: { inputCtxArray?: number; event?: boolean } = {}) {
+      const mem = new Memory();
+      mem.set(DEV_CTX + 32n * BigInt(DCI), [epDw0(1), 0, epDw2, 0]);
+      mem.set(STREAM_ARRAY, [0, 0, 0, 0]);
+      for (let st = 1; st <= 4; st++) mem.set(STREAM_ARRAY + 16n * BigInt(st), [(0xb0000 + 0x1000 * st) | SCT_PRIMARY | 1, 0, 0, 0]);
+      // Interrupter 0's event ring (RTSOFF 0x1000; one segment of 16 TRBs at 0x51000).
+      mem.set(BAR + 0x18n, [0x1000]);
+      mem.set(BAR + 0x1000n + 0x20n, [0, 0, 1, 0, 0x50000, 0]);
+      mem.set(0x50000n, [0x51000, 0, 16, 0]);
+      const CMD = 0x52040n;
+      const ICTX = 0x53000n;
+      if (opts.event !== false) {
+        mem.set(0x51000n, [Number(CMD), 0, 1 << 24, (33 << 10) | (loc.slot << 24) | 1]); // Command Completion, success
+        mem.set(0x51010n, [0x60000, 0, 1 << 24, (32 << 10) | (loc.slot << 24) | (3 << 16) | 1]); // a later transfer event
+      }
+      mem.set(CMD, [Number(ICTX), 0, 0, (12 << 10) | (loc.slot << 24) | 1]); // Configure Endpoint
+      mem.set(ICTX, [0, 1 << DCI]);
+      mem.set(ICTX + 32n * BigInt(DCI + 1), [epDw0(0), 0, opts.inputCtxArray ?? Number(STREAM_ARRAY), 0]);
+      return mem;
+    }
+
+    it('takes the endpoint context while no stream was kicked', async () => {
+      const mem = guest(Number(STREAM_ARRAY));
+      expect(await readXhciStreamArray(mem.qmp(), loc, 0x83, 4)).to.deep.equal({ base: STREAM_ARRAY, from: 'endpoint context' });
+    });
+
+    it('after a stream kick overwrote it, finds the guest Configure Endpoint command through its completion event', async () => {
+      const mem = guest(0xb1021);
+      expect(await readXhciStreamArray(mem.qmp(), loc, 0x83, 4)).to.deep.equal({ base: STREAM_ARRAY, from: 'configure command' });
+    });
+
+    it('refuses with both reasons when neither holds a stream context array', async () => {
+      const reused = guest(0xb1021, { inputCtxArray: 0x60000 }); // the freed input context reused: points at no array
+      reused.set(0x60000n, [0x1234, 0, 0, 0]);
+      let err = await readXhciStreamArray(reused.qmp(), loc, 0x83, 4).catch((e: Error) => e);
+      expect(String(err)).to.match(/endpoint context: TR dequeue field 0xb1021 has low bits set.*; the input context of the newest Configure Endpoint command: stream context 0 .* not zero/);
+      err = await readXhciStreamArray(guest(0xb1021, { event: false }).qmp(), loc, 0x83, 4).catch((e: Error) => e);
+      expect(String(err)).to.match(/no Configure Endpoint command of the slot in the event ring/);
+    });
   });
 });
