@@ -197,14 +197,14 @@ describe('bridge Attachment (usbredir device side)', function () {
     await qemu.waitFor('bulk_packet', (p) => p.id === out1);
     expect(att.hasBulkInFlight()).to.equal(true);
     await att.freeze();
-    expect(att.qemuBulkInFlight()).to.deep.equal([{ endpoint: 0x81, ids: reads.slice(1), contiguous: true, streams: false }]);
+    expect(att.qemuBulkInFlight()).to.deep.equal([{ endpoint: 0x81, ids: reads.slice(1), streamIds: [0, 0, 0], contiguous: true, streams: false }]);
     // While frozen, the next read completes: its answer is held (QEMU has not read it), so it is still in flight for QEMU.
     const out2 = id();
     qemu.send({ type: 'bulk_packet', id: out2, endpoint: 0x01, status: 0, length: 1, streamId: 0, data: Buffer.from('b') });
     await until('the write and the read it feeds to complete at the server', () => att.stats.inFlight === 2 && att.qemuBulkInFlight().some((x) => x.endpoint === 0x01));
     const got = att.qemuBulkInFlight();
-    expect(got.find((x) => x.endpoint === 0x81)).to.deep.equal({ endpoint: 0x81, ids: reads.slice(1), contiguous: true, streams: false });
-    expect(got.find((x) => x.endpoint === 0x01)).to.deep.equal({ endpoint: 0x01, ids: [out2], contiguous: true, streams: false });
+    expect(got.find((x) => x.endpoint === 0x81)).to.deep.equal({ endpoint: 0x81, ids: reads.slice(1), streamIds: [0, 0, 0], contiguous: true, streams: false });
+    expect(got.find((x) => x.endpoint === 0x01)).to.deep.equal({ endpoint: 0x01, ids: [out2], streamIds: [0], contiguous: true, streams: false });
     expect(att.stats.inFlight, 'the second read completed at the server').to.equal(2);
     att.unfreeze();
     expect(Buffer.from((await qemu.waitFor('bulk_packet', (p) => p.id === reads[1])).data).toString()).to.equal('b');
