@@ -22,8 +22,7 @@ import { standBy } from './handoff/destination.js';
 import type { HeldClaim, IncomingClaim, IncomingClaims } from './held-claim.js';
 import { VmMigrations } from './handoff/vm-migration.js';
 import { coldPluggedRedir, connectChardev, hotplugRedir, qemuArgsFor, redirIds, unplugRedir, type ColdPlugArgs, type RedirPlug } from './qemu-attach.js';
-import { kickXhciStreams, readXhciStreamArray } from './handoff/xhci-streams.js';
-import { locateXhciDevice } from './handoff/xhci-dequeue.js';
+import { captureXhciStreamArrays, kickXhciStreams } from './handoff/xhci-streams.js';
 
 export interface VmSpec {
   name: string;
@@ -428,43 +427,19 @@ export class Bridge extends EventEmitter {
   private register(entry: Entry, origin: AttachmentOrigin): void {
     this.attachments.set(entry.info.id, entry);
     entry.att.on('closed', (ci: AttachmentCloseInfo) => void this.onAttachmentClosed(entry, ci));
-    entry.att.on('bulkStreamsAllocating', (eps: number[], numStreams: number) => void this.readStreamArrays(entry, eps, numStreams));
+    // QEMU allocates bulk streams (a UAS disk binding): read their xHCI stream context arrays at once.
+    entry.att.on('bulkStreamsAllocating', (eps: number[], numStreams: number) => {
+      const { vm, id, bus } = entry.info;
+      const log = this.log.child({ vm, attachment: id });
+      void this.qmpOf(vm).then(
+        (qmp) => captureXhciStreamArrays(qmp, { controllerId: bus.replace(/\.\d+$/, ''), deviceId: id, endpoints: eps, numStreams, att: entry.att, log }),
+        (err: Error) => log.warn({ err: err.message }, 'no QMP connection to read the xHCI stream context arrays'),
+      );
+    });
     entry.device.once('closed', (err?: Error) => (entry.lost = isLostSession(err)));
     this.observer?.attachmentStarted(entry.att, entry.device, origin);
     entry.att.start();
     this.persist();
-  }
-
-  /**
-   * QEMU is allocating bulk streams (a UAS disk binding): keep each endpoint's xHCI stream context
-   * array address for the next migration's stream rewind (xhci-streams.ts). Read at once: QEMU's
-   * first stream kick replaces it in the endpoint context.
-   */
-  private async readStreamArrays(entry: Entry, eps: number[], numStreams: number): Promise<void> {
-    const { vm, id, bus } = entry.info;
-    const log = this.log.child({ vm, attachment: id });
-    const t0 = performance.now();
-    try {
-      const qmp = await this.qmpOf(vm);
-      const loc = await locateXhciDevice(qmp, bus.replace(/\.\d+$/, ''), id);
-      const read = await Promise.all(
-        eps.map(async (ep) => {
-          try {
-            const { base, from } = await readXhciStreamArray(qmp, loc, ep, numStreams);
-            entry.att.setXhciStreamArray(ep, base);
-            return { ep: ep.toString(16), array: base.toString(16), from };
-          } catch (err) {
-            return { ep: ep.toString(16), err: (err as Error).message };
-          }
-        }),
-      );
-      const failed = read.filter((r) => 'err' in r);
-      const tookMs = Math.round(performance.now() - t0);
-      if (failed.length) log.warn({ read, tookMs }, 'cannot read some xHCI stream context arrays: those streams break if the VM migrates');
-      else log.info({ read, tookMs }, 'xHCI stream context arrays read (for the stream rewind at a migration)');
-    } catch (err) {
-      log.warn({ eps, err: (err as Error).message }, 'cannot locate the xHCI device for its stream context arrays (not on xHCI?)');
-    }
   }
 
   /** A session re-attached by reconnect.ts becomes the attachment again (the guest sees a replug). */

@@ -265,6 +265,38 @@ export async function readXhciStreamArray(qmp: QmpClient, location: XhciDeviceLo
 }
 
 /**
+ * QEMU is allocating bulk streams on `endpoints` of usb device `deviceId` (a UAS disk binding):
+ * keep each endpoint's stream context array address on the attachment, for the stream rewind at
+ * the next migration (it goes with every hand-off). Read at once: QEMU's first stream kick
+ * replaces it in the endpoint context. Never throws: what cannot be read is logged.
+ */
+export async function captureXhciStreamArrays(
+  qmp: QmpClient,
+  opts: { controllerId: string; deviceId: string; endpoints: number[]; numStreams: number; att: { setXhciStreamArray(ep: number, base: bigint): void }; log: Logger },
+): Promise<void> {
+  const t0 = performance.now();
+  try {
+    const loc = await locateXhciDevice(qmp, opts.controllerId, opts.deviceId);
+    const read = await Promise.all(
+      opts.endpoints.map(async (ep) => {
+        try {
+          const { base, from } = await readXhciStreamArray(qmp, loc, ep, opts.numStreams);
+          opts.att.setXhciStreamArray(ep, base);
+          return { ep: ep.toString(16), array: base.toString(16), from };
+        } catch (err) {
+          return { ep: ep.toString(16), err: (err as Error).message };
+        }
+      }),
+    );
+    const tookMs = Math.round(performance.now() - t0);
+    if (read.some((r) => 'err' in r)) opts.log.warn({ read, tookMs }, 'cannot read some xHCI stream context arrays: those streams break if the VM migrates');
+    else opts.log.info({ read, tookMs }, 'xHCI stream context arrays read (for the stream rewind at a migration)');
+  } catch (err) {
+    opts.log.warn({ endpoints: opts.endpoints, err: (err as Error).message }, 'cannot locate the xHCI device for its stream context arrays (not on xHCI?)');
+  }
+}
+
+/**
  * At 'pre-switchover': rewind the stream contexts of `endpoint` (see planStreamRewind) and mark
  * the endpoint Stopped. Without `arrayBase` (the streams were allocated before this bridge could
  * read it) only the endpoint is stopped, so that the destination does not abort. Throws if guest
