@@ -1,8 +1,9 @@
-// Live migration with the emulated UAS disk attached (bulk streams on qemu-xhci), with readers
-// keeping commands in flight on their streams (the disk answers each command after 200 ms, so
-// stream TDs are in flight at the switchover every time): the migration completes, the hand-off
-// succeeds, the xHCI stream rewind skips nothing, every read during and after it returns the data
-// written before, and dmesg shows no UAS abort or reset.
+// Live migration with the emulated UAS disk attached (bulk streams on qemu-xhci), there and back
+// (A -> B -> A), with readers keeping commands in flight on their streams (the disk answers each
+// command after 200 ms, so stream TDs are in flight at the switchovers): each migration
+// completes, each hand-off succeeds, the xHCI stream rewind skips nothing (on the way back it
+// works from the stream context array addresses the first hand-off carried), every read during
+// and after them returns the data written before, and dmesg shows no UAS abort or reset.
 //
 // What QEMU 7.2's xHCI gets wrong with streams across a migration, and the bridge mends at
 // pre-switchover (src/client/bridge/handoff/xhci-streams.ts): post_load kicks a Running stream
@@ -42,7 +43,7 @@ describe('e2e migration: the UAS disk (bulk streams) across live migration', fun
     hostB = { name: 'B', bridge: childB.host() };
   });
 
-  it('binds uas on the source and migrates with stream commands in flight; every read is byte-exact', async () => {
+  it('binds uas on the source and migrates there and back with stream commands in flight; every read is byte-exact', async () => {
     const { guest, bridgeQmp } = await startVmGuest({ image: m.image, dir: m.dir, name: 'vm0' });
     m.guests.push(guest);
     src = guest;
@@ -54,25 +55,39 @@ describe('e2e migration: the UAS disk (bulk streams) across live migration', fun
     await guest.sh('dd if=/dev/urandom of=/tmp/x bs=1M count=4 2>/dev/null; dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync 2>/dev/null; sha256sum /tmp/x | cut -d" " -f1 > /tmp/x.sha');
     // Readers keep several commands (streams) in flight: 4 parallel 1 MiB O_DIRECT reads in a loop.
     await guest.sh(
-      `rm -f /tmp/stop /tmp/rlog; for j in 0 1 2 3; do (while [ ! -e /tmp/stop ]; do s=$(dd if=/dev/sda bs=1M skip=$j count=1 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1); echo "$j $s" >> /tmp/rlog; done) > /dev/null 2>&1 & done`,
+      `rm -f /tmp/stop /tmp/rlog /tmp/rdone; for j in 0 1 2 3; do (while [ ! -e /tmp/stop ]; do s=$(dd if=/dev/sda bs=1M skip=$j count=1 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1); echo "$j $s" >> /tmp/rlog; done; echo $j >> /tmp/rdone) > /dev/null 2>&1 & done`,
     );
     await until('reads on the source', async () => Number(await guest.sh('cat /tmp/rlog 2>/dev/null | wc -l')) > 8 || undefined, 60_000, 500);
-    const r = await migrateWithHandOff({ image: m.image, dir: m.dir, src, srcVm: 'vm0', srcHost: hostA, dstHost: hostB, dstVm: 'vm1', attachment: att, server: m.serverOpts });
-    m.guests.push(r.dst);
-    expect(r.status).to.equal('completed');
-    expect(r.handOff?.ok, r.handOff?.error).to.equal(true);
-    const xr = r.handOff!.xhciRewind;
-    expect(xr?.skipped, 'stream endpoints the rewind skipped').to.deep.equal([]);
-    expect(xr?.patched, 'stream contexts rewritten').to.be.greaterThan(0);
-    const g = r.dst;
-    const n0 = Number(await g.sh('wc -l < /tmp/rlog', { timeoutMs: 60_000 }));
-    await until('reads on the destination', async () => Number(await g.sh('wc -l < /tmp/rlog')) > n0 + 8 || undefined, 120_000, 500);
-    await g.sh('touch /tmp/stop; sleep 1');
+    // There and back: the way back needs the stream context array addresses the first hand-off carried.
+    const hops = [
+      { srcVm: 'vm0', srcHost: hostA, dstVm: 'vm1', dstHost: hostB },
+      { srcVm: 'vm1', srcHost: hostB, dstVm: 'vm2', dstHost: hostA },
+    ];
+    let g = guest;
+    let a = att;
+    const summary: string[] = [];
+    for (const [i, hop] of hops.entries()) {
+      const r = await migrateWithHandOff({ image: m.image, dir: m.dir, src: g, ...hop, attachment: a, server: m.serverOpts });
+      m.guests.push(r.dst);
+      expect(r.status).to.equal('completed');
+      expect(r.handOff?.ok, r.handOff?.error).to.equal(true);
+      const xr = r.handOff!.xhciRewind;
+      expect(xr?.skipped, `hop ${i + 1}: stream endpoints the rewind skipped`).to.deep.equal([]);
+      // The first hop always finds rings that wrapped (cycle state 0): the initial 4 MiB write did.
+      if (i === 0) expect(xr?.patched, 'stream contexts rewritten').to.be.greaterThan(0);
+      summary.push(`${hop.srcVm} -> ${hop.dstVm}: downtime ${r.downtimeMs} ms, ${xr?.inFlight} stream TDs in flight, ${xr?.patched} contexts rewritten`);
+      g = r.dst;
+      a = r.attached!;
+      const n0 = Number(await g.sh('wc -l < /tmp/rlog', { timeoutMs: 60_000 }));
+      await until(`reads on ${hop.dstVm}`, async () => Number(await g.sh('wc -l < /tmp/rlog')) > n0 + 8 || undefined, 120_000, 500);
+    }
+    await g.sh('touch /tmp/stop');
+    await until('the 4 readers to finish', async () => Number(await g.sh('cat /tmp/rdone 2>/dev/null | wc -l')) === 4 || undefined, 60_000, 200);
     const want = new Map<string, string>();
     for (let j = 0; j < 4; j++) want.set(String(j), (await g.sh(`dd if=/tmp/x bs=1M skip=${j} count=1 2>/dev/null | sha256sum | cut -d' ' -f1`)).trim());
     const lines = (await g.sh('cat /tmp/rlog', { timeoutMs: 60_000 })).trim().split('\n');
     const bad = lines.filter((l) => want.get(l.split(' ')[0]!) !== l.split(' ')[1]);
-    console.log(`      ${lines.length} reads across the migration (downtime ${r.downtimeMs} ms, in flight ${r.handOff!.info!.inFlight}); ${bad.length} differed`);
+    console.log(`      ${lines.length} reads across two migrations (${summary.join('; ')}); ${bad.length} differed`);
     expect(bad).to.deep.equal([]);
     expect((await g.dmesg()).split('\n').filter((l) => BAD.test(l))).to.deep.equal([]);
   });
