@@ -14,10 +14,8 @@
 import { expect } from 'chai';
 import path from 'node:path';
 import type { AttachmentInfo } from '../../src/client/bridge/bridge.js';
-import { BridgeChild } from '../../src/devkit/migration-faults.js';
-import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../../src/devkit/migration-rig.js';
-import type { Guest } from '../../src/devkit/guest/guest.js';
-import { useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
+import { migrateWithHandOff, startVmGuest } from '../../src/devkit/migration-rig.js';
+import { useBridgeHosts, useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
 import { until } from '../helpers/wait.js';
 
 const BAD = /USB disconnect|reset (low|full|high|super|SuperSpeed)[^\n]*USB device|error -110|I\/O error|DID_NO_CONNECT|uas_eh/;
@@ -25,30 +23,18 @@ const BAD = /USB disconnect|reset (low|full|high|super|SuperSpeed)[^\n]*USB devi
 describe('e2e migration: the UAS disk (bulk streams) across live migration', function () {
   this.timeout(900_000);
   const m = useMigrationSetup({ name: 'uas-migrate', diskMiB: 16, extraServerArgs: () => ['--emulated-uas', path.join(m.dir, 'uas.img'), '--disk-latency-ms', '200'] });
-  let childA: BridgeChild | undefined;
-  let childB: BridgeChild | undefined;
-  let hostA: MigrationHost;
-  let hostB: MigrationHost;
-  let src: Guest;
-  let att: AttachmentInfo;
+  const hosts = useBridgeHosts(m);
 
-  before(async function () {
-    this.timeout(120_000);
+  before(function () {
     if (!m.image.modules.includes('uas')) throw new Error(`the guest image ${m.image.dir} has no uas module`);
-    childA = new BridgeChild(path.join(m.dir, 'A'));
-    childB = new BridgeChild(path.join(m.dir, 'B'));
-    m.children.push(childA, childB);
-    await Promise.all([childA.ready(), childB.ready()]);
-    hostA = { name: 'A', bridge: childA.host() };
-    hostB = { name: 'B', bridge: childB.host() };
   });
 
   it('binds uas on the source and migrates there and back with stream commands in flight; every read is byte-exact', async () => {
     const { guest, bridgeQmp } = await startVmGuest({ image: m.image, dir: m.dir, name: 'vm0' });
     m.guests.push(guest);
-    src = guest;
+    const { A: hostA, B: hostB } = hosts;
     await hostA.bridge.addVm({ name: 'vm0', qmpSocket: bridgeQmp });
-    att = await childA!.host().attach({ vm: 'vm0', server: m.serverOpts, selector: { serial: 'USBROAM-UAS-0001' }, bus: 'xhci.0' });
+    const att: AttachmentInfo = await hosts.childA.host().attach({ vm: 'vm0', server: m.serverOpts, selector: { serial: 'USBROAM-UAS-0001' }, bus: 'xhci.0' });
     await guest.waitForPath('/sys/block/sda', { timeoutMs: 120_000 });
     await guest.waitForPath('/dev/sda');
     expect(await guest.sh('ls /sys/bus/usb/drivers/uas/')).to.match(/\d+-[\d.]+:1\.0/);

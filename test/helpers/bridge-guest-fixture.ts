@@ -15,7 +15,8 @@ import { clientTls } from '../../src/devkit/certs.js';
 import { e2eImageOrSkip, startBridgeGuest, testLog, type HcName } from '../../src/devkit/bridge-guest.js';
 import type { Guest, GuestImage } from '../../src/devkit/guest/guest.js';
 import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
-import type { BridgeChild } from '../../src/devkit/migration-faults.js';
+import { BridgeChild } from '../../src/devkit/migration-faults.js';
+import type { MigrationHost } from '../../src/devkit/migration-rig.js';
 import { startInProcessServer, type InProcessServer } from './in-process.js';
 import { sleep } from './wait.js';
 
@@ -134,4 +135,23 @@ export function useMigrationSetup(opts: { name: string; diskMiB: number; beforeT
     if (m.dir && !process.env.USBROAM_E2E_KEEP) rmSync(m.dir, { recursive: true, force: true });
   });
   return m;
+}
+
+/**
+ * Two migration hosts A and B, each a bridge in its own process under `m.dir`/A and /B (closed
+ * with the setup). Filled in by a before hook: read `hosts.A` / `hosts.B` in the tests.
+ */
+export function useBridgeHosts(m: MigrationSetup): { A: MigrationHost; B: MigrationHost; childA: BridgeChild; childB: BridgeChild } {
+  const hosts = {} as { A: MigrationHost; B: MigrationHost; childA: BridgeChild; childB: BridgeChild };
+  before(async function () {
+    this.timeout(120_000);
+    // Each bridge in its own process (USBROAM_CHILD_LOG=info for its log on stderr).
+    hosts.childA = new BridgeChild(path.join(m.dir, 'A'));
+    hosts.childB = new BridgeChild(path.join(m.dir, 'B'));
+    m.children.push(hosts.childA, hosts.childB);
+    await Promise.all([hosts.childA.ready(), hosts.childB.ready()]);
+    hosts.A = { name: 'A', bridge: hosts.childA.host() };
+    hosts.B = { name: 'B', bridge: hosts.childB.host() };
+  });
+  return hosts;
 }
