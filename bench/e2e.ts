@@ -26,7 +26,8 @@
 // usbroam_<speed>_* figures and ratios, and with the default xHCI bus the same over EHCI (ehci_*).
 // On xHCI also the UAS disk (serve --emulated-uas: bulk streams, SuperSpeed) on the same image:
 // uas_write_MBps, uas_read_MBps, uas_vs_bot_write / uas_vs_bot_read (vs the headline BOT disk),
-// uas_bridge_cpu_ms_per_mib, uas_server_cpu_ms_per_mib and their per-URB figures.
+// uas_bridge_cpu_ms_per_mib, uas_server_cpu_ms_per_mib and their per-URB figures; with the floor
+// also the UAS disk's own floor (floor_uas_*_MBps, uas_write_vs_floor / uas_read_vs_floor).
 // Also (unless --no-floor) the "usb-redir floor": the same image behind the bridge's usbredir
 // device side in this process with no URB channel (floor_*_MBps, floor_*_ratio vs local, and
 // write_vs_floor / read_vs_floor = what the channel costs), at the headline speed and, with
@@ -51,6 +52,7 @@ import { connectChardev, hotplugRedir, unplugRedir } from '../src/client/bridge/
 import { silentLogger } from '../src/common/log.js';
 import { EmulatedBackend, parseEmulatedSpeed } from '../src/server/backends/emulated/emulated-backend.js';
 import { MassStorageDevice } from '../src/server/backends/emulated/mass-storage.js';
+import { UasDevice } from '../src/server/backends/emulated/uas.js';
 import { InProcessDevice } from './support/in-process-device.js';
 import { UsbHostClient } from '../src/client/sdk/client.js';
 import { clientTls } from '../src/devkit/certs.js';
@@ -168,11 +170,13 @@ interface Plugged {
 
 /**
  * The usb-redir floor: the same disk image behind the bridge's Attachment in this process, with
- * no URB channel (bench/support/in-process-device.ts): what usb-redir costs by itself.
+ * no URB channel (bench/support/in-process-device.ts): what usb-redir costs by itself. `uas`:
+ * the UAS disk (bulk streams, SuperSpeed) instead of the BOT one.
  */
-async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: string, dir: string, n: number): Promise<Plugged> {
+async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: string, dir: string, n: number, uas = false): Promise<Plugged> {
   const backend = new EmulatedBackend();
-  const disk = await MassStorageDevice.create({ bus: 9, portPath: [n], speed: parseEmulatedSpeed(speed), imagePath: diskPath, serial: 'USBROAM-FLOOR-0001' });
+  const Disk = uas ? UasDevice : MassStorageDevice;
+  const disk = await Disk.create({ bus: 9, portPath: [n], speed: parseEmulatedSpeed(uas ? 'super' : speed), imagePath: diskPath, serial: 'USBROAM-FLOOR-0001' });
   backend.add(disk);
   const handle = await backend.open(disk.info.id);
   const ids = { id: `bench-floor${n}`, chardevId: `bench-floor${n}-chr` };
@@ -203,7 +207,8 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
   const floorTargets = new Map<Target, DiskSpeed>(withFloor ? speeds.map((sp, i) => [i === 0 ? 'usbredir_floor' : `usbredir_floor_${sp}`, sp]) : []);
   // 'uas': the UAS disk (bulk streams, SuperSpeed; xHCI only) on the same image, beside the BOT disk.
   const withUas = hc === 'xhci' && uasServer !== undefined;
-  const targets: Target[] = [...usbroamTargets.keys(), ...(withUas ? ['uas'] : []), 'local', 'local_direct', ...floorTargets.keys()];
+  // 'usbredir_floor_uas': the UAS disk behind the in-process device side (the floor of 'uas').
+  const targets: Target[] = [...usbroamTargets.keys(), ...(withUas ? ['uas'] : []), 'local', 'local_direct', ...floorTargets.keys(), ...(withUas && withFloor ? ['usbredir_floor_uas'] : [])];
   const out: Record<Target, Figures> = Object.fromEntries(targets.map((t) => [t, emptyFigures()]));
   let localSeq = 0;
   try {
@@ -225,6 +230,7 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
         };
         return { unplug, urbs: () => bridge.list('vm').find((a) => a.id === info.id)?.stats.urbsCompleted ?? 0, serverPid: server.child.pid };
       }
+      if (t === 'usbredir_floor_uas') return plugFloor(g, H.bus, 'super', diskPath, dir, ++localSeq, true);
       const floorSpeed = floorTargets.get(t);
       if (floorSpeed) return plugFloor(g, H.bus, floorSpeed, diskPath, dir, ++localSeq);
       const n = ++localSeq;
@@ -350,6 +356,13 @@ async function main(): Promise<void> {
         ratio('uas_vs_bot_write', 'uas', 'usbroam', 'write');
         ratio('uas_vs_bot_read', 'uas', 'usbroam', 'read');
       }
+      if (f['uas'] && f['usbredir_floor_uas']) {
+        // UAS against its own floor: with several commands in flight the channel's latency overlaps.
+        result[`${prefix}floor_uas_write_MBps`] = r2(m('usbredir_floor_uas', 'write'));
+        result[`${prefix}floor_uas_read_MBps`] = r2(m('usbredir_floor_uas', 'read'));
+        ratio('uas_write_vs_floor', 'uas', 'usbredir_floor_uas', 'write');
+        ratio('uas_read_vs_floor', 'uas', 'usbredir_floor_uas', 'read');
+      }
       for (const t of Object.keys(f).filter((x) => x.startsWith('usbroam_'))) {
         result[`${prefix}${t}_write_MBps`] = r2(m(t, 'write'));
         result[`${prefix}${t}_read_MBps`] = r2(m(t, 'read'));
@@ -378,7 +391,7 @@ async function main(): Promise<void> {
       }
       // CPU per MiB and per URB: the bridge (this process) and the server, usbroam targets and the floor.
       const r1 = (x: number) => (Number.isFinite(x) ? Math.round(x * 10) / 10 : null);
-      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_' })) {
+      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_', usbredir_floor_uas: 'floor_uas_' })) {
         const fig = f[t];
         if (!fig) continue;
         const both = (a: number[], b: number[]) => median(a.map((x, i) => (x + b[i]!) / 2));
@@ -396,7 +409,7 @@ async function main(): Promise<void> {
       }
       // QEMU's CPU and the cores all three kept busy: where 2 cores are the limit, a path that costs
       // more CPU per MiB than the floor cannot reach the floor's rate (README, Performance).
-      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', local: 'local_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_' })) {
+      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', local: 'local_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_', usbredir_floor_uas: 'floor_uas_' })) {
         const fig = f[t];
         if (!fig?.qemuCpuWrite.length) continue;
         result[`${prefix}${name}qemu_cpu_ms_per_mib_write`] = r1(median(fig.qemuCpuWrite));

@@ -4,7 +4,7 @@
 // in the same run, so the note can say how much of the gap is the channel's.
 //
 // It implements the part of RemoteDevice an Attachment uses (submit, cancel, rawOp for the
-// standard ops, URB ids, close); no receiving streams, no hand-off.
+// standard ops and bulk streams, URB ids, close); no receiving streams, no hand-off.
 import { EventEmitter } from 'node:events';
 import type { RemoteDevice, UrbRequest } from '../../src/client/sdk/remote-device.js';
 import type { Device, DeviceOp, OpResult, UrbComplete } from '../../src/gen/usbroam/v1/usbhost.js';
@@ -99,6 +99,12 @@ export class InProcessDevice extends EventEmitter {
         case 'reset':
           await this.handle.reset();
           layout();
+          break;
+        case 'allocBulkStreams':
+          result.value = await this.handle.allocBulkStreams(op.value.endpoints, op.value.numStreams);
+          break;
+        case 'freeBulkStreams':
+          await this.handle.freeBulkStreams(op.value.endpoints);
           break;
         default:
           result.status = PbUrbStatus.URB_STATUS_INVAL;
