@@ -86,7 +86,7 @@ interface GuestShell {
 }
 
 /** Lines in `file` in the guest (0 while it does not exist): a counter for untilAtLeast/untilGrows. */
-export async function guestLines(g: GuestShell, file: string): Promise<number> {
+export async function guestLines(g: Pick<GuestShell, 'sh'>, file: string): Promise<number> {
   return Number((await g.sh(`cat ${file} 2>/dev/null | wc -l`)).trim());
 }
 
