@@ -17,7 +17,7 @@ import { BridgeChild } from '../../src/devkit/migration-faults.js';
 import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../../src/devkit/migration-rig.js';
 import type { Guest } from '../../src/devkit/guest/guest.js';
 import { useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
-import { until } from '../helpers/wait.js';
+import { guestLines, until, untilAtLeast } from '../helpers/wait.js';
 
 const BAD = /USB disconnect|reset (low|full|high|super|SuperSpeed)[^\n]*USB device|error -110|I\/O error|DID_NO_CONNECT|uas_eh/;
 
@@ -54,7 +54,7 @@ describe('e2e migration: the UAS disk (bulk streams) across live migration', fun
     await guest.sh('dd if=/dev/urandom of=/tmp/x bs=1M count=4 2>/dev/null; dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync 2>/dev/null; sha256sum /tmp/x | cut -d" " -f1 > /tmp/x.sha');
     // Readers keep several commands (streams) in flight: 4 parallel 1 MiB O_DIRECT reads in a loop.
     await guest.sh(
-      `rm -f /tmp/stop /tmp/rlog; for j in 0 1 2 3; do (while [ ! -e /tmp/stop ]; do s=$(dd if=/dev/sda bs=1M skip=$j count=1 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1); echo "$j $s" >> /tmp/rlog; done) > /dev/null 2>&1 & done`,
+      `rm -f /tmp/stop /tmp/rlog /tmp/rdone; for j in 0 1 2 3; do (while [ ! -e /tmp/stop ]; do s=$(dd if=/dev/sda bs=1M skip=$j count=1 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1); echo "$j $s" >> /tmp/rlog; done; echo $j >> /tmp/rdone) > /dev/null 2>&1 & done`,
     );
     await until('reads on the source', async () => Number(await guest.sh('cat /tmp/rlog 2>/dev/null | wc -l')) > 8 || undefined, 60_000, 500);
     const r = await migrateWithHandOff({ image: m.image, dir: m.dir, src, srcVm: 'vm0', srcHost: hostA, dstHost: hostB, dstVm: 'vm1', attachment: att, server: m.serverOpts });
@@ -67,7 +67,8 @@ describe('e2e migration: the UAS disk (bulk streams) across live migration', fun
     const g = r.dst;
     const n0 = Number(await g.sh('wc -l < /tmp/rlog', { timeoutMs: 60_000 }));
     await until('reads on the destination', async () => Number(await g.sh('wc -l < /tmp/rlog')) > n0 + 8 || undefined, 120_000, 500);
-    await g.sh('touch /tmp/stop; sleep 1');
+    await g.sh('touch /tmp/stop');
+    await untilAtLeast('the 4 readers to stop', () => guestLines(g, '/tmp/rdone'), 4, 60_000);
     const want = new Map<string, string>();
     for (let j = 0; j < 4; j++) want.set(String(j), (await g.sh(`dd if=/tmp/x bs=1M skip=${j} count=1 2>/dev/null | sha256sum | cut -d' ' -f1`)).trim());
     const lines = (await g.sh('cat /tmp/rlog', { timeoutMs: 60_000 })).trim().split('\n');
