@@ -6,7 +6,7 @@ import path from 'node:path';
 import { badKernelLines, dmesgLines, guestSha256 } from '../../src/devkit/bridge-guest.js';
 import type { Guest } from '../../src/devkit/guest/guest.js';
 import { servedDevice, useBridgeGuest } from '../helpers/bridge-guest-fixture.js';
-import { sleep, until } from '../helpers/wait.js';
+import { sleep, until, untilGuestHasOpen } from '../helpers/wait.js';
 
 const TTY = '/dev/ttyACM0';
 
@@ -38,7 +38,7 @@ describe('e2e bridge: CDC-ACM serial echo device in a QEMU guest', function () {
       // older busybox stty: fewer flags
       await g.sh(`stty -F ${TTY} raw -echo`);
     });
-    await sleep(200);
+    await untilGuestHasOpen(g, '/tmp/cat.pid', TTY);
   }
 
   /**
@@ -93,7 +93,7 @@ describe('e2e bridge: CDC-ACM serial echo device in a QEMU guest', function () {
       return numberIn(r.output) >= size;
     }, 120_000, 250);
     console.log(`      64 KiB echoed in ${Date.now() - t0} ms`);
-    await sleep(300); // nothing extra may follow
+    await sleep(300); // proves nothing extra arrives within 300 ms after the payload
     await stopReader(g);
     expect(numberIn(await g.sh('wc -c < /tmp/echo64'))).to.equal(size);
     expect(await guestSha256(g, 'cat /tmp/echo64')).to.equal(want);

@@ -14,7 +14,7 @@ import { waitForDisk } from '../../src/devkit/bridge-guest.js';
 import { dmesgLineCount, faultServerArgs, guestView, markPortArgs, MarkListener, nextWriteMark, startBridgeDaemon, type BridgeDaemon } from '../../src/devkit/guest-faults.js';
 import { startSlotWriter, stopSlotWriter, verifySlots } from '../../src/devkit/migration-faults.js';
 import { useBridgeGuest } from '../helpers/bridge-guest-fixture.js';
-import { sleep, until } from '../helpers/wait.js';
+import { until } from '../helpers/wait.js';
 
 const GRACE_MS = 20_000;
 
@@ -64,9 +64,9 @@ describe('e2e faults: the bridge is killed and restarted', function () {
     const saved = JSON.parse(readFileSync(stateFile(), 'utf8'));
     expect(saved.attachments.map((a: { sessionId: string }) => a.sessionId)).to.deep.equal([sessionId]);
     await waitForDisk(g);
+    const tWriter = performance.now();
     await startSlotWriter(g, { marks: true });
-    await nextWriteMark(marks, performance.now(), 60_000);
-    await sleep(1000);
+    await until('the guest writer running (5 completed writes)', () => marks.count(/^W /, tWriter) >= 5, 60_000, 50);
 
     const d0 = await dmesgLineCount(g);
     const t0 = performance.now();

@@ -14,7 +14,7 @@ import { waitForDisk } from '../../src/devkit/bridge-guest.js';
 import { dmesgLineCount, faultServerArgs, guestView, markPortArgs, MarkListener, nextWriteMark, portOf, restartServerOnPort } from '../../src/devkit/guest-faults.js';
 import { capturingLogger, startSlotWriter, stopSlotWriter, verifySlots } from '../../src/devkit/migration-faults.js';
 import { useBridgeGuest } from '../helpers/bridge-guest-fixture.js';
-import { sleep, until } from '../helpers/wait.js';
+import { until } from '../helpers/wait.js';
 
 const GRACE_MS = 8000;
 
@@ -43,16 +43,16 @@ describe('e2e faults: the server restarts, QEMU dies', function () {
     await marks.connect(markSock);
     const info = await rig.bridge.attach({ vm: 'vm1', server: rig.serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: rig.bus });
     await waitForDisk(g);
+    const tWriter = performance.now();
     await startSlotWriter(g, { marks: true });
-    await nextWriteMark(marks, performance.now(), 60_000);
-    await sleep(1000);
+    await until('the guest writer running (5 completed writes)', () => marks.count(/^W /, tWriter) >= 5, 60_000, 50);
 
     const d0 = await dmesgLineCount(g);
     const port = portOf(rig.server!.address);
     const t0 = performance.now();
     rig.server!.child.kill('SIGKILL');
     await rig.server!.stop();
-    await sleep(1500);
+    await until('the bridge to see its URB channel gone', () => cap.records.some((r) => r.session === info.sessionId && /URB channel lost|session lost/.test(String(r.msg))), 60_000, 50);
     rig.server = await restartServerOnPort(port, image, GRACE_MS);
     const tBack = performance.now();
     const again = await until('the re-attached device', () => rig.bridge.list().find((a) => a.sessionId !== info.sessionId), 120_000, 50);

@@ -25,7 +25,7 @@ import { FleetError, Status } from '../../src/fleet/errors.js';
 import { decodeRecord, FleetKeys, type ClaimRecord } from '../../src/fleet/keys.js';
 import { parseFleetSelector as sel } from '../../src/fleet/selector.js';
 import { useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
-import { sleep } from '../helpers/wait.js';
+import { guestLines, sleep, untilAtLeast, untilGrows } from '../helpers/wait.js';
 
 const BAD = /USB disconnect|reset (low|full|high|super|SuperSpeed)[^\n]*USB device|error -110|I\/O error|DID_NO_CONNECT/;
 const SERIAL = 'USBROAM-MSC-0001';
@@ -44,6 +44,9 @@ done
 echo DONE >> /tmp/wlog
 `;
 
+/** Blocks the guest writes before the first migration and on each destination before the next. */
+const WRITTEN_BETWEEN = 8;
+
 /** A third claimant asking for the disk again and again: every outcome, until stopped. */
 function intruder(c: FleetClaimant): { stop(): Promise<{ refused: number; codes: string[]; won: number }> } {
   let stopped = false;
@@ -59,7 +62,7 @@ function intruder(c: FleetClaimant): { stop(): Promise<{ refused: number; codes:
         if (e instanceof FleetError && e.code === Status.ALREADY_EXISTS && /claimed by (bridge|viewer)/.test(e.message)) out.refused++;
         else out.codes.push(`${Status[e.code] ?? '?'}: ${e.message}`);
       }
-      await sleep(20);
+      await sleep(20); // pacing of the intruder's attempts, not a wait
     }
   })();
   return {
@@ -203,7 +206,7 @@ describe('e2e fleet: the claim moves with the VM across live migration', functio
 
   it('migrates A -> B and back under guest I/O with a third claimant trying all along: the claim moves each time, never free', async () => {
     await cur.sh(`cat > /tmp/w.sh <<'EOS'\n${WRITER}\nEOS\nrm -f /tmp/stop /tmp/wlog; (sh /tmp/w.sh > /dev/null 2>&1 &)`);
-    await sleep(2000);
+    await untilAtLeast('blocks written before the first migration', () => guestLines(cur, '/tmp/wlog'), WRITTEN_BETWEEN, 120_000);
     const t = intruder(third!);
     const expectHolder: string[] = [];
     for (const [to, identity] of [
@@ -222,7 +225,8 @@ describe('e2e fleet: the claim moves with the VM across live migration', functio
       // The destination bridge knows it holds the claim (it gives it up on detach, moves it on the next migration).
       await until('the destination adopted the claim', () => (curHost === hostA ? bridges[0]! : bridges[1]!).list().some((x) => x.fleetClaim === `${HOST}/${att.deviceId}`), 20_000);
       expectHolder.push(identity);
-      await sleep(1500);
+      const on = cur;
+      await untilGrows(`blocks written on ${identity}'s host`, () => guestLines(on, '/tmp/wlog'), WRITTEN_BETWEEN, 120_000);
     }
     const outcome = await t.stop();
     console.log(`      third claimant: ${outcome.refused} attempts refused with ALREADY_EXISTS, ${outcome.won} won, other errors: ${outcome.codes.length}`);

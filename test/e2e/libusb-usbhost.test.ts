@@ -19,7 +19,7 @@ import { clientTls } from '../../src/devkit/certs.js';
 import { startGuest, type Guest, type GuestImage } from '../../src/devkit/guest/guest.js';
 import { startUsbHostGuest, type UsbHostGuest } from '../../src/devkit/guest/usbhost-guest.js';
 import { MiB, e2eImageOrSkip, sha256OfFileRange, timedDd } from '../../src/devkit/bridge-guest.js';
-import { sleep } from '../helpers/wait.js';
+import { sleep, until, untilGuestHasOpen } from '../helpers/wait.js';
 
 const IO_MIB = Number(process.env.USBROAM_LIBUSB_IO_MIB ?? 16);
 const log = process.env.USBROAM_TEST_LOG ? createLogger({ level: process.env.USBROAM_TEST_LOG }) : silentLogger;
@@ -151,19 +151,20 @@ describe('e2e libusb backend: a USB host guest exports QEMU usb-storage and usb-
       }
     }
     // Record raw input_events (24 bytes on x86_64) in the background.
-    await g.sh(`(dd if=/dev/input/${ev} of=/tmp/ev bs=24 count=8 2>/dev/null &) ; sleep 1`);
+    await g.sh(`dd if=/dev/input/${ev} of=/tmp/ev bs=24 count=8 > /dev/null 2>&1 & echo $! > /tmp/ev.pid`);
+    await untilGuestHasOpen(g, '/tmp/ev.pid', `/dev/input/${ev}`);
+    const recorded = async () => Number((await g.sh('stat -c %s /tmp/ev 2>/dev/null || echo 0')).trim()) >= 24 * 8;
     const keys = ['a', 'b'];
     for (let i = 0; i < 10; i++) {
       for (const k of keys) {
         for (const down of [true, false]) {
           // No `device`: with -display none no console is bound; the usb-kbd is the active keyboard handler.
           await host!.guest.qmp.execute('input-send-event', { events: [{ type: 'key', data: { down, key: { type: 'qcode', data: k } } }] });
-          await sleep(100);
+          await sleep(100); // pacing of the key presses, not a wait
         }
       }
-      const size = Number((await g.sh('stat -c %s /tmp/ev 2>/dev/null || echo 0')).trim());
-      if (size >= 24 * 8) break;
-      await sleep(1000);
+      // Recorded within 2 s, or another round of presses.
+      if (await until('the key events recorded', recorded, 2_000, 100).catch(() => false)) break;
     }
     const hex = (await g.sh('od -An -tx1 -v /tmp/ev | tr -d " \\n"')).trim();
     const bytes = Buffer.from(hex, 'hex');

@@ -24,7 +24,7 @@ import { LibvirtDaemon, libvirtdBinary, sharedCapsCacheDir } from '../../src/lib
 import { attachmentsMetadataXml, METADATA_KEY, METADATA_URI } from '../../src/libvirt/domain-xml.js';
 import { listenConsole, startLibvirtGuest, type LibvirtGuestConsole } from '../../src/libvirt/guest.js';
 import { hookScript } from '../../src/libvirt/hook.js';
-import { sleep } from '../helpers/wait.js';
+import { guestLines, sleep, untilAtLeast } from '../helpers/wait.js';
 
 const run = promisify(execFile);
 const CLI = [process.execPath, path.join(REPO_ROOT, 'bin/usbroam.js')];
@@ -44,6 +44,18 @@ while [ ! -e /tmp/stop ]; do
 done
 echo DONE >> /tmp/wlog
 `;
+
+/** Guest I/O before the migration and on the destination after it: blocks written, 4 MiB reads. */
+const WRITTEN_BETWEEN = 8;
+const READS_BETWEEN = 1;
+
+/** Waits until the writer and the reader in `g` have made that much progress from now on. */
+async function ioProgress(g: LibvirtGuestConsole, where: string): Promise<void> {
+  const written = await guestLines(g, '/tmp/wlog');
+  const read = await guestLines(g, '/tmp/rlog');
+  await untilAtLeast(`blocks written ${where}`, () => guestLines(g, '/tmp/wlog'), written + WRITTEN_BETWEEN, 120_000);
+  await untilAtLeast(`4 MiB reads ${where}`, () => guestLines(g, '/tmp/rlog'), read + READS_BETWEEN, 120_000);
+}
 
 /** A free loopback TCP port (bound to 0 and released) for QEMU's migration stream. */
 async function freePort(): Promise<number> {
@@ -156,7 +168,7 @@ describe('e2e libvirt: cold-plugged redirdev, virsh migrate --live between two l
     await guest.sh(
       `(while [ ! -e /tmp/stop ]; do dd if=/dev/sda bs=1M count=4 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1 >> /tmp/rlog; done; echo DONE >> /tmp/rlog) > /dev/null 2>&1 &`,
     );
-    await sleep(2000);
+    await ioProgress(guest, 'before the migration');
     // The destination's domain XML: same machine, so its own console, redirdev and QMP sockets.
     const srcXml = await lvA!.virsh(['dumpxml', '--migratable', 'lv0']);
     const dstPaths = { con: path.join(dir, 'lv0-B-con.sock'), redir: path.join(dir, 'B-run', path.basename(plug.socketPath)), qmp: path.join(dir, 'B-run', path.basename(plug.qmpSocket)) };
@@ -189,7 +201,7 @@ describe('e2e libvirt: cold-plugged redirdev, virsh migrate --live between two l
     // The guest now runs on B: its I/O carried on; stop it and verify every block.
     await dst.connected;
     guest = dst;
-    await sleep(2000);
+    await ioProgress(guest, 'on B');
     await guest.sh('touch /tmp/stop');
     for (let i = 0; !(await guest.sh('tail -n1 /tmp/wlog; tail -n1 /tmp/rlog')).match(/DONE\s+DONE/); i++) {
       if (i > 120) throw new Error('guest I/O did not stop');

@@ -11,9 +11,21 @@ import { BridgeChild } from '../../src/devkit/migration-faults.js';
 import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../../src/devkit/migration-rig.js';
 import type { Guest } from '../../src/devkit/guest/guest.js';
 import { useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
-import { sleep } from '../helpers/wait.js';
+import { guestLines, sleep, untilAtLeast } from '../helpers/wait.js';
 
 const BAD = /USB disconnect|reset (low|full|high|super|SuperSpeed)[^\n]*USB device|error -110|I\/O error|DID_NO_CONNECT/;
+
+/** Guest I/O before the first migration and on each destination before the next: blocks written, 4 MiB reads (with the reader). */
+const WRITTEN_BETWEEN = 8;
+const READS_BETWEEN = 1;
+
+/** Waits until the writer (and the reader, if `reader`) in `g` have made that much progress from now on. */
+async function ioProgress(g: Guest, reader: boolean, where: string): Promise<void> {
+  const written = await guestLines(g, '/tmp/wlog');
+  const read = reader ? await guestLines(g, '/tmp/rlog') : 0;
+  await untilAtLeast(`blocks written ${where}`, () => guestLines(g, '/tmp/wlog'), written + WRITTEN_BETWEEN, 120_000);
+  if (reader) await untilAtLeast(`4 MiB reads ${where}`, () => guestLines(g, '/tmp/rlog'), read + READS_BETWEEN, 120_000);
+}
 
 async function dmesgBad(g: Guest): Promise<string[]> {
   return (await g.dmesg()).split('\n').filter((l) => BAD.test(l));
@@ -127,7 +139,7 @@ describe('e2e migration: the remote disk stays attached across live migration', 
           `b=$(cut -d' ' -f1 /proc/uptime); echo "$s $a $b" >> /tmp/rlog; done; echo DONE >> /tmp/rlog) > /dev/null 2>&1 &`,
       );
     }
-    await sleep(3000);
+    await ioProgress(g0, reader, 'before the first migration');
     const n = Number(process.env.USBROAM_MIGRATIONS ?? 10);
     const figures: string[] = [];
     const downtimes: number[] = [];
@@ -141,7 +153,7 @@ describe('e2e migration: the remote disk stays attached across live migration', 
         `downtime ${r.downtimeMs} ms (pause ${r.handOff!.switchoverPauseMs?.toFixed(1)} ms), hand-off +${r.handOff!.sinceCompletedMs!.toFixed(1)} ms, ` +
           `in flight ${r.handOff!.info!.inFlight}, re-sent ${r.handOff!.info!.toQemuBytes} B`,
       );
-      await sleep(2000);
+      await ioProgress(cur, reader, `after migration ${i + 1}`);
     }
     const g = cur;
     await g.sh('touch /tmp/stop');

@@ -14,12 +14,14 @@ import { testLog as log } from '../../src/devkit/bridge-guest.js';
 import { classifyDmesg } from '../../src/devkit/migration-faults.js';
 import { migrateWithHandOff, startVmGuest, type Host } from '../../src/devkit/migration-rig.js';
 import { useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
-import { sleep } from '../helpers/wait.js';
+import { sleep, untilGrows } from '../helpers/wait.js';
 
 const LATENCY_MS = 150;
 const PROCESSES = 4;
 const LENGTH = 200;
 const SERIAL = 'USBROAM-LOOP-0001';
+/** Control transfers answered (the bridge's URBs completed) before the first migration and on each destination before the next. */
+const ANSWERED_BETWEEN = 20;
 
 describe('e2e migration: concurrent control transfers on ep0 survive the switchover, byte-exact', function () {
   this.timeout(900_000);
@@ -57,7 +59,7 @@ describe('e2e migration: concurrent control transfers on ep0 survive the switcho
       }
     }
     await guest.sh(`rm -f /tmp/cstop /tmp/ctl.out; (usbctl slowread ${dev} ${PROCESSES} ${LENGTH} /tmp/cstop > /tmp/ctl.out 2>&1; echo "rc=$?" >> /tmp/ctl.out) > /dev/null 2>&1 &`);
-    await sleep(3000);
+    await untilGrows('control transfers answered before the first migration', () => hostA.bridge.get(att.id)?.stats.urbsCompleted ?? 0, ANSWERED_BETWEEN, 120_000, 100);
     const n = Number(process.env.USBROAM_CONTROL_MIGRATIONS ?? 2);
     let cur = guest;
     let curHost = hostA;
@@ -77,7 +79,8 @@ describe('e2e migration: concurrent control transfers on ep0 survive the switcho
       cur = r.dst;
       curHost = dstHost;
       att = r.attached!;
-      await sleep(3000);
+      const on = curHost;
+      await untilGrows(`control transfers answered on ${on.name}`, () => on.bridge.get(att.id)?.stats.urbsCompleted ?? 0, ANSWERED_BETWEEN, 120_000, 100);
     }
     const g = cur;
     await g.sh('touch /tmp/cstop');
@@ -94,7 +97,7 @@ describe('e2e migration: concurrent control transfers on ep0 survive the switcho
     for (const l of lines) {
       expect(Number(l[3]), `process ${l[1]}: answers not exact: ${out}`).to.equal(0);
       expect(Number(l[4]), `process ${l[1]}: transfers failed (errno ${l[5]}): ${out}`).to.equal(0);
-      // Each process ran through the migrations (~2 s downtime + 3 s after each, at >= 4 * 150 ms a transfer).
+      // Each process ran through the migrations (ANSWERED_BETWEEN answers among them before the first and after each, at >= 4 * 150 ms a transfer).
       expect(Number(l[2]), `process ${l[1]}`).to.be.greaterThan(8);
     }
     expect(out).to.match(/rc=0/);

@@ -12,9 +12,20 @@ import { BridgeChild, classifyDmesg } from '../../src/devkit/migration-faults.js
 import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../../src/devkit/migration-rig.js';
 import type { Guest } from '../../src/devkit/guest/guest.js';
 import { useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
-import { sleep } from '../helpers/wait.js';
+import { guestLines, sleep, untilAtLeast, untilGuestHasOpen } from '../helpers/wait.js';
 
 const TTY = '/dev/ttyACM0';
+/** Progress of both workloads before the first migration and on each destination before the next: lines echoed, blocks written. */
+const ECHOED_BETWEEN = 100;
+const WRITTEN_BETWEEN = 12;
+
+/** Waits until the serial echo and the disk writer have both made that much progress in `g` from now on. */
+async function bothProgress(g: Guest, where: string): Promise<void> {
+  const echoed = await guestLines(g, '/tmp/echo');
+  const written = await guestLines(g, '/tmp/wlog');
+  await untilAtLeast(`lines echoed ${where}`, () => guestLines(g, '/tmp/echo'), echoed + ECHOED_BETWEEN, 120_000);
+  await untilAtLeast(`blocks written ${where}`, () => guestLines(g, '/tmp/wlog'), written + WRITTEN_BETWEEN, 120_000);
+}
 
 const DISK_WRITER = `
 i=0
@@ -60,9 +71,10 @@ describe('e2e migration: two devices on one VM (disk and serial) stay byte-exact
     await guest.waitForPath(TTY, { timeoutMs: 120_000 });
     await guest.sh(`rm -f /tmp/echo /tmp/stop /tmp/sent /tmp/wlog; cat ${TTY} > /tmp/echo & echo $! > /tmp/cat.pid`);
     await guest.sh(`stty -F ${TTY} raw -echo -echoe -echok -echoctl -echoke -ixon -ixoff`).catch(() => guest.sh(`stty -F ${TTY} raw -echo`));
-    await sleep(300);
+    await untilGuestHasOpen(guest, '/tmp/cat.pid', TTY);
     await guest.sh(`cat > /tmp/s.sh <<'EOS'\n${SERIAL_WRITER}\nEOS\ncat > /tmp/w.sh <<'EOS'\n${DISK_WRITER}\nEOS\n(sh /tmp/s.sh > /dev/null 2>&1 &); (sh /tmp/w.sh > /dev/null 2>&1 &)`);
-    await sleep(3000);
+    await untilAtLeast('lines echoed before the first migration', () => guestLines(guest, '/tmp/echo'), ECHOED_BETWEEN, 120_000);
+    await untilAtLeast('blocks written before the first migration', () => guestLines(guest, '/tmp/wlog'), WRITTEN_BETWEEN, 120_000);
     const n = Number(process.env.USBROAM_MULTI_MIGRATIONS ?? 2);
     let cur = guest;
     let curHost = hostA;
@@ -82,7 +94,7 @@ describe('e2e migration: two devices on one VM (disk and serial) stay byte-exact
       cur = r.dst;
       curHost = dstHost;
       atts = r.attachedAll!;
-      await sleep(3000);
+      await bothProgress(cur, `on ${dstHost.name}`);
     }
     const g = cur;
     await g.sh('touch /tmp/stop');
@@ -91,7 +103,7 @@ describe('e2e migration: two devices on one VM (disk and serial) stay byte-exact
       if (Date.now() > deadline) throw new Error(`the workloads did not finish: echo tail ${await g.sh('tail -c 100 /tmp/echo; tail -n 2 /tmp/wlog; true')}; ${figures.join('; ')}`);
       await sleep(500);
     }
-    await sleep(300);
+    await sleep(300); // proves nothing more arrives after END within 300 ms (a repeated tail would differ below)
     // Serial: the whole stream, byte for byte.
     const sent = Number((await g.sh('cat /tmp/sent')).trim());
     const cmp = await g.sh(

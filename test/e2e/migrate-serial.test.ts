@@ -13,12 +13,14 @@ import { classifyDmesg } from '../../src/devkit/migration-faults.js';
 import { migrateWithHandOff, startVmGuest, type Host } from '../../src/devkit/migration-rig.js';
 import type { Guest } from '../../src/devkit/guest/guest.js';
 import { useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
-import { sleep } from '../helpers/wait.js';
+import { guestLines, sleep, untilAtLeast, untilGrows, untilGuestHasOpen } from '../helpers/wait.js';
 
 const TTY = '/dev/ttyACM0';
 /** Lines between the writer's 20 ms pauses (USBROAM_SERIAL_BURST: more writes in flight at the switchovers). */
 const LINES_PER_PAUSE = Number(process.env.USBROAM_SERIAL_BURST ?? 4);
 /** What the guest's xHCI driver says when the controller completes TDs it does not expect. */
+/** Lines echoed before the first migration and on each destination before the next (I/O running across each switchover). */
+const ECHOED_BETWEEN = 100;
 const XHCI_CONFUSED = /TRB DMA ptr not part of current TD|ERROR Transfer event|WARN Event TRB|Stopped on No-op/;
 
 describe('e2e migration: the serial device across migrations, no byte lost or repeated in an echo stream', function () {
@@ -48,7 +50,7 @@ describe('e2e migration: the serial device across migrations, no byte lost or re
     // child process holding the tty open (not the shell: it must not become its ctty).
     await guest.sh(`rm -f /tmp/echo /tmp/stop /tmp/sent; cat ${TTY} > /tmp/echo & echo $! > /tmp/cat.pid`);
     await guest.sh(`stty -F ${TTY} raw -echo -echoe -echok -echoctl -echoke -ixon -ixoff`).catch(() => guest.sh(`stty -F ${TTY} raw -echo`));
-    await sleep(300);
+    await untilGuestHasOpen(guest, '/tmp/cat.pid', TTY);
     await guest.sh(`cat > /tmp/s.sh <<'EOS'
 exec 3>${TTY}
 i=0
@@ -57,7 +59,7 @@ printf 'END\\n' >&3
 echo $i > /tmp/sent
 EOS
 (sh /tmp/s.sh > /dev/null 2>&1 &)`);
-    await sleep(3000);
+    await untilAtLeast('lines echoed before the first migration', () => guestLines(guest, '/tmp/echo'), ECHOED_BETWEEN, 120_000);
     const n = Number(process.env.USBROAM_SERIAL_MIGRATIONS ?? 3);
     let cur = guest;
     let curHost = hostA;
@@ -77,7 +79,7 @@ EOS
       cur = r.dst;
       curHost = dstHost;
       att = r.attached!;
-      await sleep(3000);
+      await untilGrows(`lines echoed on ${dstHost.name}`, () => guestLines(cur, '/tmp/echo'), ECHOED_BETWEEN, 120_000);
     }
     const g = cur;
     await g.sh('touch /tmp/stop');
@@ -86,7 +88,7 @@ EOS
       if (Date.now() > deadline) throw new Error(`the echo of END did not arrive: ${await g.sh('tail -c 200 /tmp/echo; cat /tmp/sent 2>/dev/null; true')}; ${figures.join('; ')}`);
       await sleep(500);
     }
-    await sleep(300);
+    await sleep(300); // proves nothing more arrives after END within 300 ms (a repeated tail would differ below)
     const sent = Number((await g.sh('cat /tmp/sent')).trim());
     // Compare in the guest (the stream is long): the expected bytes, then both checksums.
     const cmp = await g.sh(

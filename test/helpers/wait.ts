@@ -3,6 +3,7 @@
 // where a test must let time pass on purpose (I/O running across a migration, proving that
 // nothing more arrives).
 import { once, type EventEmitter } from 'node:events';
+import type { Etcd3 } from 'etcd3';
 
 /** Resolves after `ms` milliseconds. */
 export function sleep(ms: number): Promise<void> {
@@ -48,4 +49,48 @@ export async function nextEvent(emitter: EventEmitter, event: string, timeoutMs 
   } finally {
     clearTimeout(timer);
   }
+}
+
+/**
+ * Resolves once etcd no longer knows lease `leaseId` (it ran out or was revoked: LeaseTimeToLive
+ * answers TTL -1), polling every `everyMs`; throws after `timeoutMs`. For tests that must see a
+ * lease's TTL run out: waits exactly that long, however slow etcd is.
+ */
+export async function untilLeaseGone(client: Pick<Etcd3, 'leaseClient'>, leaseId: string, timeoutMs = 30_000, everyMs = 100): Promise<void> {
+  await until(`etcd lease ${leaseId} to run out`, async () => Number((await client.leaseClient.leaseTimeToLive({ ID: leaseId })).TTL) < 0, timeoutMs, everyMs);
+}
+
+/**
+ * Polls `read` (a counter: lines in a log, URBs completed) until it is at least `target`, and
+ * returns what it read; throws, naming `what` and the last value, once `timeoutMs` has passed.
+ */
+export async function untilAtLeast(what: string, read: () => number | Promise<number>, target: number, timeoutMs = 60_000, everyMs = 200): Promise<number> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await read();
+    if (v >= target) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}: ${v} of ${target}`);
+    await sleep(everyMs);
+  }
+}
+
+/** Reads the counter `read` now, then waits until it has grown by `by` (progress made from now on). */
+export async function untilGrows(what: string, read: () => number | Promise<number>, by: number, timeoutMs = 60_000, everyMs = 200): Promise<number> {
+  return untilAtLeast(what, read, (await read()) + by, timeoutMs, everyMs);
+}
+
+/** What the waits below need of a guest (src/devkit/guest/guest.ts Guest). */
+interface GuestShell {
+  run(command: string): Promise<{ exitCode: number }>;
+  sh(command: string): Promise<string>;
+}
+
+/** Lines in `file` in the guest (0 while it does not exist): a counter for untilAtLeast/untilGrows. */
+export async function guestLines(g: Pick<GuestShell, 'sh'>, file: string): Promise<number> {
+  return Number((await g.sh(`cat ${file} 2>/dev/null | wc -l`)).trim());
+}
+
+/** Waits until the guest process whose pid is in `pidFile` has `path` open (a background reader got going). */
+export async function untilGuestHasOpen(g: GuestShell, pidFile: string, path: string, timeoutMs = 30_000): Promise<void> {
+  await until(`pid in ${pidFile} to open ${path}`, async () => (await g.run(`ls -l /proc/$(cat ${pidFile})/fd 2>/dev/null | grep -q ' ${path}$'`)).exitCode === 0, timeoutMs, 100);
 }

@@ -22,6 +22,7 @@ import { createLogger, silentLogger } from '../../src/common/log.js';
 import { clientTls } from '../../src/devkit/certs.js';
 import { startEtcd, type EtcdCluster } from '../../src/devkit/etcd.js';
 import { until } from '../../src/devkit/fleet-fakes.js';
+import { untilLeaseGone } from '../helpers/wait.js';
 import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
 import { BridgeFleet, certificateIdentity } from '../../src/fleet/bridge-fleet.js';
 import { FleetDirectory } from '../../src/fleet/directory.js';
@@ -260,6 +261,8 @@ describe('fleet: bridges attach by fleet selector (real etcd, server processes, 
     const b = bridges[0]!;
     const { a, qemu } = await attach(b, loop1, 'steady');
     const [d] = await dir.list(sel(loop1));
+    const claimant = await b.fleet.claimant();
+    const oldLease = claimant.lease.leaseId!;
     await etcd.members[0]!.kill();
     const q = await coldPlugQemu(tmp, 'refused');
     const r = await status(b.client.attach({ vm: 'vm1', fleetSelect: 'serial=USBROAM-ACM-0001 host=host-0', coldPlugSocket: q.socketPath }));
@@ -267,7 +270,7 @@ describe('fleet: bridges attach by fleet selector (real etcd, server processes, 
     expect(r.code, r.details).to.equal('UNAVAILABLE');
     expect(r.details).to.match(/etcd/);
     // Longer than the TTL: the leases are lost on the client side.
-    await new Promise((res) => setTimeout(res, (TTL + 2) * 1000));
+    await until('the bridge to lose its lease on its side', () => claimant.lease.leaseId === undefined, (TTL + 10) * 1000);
     const [still] = await b.client.list('vm1');
     expect(still?.id).to.equal(a.id);
     expect(still?.state).to.equal(AttachmentState.ATTACHMENT_STATE_CONNECTED);
@@ -276,7 +279,7 @@ describe('fleet: bridges attach by fleet selector (real etcd, server processes, 
     // The claim is taken back under the bridge's new lease; the session stays.
     const newLease = await until('a new lease', async () => (await b.fleet.claimant()).lease.leaseId, 30_000);
     await until('claim under the new lease', async () => (await readClaim(conn, keys, 'host-1', d!.id))?.lease === newLease, 30_000);
-    await new Promise((res) => setTimeout(res, (TTL + 2) * 1000)); // the old lease has expired on etcd by now
+    await untilLeaseGone(conn.client, oldLease, (TTL + 10) * 1000);
     expect((await readClaim(conn, keys, 'host-1', d!.id))?.claimant).to.equal('bridge');
     expect((await b.client.list('vm1')).map((x) => x.id)).to.include(a.id);
     const { a: fresh } = await until('attach works again', () => attach(b, 'serial=USBROAM-ACM-0001 host=host-0', `fresh${Date.now()}`).catch(() => undefined), 30_000);

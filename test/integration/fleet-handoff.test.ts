@@ -17,6 +17,7 @@ import { parseFleetSelector as sel } from '../../src/fleet/selector.js';
 import { startEtcd, type EtcdCluster } from '../../src/devkit/etcd.js';
 import { FakeDeviceSource, fakeDevice, startClaimantProcess, until } from '../../src/devkit/fleet-fakes.js';
 import type { HeldClaim } from '../../src/client/bridge/held-claim.js';
+import { sleep, untilLeaseGone } from '../helpers/wait.js';
 
 const TTL = 2;
 
@@ -78,7 +79,7 @@ describe('fleet claim across a migration hand-off (BridgeFleet on etcd)', functi
         } catch (err) {
           outcomes.push(err instanceof FleetError ? Status[err.code] : (err as Error).message);
         }
-        await new Promise((r) => setTimeout(r, 20));
+        await sleep(20); // pacing of the third claimant's attempts, not a wait
       }
     })();
     return {
@@ -117,7 +118,7 @@ describe('fleet claim across a migration hand-off (BridgeFleet on etcd)', functi
     expect(held.label).to.equal('mig-a/a1');
     expect(await conn.client.get(keys.offer('s-a1')).string()).to.equal(null, 'the offer went with the move');
     // Past the dead source's TTL: the claim stays the destination's.
-    await new Promise((r) => setTimeout(r, (TTL + 2) * 1000));
+    await untilLeaseGone(conn.client, claim.lease, (TTL + 10) * 1000);
     expect((await readClaim(key))?.claimant).to.equal('dst-bridge');
     await race.stop();
     expect(race.outcomes.length).to.be.greaterThan(20);
@@ -144,7 +145,7 @@ describe('fleet claim across a migration hand-off (BridgeFleet on etcd)', functi
       const [held] = round % 2 ? [(await srcHeld.handedOff('s-b1'), incoming!.takenOver())] : [incoming!.takenOver(), await srcHeld.handedOff('s-b1')];
       await until('claim at the destination', async () => (await readClaim(key))?.claimant === `dst-${round}`);
       await until('destination holds it', () => held!.label === `mig-b${round}/b1`);
-      await new Promise((r) => setTimeout(r, 500));
+      await sleep(500); // proves the claim key does not change again (no delete, no second put) within 500 ms
       await race.stop();
       expect(race.outcomes.filter((o) => o !== 'ALREADY_EXISTS')).to.deep.equal([]);
       expect(race.changes.map((c) => (c.deleted ? 'deleted' : c.record?.claimant)), `round ${round}`).to.deep.equal([`dst-${round}`]);
@@ -172,8 +173,9 @@ describe('fleet claim across a migration hand-off (BridgeFleet on etcd)', functi
     });
     const oldLease = (await dst.claimant()).lease.leaseId;
     expect(taken.lease).to.equal(oldLease);
+    const dstClaimant = await dst.claimant();
     await etcd.members[0]!.kill();
-    await new Promise((r) => setTimeout(r, (TTL + 2) * 1000)); // the destination's lease is lost on its side
+    await until('the destination to lose its lease on its side', () => dstClaimant.lease.leaseId === undefined, (TTL + 10) * 1000);
     await etcd.members[0]!.restart();
     const newLease = await until('a new lease', async () => {
       const l = (await dst.claimant()).lease.leaseId;
@@ -184,7 +186,7 @@ describe('fleet claim across a migration hand-off (BridgeFleet on etcd)', functi
       return r?.lease === newLease ? r : undefined;
     }, 30_000);
     expect(back).to.include({ claimant: 'dst-c', token: taken.token });
-    await new Promise((r) => setTimeout(r, (TTL + 2) * 1000)); // the old lease has expired on etcd by now
+    await untilLeaseGone(conn.client, oldLease!, (TTL + 10) * 1000);
     expect((await readClaim(key))?.lease).to.equal(newLease);
     // Still exclusive, and still released by the attachment's end.
     const third = bridgeFleet('third');

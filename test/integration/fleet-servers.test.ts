@@ -185,7 +185,9 @@ describe('fleet: three servers on a three-member etcd cluster', function () {
     const noSession = await refusal(client('viewer', claim.device.address).openDevice({ serial: 'USBROAM-ACM-0001' }));
     expect(noSession.code, noSession.message).to.equal(Status.UNAVAILABLE);
     expect(noSession.message).to.match(/cannot check its fleet claim/);
-    await new Promise((r) => setTimeout(r, (TTL + 1) * 1000)); // every lease runs out meanwhile
+    // Every lease runs out meanwhile: the claimant's and host-1's (the server with the session) are lost on their side.
+    await until('the claimant to lose its lease', () => c.lease.leaseId === undefined, (TTL + 10) * 1000);
+    await until('host-1 to lose its lease', () => servers[1]!.logs.some((l) => l.includes('fleet lease of host host-1 lost')), (TTL + 10) * 1000);
     expect((await dev.transferOut(1, Buffer.from('still'))).status).to.equal(0);
     await Promise.all(etcd.members.map((m) => m.restart()));
     await until('servers registered again', async () => (await dir.hosts()).length === 2, 30_000);

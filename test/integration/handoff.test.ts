@@ -10,7 +10,7 @@ import { TransferType, UrbStatus, type UrbComplete } from '../../src/gen/usbroam
 import type { LoopbackDevice } from '../../src/server/backends/emulated/loopback.js';
 import { clientTls } from '../../src/devkit/certs.js';
 import { startInProcessServer, type InProcessServer } from '../helpers/in-process.js';
-import { sleep, until } from '../helpers/wait.js';
+import { until } from '../helpers/wait.js';
 
 describe('session hand-off to a standby', function () {
   this.timeout(30_000);
@@ -52,7 +52,7 @@ describe('session hand-off to a standby', function () {
         () => {},
       );
     }
-    await sleep(5); // some complete at the source, some are still in flight
+    await until('the first URBs to complete at the source', () => srcDone.size > 0, 10_000, 1); // some complete at the source, some are still in flight
     const state = Buffer.from(JSON.stringify({ inFlight: ids.filter((id) => !srcDone.has(id)), nextUrbId: src.peekNextUrbId() }));
     const handed = await src.handOff(state);
     const took = await dst.takeOver!;

@@ -11,6 +11,7 @@ import { LoopIo, prepareLoop } from '../../src/devkit/loop-io.js';
 import { startServerProcess, type ServerProcess } from '../../src/devkit/server-process.js';
 import { LOOP_BULK_IN } from '../../src/server/backends/emulated/loopback.js';
 import { rssKib, settledRssKib } from '../../bench/soak/support.js';
+import { sleep, until } from '../helpers/wait.js';
 
 const GRACE_MS = 3000;
 const BUFFER_MIB = 8;
@@ -19,17 +20,6 @@ const URBS = 6000;
 const URB_BYTES = 64 * 1024;
 /** Server RSS growth allowed while the paused client is held: the byte bound, grpc-js and HTTP/2 buffers, heap slack. */
 const RSS_GROWTH_BOUND_KIB = 96 * 1024;
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-/** Resolves once `pred` holds, polling every `everyMs`; rejects after `ms`. */
-async function until(what: string, pred: () => boolean | Promise<boolean>, ms: number, everyMs = 50): Promise<void> {
-  const end = Date.now() + ms;
-  while (!(await pred())) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(everyMs);
-  }
-}
 
 describe('a client that stops reading its completions', function () {
   this.timeout(90_000);
@@ -57,7 +47,7 @@ describe('a client that stops reading its completions', function () {
     const verified = () => io.progress.bytesVerified;
     const carriesOn = async (phase: string) => {
       const v = verified();
-      await until(`the other session to complete URBs ${phase}`, () => verified() > v, 20_000);
+      await until(`the other session to complete URBs ${phase}`, () => verified() > v, 20_000, 50);
     };
     await carriesOn('before the slow client');
 
@@ -79,10 +69,10 @@ describe('a client that stops reading its completions', function () {
       }
     }, 50);
     try {
-      await sleep(GRACE_MS / 2);
+      await sleep(GRACE_MS / 2); // part-way into the grace period on purpose: the other session must carry on while the slow one is held
       await carriesOn('while the slow client is held');
       const stalled = () => server!.logs.some((l) => l.includes('did not read completions') && l.includes(slow.sessionId));
-      await until('the server to end the slow session', stalled, GRACE_MS + 20_000);
+      await until('the server to end the slow session', stalled, GRACE_MS + 20_000, 50);
       await carriesOn('after the slow session ended');
     } finally {
       clearInterval(sampler);
@@ -93,7 +83,7 @@ describe('a client that stops reading its completions', function () {
     // The device is released: another client can claim it.
     const listed = async () => (await clients[0].listSessions()).map((s) => s.id);
     expect(await listed()).to.include(other.sessionId);
-    await until('the slow session to be closed', async () => !(await listed()).includes(slow.sessionId), 10_000);
+    await until('the slow session to be closed', async () => !(await listed()).includes(slow.sessionId), 10_000, 50);
     const again = await newClient().openDevice({ id: 'emu-1-2' });
     await again.close();
 

@@ -43,7 +43,7 @@ describe('bridge: unix socket queue lengths', () => {
     ours.write(Buffer.alloc(4321));
     ours.pause();
     peer.write(Buffer.alloc(99));
-    await new Promise((r) => setTimeout(r, 30));
+    await new Promise((r) => setTimeout(r, 30)); // lets Node finish reading the 99 bytes: no event says it is done, and ss must see the same queues
     const n = unixQueuesNetlink(ours);
     expect(n, 'sock_diag available').to.not.equal(undefined);
     const s = await unixQueuesSs(ours);
@@ -59,7 +59,7 @@ describe('bridge: unix socket queue lengths', () => {
     ours.write(Buffer.alloc(2345));
     ours.pause();
     peer.write(Buffer.alloc(77));
-    await new Promise((r) => setTimeout(r, 30));
+    await new Promise((r) => setTimeout(r, 30)); // lets Node finish reading the 77 bytes: no event says it is done
     const q = await unixQueues(ours);
     expect(q.peerRecvQ).to.equal(3345);
     expect(q.ourRecvQ + ours.readableLength).to.equal(77);
@@ -83,7 +83,7 @@ describe('bridge: unix socket queue lengths', () => {
   it('counts what Node still buffers when the kernel queue is full', async () => {
     const big = Buffer.alloc(4 * 1024 * 1024, 7);
     ours.write(big);
-    await new Promise((r) => setTimeout(r, 50));
+    await new Promise((r) => setTimeout(r, 50)); // lets libuv's write attempts run until the kernel queue is full: no event announces that
     const u = await unreadByPeer(ours);
     expect(u.nodeBuffered).to.be.greaterThan(0);
     expect(u.unread).to.equal(big.length);

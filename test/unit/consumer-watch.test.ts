@@ -143,7 +143,7 @@ describe('Session byte bound', () => {
 
   it('ends the session when its stream does not drain for the grace period, and keeps it when it drains in time', async () => {
     const kept = await heldSession(150, 2);
-    await new Promise((r) => setTimeout(r, 50));
+    await new Promise((r) => setTimeout(r, 50)); // part-way into its 150 ms grace period on purpose: it drains in time
     kept.stream.drain();
     kept.s.handleFrame(ack(kept.s.highestServerSeq));
     const { s, stream } = await heldSession(100, 2);

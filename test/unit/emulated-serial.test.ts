@@ -64,7 +64,7 @@ describe('emulated CDC-ACM serial echo', () => {
       outDone = true;
       return r;
     });
-    await sleep(10);
+    await sleep(10); // proves the OUT does not complete within 10 ms while the buffer is full
     expect(outDone).to.equal(false);
     const got: Buffer[] = [];
     let n = 0;
@@ -81,7 +81,7 @@ describe('emulated CDC-ACM serial echo', () => {
     const p = submit(dev, makeUrb({ endpoint: ACM_NOTIFY_IN, type: TransferType.Interrupt, length: 16, id: 77 }));
     let settled: UrbResult | undefined;
     void p.then((r) => (settled = r));
-    await sleep(5);
+    await sleep(5); // proves the notification URB does not complete within 5 ms
     expect(settled).to.equal(undefined);
     dev.cancel(77);
     expect((await p).status).to.equal(UrbStatus.Cancelled);

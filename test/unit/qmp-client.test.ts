@@ -11,7 +11,8 @@ import {
   type QmpEvent,
 } from '../../src/qemu/qmp/client.js';
 import { FakeQmp } from '../helpers/fake-qmp.js';
-import { nextEvent, sleep } from '../helpers/wait.js';
+import { capturingLogger } from '../../src/devkit/migration-faults.js';
+import { nextEvent, until } from '../helpers/wait.js';
 
 describe('QmpClient', function () {
   this.timeout(10_000);
@@ -210,7 +211,8 @@ describe('QmpClient', function () {
 
   it('reconnects with backoff after a drop; commands issued meanwhile wait for the new connection', async () => {
     fake.handler = (cmd) => (cmd.execute === 'hang' ? null : { return: cmd.execute });
-    const c = track(await QmpClient.connect({ path: fake.path, reconnect: { initialDelayMs: 20, maxDelayMs: 100 } }));
+    const cap = capturingLogger('debug');
+    const c = track(await QmpClient.connect({ path: fake.path, reconnect: { initialDelayMs: 20, maxDelayMs: 100 }, logger: cap.log }));
     const it = c.events();
     const hanging = c.execute('hang');
     await fake.waitHeld(1);
@@ -220,7 +222,7 @@ describe('QmpClient', function () {
     expect(await hanging.catch((e: unknown) => e)).to.be.instanceOf(QmpDisconnectedError);
     expect(c.state).to.equal('reconnecting');
     const during = c.execute('during', undefined, { timeoutMs: 5000 });
-    await sleep(250);
+    await until('3 failed reconnect attempts', () => cap.records.filter((r) => r.msg === 'QMP reconnect attempt failed').length >= 3, 10_000, 10);
     fake = new FakeQmp(dir);
     fake.handler = (cmd) => ({ return: cmd.execute });
     await fake.start();

@@ -3,6 +3,7 @@
 import { expect } from 'chai';
 import { FRAME_OVERHEAD, MAX_BYTES_PER_MESSAGE, MAX_FRAMES_PER_MESSAGE, SeqChannel, type ChannelLink } from '../../src/common/seq-channel.js';
 import { InvalidAckError, JournalOverflowError } from '../../src/common/seq-journal.js';
+import { until } from '../helpers/wait.js';
 
 type Kind = { $case: 'data'; value: { n: number; bytes: number } } | { $case: 'ack'; value: { seq: number } };
 interface Frame {
@@ -42,6 +43,8 @@ const data = (n: number, bytes = 0): Kind => ({ $case: 'data', value: { n, bytes
 /** Until every microtask and one setImmediate turn ran (the channel's batching turn). */
 const turn = () => new Promise((r) => setImmediate(r));
 const ms = (n: number) => new Promise((r) => setTimeout(r, n));
+/** Waits until `link` has been sent `n` acks (a delayed ack is due). */
+const acks = (link: RecordingLink, n: number) => until(`${n} acks sent`, () => link.acks().length >= n, 1000, 1);
 
 function channel(maxJournalBytes = 1 << 30) {
   const ch = new SeqChannel<Frame>({ maxJournalBytes });
@@ -115,11 +118,11 @@ describe('SeqChannel (one end of the sequenced URB channel)', () => {
     await turn();
     expect(link.acks()).to.deep.equal([2]); // the position, not the gap
     expect(ch.receive(2)).to.equal('duplicate');
-    await ms(30);
+    await ms(30); // proves no new ack goes out within 30 ms (6 x the 5 ms ack delay)
     expect(link.acks()).to.deep.equal([2]); // a duplicate makes no new ack due
     ch.receiveAfter(10);
     expect([ch.receive(10), ch.receive(11)]).to.deep.equal(['duplicate', 'new']);
-    await ms(30);
+    await acks(link, 2);
     expect(link.acks()).to.deep.equal([2, 11]);
   });
 
@@ -180,11 +183,11 @@ describe('SeqChannel (one end of the sequenced URB channel)', () => {
     ch.receive(2);
     await turn();
     expect(link.acks()).to.deep.equal([1]); // a lone ack waits for data to ride with...
-    await ms(30);
+    await acks(link, 2);
     expect(link.acks()).to.deep.equal([1, 2]); // ...but not for long
     const again = new RecordingLink();
     ch.attach(again, 1);
-    await ms(30);
+    await acks(again, 1);
     expect(again.acks()).to.deep.equal([2]);
     expect(again.dataSeqs()).to.deep.equal([]); // the peer already had seq 1
   });

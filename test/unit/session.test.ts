@@ -6,6 +6,7 @@ import { silentLogger } from '../../src/common/log.js';
 import { TransferType, type ClientFrame, type ServerFrame, type ServerMessage } from '../../src/gen/usbroam/v1/usbhost.js';
 import { LoopbackDevice } from '../../src/server/backends/emulated/loopback.js';
 import { ChannelProtocolError, defaultLimits, Session, type SessionStream } from '../../src/server/sessions/session.js';
+import { until } from '../helpers/wait.js';
 
 class FakeStream implements SessionStream {
   readonly peer = 'test';
@@ -25,6 +26,8 @@ class FakeStream implements SessionStream {
 }
 
 const tick = () => new Promise((r) => setTimeout(r, 20));
+/** Waits until `stream` has been sent `n` completions. */
+const completions = (stream: FakeStream, n: number) => until(`${n} completions sent`, () => stream.completes().length >= n, 5000, 1);
 const opened = (seq: number): ServerFrame => ({ seq, kind: { $case: 'opened', value: { sessionId: 's', device: undefined, lastClientSeq: 0, resumed: false, standby: false } } });
 const out = (seq: number, urbId: number, n = 8): ClientFrame => ({
   seq,
@@ -48,7 +51,8 @@ describe('Session frame handling', () => {
     await s.handleFrame(out(2, 2));
     await s.handleFrame(out(1, 1)); // replay after a reconnect
     await s.handleFrame(out(2, 2));
-    await tick();
+    await completions(stream, 2);
+    await tick(); // proves no third completion (a replay executed again) arrives within 20 ms
     expect(dev.stats.byEndpoint.get(0x01)).to.equal(2);
     expect(stream.completes().map((f) => f.seq)).to.deep.equal([1, 2]);
     expect(s.lastClientSeq).to.equal(2);
@@ -56,9 +60,9 @@ describe('Session frame handling', () => {
   });
 
   it('refuses a gap, an unknown kind, a second open and an ack beyond what was sent', async () => {
-    const { s } = await newSession();
+    const { s, stream } = await newSession();
     await s.handleFrame(out(1, 1));
-    await tick();
+    await completions(stream, 1);
     const refuse = async (f: ClientFrame, re: RegExp) => {
       try {
         await s.handleFrame(f);
@@ -80,13 +84,13 @@ describe('Session frame handling', () => {
   it('journals completions while detached and replays them after the position the client names', async () => {
     const { s, stream } = await newSession();
     for (let i = 1; i <= 3; i++) await s.handleFrame(out(i, i));
-    await tick();
+    await completions(stream, 3);
     s.detach(stream, 'test: stream lost');
     // The client had received only seq 1; more completes while nobody listens.
     expect(s.state).to.equal('detached');
     const again = new FakeStream();
     s.attach(again, 1, opened);
-    await tick();
+    await completions(again, 2);
     expect(again.frames[0].kind?.$case).to.equal('opened');
     expect(again.completes().map((f) => f.seq)).to.deep.equal([2, 3]);
     await s.close('test', { reset: false });
@@ -95,7 +99,7 @@ describe('Session frame handling', () => {
   it('refuses a resume from behind what the client already acknowledged', async () => {
     const { s, stream } = await newSession();
     for (let i = 1; i <= 3; i++) await s.handleFrame(out(i, i));
-    await tick();
+    await completions(stream, 3);
     await s.handleFrame({ seq: 3, kind: { $case: 'ack', value: { seq: 3 } } });
     s.detach(stream, 'lost');
     expect(() => s.attach(new FakeStream(), 1, opened)).to.throw(ChannelProtocolError, /already acknowledged 3/);
@@ -105,9 +109,7 @@ describe('Session frame handling', () => {
   it('closes the session with RESOURCE_EXHAUSTED when the client never acknowledges and the journal fills', async () => {
     const { s, stream } = await newSession({ maxJournalBytes: 4096 });
     for (let i = 1; i <= 200 && s.state !== "closed"; i++) await s.handleFrame(out(i, i, 8)); // 32 bytes of journal each
-    await tick();
-    await tick();
-    expect(s.state).to.equal('closed');
+    await until('the session closed', () => s.state === 'closed', 5000, 1);
     expect(stream.ended?.code).to.equal(Status.RESOURCE_EXHAUSTED);
     expect(stream.ended?.message).to.match(/over the limit of 4096/);
   });
