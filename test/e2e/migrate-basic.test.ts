@@ -5,12 +5,10 @@
 // migration on its own QMP socket and hands the session off at 'completed'. In the guest (now
 // on B) the disk keeps working, the data reads back, and dmesg shows no disconnect/reset/error.
 import { expect } from 'chai';
-import path from 'node:path';
 import type { AttachmentInfo } from '../../src/client/bridge/bridge.js';
-import { BridgeChild } from '../../src/devkit/migration-faults.js';
 import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../../src/devkit/migration-rig.js';
 import type { Guest } from '../../src/devkit/guest/guest.js';
-import { useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
+import { useBridgeHosts, useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
 import { guestLines, sleep, untilAtLeast } from '../helpers/wait.js';
 
 const BAD = /USB disconnect|reset (low|full|high|super|SuperSpeed)[^\n]*USB device|error -110|I\/O error|DID_NO_CONNECT/;
@@ -50,28 +48,14 @@ echo DONE >> /tmp/wlog
 describe('e2e migration: the remote disk stays attached across live migration', function () {
   this.timeout(900_000);
   const m = useMigrationSetup({ name: 'migrate-basic', diskMiB: 64 });
-  let childA: BridgeChild | undefined;
-  let childB: BridgeChild | undefined;
-  let hostA: MigrationHost;
-  let hostB: MigrationHost;
+  const hosts = useBridgeHosts(m);
   let cur: Guest;
   let curHost: MigrationHost;
   let att: AttachmentInfo;
   let vmSeq = 0;
 
-  before(async function () {
-    this.timeout(120_000);
-    // Each bridge in its own process (USBROAM_CHILD_LOG=info for its log on stderr).
-    childA = new BridgeChild(path.join(m.dir, 'A'));
-    childB = new BridgeChild(path.join(m.dir, 'B'));
-    m.children.push(childA, childB);
-    await Promise.all([childA.ready(), childB.ready()]);
-    hostA = { name: 'A', bridge: childA.host() };
-    hostB = { name: 'B', bridge: childB.host() };
-  });
-
   async function migrate(opts: { cancelAfterMs?: number } = {}) {
-    const dstHost = curHost === hostA ? hostB : hostA;
+    const dstHost = curHost === hosts.A ? hosts.B : hosts.A;
     const dstVm = `vm${++vmSeq}`;
     const r = await migrateWithHandOff({
       image: m.image,
@@ -103,9 +87,9 @@ describe('e2e migration: the remote disk stays attached across live migration', 
     const { guest, bridgeQmp } = await startVmGuest({ image: m.image, dir: m.dir, name: 'vm0' });
     m.guests.push(guest);
     cur = guest;
-    curHost = hostA;
-    await hostA.bridge.addVm({ name: 'vm0', qmpSocket: bridgeQmp });
-    att = await childA!.host().attach({ vm: 'vm0', server: m.serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: 'xhci.0' });
+    curHost = hosts.A;
+    await hosts.A.bridge.addVm({ name: 'vm0', qmpSocket: bridgeQmp });
+    att = await hosts.childA.host().attach({ vm: 'vm0', server: m.serverOpts, selector: { serial: 'USBROAM-MSC-0001' }, bus: 'xhci.0' });
     await guest.waitForPath('/sys/block/sda', { timeoutMs: 120_000 });
     await guest.waitForPath('/dev/sda');
     await guest.sh('dd if=/dev/urandom of=/tmp/x bs=1M count=4 2>/dev/null; dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync 2>/dev/null; sha256sum /tmp/x > /tmp/x.sha');

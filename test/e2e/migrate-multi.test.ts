@@ -6,12 +6,11 @@
 // written to it, the echo is exactly the lines sent (every byte compared, none lost or
 // repeated), each migration handed both sessions off, and dmesg is clean.
 import { expect } from 'chai';
-import path from 'node:path';
 import type { AttachmentInfo } from '../../src/client/bridge/bridge.js';
-import { BridgeChild, classifyDmesg } from '../../src/devkit/migration-faults.js';
-import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../../src/devkit/migration-rig.js';
+import { classifyDmesg } from '../../src/devkit/migration-faults.js';
+import { migrateWithHandOff, startVmGuest } from '../../src/devkit/migration-rig.js';
 import type { Guest } from '../../src/devkit/guest/guest.js';
-import { useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
+import { useBridgeHosts, useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
 import { guestLines, sleep, untilAtLeast, untilGuestHasOpen } from '../helpers/wait.js';
 
 const TTY = '/dev/ttyACM0';
@@ -50,14 +49,10 @@ echo $i > /tmp/sent
 describe('e2e migration: two devices on one VM (disk and serial) stay byte-exact across A -> B -> A', function () {
   this.timeout(900_000);
   const m = useMigrationSetup({ name: 'migrate-multi', diskMiB: 32 });
+  const hosts = useBridgeHosts(m);
 
   it('disk blocks and the serial echo stream verify after the migrations; both sessions handed off each time', async () => {
-    const childA = new BridgeChild(path.join(m.dir, 'A'));
-    const childB = new BridgeChild(path.join(m.dir, 'B'));
-    m.children.push(childA, childB);
-    await Promise.all([childA.ready(), childB.ready()]);
-    const hostA: MigrationHost = { name: 'A', bridge: childA.host() };
-    const hostB: MigrationHost = { name: 'B', bridge: childB.host() };
+    const { A: hostA, B: hostB, childA } = hosts;
     const { guest, bridgeQmp } = await startVmGuest({ image: m.image, dir: m.dir, name: 'm0', memoryMb: 192 });
     m.guests.push(guest);
     await childA.host().addVm({ name: 'm0', qmpSocket: bridgeQmp });
