@@ -137,7 +137,11 @@ describe('e2e migration: the remote disk stays attached across live migration', 
         `downtime ${r.downtimeMs} ms (pause ${r.handOff!.switchoverPauseMs?.toFixed(1)} ms), hand-off +${r.handOff!.sinceCompletedMs!.toFixed(1)} ms, ` +
           `in flight ${r.handOff!.info!.inFlight}, re-sent ${r.handOff!.info!.toQemuBytes} B`,
       );
-      await ioProgress(cur, reader, `after migration ${i + 1}`);
+      await ioProgress(cur, reader, `after migration ${i + 1}`).catch(async (err: Error) => {
+        // What a stall needs for its diagnosis: the hand-off as the source saw it, the guest's view.
+        const tail = (await cur.dmesg().catch((e: Error) => e.message)).split('\n').slice(-15).join('\n');
+        throw new Error(`${err.message}\nhand-off of migration ${i + 1}: ${JSON.stringify(r.handOff)}\nguest dmesg (tail):\n${tail}`);
+      });
     }
     const g = cur;
     await g.sh('touch /tmp/stop');
