@@ -9,7 +9,7 @@
 //  - BridgeChild: a Bridge in its own process (this file run with `--bridge-child`), driven by
 //    JSON lines on stdin; events and answers as JSON lines on stdout; kill -9 it at will.
 //  - guest workload scripts (slot writer with verification), dmesg classification.
-import { createWriteStream, mkdirSync as mkdirSyncForLog } from 'node:fs';
+import { createWriteStream, mkdirSync } from 'node:fs';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { EventEmitter, once } from 'node:events';
 import net from 'node:net';
@@ -452,7 +452,7 @@ export class BridgeChild {
     this.child.stderr!.on('data', (d: Buffer) => this.stderr.push(d.toString()));
     // USBROAM_E2E_KEEP: also in RUNDIR/bridge.log, kept with the test's directory.
     if (process.env.USBROAM_E2E_KEEP) {
-      mkdirSyncForLog(runDir, { recursive: true });
+      mkdirSync(runDir, { recursive: true });
       const out = createWriteStream(path.join(runDir, 'bridge.log'));
       this.child.stdout!.pipe(out);
       this.child.stderr!.pipe(out);

@@ -252,6 +252,9 @@ export class VmMigrations {
       return;
     }
     const rec: NonNullable<HandOffEvent['xhciRewind']> = { inFlight: eps.reduce((a, x) => a + x.ids.length, 0), patched: 0, unchanged: 0, skipped: [], tookMs: 0 };
+    // The device's contexts, looked up once (while the VM is paused) for every endpoint below.
+    let located = location;
+    const locate = () => (located ??= locateXhciDevice(qmp, e.bus.replace(/\.\d+$/, ''), e.id));
     out.set(e.id, rec);
     // Every endpoint with streams, also those with nothing in flight: a Running one aborts the destination.
     const withStreams = eps.filter((x) => x.streams);
@@ -267,7 +270,7 @@ export class VmMigrations {
     const kicks: StreamKick[] = [];
     for (const x of withStreams) {
       try {
-        const loc = await (location ?? locateXhciDevice(qmp, e.bus.replace(/\.\d+$/, ''), e.id));
+        const loc = await locate();
         const r = await rewindXhciStreams(qmp, { location: loc, endpoint: x.endpoint, ids: x.ids, streamIds: x.streamIds, arrayBase: e.att.xhciStreamArray(x.endpoint), gdb });
         if (r.skipped) rec.skipped.push(`ep ${x.endpoint.toString(16)} (streams): ${r.skipped}`);
         if (r.kick) {
@@ -294,7 +297,7 @@ export class VmMigrations {
     const receiving: { endpoint: number; id: bigint }[] = [];
     for (const endpoint of e.att.bulkReceivingEndpoints()) {
       try {
-        const loc = await (location ?? locateXhciDevice(qmp, e.bus.replace(/\.\d+$/, ''), e.id));
+        const loc = await locate();
         if (loc.bar === undefined || loc.capLength === undefined) continue;
         const td = await oldestUncompletedTd(qmp, { ...loc, bar: loc.bar, capLength: loc.capLength }, endpoint);
         if (td.why) rec.skipped.push(`ep ${endpoint.toString(16)} (bulk receiving): ${td.why}`);
@@ -317,12 +320,12 @@ export class VmMigrations {
         endpoints: [...usable.map((x) => ({ endpoint: x.endpoint, oldestId: x.ids[0]!, count: x.ids.length })), ...receiving.map((x) => ({ endpoint: x.endpoint, oldestId: x.id, count: 1 }))],
         runDir: this.d.runDir,
         log,
-        location,
+        location: located,
         gdb,
       });
       rec.receiving = receiving.filter((r) => res.patched.some((p) => p.endpoint === r.endpoint)).length;
-      rec.patched = res.patched.length;
-      rec.unchanged = res.unchanged.length;
+      rec.patched += res.patched.length;
+      rec.unchanged += res.unchanged.length;
       rec.skipped.push(...res.skipped.map((s) => `ep ${s.endpoint.toString(16)}: ${s.why}`));
       rec.tookMs = res.tookMs;
       const level = res.skipped.length ? 'warn' : 'info';
