@@ -48,12 +48,14 @@ import { parseArgs } from 'node:util';
 import { tuneGcForBulkTransfers } from '../src/common/gc-tuning.js';
 import { Attachment } from '../src/client/bridge/attachment.js';
 import { Bridge } from '../src/client/bridge/bridge.js';
+import { chainUrbObservers } from '../src/client/bridge/bridge-metrics.js';
 import { connectChardev, hotplugRedir, unplugRedir } from '../src/client/bridge/qemu-attach.js';
 import { silentLogger } from '../src/common/log.js';
 import { EmulatedBackend, parseEmulatedSpeed } from '../src/server/backends/emulated/emulated-backend.js';
 import { MassStorageDevice } from '../src/server/backends/emulated/mass-storage.js';
 import { UasDevice } from '../src/server/backends/emulated/uas.js';
 import { InProcessDevice } from './support/in-process-device.js';
+import { startCeilingsPeer, type Asker, type CeilingsPeer } from './ceilings/client.js';
 import { UsbHostClient } from '../src/client/sdk/client.js';
 import { clientTls } from '../src/devkit/certs.js';
 import { startServerProcess, type ServerProcess } from '../src/devkit/server-process.js';
@@ -125,6 +127,12 @@ interface Figures {
   /** Cores kept busy over the dd by QEMU + this process + the server (CPU time / wall time), per round. */
   coresWrite: number[];
   coresRead: number[];
+  /** Per round: the median time of a URB from submit to completion at the device the Attachment talks to (µs). */
+  urbUsWrite: number[];
+  urbUsRead: number[];
+  /** Per round: the sum of those URB times over the dd's wall time (BOT has one URB in flight: the share of the dd spent waiting on the device side). */
+  urbShareWrite: number[];
+  urbShareRead: number[];
 }
 const emptyFigures = (): Figures => ({
   write: [],
@@ -141,7 +149,30 @@ const emptyFigures = (): Figures => ({
   qemuCpuRead: [],
   coresWrite: [],
   coresRead: [],
+  urbUsWrite: [],
+  urbUsRead: [],
+  urbShareWrite: [],
+  urbShareRead: [],
 });
+
+/**
+ * URB submit-to-completion times at the RemoteDevice an Attachment talks to (the URB channel and
+ * the server for usbroam, the in-process device for the floor): where a command's time goes.
+ */
+class UrbTimes {
+  private times: number[] = [];
+  /** µs of one URB. */
+  add(us: number): void {
+    if (this.times.length < 1_000_000) this.times.push(us);
+  }
+  /** The times since the last take. */
+  take(): number[] {
+    const t = this.times;
+    this.times = [];
+    return t;
+  }
+}
+const urbTimes = new UrbTimes();
 
 /** User+system CPU of this process, in ms. */
 function selfCpuMs(): number {
@@ -164,6 +195,7 @@ function pidCpuMs(pid: number | undefined, sysOnly = false): number {
 /** A plugged target: how to unplug it, and (for the CPU figures) its URB count and server process. */
 interface Plugged {
   unplug: () => Promise<void>;
+  /** Wrapped round the device side: URB times go to urbTimes. */
   urbs: () => number;
   serverPid?: number;
 }
@@ -173,7 +205,7 @@ interface Plugged {
  * no URB channel (bench/support/in-process-device.ts): what usb-redir costs by itself. `uas`:
  * the UAS disk (bulk streams, SuperSpeed) instead of the BOT one.
  */
-async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: string, dir: string, n: number, uas = false): Promise<Plugged> {
+async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: string, dir: string, n: number, uas = false, grpcHop?: Asker): Promise<Plugged> {
   const backend = new EmulatedBackend();
   const Disk = uas ? UasDevice : MassStorageDevice;
   const disk = await Disk.create({ bus: 9, portPath: [n], speed: parseEmulatedSpeed(uas ? 'super' : speed), imagePath: diskPath, serial: 'USBROAM-FLOOR-0001' });
@@ -182,7 +214,18 @@ async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: stri
   const ids = { id: `bench-floor${n}`, chardevId: `bench-floor${n}-chr` };
   const socketPath = path.join(dir, `floor${n}.sock`);
   await hotplugRedir(g.qmp, { ...ids, socketPath, bus });
-  const att = new Attachment({ device: new InProcessDevice(handle).asRemoteDevice(), socket: await connectChardev(socketPath), log: silentLogger, id: ids.id }).start();
+  const dev = new InProcessDevice(handle);
+  const submit = dev.submit.bind(dev);
+  dev.submit = async (req) => {
+    const t = performance.now();
+    const c = await submit(req);
+    // The grpc floor: one raw grpc-js round trip per URB carrying its bytes, the OUT data up and
+    // the IN data down (with a URB header's worth each way): any channel on grpc-js pays that.
+    if (grpcHop) await grpcHop.ask(URB_HEADER_BYTES + (req.endpoint & 0x80 ? 0 : (req.data?.length ?? 0)), URB_HEADER_BYTES + (req.endpoint & 0x80 ? c.data.length : 0));
+    urbTimes.add((performance.now() - t) * 1000);
+    return c;
+  };
+  const att = new Attachment({ device: dev.asRemoteDevice(), socket: await connectChardev(socketPath), log: silentLogger, id: ids.id }).start();
   await waitForDisk(g);
   const unplug = async () => {
     await unplugRedir(g.qmp, ids);
@@ -190,8 +233,13 @@ async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: stri
     await backend.close();
     await waitGoneInGuest(g, '/sys/block/sda');
   };
-  return { unplug, urbs: () => att.stats.urbsCompleted };
+  return { unplug, urbs: () => att.stats.urbsCompleted, serverPid: grpcHop ? grpcPeer?.pid : undefined };
 }
+
+/** The grpc floor's URB header each way (about what a URB frame adds to its data). */
+const URB_HEADER_BYTES = 32;
+/** The raw grpc-js peer (bench/ceilings) the grpc floor carries every URB to and back. */
+let grpcPeer: CeilingsPeer | undefined;
 
 async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed, ServerProcess>, diskPath: string, dir: string, uasServer?: ServerProcess): Promise<Record<Target, Figures>> {
   const H = HOST_CONTROLLERS[hc];
@@ -202,13 +250,20 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
   const { guest, bridgeQmp } = await startBridgeGuest({ name: `bench-${hc}`, image, dir, hc, memoryMb: 256, log: (l) => progress(l.trim()) });
   const bridge = new Bridge({ runDir: path.join(dir, `bridge-${hc}`) });
   bridge.addVm({ name: 'vm', qmpSocket: bridgeQmp });
+  bridge.observer = {
+    attachmentStarted: (_att, device) => {
+      device.urbObserver = chainUrbObservers(device.urbObserver, { submitted: () => {}, completed: (_s, _c, seconds) => urbTimes.add(seconds * 1e6) });
+    },
+  };
   const g: Guest = guest;
   // The floor at each measured speed: 'usbredir_floor' at the headline speed, 'usbredir_floor_<speed>' the others.
   const floorTargets = new Map<Target, DiskSpeed>(withFloor ? speeds.map((sp, i) => [i === 0 ? 'usbredir_floor' : `usbredir_floor_${sp}`, sp]) : []);
+  // The grpc floor at each speed ('grpc_floor', 'grpc_floor_<speed>'): the floor with one raw grpc-js round trip per URB.
+  const grpcFloorTargets = new Map<Target, DiskSpeed>(withFloor ? speeds.map((sp, i) => [i === 0 ? 'grpc_floor' : `grpc_floor_${sp}`, sp]) : []);
   // 'uas': the UAS disk (bulk streams, SuperSpeed; xHCI only) on the same image, beside the BOT disk.
   const withUas = hc === 'xhci' && uasServer !== undefined;
   // 'usbredir_floor_uas': the UAS disk behind the in-process device side (the floor of 'uas').
-  const targets: Target[] = [...usbroamTargets.keys(), ...(withUas ? ['uas'] : []), 'local', 'local_direct', ...floorTargets.keys(), ...(withUas && withFloor ? ['usbredir_floor_uas'] : [])];
+  const targets: Target[] = [...usbroamTargets.keys(), ...(withUas ? ['uas'] : []), 'local', 'local_direct', ...floorTargets.keys(), ...grpcFloorTargets.keys(), ...(withUas && withFloor ? ['usbredir_floor_uas'] : [])];
   const out: Record<Target, Figures> = Object.fromEntries(targets.map((t) => [t, emptyFigures()]));
   let localSeq = 0;
   try {
@@ -231,6 +286,12 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
         return { unplug, urbs: () => bridge.list('vm').find((a) => a.id === info.id)?.stats.urbsCompleted ?? 0, serverPid: server.child.pid };
       }
       if (t === 'usbredir_floor_uas') return plugFloor(g, H.bus, 'super', diskPath, dir, ++localSeq, true);
+      const grpcFloorSpeed = grpcFloorTargets.get(t);
+      if (grpcFloorSpeed) {
+        const asker = grpcPeer!.asker();
+        const p = await plugFloor(g, H.bus, grpcFloorSpeed, diskPath, dir, ++localSeq, false, asker);
+        return { ...p, unplug: () => p.unplug().finally(() => asker.close()) };
+      }
       const floorSpeed = floorTargets.get(t);
       if (floorSpeed) return plugFloor(g, H.bus, floorSpeed, diskPath, dir, ++localSeq);
       const n = ++localSeq;
@@ -262,14 +323,27 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
         try {
           // CPU of this process (the bridge, or the floor's device side), of the server and of QEMU over each dd.
           const sample = () => [selfCpuMs(), pidCpuMs(plugged.serverPid), plugged.urbs(), selfSysMs(), pidCpuMs(plugged.serverPid, true), pidCpuMs(g.pid), performance.now()] as const;
+          urbTimes.take();
           const cpu0 = sample();
           const w = await timedDd(g, `dd if=/tmp/x of=/dev/sda bs=1M oflag=direct conv=fsync`, sizeMiB * MiB);
           const cpu1 = sample();
+          const wUrbs = urbTimes.take();
           await g.sh('sync; echo 3 > /proc/sys/vm/drop_caches');
+          urbTimes.take();
           const cpu2 = sample();
           const rd = await timedDd(g, `dd if=/dev/sda of=/tmp/y bs=1M count=${sizeMiB} iflag=direct`, sizeMiB * MiB);
           const cpu3 = sample();
+          const rUrbs = urbTimes.take();
           const f = out[t]!;
+          const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
+          if (wUrbs.length) {
+            f.urbUsWrite.push(median(wUrbs));
+            f.urbShareWrite.push(sum(wUrbs) / 1000 / (cpu1[6] - cpu0[6]));
+          }
+          if (rUrbs.length) {
+            f.urbUsRead.push(median(rUrbs));
+            f.urbShareRead.push(sum(rUrbs) / 1000 / (cpu3[6] - cpu2[6]));
+          }
           f.qemuCpuWrite.push((cpu1[5] - cpu0[5]) / sizeMiB);
           f.qemuCpuRead.push((cpu3[5] - cpu2[5]) / sizeMiB);
           const cores = (a: typeof cpu0, b: typeof cpu0) => (b[0] - a[0] + b[1] - a[1] + b[5] - a[5]) / (b[6] - a[6]);
@@ -323,6 +397,10 @@ async function main(): Promise<void> {
   const speeds = [...new Set([...diskSpeedsFor(bus), ...(withEhci ? diskSpeedsFor('ehci') : [])])];
   const servers: Partial<Record<DiskSpeed | 'uas', ServerProcess>> = {};
   try {
+    if (withFloor) {
+      grpcPeer = await startCeilingsPeer();
+      progress(`raw grpc-js peer for the grpc floor (bench/ceilings, own process ${grpcPeer.pid})`);
+    }
     for (const sp of speeds) {
       const server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', diskPath, '--disk-size-mib', String(DISK_MIB), '--disk-speed', sp]);
       servers[sp] = server;
@@ -389,9 +467,23 @@ async function main(): Promise<void> {
           ratio('high_vs_floor_read', usbroamHigh, floorHigh, 'read');
         }
       }
+      // The grpc floor: the most a channel on grpc-js could reach against the floor (its own cost
+      // zero), and how near usbroam comes to it; at each speed.
+      const grpcPairs: [Target, Target, Target, string][] = [['grpc_floor', 'usbredir_floor', 'usbroam', '']];
+      if (f['grpc_floor_high']) grpcPairs.push(['grpc_floor_high', 'usbredir_floor_high', 'usbroam_high', 'high_']);
+      else if (hc === 'xhci' && diskSpeedsFor(hc)[0] === 'high') grpcPairs.push(['grpc_floor', 'usbredir_floor', 'usbroam', 'high_']);
+      for (const [gf, fl, us, name] of grpcPairs) {
+        if (!f[gf] || !f[fl] || !f[us]) continue;
+        result[`${prefix}${name}grpc_floor_write_MBps`] = r2(m(gf, 'write'));
+        result[`${prefix}${name}grpc_floor_read_MBps`] = r2(m(gf, 'read'));
+        ratio(`${name}grpc_floor_vs_floor_write`, gf, fl, 'write');
+        ratio(`${name}grpc_floor_vs_floor_read`, gf, fl, 'read');
+        ratio(`${name}vs_grpc_floor_write`, us, gf, 'write');
+        ratio(`${name}vs_grpc_floor_read`, us, gf, 'read');
+      }
       // CPU per MiB and per URB: the bridge (this process) and the server, usbroam targets and the floor.
       const r1 = (x: number) => (Number.isFinite(x) ? Math.round(x * 10) / 10 : null);
-      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_', usbredir_floor_uas: 'floor_uas_' })) {
+      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_', usbredir_floor_uas: 'floor_uas_', grpc_floor: 'grpc_floor_', grpc_floor_high: 'grpc_floor_high_' })) {
         const fig = f[t];
         if (!fig) continue;
         const both = (a: number[], b: number[]) => median(a.map((x, i) => (x + b[i]!) / 2));
@@ -400,6 +492,12 @@ async function main(): Promise<void> {
         result[`${prefix}${name}bridge_cpu_ms_per_mib_read`] = r1(median(fig.bridgeCpuRead));
         result[`${prefix}${name}bridge_cpu_us_per_urb`] = r1(median(fig.bridgeUsPerUrb));
         result[`${prefix}${name}bridge_cpu_sys_share`] = r2(median(fig.bridgeSysShare));
+        if (fig.urbUsWrite.length) {
+          result[`${prefix}${name}urb_us_p50_write`] = r1(median(fig.urbUsWrite));
+          result[`${prefix}${name}urb_us_p50_read`] = r1(median(fig.urbUsRead));
+          result[`${prefix}${name}urb_time_share_write`] = r2(median(fig.urbShareWrite));
+          result[`${prefix}${name}urb_time_share_read`] = r2(median(fig.urbShareRead));
+        }
         if (!fig.serverCpuWrite.length) continue;
         result[`${prefix}${name}server_cpu_ms_per_mib`] = r1(both(fig.serverCpuWrite, fig.serverCpuRead));
         result[`${prefix}${name}server_cpu_ms_per_mib_write`] = r1(median(fig.serverCpuWrite));
@@ -409,7 +507,7 @@ async function main(): Promise<void> {
       }
       // QEMU's CPU and the cores all three kept busy: where 2 cores are the limit, a path that costs
       // more CPU per MiB than the floor cannot reach the floor's rate (README, Performance).
-      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', local: 'local_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_', usbredir_floor_uas: 'floor_uas_' })) {
+      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', local: 'local_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_', usbredir_floor_uas: 'floor_uas_', grpc_floor: 'grpc_floor_', grpc_floor_high: 'grpc_floor_high_' })) {
         const fig = f[t];
         if (!fig?.qemuCpuWrite.length) continue;
         result[`${prefix}${name}qemu_cpu_ms_per_mib_write`] = r1(median(fig.qemuCpuWrite));
@@ -433,6 +531,7 @@ async function main(): Promise<void> {
     console.log(JSON.stringify(result));
   } finally {
     for (const s of Object.values(servers)) await s.stop();
+    await grpcPeer?.close();
     rmSync(dir, { recursive: true, force: true });
   }
 }

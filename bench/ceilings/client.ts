@@ -219,7 +219,7 @@ async function tlsDown(port: number, certs: CertFiles, size: number, amount: Amo
 // ---------------------------------------------------------------- gRPC
 
 type ClientDuplex = grpc.ClientDuplexStream<Buffer, Buffer>;
-type CeilingsClient = grpc.Client & Record<'Up' | 'Down' | 'Echo', (options?: grpc.CallOptions) => ClientDuplex>;
+type CeilingsClient = grpc.Client & Record<'Up' | 'Down' | 'Echo' | 'Ask', (options?: grpc.CallOptions) => ClientDuplex>;
 const CeilingsClientCtor = grpc.makeGenericClientConstructor(CeilingsService, 'Ceilings') as unknown as new (
   address: string,
   creds: grpc.ChannelCredentials,
@@ -446,7 +446,48 @@ export interface CeilingsPeer {
   grpcDown(size: number, count: number): Promise<number>;
   /** `count` ping-pongs of `size` bytes on one grpc-js bidi stream, one at a time: each round trip in microseconds. */
   grpcPingPong(size: number, count: number): Promise<number[]>;
+  /** One grpc-js bidi stream of Ask round trips (several may be outstanding; answered in order). */
+  asker(): Asker;
   close(): Promise<void>;
+}
+
+/** Round trips on one Ask stream: `up` bytes to the server, `down` bytes back. */
+export interface Asker {
+  ask(up: number, down: number): Promise<void>;
+  close(): void;
+}
+
+function openAsker(client: CeilingsClient): Asker {
+  const call = client.Ask();
+  const waiting: { resolve: () => void; reject: (e: Error) => void; down: number }[] = [];
+  let failed: Error | undefined;
+  const fail = (e: Error) => {
+    failed ??= e;
+    for (const w of waiting.splice(0)) w.reject(failed);
+  };
+  call.on('data', (m: Buffer) => {
+    const w = waiting.shift();
+    if (!w) return fail(new Error('Ask: a reply nobody asked for'));
+    if (m.length !== w.down) return fail(new Error(`Ask: ${m.length} bytes back, ${w.down} asked`));
+    w.resolve();
+  });
+  call.on('error', (e: Error) => fail(e));
+  call.on('end', () => fail(new Error('Ask stream ended')));
+  return {
+    ask(up, down) {
+      if (failed) return Promise.reject(failed);
+      // A buffer of its own: grpc-js may hold a message until the stream is up.
+      const msg = Buffer.allocUnsafe(Math.max(4, up));
+      msg.writeUInt32BE(down, 0);
+      return new Promise<void>((resolve, reject) => {
+        waiting.push({ resolve, reject, down });
+        call.write(msg);
+      });
+    },
+    close() {
+      call.end();
+    },
+  };
 }
 
 export async function startCeilingsPeer(opts: { certsDir?: string; clientName?: string; grpcChannelOptions?: grpc.ChannelOptions; grpcServerOptions?: grpc.ChannelOptions } = {}): Promise<CeilingsPeer> {
@@ -487,6 +528,7 @@ export async function startCeilingsPeer(opts: { certsDir?: string; clientName?: 
       return r.ms;
     },
     grpcPingPong: (size, count) => grpcPingPong(client, size, count),
+    asker: () => openAsker(client),
     async close() {
       client.close();
       await server.stop();

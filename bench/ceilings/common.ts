@@ -26,12 +26,19 @@ const method = (name: string) => ({
  *          streams messages of that size for that long (respecting back-pressure), then ends.
  *          A 12-byte control message adds a u32 count: that many messages, the duration ignored.
  *  - Echo: server writes back every message it receives.
+ *  - Ask:  every message starts with a u32 reply size (at most ASK_MAX_REPLY); the server answers
+ *          each with one message of that size, in order: a round trip with a payload each way
+ *          (bench:e2e's usb-redir floor carried by raw grpc-js, one Ask per URB).
  */
 export const CeilingsService = {
   Up: method('Up'),
   Down: method('Down'),
   Echo: method('Echo'),
+  Ask: method('Ask'),
 } satisfies ServiceDefinition;
+
+/** The largest reply an Ask may request (a URB's data is at most 1 MiB here). */
+export const ASK_MAX_REPLY = 4 * 1024 * 1024;
 
 /**
  * grpc-js options used for the ceilings (both sides). Findings (grpc-js 1.14, Node 20, loopback mTLS):

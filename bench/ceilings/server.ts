@@ -10,7 +10,7 @@
 import http2 from 'node:http2';
 import tls from 'node:tls';
 import * as grpc from '@grpc/grpc-js';
-import { CEILINGS_GRPC_SERVER_OPTIONS, CeilingsService, loadCerts } from './common.js';
+import { ASK_MAX_REPLY, CEILINGS_GRPC_SERVER_OPTIONS, CeilingsService, loadCerts } from './common.js';
 
 const certsDir = process.argv[2];
 if (!certsDir) {
@@ -102,6 +102,9 @@ function startTls(): Promise<number> {
 
 type Duplex = grpc.ServerDuplexStream<Buffer, Buffer>;
 
+/** What Ask replies are cut from (grpc-js copies a message as it serializes it). */
+const askReply = Buffer.alloc(ASK_MAX_REPLY, 0x3c);
+
 function writeWithBackpressure(call: Duplex, msg: Buffer): Promise<void> | undefined {
   if (call.write(msg)) return undefined;
   return new Promise((resolve) => call.once('drain', resolve));
@@ -144,6 +147,15 @@ function startGrpc(): Promise<number> {
     },
     Echo(call: Duplex) {
       call.on('data', (m: Buffer) => call.write(m));
+      call.on('end', () => call.end());
+      call.on('error', () => {});
+    },
+    Ask(call: Duplex) {
+      call.on('data', (m: Buffer) => {
+        const size = m.length >= 4 ? m.readUInt32BE(0) : 0;
+        if (size > ASK_MAX_REPLY) return call.destroy(new Error(`Ask: reply of ${size} bytes asked, at most ${ASK_MAX_REPLY}`));
+        call.write(askReply.subarray(0, size));
+      });
       call.on('end', () => call.end());
       call.on('error', () => {});
     },
