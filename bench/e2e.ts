@@ -219,8 +219,9 @@ async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: stri
   dev.submit = async (req) => {
     const t = performance.now();
     const c = await submit(req);
-    // The grpc floor: one raw grpc-js round trip per URB carrying its bytes, the OUT data up and
-    // the IN data down (with a URB header's worth each way): any channel on grpc-js pays that.
+    // The grpc (tls) floor: one raw grpc-js (mutual TLS) round trip per URB carrying its bytes, the
+    // OUT data up and the IN data down (with a URB header's worth each way): what any channel on
+    // grpc-js (on TLS) pays at least.
     if (grpcHop) await grpcHop.ask(URB_HEADER_BYTES + (req.endpoint & 0x80 ? 0 : (req.data?.length ?? 0)), URB_HEADER_BYTES + (req.endpoint & 0x80 ? c.data.length : 0));
     urbTimes.add((performance.now() - t) * 1000);
     return c;
@@ -238,7 +239,7 @@ async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: stri
 
 /** The grpc floor's URB header each way (about what a URB frame adds to its data). */
 const URB_HEADER_BYTES = 32;
-/** The raw grpc-js peer (bench/ceilings) the grpc floor carries every URB to and back. */
+/** The raw grpc-js and TLS peer (bench/ceilings) the grpc and tls floors carry every URB to and back. */
 let grpcPeer: CeilingsPeer | undefined;
 
 async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed, ServerProcess>, diskPath: string, dir: string, uasServer?: ServerProcess): Promise<Record<Target, Figures>> {
@@ -258,12 +259,15 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
   const g: Guest = guest;
   // The floor at each measured speed: 'usbredir_floor' at the headline speed, 'usbredir_floor_<speed>' the others.
   const floorTargets = new Map<Target, DiskSpeed>(withFloor ? speeds.map((sp, i) => [i === 0 ? 'usbredir_floor' : `usbredir_floor_${sp}`, sp]) : []);
-  // The grpc floor at each speed ('grpc_floor', 'grpc_floor_<speed>'): the floor with one raw grpc-js round trip per URB.
-  const grpcFloorTargets = new Map<Target, DiskSpeed>(withFloor ? speeds.map((sp, i) => [i === 0 ? 'grpc_floor' : `grpc_floor_${sp}`, sp]) : []);
+  // The grpc floor at each speed ('grpc_floor', 'grpc_floor_<speed>'): the floor with one raw
+  // grpc-js round trip per URB; the tls floor the same over raw mutual TLS ('tls_floor', ...).
+  const hopFloorTargets = new Map<Target, { speed: DiskSpeed; hop: 'grpc' | 'tls' }>(
+    withFloor ? (['grpc', 'tls'] as const).flatMap((hop) => speeds.map((sp, i) => [i === 0 ? `${hop}_floor` : `${hop}_floor_${sp}`, { speed: sp, hop }] as const)) : [],
+  );
   // 'uas': the UAS disk (bulk streams, SuperSpeed; xHCI only) on the same image, beside the BOT disk.
   const withUas = hc === 'xhci' && uasServer !== undefined;
   // 'usbredir_floor_uas': the UAS disk behind the in-process device side (the floor of 'uas').
-  const targets: Target[] = [...usbroamTargets.keys(), ...(withUas ? ['uas'] : []), 'local', 'local_direct', ...floorTargets.keys(), ...grpcFloorTargets.keys(), ...(withUas && withFloor ? ['usbredir_floor_uas'] : [])];
+  const targets: Target[] = [...usbroamTargets.keys(), ...(withUas ? ['uas'] : []), 'local', 'local_direct', ...floorTargets.keys(), ...hopFloorTargets.keys(), ...(withUas && withFloor ? ['usbredir_floor_uas'] : [])];
   const out: Record<Target, Figures> = Object.fromEntries(targets.map((t) => [t, emptyFigures()]));
   let localSeq = 0;
   try {
@@ -286,10 +290,10 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
         return { unplug, urbs: () => bridge.list('vm').find((a) => a.id === info.id)?.stats.urbsCompleted ?? 0, serverPid: server.child.pid };
       }
       if (t === 'usbredir_floor_uas') return plugFloor(g, H.bus, 'super', diskPath, dir, ++localSeq, true);
-      const grpcFloorSpeed = grpcFloorTargets.get(t);
-      if (grpcFloorSpeed) {
-        const asker = grpcPeer!.asker();
-        const p = await plugFloor(g, H.bus, grpcFloorSpeed, diskPath, dir, ++localSeq, false, asker);
+      const hopFloor = hopFloorTargets.get(t);
+      if (hopFloor) {
+        const asker = hopFloor.hop === 'grpc' ? grpcPeer!.asker() : await grpcPeer!.tlsAsker();
+        const p = await plugFloor(g, H.bus, hopFloor.speed, diskPath, dir, ++localSeq, false, asker);
         return { ...p, unplug: () => p.unplug().finally(() => asker.close()) };
       }
       const floorSpeed = floorTargets.get(t);
@@ -469,21 +473,24 @@ async function main(): Promise<void> {
       }
       // The grpc floor: the most a channel on grpc-js could reach against the floor (its own cost
       // zero), and how near usbroam comes to it; at each speed.
-      const grpcPairs: [Target, Target, Target, string][] = [['grpc_floor', 'usbredir_floor', 'usbroam', '']];
-      if (f['grpc_floor_high']) grpcPairs.push(['grpc_floor_high', 'usbredir_floor_high', 'usbroam_high', 'high_']);
-      else if (hc === 'xhci' && diskSpeedsFor(hc)[0] === 'high') grpcPairs.push(['grpc_floor', 'usbredir_floor', 'usbroam', 'high_']);
-      for (const [gf, fl, us, name] of grpcPairs) {
-        if (!f[gf] || !f[fl] || !f[us]) continue;
-        result[`${prefix}${name}grpc_floor_write_MBps`] = r2(m(gf, 'write'));
-        result[`${prefix}${name}grpc_floor_read_MBps`] = r2(m(gf, 'read'));
-        ratio(`${name}grpc_floor_vs_floor_write`, gf, fl, 'write');
-        ratio(`${name}grpc_floor_vs_floor_read`, gf, fl, 'read');
-        ratio(`${name}vs_grpc_floor_write`, us, gf, 'write');
-        ratio(`${name}vs_grpc_floor_read`, us, gf, 'read');
+      // The tls floor the same with raw mutual TLS: the most any channel over TLS could reach here.
+      for (const hop of ['grpc', 'tls']) {
+        const pairs: [Target, Target, Target, string][] = [[`${hop}_floor`, 'usbredir_floor', 'usbroam', '']];
+        if (f[`${hop}_floor_high`]) pairs.push([`${hop}_floor_high`, 'usbredir_floor_high', 'usbroam_high', 'high_']);
+        else if (hc === 'xhci' && diskSpeedsFor(hc)[0] === 'high') pairs.push([`${hop}_floor`, 'usbredir_floor', 'usbroam', 'high_']);
+        for (const [hf, fl, us, name] of pairs) {
+          if (!f[hf] || !f[fl] || !f[us]) continue;
+          result[`${prefix}${name}${hop}_floor_write_MBps`] = r2(m(hf, 'write'));
+          result[`${prefix}${name}${hop}_floor_read_MBps`] = r2(m(hf, 'read'));
+          ratio(`${name}${hop}_floor_vs_floor_write`, hf, fl, 'write');
+          ratio(`${name}${hop}_floor_vs_floor_read`, hf, fl, 'read');
+          ratio(`${name}vs_${hop}_floor_write`, us, hf, 'write');
+          ratio(`${name}vs_${hop}_floor_read`, us, hf, 'read');
+        }
       }
       // CPU per MiB and per URB: the bridge (this process) and the server, usbroam targets and the floor.
       const r1 = (x: number) => (Number.isFinite(x) ? Math.round(x * 10) / 10 : null);
-      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_', usbredir_floor_uas: 'floor_uas_', grpc_floor: 'grpc_floor_', grpc_floor_high: 'grpc_floor_high_' })) {
+      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_', usbredir_floor_uas: 'floor_uas_', grpc_floor: 'grpc_floor_', grpc_floor_high: 'grpc_floor_high_', tls_floor: 'tls_floor_', tls_floor_high: 'tls_floor_high_' })) {
         const fig = f[t];
         if (!fig) continue;
         const both = (a: number[], b: number[]) => median(a.map((x, i) => (x + b[i]!) / 2));
@@ -507,7 +514,7 @@ async function main(): Promise<void> {
       }
       // QEMU's CPU and the cores all three kept busy: where 2 cores are the limit, a path that costs
       // more CPU per MiB than the floor cannot reach the floor's rate (README, Performance).
-      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', local: 'local_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_', usbredir_floor_uas: 'floor_uas_', grpc_floor: 'grpc_floor_', grpc_floor_high: 'grpc_floor_high_' })) {
+      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', local: 'local_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_', usbredir_floor_uas: 'floor_uas_', grpc_floor: 'grpc_floor_', grpc_floor_high: 'grpc_floor_high_', tls_floor: 'tls_floor_', tls_floor_high: 'tls_floor_high_' })) {
         const fig = f[t];
         if (!fig?.qemuCpuWrite.length) continue;
         result[`${prefix}${name}qemu_cpu_ms_per_mib_write`] = r1(median(fig.qemuCpuWrite));

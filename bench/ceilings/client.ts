@@ -151,7 +151,7 @@ function tlsConnect(port: number, certs: CertFiles): Promise<tls.TLSSocket> {
   });
 }
 
-function tlsHeader(mode: 'U' | 'D' | 'N', size: number, durationMs: number): Buffer {
+function tlsHeader(mode: 'U' | 'D' | 'N' | 'A', size: number, durationMs: number): Buffer {
   const h = Buffer.alloc(9);
   h.write(mode, 0, 'latin1');
   h.writeUInt32BE(size, 1);
@@ -448,6 +448,8 @@ export interface CeilingsPeer {
   grpcPingPong(size: number, count: number): Promise<number[]>;
   /** One grpc-js bidi stream of Ask round trips (several may be outstanding; answered in order). */
   asker(): Asker;
+  /** The same over a raw mutual-TLS connection of its own. */
+  tlsAsker(): Promise<Asker>;
   close(): Promise<void>;
 }
 
@@ -455,6 +457,49 @@ export interface CeilingsPeer {
 export interface Asker {
   ask(up: number, down: number): Promise<void>;
   close(): void;
+}
+
+async function openTlsAsker(port: number, certs: CertFiles): Promise<Asker> {
+  const sock = await tlsConnect(port, certs);
+  const waiting: { resolve: () => void; reject: (e: Error) => void; left: number }[] = [];
+  let failed: Error | undefined;
+  const fail = (e: Error) => {
+    failed ??= e;
+    for (const w of waiting.splice(0)) w.reject(failed);
+  };
+  const settle = () => {
+    while (waiting.length && waiting[0]!.left === 0) waiting.shift()!.resolve();
+  };
+  sock.on('data', (d: Buffer) => {
+    let n = d.length;
+    while (n > 0) {
+      const w = waiting[0];
+      if (!w) return fail(new Error('tls ask: bytes nobody asked for'));
+      const k = Math.min(n, w.left);
+      w.left -= k;
+      n -= k;
+      settle();
+    }
+  });
+  sock.on('error', (e: Error) => fail(e));
+  sock.on('close', () => fail(new Error('tls ask connection closed')));
+  sock.write(tlsHeader('A', 0, 0));
+  return {
+    ask(up, down) {
+      if (failed) return Promise.reject(failed);
+      if (down < 1) return Promise.reject(new Error('tls ask: a round trip needs at least one byte back'));
+      const msg = Buffer.allocUnsafe(8 + up);
+      msg.writeUInt32BE(up, 0);
+      msg.writeUInt32BE(down, 4);
+      return new Promise<void>((resolve, reject) => {
+        waiting.push({ resolve, reject, left: down });
+        sock.write(msg);
+      });
+    },
+    close() {
+      sock.destroy();
+    },
+  };
 }
 
 function openAsker(client: CeilingsClient): Asker {
@@ -529,6 +574,7 @@ export async function startCeilingsPeer(opts: { certsDir?: string; clientName?: 
     },
     grpcPingPong: (size, count) => grpcPingPong(client, size, count),
     asker: () => openAsker(client),
+    tlsAsker: () => openTlsAsker(server.tlsPort, certs),
     async close() {
       client.close();
       await server.stop();

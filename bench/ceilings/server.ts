@@ -43,6 +43,9 @@ if (serverWindow) {
   }) as typeof orig;
 }
 
+/** What Ask replies are cut from (grpc-js copies a message as it serializes it). */
+const askReply = Buffer.alloc(ASK_MAX_REPLY, 0x3c);
+
 function startTls(): Promise<number> {
   const server = tls.createServer({ ca, cert, key, requestCert: true, rejectUnauthorized: true }, (sock) => {
     sock.setNoDelay(true);
@@ -50,11 +53,38 @@ function startTls(): Promise<number> {
     let mode = '';
     let received = 0;
     sock.on('error', () => sock.destroy());
+    // 'A' (ask): after the header, requests of {u32 up, u32 down} and `up` bytes; each answered
+    // with `down` bytes once its `up` bytes are in (bench:e2e's tls floor, one per URB).
+    let askHead = Buffer.alloc(0);
+    let askLeft = 0;
+    let askDown = 0;
+    const ask = (d: Buffer): void => {
+      let i = 0;
+      while (i < d.length) {
+        if (askLeft > 0) {
+          const n = Math.min(askLeft, d.length - i);
+          askLeft -= n;
+          i += n;
+          if (askLeft === 0) sock.write(askReply.subarray(0, askDown));
+          continue;
+        }
+        const need = 8 - askHead.length;
+        askHead = Buffer.concat([askHead, d.subarray(i, i + need)]);
+        i += Math.min(need, d.length - i);
+        if (askHead.length < 8) return;
+        askLeft = askHead.readUInt32BE(0);
+        askDown = askHead.readUInt32BE(4);
+        askHead = Buffer.alloc(0);
+        if (askDown > ASK_MAX_REPLY) return void sock.destroy();
+        if (askLeft === 0) sock.write(askReply.subarray(0, askDown));
+      }
+    };
     sock.on('data', (d: Buffer) => {
       if (mode === 'U') {
         received += d.length;
         return;
       }
+      if (mode === 'A') return ask(d);
       if (mode !== '') return;
       header = Buffer.concat([header, d]);
       if (header.length < 9) return;
@@ -63,6 +93,8 @@ function startTls(): Promise<number> {
       const durationMs = header.readUInt32BE(5);
       if (mode === 'U') {
         received += header.length - 9;
+      } else if (mode === 'A') {
+        ask(header.subarray(9));
       } else if (mode === 'D' || mode === 'N') {
         // 'N': the u32 after the size is a count of chunks instead of a duration (a fixed amount of work).
         const chunk = Buffer.alloc(size, 0xa5);
@@ -102,8 +134,6 @@ function startTls(): Promise<number> {
 
 type Duplex = grpc.ServerDuplexStream<Buffer, Buffer>;
 
-/** What Ask replies are cut from (grpc-js copies a message as it serializes it). */
-const askReply = Buffer.alloc(ASK_MAX_REPLY, 0x3c);
 
 function writeWithBackpressure(call: Duplex, msg: Buffer): Promise<void> | undefined {
   if (call.write(msg)) return undefined;
