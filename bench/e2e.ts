@@ -33,6 +33,16 @@
 // write_vs_floor / read_vs_floor = what the channel costs), at the headline speed and, with
 // "both", at high speed too (floor_high_*_MBps, high_vs_floor_write / high_vs_floor_read: the
 // 120 KiB-command disk every USB 2 stick is). EHCI: ehci_write_vs_floor / ehci_read_vs_floor.
+// The floor's transport bounds (with the floor): the grpc floor is the floor with, per URB, one
+// round trip on a raw grpc-js bidi stream to another process (bench/ceilings Ask) carrying the
+// URB's bytes (OUT data up, IN data down, 32 B of header each way; no protobuf, no session, no
+// device logic), the tls floor the same over raw mutual TLS: what any URB channel on grpc-js (on
+// TLS) reaches at most, its own cost zero. grpc_floor_*_MBps, grpc_floor_vs_floor_write / _read
+// (the bound of write_vs_floor), vs_grpc_floor_write / _read (usbroam against that bound), the same
+// with tls_, prefixed high_ / ehci_ like the rest.
+// Where a command's time goes: urb_us_p50_write / _read (a URB's submit-to-completion at the
+// device the bridge talks to: the channel and the server, or the in-process device) and
+// urb_time_share_write / _read (their sum over the dd's wall time), per target like the CPU figures.
 // CPU cost (what survives a busy machine): bridge_cpu_ms_per_mib (this process: the bridge; for
 // the floor, the whole in-process device side) and server_cpu_ms_per_mib (the server process,
 // /proc/<pid>/stat), each also _write / _read, and bridge_cpu_us_per_urb / server_cpu_us_per_urb
