@@ -39,7 +39,8 @@
 // device logic), the tls floor the same over raw mutual TLS: what any URB channel on grpc-js (on
 // TLS) reaches at most, its own cost zero. grpc_floor_*_MBps, grpc_floor_vs_floor_write / _read
 // (the bound of write_vs_floor), vs_grpc_floor_write / _read (usbroam against that bound), the same
-// with tls_, prefixed high_ / ehci_ like the rest.
+// with tls_, and h2_ for one raw node:http2 stream (mutual TLS, no grpc-js), prefixed high_ /
+// ehci_ like the rest.
 // Where a command's time goes: urb_us_p50_write / _read (a URB's submit-to-completion at the
 // device the bridge talks to: the channel and the server, or the in-process device) and
 // urb_time_share_write / _read (their sum over the dd's wall time), per target like the CPU figures.
@@ -271,8 +272,8 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
   const floorTargets = new Map<Target, DiskSpeed>(withFloor ? speeds.map((sp, i) => [i === 0 ? 'usbredir_floor' : `usbredir_floor_${sp}`, sp]) : []);
   // The grpc floor at each speed ('grpc_floor', 'grpc_floor_<speed>'): the floor with one raw
   // grpc-js round trip per URB; the tls floor the same over raw mutual TLS ('tls_floor', ...).
-  const hopFloorTargets = new Map<Target, { speed: DiskSpeed; hop: 'grpc' | 'tls' }>(
-    withFloor ? (['grpc', 'tls'] as const).flatMap((hop) => speeds.map((sp, i) => [i === 0 ? `${hop}_floor` : `${hop}_floor_${sp}`, { speed: sp, hop }] as const)) : [],
+  const hopFloorTargets = new Map<Target, { speed: DiskSpeed; hop: 'grpc' | 'h2' | 'tls' }>(
+    withFloor ? (['grpc', 'h2', 'tls'] as const).flatMap((hop) => speeds.map((sp, i) => [i === 0 ? `${hop}_floor` : `${hop}_floor_${sp}`, { speed: sp, hop }] as const)) : [],
   );
   // 'uas': the UAS disk (bulk streams, SuperSpeed; xHCI only) on the same image, beside the BOT disk.
   const withUas = hc === 'xhci' && uasServer !== undefined;
@@ -302,7 +303,7 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
       if (t === 'usbredir_floor_uas') return plugFloor(g, H.bus, 'super', diskPath, dir, ++localSeq, true);
       const hopFloor = hopFloorTargets.get(t);
       if (hopFloor) {
-        const asker = hopFloor.hop === 'grpc' ? grpcPeer!.asker() : await grpcPeer!.tlsAsker();
+        const asker = hopFloor.hop === 'grpc' ? grpcPeer!.asker() : hopFloor.hop === 'h2' ? await grpcPeer!.h2Asker() : await grpcPeer!.tlsAsker();
         const p = await plugFloor(g, H.bus, hopFloor.speed, diskPath, dir, ++localSeq, false, asker);
         return { ...p, unplug: () => p.unplug().finally(() => asker.close()) };
       }
@@ -483,8 +484,9 @@ async function main(): Promise<void> {
       }
       // The grpc floor: the most a channel on grpc-js could reach against the floor (its own cost
       // zero), and how near usbroam comes to it; at each speed.
-      // The tls floor the same with raw mutual TLS: the most any channel over TLS could reach here.
-      for (const hop of ['grpc', 'tls']) {
+      // The tls floor the same with raw mutual TLS: the most any channel over TLS could reach here;
+      // the h2 floor on raw node:http2 (what a gRPC channel without grpc-js would still pay).
+      for (const hop of ['grpc', 'h2', 'tls']) {
         const pairs: [Target, Target, Target, string][] = [[`${hop}_floor`, 'usbredir_floor', 'usbroam', '']];
         if (f[`${hop}_floor_high`]) pairs.push([`${hop}_floor_high`, 'usbredir_floor_high', 'usbroam_high', 'high_']);
         else if (hc === 'xhci' && diskSpeedsFor(hc)[0] === 'high') pairs.push([`${hop}_floor`, 'usbredir_floor', 'usbroam', 'high_']);
@@ -500,7 +502,7 @@ async function main(): Promise<void> {
       }
       // CPU per MiB and per URB: the bridge (this process) and the server, usbroam targets and the floor.
       const r1 = (x: number) => (Number.isFinite(x) ? Math.round(x * 10) / 10 : null);
-      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_', usbredir_floor_uas: 'floor_uas_', grpc_floor: 'grpc_floor_', grpc_floor_high: 'grpc_floor_high_', tls_floor: 'tls_floor_', tls_floor_high: 'tls_floor_high_' })) {
+      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_', usbredir_floor_uas: 'floor_uas_', grpc_floor: 'grpc_floor_', grpc_floor_high: 'grpc_floor_high_', h2_floor: 'h2_floor_', h2_floor_high: 'h2_floor_high_', tls_floor: 'tls_floor_', tls_floor_high: 'tls_floor_high_' })) {
         const fig = f[t];
         if (!fig) continue;
         const both = (a: number[], b: number[]) => median(a.map((x, i) => (x + b[i]!) / 2));
@@ -524,7 +526,7 @@ async function main(): Promise<void> {
       }
       // QEMU's CPU and the cores all three kept busy: where 2 cores are the limit, a path that costs
       // more CPU per MiB than the floor cannot reach the floor's rate (README, Performance).
-      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', local: 'local_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_', usbredir_floor_uas: 'floor_uas_', grpc_floor: 'grpc_floor_', grpc_floor_high: 'grpc_floor_high_', tls_floor: 'tls_floor_', tls_floor_high: 'tls_floor_high_' })) {
+      for (const [t, name] of Object.entries({ usbroam: '', usbroam_high: 'high_', uas: 'uas_', local: 'local_', usbredir_floor: 'floor_', usbredir_floor_high: 'floor_high_', usbredir_floor_uas: 'floor_uas_', grpc_floor: 'grpc_floor_', grpc_floor_high: 'grpc_floor_high_', h2_floor: 'h2_floor_', h2_floor_high: 'h2_floor_high_', tls_floor: 'tls_floor_', tls_floor_high: 'tls_floor_high_' })) {
         const fig = f[t];
         if (!fig?.qemuCpuWrite.length) continue;
         result[`${prefix}${name}qemu_cpu_ms_per_mib_write`] = r1(median(fig.qemuCpuWrite));

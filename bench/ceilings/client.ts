@@ -4,6 +4,7 @@ import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
+import http2 from 'node:http2';
 import tls from 'node:tls';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
@@ -95,6 +96,7 @@ interface ServerHandle {
   child: ChildProcess;
   tlsPort: number;
   grpcPort: number;
+  h2Port: number;
   stop(): Promise<void>;
 }
 
@@ -115,13 +117,13 @@ async function startServer(certsDir: string, serverOptions: grpc.ChannelOptions)
     }
   };
   try {
-    const ports = await new Promise<{ tlsPort: number; grpcPort: number }>((resolve, reject) => {
+    const ports = await new Promise<{ tlsPort: number; grpcPort: number; h2Port: number }>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error('ceilings server did not start within 20 s')), 20000);
       const rl = createInterface({ input: child.stdout! });
       rl.once('line', (line) => {
         clearTimeout(timer);
         try {
-          resolve(JSON.parse(line) as { tlsPort: number; grpcPort: number });
+          resolve(JSON.parse(line) as { tlsPort: number; grpcPort: number; h2Port: number });
         } catch (e) {
           reject(new Error(`bad ceilings server output: ${line}`));
         }
@@ -450,6 +452,8 @@ export interface CeilingsPeer {
   asker(): Asker;
   /** The same over a raw mutual-TLS connection of its own. */
   tlsAsker(): Promise<Asker>;
+  /** The same on one raw node:http2 stream (mutual TLS, no grpc-js) of a session of its own. */
+  h2Asker(): Promise<Asker>;
   close(): Promise<void>;
 }
 
@@ -459,47 +463,75 @@ export interface Asker {
   close(): void;
 }
 
-async function openTlsAsker(port: number, certs: CertFiles): Promise<Asker> {
-  const sock = await tlsConnect(port, certs);
+/** Replies counted off a byte stream: each ask waits for its `down` bytes, in order. */
+function byteAsker(write: (b: Buffer) => void, close: () => void): { asker: Asker; onData: (d: Buffer) => void; fail: (e: Error) => void } {
   const waiting: { resolve: () => void; reject: (e: Error) => void; left: number }[] = [];
   let failed: Error | undefined;
   const fail = (e: Error) => {
     failed ??= e;
     for (const w of waiting.splice(0)) w.reject(failed);
   };
-  const settle = () => {
-    while (waiting.length && waiting[0]!.left === 0) waiting.shift()!.resolve();
-  };
-  sock.on('data', (d: Buffer) => {
+  const onData = (d: Buffer) => {
     let n = d.length;
     while (n > 0) {
       const w = waiting[0];
-      if (!w) return fail(new Error('tls ask: bytes nobody asked for'));
+      if (!w) return fail(new Error('ask: bytes nobody asked for'));
       const k = Math.min(n, w.left);
       w.left -= k;
       n -= k;
-      settle();
+      while (waiting.length && waiting[0]!.left === 0) waiting.shift()!.resolve();
     }
-  });
-  sock.on('error', (e: Error) => fail(e));
-  sock.on('close', () => fail(new Error('tls ask connection closed')));
-  sock.write(tlsHeader('A', 0, 0));
-  return {
+  };
+  const asker: Asker = {
     ask(up, down) {
       if (failed) return Promise.reject(failed);
-      if (down < 1) return Promise.reject(new Error('tls ask: a round trip needs at least one byte back'));
+      if (down < 1) return Promise.reject(new Error('ask: a round trip needs at least one byte back'));
       const msg = Buffer.allocUnsafe(8 + up);
       msg.writeUInt32BE(up, 0);
       msg.writeUInt32BE(down, 4);
       return new Promise<void>((resolve, reject) => {
         waiting.push({ resolve, reject, left: down });
-        sock.write(msg);
+        write(msg);
       });
     },
-    close() {
-      sock.destroy();
-    },
+    close,
   };
+  return { asker, onData, fail };
+}
+
+async function openH2Asker(port: number, certs: CertFiles): Promise<Asker> {
+  const session = http2.connect(`https://localhost:${port}`, { ...certs, settings: { initialWindowSize: 16 * 1024 * 1024 } });
+  await new Promise<void>((resolve, reject) => {
+    session.once('connect', () => resolve());
+    session.once('error', reject);
+  });
+  session.setLocalWindowSize(16 * 1024 * 1024);
+  const stream = session.request({ ':method': 'POST', ':path': '/ask' }, { endStream: false });
+  const b = byteAsker(
+    (m) => stream.write(m),
+    () => {
+      stream.close();
+      session.close();
+    },
+  );
+  stream.on('data', b.onData);
+  stream.on('error', (e: Error) => b.fail(e));
+  stream.on('close', () => b.fail(new Error('h2 ask stream closed')));
+  session.on('error', (e: Error) => b.fail(e));
+  return b.asker;
+}
+
+async function openTlsAsker(port: number, certs: CertFiles): Promise<Asker> {
+  const sock = await tlsConnect(port, certs);
+  const b = byteAsker(
+    (m) => sock.write(m),
+    () => sock.destroy(),
+  );
+  sock.on('data', b.onData);
+  sock.on('error', (e: Error) => b.fail(e));
+  sock.on('close', () => b.fail(new Error('tls ask connection closed')));
+  sock.write(tlsHeader('A', 0, 0));
+  return b.asker;
 }
 
 function openAsker(client: CeilingsClient): Asker {
@@ -575,6 +607,7 @@ export async function startCeilingsPeer(opts: { certsDir?: string; clientName?: 
     grpcPingPong: (size, count) => grpcPingPong(client, size, count),
     asker: () => openAsker(client),
     tlsAsker: () => openTlsAsker(server.tlsPort, certs),
+    h2Asker: () => openH2Asker(server.h2Port, certs),
     async close() {
       client.close();
       await server.stop();

@@ -196,8 +196,60 @@ function startGrpc(): Promise<number> {
   });
 }
 
-const [tlsPort, grpcPort] = await Promise.all([startTls(), startGrpc()]);
-process.stdout.write(JSON.stringify({ tlsPort, grpcPort, pid: process.pid }) + '\n');
+/**
+ * The Ask exchange on one raw node:http2 stream (mutual TLS, no grpc-js): the request body is the
+ * TLS 'A' mode's requests, the response body their answers. What HTTP/2 costs under a channel
+ * that would not use grpc-js (bench:e2e's h2 floor).
+ */
+function startH2(): Promise<number> {
+  const server = http2.createSecureServer({ ca, cert, key, requestCert: true, rejectUnauthorized: true, settings: { initialWindowSize: 16 * 1024 * 1024 } });
+  server.on('session', (session) => {
+    try {
+      session.setLocalWindowSize(16 * 1024 * 1024);
+    } catch {
+      /* ignore */
+    }
+  });
+  server.on('stream', (stream) => {
+    stream.respond({ ':status': 200 });
+    let head = Buffer.alloc(0);
+    let left = 0;
+    let down = 0;
+    stream.on('data', (d: Buffer) => {
+      let i = 0;
+      while (i < d.length) {
+        if (left > 0) {
+          const n = Math.min(left, d.length - i);
+          left -= n;
+          i += n;
+          if (left === 0) stream.write(askReply.subarray(0, down));
+          continue;
+        }
+        const need = 8 - head.length;
+        head = Buffer.concat([head, d.subarray(i, i + need)]);
+        i += Math.min(need, d.length - i);
+        if (head.length < 8) return;
+        left = head.readUInt32BE(0);
+        down = head.readUInt32BE(4);
+        head = Buffer.alloc(0);
+        if (down > ASK_MAX_REPLY) return void stream.close(http2.constants.NGHTTP2_PROTOCOL_ERROR);
+        if (left === 0) stream.write(askReply.subarray(0, down));
+      }
+    });
+    stream.on('end', () => stream.end());
+    stream.on('error', () => {});
+  });
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const addr = server.address();
+      resolve(typeof addr === 'object' && addr ? addr.port : 0);
+    });
+  });
+}
+
+const [tlsPort, grpcPort, h2Port] = await Promise.all([startTls(), startGrpc(), startH2()]);
+process.stdout.write(JSON.stringify({ tlsPort, grpcPort, h2Port, pid: process.pid }) + '\n');
 process.on('SIGTERM', () => process.exit(0));
 process.on('SIGINT', () => process.exit(0));
 // Exit if the parent goes away (stdin is a pipe from the parent when spawned by client.ts).
