@@ -46,6 +46,37 @@ if (serverWindow) {
 /** What Ask replies are cut from (grpc-js copies a message as it serializes it). */
 const askReply = Buffer.alloc(ASK_MAX_REPLY, 0x3c);
 
+/**
+ * The Ask exchange on a byte stream: requests of {u32 up, u32 down} and `up` bytes, each answered
+ * with `down` bytes once its `up` bytes are in. Returns the function to feed received bytes to.
+ */
+function askResponder(write: (b: Buffer) => void, refuse: () => void): (d: Buffer) => void {
+  let head = Buffer.alloc(0);
+  let left = 0;
+  let down = 0;
+  return (d) => {
+    let i = 0;
+    while (i < d.length) {
+      if (left > 0) {
+        const n = Math.min(left, d.length - i);
+        left -= n;
+        i += n;
+        if (left === 0) write(askReply.subarray(0, down));
+        continue;
+      }
+      const need = 8 - head.length;
+      head = Buffer.concat([head, d.subarray(i, i + need)]);
+      i += Math.min(need, d.length - i);
+      if (head.length < 8) return;
+      left = head.readUInt32BE(0);
+      down = head.readUInt32BE(4);
+      head = Buffer.alloc(0);
+      if (down > ASK_MAX_REPLY) return refuse();
+      if (left === 0) write(askReply.subarray(0, down));
+    }
+  };
+}
+
 function startTls(): Promise<number> {
   const server = tls.createServer({ ca, cert, key, requestCert: true, rejectUnauthorized: true }, (sock) => {
     sock.setNoDelay(true);
@@ -53,32 +84,11 @@ function startTls(): Promise<number> {
     let mode = '';
     let received = 0;
     sock.on('error', () => sock.destroy());
-    // 'A' (ask): after the header, requests of {u32 up, u32 down} and `up` bytes; each answered
-    // with `down` bytes once its `up` bytes are in (bench:e2e's tls floor, one per URB).
-    let askHead = Buffer.alloc(0);
-    let askLeft = 0;
-    let askDown = 0;
-    const ask = (d: Buffer): void => {
-      let i = 0;
-      while (i < d.length) {
-        if (askLeft > 0) {
-          const n = Math.min(askLeft, d.length - i);
-          askLeft -= n;
-          i += n;
-          if (askLeft === 0) sock.write(askReply.subarray(0, askDown));
-          continue;
-        }
-        const need = 8 - askHead.length;
-        askHead = Buffer.concat([askHead, d.subarray(i, i + need)]);
-        i += Math.min(need, d.length - i);
-        if (askHead.length < 8) return;
-        askLeft = askHead.readUInt32BE(0);
-        askDown = askHead.readUInt32BE(4);
-        askHead = Buffer.alloc(0);
-        if (askDown > ASK_MAX_REPLY) return void sock.destroy();
-        if (askLeft === 0) sock.write(askReply.subarray(0, askDown));
-      }
-    };
+    // 'A' (ask): after the header, requests answered one by one (bench:e2e's tls floor, one per URB).
+    const ask = askResponder(
+      (b) => sock.write(b),
+      () => sock.destroy(),
+    );
     sock.on('data', (d: Buffer) => {
       if (mode === 'U') {
         received += d.length;
@@ -212,30 +222,13 @@ function startH2(): Promise<number> {
   });
   server.on('stream', (stream) => {
     stream.respond({ ':status': 200 });
-    let head = Buffer.alloc(0);
-    let left = 0;
-    let down = 0;
-    stream.on('data', (d: Buffer) => {
-      let i = 0;
-      while (i < d.length) {
-        if (left > 0) {
-          const n = Math.min(left, d.length - i);
-          left -= n;
-          i += n;
-          if (left === 0) stream.write(askReply.subarray(0, down));
-          continue;
-        }
-        const need = 8 - head.length;
-        head = Buffer.concat([head, d.subarray(i, i + need)]);
-        i += Math.min(need, d.length - i);
-        if (head.length < 8) return;
-        left = head.readUInt32BE(0);
-        down = head.readUInt32BE(4);
-        head = Buffer.alloc(0);
-        if (down > ASK_MAX_REPLY) return void stream.close(http2.constants.NGHTTP2_PROTOCOL_ERROR);
-        if (left === 0) stream.write(askReply.subarray(0, down));
-      }
-    });
+    stream.on(
+      'data',
+      askResponder(
+        (b) => stream.write(b),
+        () => stream.close(http2.constants.NGHTTP2_PROTOCOL_ERROR),
+      ),
+    );
     stream.on('end', () => stream.end());
     stream.on('error', () => {});
   });
