@@ -9,6 +9,7 @@ import type { AttachmentInfo } from '../../src/client/bridge/bridge.js';
 import { migrateWithHandOff, startVmGuest, type MigrationHost } from '../../src/devkit/migration-rig.js';
 import type { Guest } from '../../src/devkit/guest/guest.js';
 import { useBridgeHosts, useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
+import { qemuLogReport } from '../helpers/stall-report.js';
 import { guestLines, sleep, untilAtLeast } from '../helpers/wait.js';
 
 const BAD = /USB disconnect|reset (low|full|high|super|SuperSpeed)[^\n]*USB device|error -110|I\/O error|DID_NO_CONNECT/;
@@ -145,7 +146,7 @@ describe('e2e migration: the remote disk stays attached across live migration', 
       const last = i === n - 1;
       await ioProgress(cur, reader, `after migration ${i + 1}`, last ? 120_000 : 15_000).catch(async (err: Error) => {
         const tail = (await cur.dmesg().catch((e: Error) => e.message)).split('\n').slice(-15).join('\n');
-        const report = `${err.message}\nhand-off of migration ${i + 1}: ${JSON.stringify(r.handOff)}\nguest dmesg (tail):\n${tail}`;
+        const report = `${err.message}\nhand-off of migration ${i + 1}: ${JSON.stringify(r.handOff)}\nguest dmesg (tail):\n${tail}\n${qemuLogReport(cur)}`;
         if (last) throw new Error(report);
         stalls.push(i + 1);
         console.log(`      STALL after migration ${i + 1} (known issue): ${report.split('\n').join('\n      ')}`);

@@ -14,6 +14,7 @@ import { testLog as log } from '../../src/devkit/bridge-guest.js';
 import { classifyDmesg } from '../../src/devkit/migration-faults.js';
 import { migrateWithHandOff, startVmGuest, type Host } from '../../src/devkit/migration-rig.js';
 import { useMigrationSetup } from '../helpers/bridge-guest-fixture.js';
+import { qemuLogReport } from '../helpers/stall-report.js';
 import { sleep, untilGrows } from '../helpers/wait.js';
 
 const LATENCY_MS = 150;
@@ -85,8 +86,9 @@ describe('e2e migration: concurrent control transfers on ep0 survive the switcho
       // the TDs again); after the last one it fails the test.
       const last = i === n - 1;
       await untilGrows(`control transfers answered on ${on.name}`, () => on.bridge.get(att.id)?.stats.urbsCompleted ?? 0, ANSWERED_BETWEEN, last ? 120_000 : 15_000, 100).catch((err: Error) => {
-        if (last) throw new Error(`${err.message}; ${figures.join('; ')}`);
-        figures.push(`STALL after migration ${i + 1} (known issue): ${err.message}`);
+        const qemu = qemuLogReport(cur);
+        if (last) throw new Error(`${err.message}; ${figures.join('; ')}\n${qemu}`);
+        figures.push(`STALL after migration ${i + 1} (known issue): ${err.message}\n${qemu}`);
       });
     }
     const g = cur;
