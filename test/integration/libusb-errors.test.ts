@@ -10,7 +10,7 @@ import type { RemoteDevice } from '../../src/client/sdk/remote-device.js';
 import { createLogger, silentLogger } from '../../src/common/log.js';
 import { UrbStatus } from '../../src/gen/usbroam/v1/usbhost.js';
 import { LibusbBackend } from '../../src/server/backends/libusb/libusb-backend.js';
-import { STREAMS_UNIMPLEMENTED } from '../../src/server/backends/libusb/libusb-device.js';
+import { STREAMS_UNIMPLEMENTED } from '../../src/server/backends/libusb/libusb-status.js';
 import { UsbHostServer } from '../../src/server/server.js';
 import { clientTls, testCerts } from '../../src/devkit/certs.js';
 import { FakeDevice, dd, fakeUsb } from '../helpers/fake-usb.js';

@@ -5,7 +5,7 @@
 // data, cancel); endpoints that are not stream-capable are refused with a clear error.
 import { expect } from 'chai';
 import { LibusbBackend } from '../../src/server/backends/libusb/libusb-backend.js';
-import { STREAMS_UNIMPLEMENTED } from '../../src/server/backends/libusb/libusb-device.js';
+import { STREAMS_UNIMPLEMENTED } from '../../src/server/backends/libusb/libusb-status.js';
 import type { StreamTransferDone, StreamTransferRequest, StreamsEngine } from '../../src/server/backends/libusb/streams-koffi.js';
 import { TransferType, URB_SHORT_NOT_OK, URB_ZERO_PACKET, UrbStatus, UsbError, type DeviceHandle, type Urb, type UrbResult } from '../../src/server/backends/types.js';
 import { FakeDevice, dd, fakeUsb } from '../helpers/fake-usb.js';

@@ -15,6 +15,37 @@ export interface UsbDeviceLike {
   readonly allConfigDescriptors: ConfigDescriptor[];
 }
 
+/** node-usb's errors: a libusb_error or libusb_transfer_status in errno. */
+export interface LibusbErrorLike extends Error {
+  errno?: number;
+}
+
+/** The node-usb pieces a handle needs (fakes in unit tests). */
+export interface UsbTransferLike {
+  submit(buffer: Buffer): unknown;
+  cancel(): boolean;
+}
+export interface UsbOpenDeviceLike extends UsbDeviceLike {
+  __open(): void;
+  __close(): void;
+  __claimInterface(n: number): void;
+  __releaseInterface(n: number, cb: (err?: LibusbErrorLike) => void): void;
+  __detachKernelDriver(n: number): void;
+  __attachKernelDriver(n: number): void;
+  __isKernelDriverActive(n: number): boolean;
+  __setConfiguration(v: number, cb: (err?: LibusbErrorLike) => void): void;
+  __setInterface(n: number, alt: number, cb: (err?: LibusbErrorLike) => void): void;
+  __clearHalt(ep: number, cb: (err?: LibusbErrorLike) => void): void;
+  reset(cb: (err?: LibusbErrorLike) => void): void;
+}
+export type TransferFactory = (
+  device: UsbOpenDeviceLike,
+  endpoint: number,
+  type: number,
+  timeoutMs: number,
+  cb: (err: LibusbErrorLike | undefined, buf: Buffer, actual: number) => void,
+) => UsbTransferLike;
+
 export interface DeviceStrings {
   manufacturer: string;
   product: string;
