@@ -206,7 +206,6 @@ function pidCpuMs(pid: number | undefined, sysOnly = false): number {
 /** A plugged target: how to unplug it, and (for the CPU figures) its URB count and server process. */
 interface Plugged {
   unplug: () => Promise<void>;
-  /** Wrapped round the device side: URB times go to urbTimes. */
   urbs: () => number;
   serverPid?: number;
 }
@@ -216,7 +215,7 @@ interface Plugged {
  * no URB channel (bench/support/in-process-device.ts): what usb-redir costs by itself. `uas`:
  * the UAS disk (bulk streams, SuperSpeed) instead of the BOT one.
  */
-async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: string, dir: string, n: number, uas = false, grpcHop?: Asker): Promise<Plugged> {
+async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: string, dir: string, n: number, uas = false, hop?: Asker): Promise<Plugged> {
   const backend = new EmulatedBackend();
   const Disk = uas ? UasDevice : MassStorageDevice;
   const disk = await Disk.create({ bus: 9, portPath: [n], speed: parseEmulatedSpeed(uas ? 'super' : speed), imagePath: diskPath, serial: 'USBROAM-FLOOR-0001' });
@@ -230,10 +229,9 @@ async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: stri
   dev.submit = async (req) => {
     const t = performance.now();
     const c = await submit(req);
-    // The grpc (tls) floor: one raw grpc-js (mutual TLS) round trip per URB carrying its bytes, the
-    // OUT data up and the IN data down (with a URB header's worth each way): what any channel on
-    // grpc-js (on TLS) pays at least.
-    if (grpcHop) await grpcHop.ask(URB_HEADER_BYTES + (req.endpoint & 0x80 ? 0 : (req.data?.length ?? 0)), URB_HEADER_BYTES + (req.endpoint & 0x80 ? c.data.length : 0));
+    // The grpc / h2 / tls floors: one raw round trip per URB carrying its bytes, the OUT data up and
+    // the IN data down (with a URB header's worth each way): what any channel on that transport pays.
+    if (hop) await hop.ask(URB_HEADER_BYTES + (req.endpoint & 0x80 ? 0 : (req.data?.length ?? 0)), URB_HEADER_BYTES + (req.endpoint & 0x80 ? c.data.length : 0));
     urbTimes.add((performance.now() - t) * 1000);
     return c;
   };
@@ -245,13 +243,13 @@ async function plugFloor(g: Guest, bus: string, speed: DiskSpeed, diskPath: stri
     await backend.close();
     await waitGoneInGuest(g, '/sys/block/sda');
   };
-  return { unplug, urbs: () => att.stats.urbsCompleted, serverPid: grpcHop ? grpcPeer?.pid : undefined };
+  return { unplug, urbs: () => att.stats.urbsCompleted, serverPid: hop ? ceilingsPeer?.pid : undefined };
 }
 
-/** The grpc floor's URB header each way (about what a URB frame adds to its data). */
+/** The transport floors' URB header each way (about what a URB frame adds to its data). */
 const URB_HEADER_BYTES = 32;
-/** The raw grpc-js and TLS peer (bench/ceilings) the grpc and tls floors carry every URB to and back. */
-let grpcPeer: CeilingsPeer | undefined;
+/** The raw grpc-js, node:http2 and TLS peer (bench/ceilings) the transport floors carry every URB to and back. */
+let ceilingsPeer: CeilingsPeer | undefined;
 
 async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed, ServerProcess>, diskPath: string, dir: string, uasServer?: ServerProcess): Promise<Record<Target, Figures>> {
   const H = HOST_CONTROLLERS[hc];
@@ -270,8 +268,8 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
   const g: Guest = guest;
   // The floor at each measured speed: 'usbredir_floor' at the headline speed, 'usbredir_floor_<speed>' the others.
   const floorTargets = new Map<Target, DiskSpeed>(withFloor ? speeds.map((sp, i) => [i === 0 ? 'usbredir_floor' : `usbredir_floor_${sp}`, sp]) : []);
-  // The grpc floor at each speed ('grpc_floor', 'grpc_floor_<speed>'): the floor with one raw
-  // grpc-js round trip per URB; the tls floor the same over raw mutual TLS ('tls_floor', ...).
+  // The transport floors at each speed ('grpc_floor', 'grpc_floor_<speed>', 'h2_floor', ...,
+  // 'tls_floor', ...): the floor with one raw grpc-js, node:http2 or mutual-TLS round trip per URB.
   const hopFloorTargets = new Map<Target, { speed: DiskSpeed; hop: 'grpc' | 'h2' | 'tls' }>(
     withFloor ? (['grpc', 'h2', 'tls'] as const).flatMap((hop) => speeds.map((sp, i) => [i === 0 ? `${hop}_floor` : `${hop}_floor_${sp}`, { speed: sp, hop }] as const)) : [],
   );
@@ -303,7 +301,7 @@ async function benchBus(hc: HcName, image: GuestImage, servers: Record<DiskSpeed
       if (t === 'usbredir_floor_uas') return plugFloor(g, H.bus, 'super', diskPath, dir, ++localSeq, true);
       const hopFloor = hopFloorTargets.get(t);
       if (hopFloor) {
-        const asker = hopFloor.hop === 'grpc' ? grpcPeer!.asker() : hopFloor.hop === 'h2' ? await grpcPeer!.h2Asker() : await grpcPeer!.tlsAsker();
+        const asker = hopFloor.hop === 'grpc' ? ceilingsPeer!.asker() : hopFloor.hop === 'h2' ? await ceilingsPeer!.h2Asker() : await ceilingsPeer!.tlsAsker();
         const p = await plugFloor(g, H.bus, hopFloor.speed, diskPath, dir, ++localSeq, false, asker);
         return { ...p, unplug: () => p.unplug().finally(() => asker.close()) };
       }
@@ -413,8 +411,8 @@ async function main(): Promise<void> {
   const servers: Partial<Record<DiskSpeed | 'uas', ServerProcess>> = {};
   try {
     if (withFloor) {
-      grpcPeer = await startCeilingsPeer();
-      progress(`raw grpc-js peer for the grpc floor (bench/ceilings, own process ${grpcPeer.pid})`);
+      ceilingsPeer = await startCeilingsPeer();
+      progress(`raw grpc-js / node:http2 / TLS peer for the transport floors (bench/ceilings, own process ${ceilingsPeer.pid})`);
     }
     for (const sp of speeds) {
       const server = await startServerProcess(['--allow', 'bridge=*', '--disk-image', diskPath, '--disk-size-mib', String(DISK_MIB), '--disk-speed', sp]);
@@ -550,7 +548,7 @@ async function main(): Promise<void> {
     console.log(JSON.stringify(result));
   } finally {
     for (const s of Object.values(servers)) await s.stop();
-    await grpcPeer?.close();
+    await ceilingsPeer?.close();
     rmSync(dir, { recursive: true, force: true });
   }
 }
