@@ -10,11 +10,13 @@
 //            measured run (E2E_SECONDS), longest first, each to the shard with the least so far
 // Each lane's output streams live, every line prefixed with the lane's name; each mocha ends
 // with a table of wall time per file; a summary at the end names each step with its result and
-// time. Exit status 1 if any step failed.
+// time, and then each failed test (lane, file, title, the first lines of its error), last,
+// because CI shows only the tail of a run. Exit status 1 if any step failed.
 //   node scripts/run-tests.mjs [--lane checks|e2e]   (build, then that lane only)
 //   node scripts/run-tests.mjs --list                 (how the e2e files are dealt out)
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -104,9 +106,10 @@ const width = Math.max(...['build', 'checks', 'e2e', ...shards.map((s) => s.name
 const children = new Set();
 
 /** Run one step, its stdout and stderr line by line behind `prefix`; resolves to its exit code. */
-function runStep(step, prefix) {
+function runStep(step, prefix, failuresFile) {
   return new Promise((resolve) => {
-    const child = spawn(step.argv[0], step.argv.slice(1), { cwd: root, stdio: ['ignore', 'pipe', 'pipe'], env: process.env });
+    const env = { ...process.env, USBROAM_TEST_FAILURES: failuresFile };
+    const child = spawn(step.argv[0], step.argv.slice(1), { cwd: root, stdio: ['ignore', 'pipe', 'pipe'], env });
     children.add(child);
     const pipe = (from, to) => {
       let rest = '';
@@ -143,13 +146,22 @@ for (const sig of ['SIGINT', 'SIGTERM']) {
 const seconds = (ms) => `${(ms / 1000).toFixed(1)} s`;
 const results = [];
 const t0 = Date.now();
+const failuresDir = fs.mkdtempSync(path.join(os.tmpdir(), 'usbroam-test-failures-'));
+/** Failed tests as the reporter wrote them: { lane, file, title, error }. */
+const failedTests = [];
 
 async function runLane(lane, steps) {
   const prefix = `[${lane.padEnd(width)}] `;
   for (const step of steps) {
     const t = Date.now();
     process.stdout.write(`${prefix}== ${step.name}\n`);
-    const code = await runStep(step, prefix);
+    const failuresFile = path.join(failuresDir, `${lane}-${results.length}.json`);
+    const code = await runStep(step, prefix, failuresFile);
+    try {
+      for (const f of JSON.parse(fs.readFileSync(failuresFile, 'utf8'))) failedTests.push({ lane, ...f });
+    } catch {
+      // not a mocha step, or it ended before its reporter wrote the file
+    }
     results.push({ lane, step: step.name, code, ms: Date.now() - t });
     process.stdout.write(`${prefix}== ${step.name}: ${code === 0 ? 'ok' : `FAILED (exit ${code})`} in ${seconds(Date.now() - t)}\n`);
     if (code !== 0) return false; // a failed typecheck or guest prepare: the lane's tests would not mean much
@@ -170,5 +182,10 @@ const failed = results.filter((r) => r.code !== 0);
 const lines = ['', `== npm test: ${failed.length ? 'FAILED' : 'passed'} in ${seconds(Date.now() - t0)}`];
 for (const r of results) lines.push(`   ${r.code === 0 ? 'ok    ' : 'FAILED'} ${seconds(r.ms).padStart(8)}  ${r.lane.padEnd(width)}  ${r.step}`);
 if (failed.length) lines.push(`   failed: ${failed.map((r) => `${r.lane}/${r.step}`).join(', ')} (search the output for "[lane]" lines above)`);
+for (const f of failedTests) {
+  lines.push(`   FAILED test [${f.lane}] ${f.file ?? ''}: ${f.title}`);
+  for (const l of f.error.split('\n')) lines.push(`      ${l}`);
+}
+fs.rmSync(failuresDir, { recursive: true, force: true });
 process.stdout.write(lines.join('\n') + '\n');
 process.exitCode = failed.length || process.exitCode ? 1 : 0;

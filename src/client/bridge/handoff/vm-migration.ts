@@ -9,7 +9,7 @@ import type { Attachment } from '../attachment.js';
 import { HandOffRefusedError, type HandOffInfo } from './state.js';
 import { GdbWriter, locateXhciDevice, rewindXhciDequeues, type XhciDeviceLocation } from './xhci-dequeue.js';
 import { rewindXhciStreams, type StreamKick } from './xhci-streams.js';
-import { oldestUncompletedTd } from './xhci-event-ring.js';
+import { oldestUncompletedControlTd, oldestUncompletedTd } from './xhci-event-ring.js';
 
 /** Emitted (as 'handOff') for each hand-off attempt at the end of a migration. */
 export interface HandOffEvent {
@@ -33,6 +33,11 @@ export interface HandOffEvent {
     unchanged: number;
     /** Of the patched, bulk receiving endpoints (their oldest uncompleted TD, from the event ring). */
     receiving?: number;
+    /**
+     * A control TD in flight in QEMU that the bridge never saw (its request still in usb-redir's
+     * write buffer; found from the event ring, xhci-event-ring.ts) was among the patched.
+     */
+    unseenControl?: boolean;
     skipped: string[];
     tookMs: number;
     error?: string;
@@ -265,6 +270,27 @@ export class VmMigrations {
       else return true;
       return false;
     });
+    // The control endpoint with nothing in flight that we know of: QEMU may still have a control
+    // TD in flight whose request we never got (xhci-event-ring.ts); the event ring tells.
+    if (!eps.some((x) => x.endpoint === 0)) {
+      try {
+        const loc = await locate();
+        if (loc.bar !== undefined && loc.capLength !== undefined) {
+          const td = await oldestUncompletedControlTd(qmp, { ...loc, bar: loc.bar, capLength: loc.capLength });
+          if (td.id !== undefined && td.id !== td.dequeue) {
+            usable.push({ endpoint: 0, ids: [td.id], streamIds: [0], contiguous: true, streams: false });
+            rec.inFlight += 1;
+            rec.unseenControl = true;
+            log.warn(
+              { td: `0x${td.id.toString(16)}`, dequeue: `0x${td.dequeue.toString(16)}` },
+              'a control TD QEMU has in flight whose request we never got (QEMU read a completion after the VM stopped; the request waits in its usb-redir write buffer): rewinding ep0 to it',
+            );
+          } else if (td.why) log.debug({ why: td.why }, 'ep0: the event ring does not tell the oldest uncompleted control TD');
+        }
+      } catch (err) {
+        rec.skipped.push(`ep 0 (event ring): ${(err as Error).message}`);
+      }
+    }
     // Bulk streams (UAS): each stream context to its oldest TD in flight, the endpoint Stopped;
     // the destination rings their doorbells (xhci-streams.ts).
     const kicks: StreamKick[] = [];
